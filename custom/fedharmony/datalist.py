@@ -1,0 +1,189 @@
+"""Per-site datalists: split by case, write, read back with checks that name the bad file.
+
+A site folder holds ``CaseNN.nii.gz`` volumes with ``CaseNN_segmentation.nii.gz`` (or
+``_Segmentation``) masks beside them, and one MONAI decathlon-style ``datalist.json``
+with ``training`` / ``validation`` / ``testing`` lists of ``{"image", "label"}`` paths
+relative to the site folder. Splits are by case (patient), never by slice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SPLITS = ("training", "validation", "testing")
+DATALIST_NAME = "datalist.json"
+_CASE_RE = re.compile(r"^(Case\d+)\.nii(\.gz)?$", re.IGNORECASE)
+_MASK_SUFFIXES = ("_segmentation", "_Segmentation")
+
+
+class SiteDataError(ValueError):
+    """A site's data is missing, corrupt or inconsistent; the message names the site and file."""
+
+
+def split_cases(case_ids: Sequence[str], seed: int, fractions=(0.6, 0.2, 0.2)) -> Dict[str, List[str]]:
+    """Shuffle case ids with ``seed`` and split them into training / validation / testing.
+
+    Every split gets at least one case when there are at least three cases; the
+    remainder after validation and testing goes to training.
+    """
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError("duplicate case ids in split_cases")
+    if len(ids) < 3:
+        raise ValueError(f"need at least 3 cases to split into {SPLITS}, got {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    n_val = max(1, int(round(len(ids) * fractions[1])))
+    n_test = max(1, int(round(len(ids) * fractions[2])))
+    n_train = len(ids) - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"{len(ids)} cases leave none for training")
+    return {
+        "training": sorted(shuffled[:n_train]),
+        "validation": sorted(shuffled[n_train:n_train + n_val]),
+        "testing": sorted(shuffled[n_train + n_val:]),
+    }
+
+
+def find_cases(site_dir: str | Path) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
+    """Scan a site folder in the multi-site prostate layout.
+
+    Returns:
+        cases: {case id: (image file name, mask file name)} for complete pairs.
+        skipped: human-readable reasons for every file that was not used.
+    """
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise SiteDataError(f"site folder not found: {site_dir}")
+    names = sorted(p.name for p in site_dir.iterdir() if p.is_file())
+    cases, skipped = {}, []
+    masks = set()
+    for name in names:
+        m = _CASE_RE.match(name)
+        if not m:
+            continue
+        case, ext = m.group(1), name[len(m.group(1)):]
+        mask = next((case + s + ext for s in _MASK_SUFFIXES if (case + s + ext) in names), None)
+        if mask is None:
+            skipped.append(f"{site_dir.name}/{name}: no mask ({case}_segmentation{ext})")
+            continue
+        cases[case] = (name, mask)
+        masks.add(mask)
+    for name in names:
+        if name in masks or _CASE_RE.match(name) or name == DATALIST_NAME:
+            continue
+        if any(s in name for s in _MASK_SUFFIXES):
+            skipped.append(f"{site_dir.name}/{name}: mask without its image")
+        else:
+            skipped.append(f"{site_dir.name}/{name}: not a CaseNN volume")
+    return cases, skipped
+
+
+def make_datalist(cases: Dict[str, Tuple[str, str]], seed: int, fractions=(0.6, 0.2, 0.2)) -> dict:
+    """Decathlon-style datalist (relative paths) from :func:`find_cases` output."""
+    split = split_cases(list(cases), seed, fractions)
+    return {
+        name: [{"image": cases[c][0], "label": cases[c][1], "case": c} for c in ids]
+        for name, ids in split.items()
+    }
+
+
+def write_datalist(site_dir: str | Path, datalist: dict, site: str = "") -> Path:
+    path = Path(site_dir) / DATALIST_NAME
+    payload = {"name": site or Path(site_dir).name, **datalist}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def check_case(image_path: str | Path, label_path: Optional[str | Path], site: str = "") -> Tuple[int, ...]:
+    """Open an image (and its mask) fully; raise :class:`SiteDataError` naming the file on any problem.
+
+    Returns the image's spatial shape. Reads the voxel data, not just the header, so a
+    truncated or corrupt gzip stream is caught here and not in the middle of training.
+    """
+    import nibabel as nib  # local: keep `import fedharmony` light
+
+    where = f"site {site!r}: " if site else ""
+    shapes = []
+    for path in [image_path] + ([label_path] if label_path else []):
+        path = Path(path)
+        if not path.is_file():
+            raise SiteDataError(f"{where}file not found: {path}")
+        try:
+            vol = nib.load(str(path))
+            data = np.asanyarray(vol.dataobj)
+        except Exception as e:  # nibabel raises many types for broken files
+            raise SiteDataError(f"{where}cannot read NIfTI {path}: {type(e).__name__}: {e}") from None
+        if data.ndim != 3:
+            raise SiteDataError(f"{where}{path} has shape {data.shape}; expected a 3-D volume (H, W, D)")
+        if not np.isfinite(data).all():
+            raise SiteDataError(f"{where}{path} contains NaN or Inf voxels")
+        shapes.append(data.shape)
+    if len(shapes) == 2 and shapes[0] != shapes[1]:
+        raise SiteDataError(f"{where}image {image_path} has shape {shapes[0]} but mask {label_path} "
+                            f"has shape {shapes[1]}")
+    return shapes[0]
+
+
+def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Path] = None,
+                  site: str = "", check: bool = True, require_labels: bool = True) -> List[dict]:
+    """Read one split of a site datalist into MONAI data dicts with absolute paths.
+
+    Args:
+        datalist: path of the site's ``datalist.json``.
+        split: ``training``, ``validation`` or ``testing``.
+        base_dir: folder the relative paths are relative to (default: the datalist's folder).
+        site: site name, only for error messages.
+        check: open every listed file (see :func:`check_case`).
+        require_labels: every item needs a ``label``.
+
+    Raises:
+        SiteDataError: datalist missing/unreadable, split missing or empty, a listed
+            file missing or corrupt, image/mask shapes differing. The message names
+            the site and the file.
+    """
+    datalist = Path(datalist)
+    where = f"site {site!r}: " if site else ""
+    if not datalist.is_file():
+        raise SiteDataError(f"{where}datalist not found: {datalist}")
+    try:
+        content = json.loads(datalist.read_text())
+    except json.JSONDecodeError as e:
+        raise SiteDataError(f"{where}datalist {datalist} is not valid JSON: {e}") from None
+    if split not in content:
+        raise SiteDataError(f"{where}datalist {datalist} has no {split!r} list (has {sorted(content)})")
+    items = content[split]
+    if not isinstance(items, list) or not items:
+        raise SiteDataError(f"{where}datalist {datalist}: the {split!r} list is empty; the site has no data for it")
+    base = Path(base_dir) if base_dir else datalist.parent
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "image" not in item or (require_labels and "label" not in item):
+            raise SiteDataError(f"{where}datalist {datalist}: {split}[{i}] needs 'image'"
+                                f"{' and label' if require_labels else ''}: {item!r}")
+        entry = dict(item)
+        for key in ("image", "label"):
+            if key in entry:
+                entry[key] = str((base / entry[key]).resolve())
+        if check:
+            check_case(entry["image"], entry.get("label"), site)
+        out.append(entry)
+    return out
+
+
+def list_volumes(folder: str | Path) -> List[dict]:
+    """Every NIfTI volume in a folder that is not a mask, as ``[{"image": path}]`` (for inference)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SiteDataError(f"input folder not found: {folder}")
+    vols = sorted(p for p in folder.iterdir()
+                  if p.is_file() and re.search(r"\.nii(\.gz)?$", p.name)
+                  and not re.search(r"_(segmentation|seg)\.nii", p.name, re.IGNORECASE))
+    if not vols:
+        raise SiteDataError(f"no NIfTI volumes (*.nii, *.nii.gz) in {folder}")
+    return [{"image": str(p.resolve())} for p in vols]

@@ -1,0 +1,1 @@
+"""NVFlare glue: thin components over the pure modules of ``fedharmony``."""

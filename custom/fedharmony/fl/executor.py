@@ -1,0 +1,181 @@
+"""Site-side NVFlare executor that drives a MONAI bundle through :class:`fedharmony.bundle_site.BundleSite`.
+
+Why an ``Executor`` and not a Client API script: the executor gets the FL context
+(site name, the run's folder on the site's disk, the job's abort signal), lifecycle
+events, and one object per site that holds the bundle between tasks without a
+script thread; it is also a plain class path a site can allow-list when it forbids
+custom code. The training logic itself lives in ``BundleSite``, which has no NVFlare
+import.
+
+Tasks:
+  * ``train``: score the received global model on the site's validation split
+    (tracked per round, and sent back as the global model's metric), train
+    ``local_epochs`` from it, send the shared weights with ``NUM_STEPS_CURRENT_ROUND``.
+  * ``validate`` (cross-site evaluation): score the received model on the site's
+    *testing* split, with the site's local keys (FedBN norm layers) kept.
+  * ``submit_model``: send the site's own model (best on its validation split).
+
+Where a site's data is (no job edit per site), first match wins:
+  1. ``FEDHARMONY_DATASET_DIR``: this site's data folder (production sites);
+  2. ``<data_root>/<site name>``, with ``data_root`` from the job or ``FEDHARMONY_DATA_ROOT``;
+  3. ``<data_root>/sites.json``: maps simulator names (``site-1`` ...) to folders.
+"""
+
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from ..bundle_site import KEY_METRIC, BundleSite
+
+DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
+DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"
+
+
+def resolve_dataset_dir(site: str, data_root: str = "") -> str:
+    """Find a site's data folder (see the module docstring for the order)."""
+    direct = os.environ.get(DATASET_DIR_ENV)
+    if direct:
+        if not os.path.isdir(direct):
+            raise FileNotFoundError(f"site {site!r}: {DATASET_DIR_ENV}={direct} is not a folder")
+        return direct
+    root = data_root or os.environ.get(DATA_ROOT_ENV, "")
+    if not root:
+        raise FileNotFoundError(f"site {site!r}: no data location; set {DATASET_DIR_ENV} (this site's folder) or "
+                                f"{DATA_ROOT_ENV} / the job's data_root (a folder of site folders)")
+    candidate = os.path.join(root, site)
+    if os.path.isdir(candidate):
+        return candidate
+    site_map = os.path.join(root, "sites.json")
+    if os.path.isfile(site_map):
+        with open(site_map) as f:
+            mapped = json.load(f).get(site)
+        if mapped and os.path.isdir(os.path.join(root, mapped)):
+            return os.path.join(root, mapped)
+    raise FileNotFoundError(f"site {site!r}: no folder {candidate} and no entry for {site!r} in {site_map}")
+
+
+def _to_tensors(params: dict) -> dict:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
+
+
+def _to_numpy(weights: dict) -> dict:
+    return {k: v.numpy() for k, v in weights.items()}
+
+
+class BundleExecutor(Executor):
+    """Runs the bundle's train / validate / submit_model for one site.
+
+    Args:
+        bundle_root: bundle folder relative to the site's app root (or absolute).
+        data_root: folder of site folders (default: ``$FEDHARMONY_DATA_ROOT``).
+        local_epochs: local epochs per round.
+        local_keys: regex of keys kept on the site (FedBN); must match the server's.
+        overrides: bundle config overrides (``{"learning_rate": 0.001, ...}``).
+        num_threads: torch CPU threads for this site (0 = torch's default).
+        writer_id: id of the experiment-tracking LogWriter component ("" = none).
+    """
+
+    def __init__(self, bundle_root: str = "config/prostate_mri_seg", data_root: str = "", local_epochs: int = 1,
+                 local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
+                 writer_id: str = "log_writer"):
+        super().__init__()
+        self.bundle_root = bundle_root
+        self.data_root = data_root
+        self.local_epochs = local_epochs
+        self.local_keys = local_keys
+        self.overrides = overrides or {}
+        self.num_threads = num_threads
+        self.writer_id = writer_id
+        self.site: Optional[BundleSite] = None
+        self.writer = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            if self.writer_id:
+                self.writer = fl_ctx.get_engine().get_component(self.writer_id)
+        elif event_type == EventType.END_RUN and self.site is not None:
+            self.site.save_state()
+
+    def _site(self, fl_ctx: FLContext) -> BundleSite:
+        if self.site is None:
+            name = fl_ctx.get_identity_name()
+            app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT) or ""
+            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+            dataset_dir = resolve_dataset_dir(name, self.data_root)
+            t0 = time.time()
+            self.site = BundleSite(
+                bundle_root=os.path.join(app_root, self.bundle_root),
+                dataset_dir=dataset_dir,
+                state_dir=os.path.join(run_dir, "fedharmony", name),
+                site_name=name,
+                local_keys=self.local_keys,
+                overrides=self.overrides,
+            )
+            self.log_info(fl_ctx, f"{name}: bundle ready in {time.time() - t0:.1f} s, data {dataset_dir}, "
+                                  f"state in {self.site.state_dir}, {len(self.site.local_key_names)} local keys")
+        return self.site
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        try:
+            site = self._site(fl_ctx)
+            if abort_signal.triggered:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            if task_name == AppConstants.TASK_TRAIN:
+                return self._train(site, shareable, fl_ctx)
+            if task_name == AppConstants.TASK_VALIDATION:
+                return self._validate(site, shareable, fl_ctx)
+            if task_name == AppConstants.TASK_SUBMIT_MODEL:
+                return DXO(DataKind.WEIGHTS, _to_numpy(site.best_model())).to_shareable()
+            self.log_error(fl_ctx, f"unknown task {task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        except Exception as e:  # report, do not crash the site: the server decides what to do
+            self.log_exception(fl_ctx, f"{fl_ctx.get_identity_name()}: task {task_name!r} failed: "
+                                       f"{type(e).__name__}: {e}")
+            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            reply.set_header("error", f"{type(e).__name__}: {e}")
+            return reply
+
+    def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        model = FLModelUtils.from_shareable(shareable)
+        weights = _to_tensors(model.params or {})
+        current_round = model.current_round if model.current_round is not None else site.round
+        t0 = time.time()
+        metrics = site.evaluate(weights, "validation")
+        with site.weights_applied(weights):
+            site.record_metric(metrics[KEY_METRIC])
+        t_eval = time.time() - t0
+        mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
+        steps = site.train(weights, self.local_epochs, fedprox_mu=mu)
+        t_train = time.time() - t0 - t_eval
+        self.log_info(fl_ctx, f"round {current_round}: global {KEY_METRIC} {metrics[KEY_METRIC]:.4f}, "
+                              f"{steps} local steps in {t_train:.1f} s (validation {t_eval:.1f} s)")
+        if self.writer is not None:
+            self.writer.add_scalar(KEY_METRIC, metrics[KEY_METRIC], global_step=current_round)
+            self.writer.add_scalar("local_train_seconds", t_train, global_step=current_round)
+        out = FLModel(params=_to_numpy(site.shared_weights()), params_type=ParamsType.FULL, metrics=metrics,
+                      meta={"NUM_STEPS_CURRENT_ROUND": steps, "local_train_seconds": t_train,
+                            "local_eval_seconds": t_eval})
+        return FLModelUtils.to_shareable(out)
+
+    def _validate(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        dxo = from_shareable(shareable)
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        metrics = site.evaluate(_to_tensors(dxo.data), "testing")
+        self.log_info(fl_ctx, f"cross-site: model of {owner} on {fl_ctx.get_identity_name()}'s test split: {metrics}")
+        return DXO(DataKind.METRICS, metrics).to_shareable()

@@ -1,0 +1,45 @@
+"""Server widget that turns the sites' tracked metrics into a CSV, a JSON summary and a plot."""
+
+from typing import List, Optional
+
+from nvflare.apis.analytix import AnalyticsData
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.widgets.streaming import AnalyticsReceiver
+
+from ..results import write_round_metrics
+
+
+class RoundSummaryWriter(AnalyticsReceiver):
+    """Collects every scalar the sites track (the same stream TensorBoard gets) and, at the
+    end of the run, writes ``<run dir>/<out_folder>/metrics_by_round.csv``, ``summary.json``
+    and ``<tag>_by_round.png``. Also rewrites them after every update of ``tag`` so a long
+    run can be followed (and nothing is lost if the server dies).
+    """
+
+    def __init__(self, out_folder: str = "results", tag: str = "val_mean_dice", events: Optional[List[str]] = None):
+        super().__init__(events=events or ["fed.analytix_log_stats"])
+        self.out_folder = out_folder
+        self.tag = tag
+        self.records: List[dict] = []
+        self.out_dir = None
+
+    def initialize(self, fl_ctx: FLContext):
+        import os
+
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        self.out_dir = os.path.join(run_dir, self.out_folder)
+
+    def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
+        data = AnalyticsData.from_dxo(from_shareable(shareable))
+        if data is None or not isinstance(data.value, (int, float)):
+            return
+        self.records.append({"site": record_origin, "tag": data.tag, "round": data.step, "value": float(data.value)})
+        if data.tag == self.tag:
+            write_round_metrics(self.records, self.out_dir, self.tag)
+
+    def finalize(self, fl_ctx: FLContext):
+        if self.records:
+            paths = write_round_metrics(self.records, self.out_dir, self.tag)
+            self.log_info(fl_ctx, f"round metrics written: {', '.join(str(p) for p in paths.values())}")

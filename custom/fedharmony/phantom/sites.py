@@ -1,0 +1,49 @@
+"""Write phantom sites to disk in the multi-site prostate dataset's layout."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..datalist import make_datalist, write_datalist
+from .profiles import SiteProfile
+from .prostate import make_case
+
+logger = logging.getLogger(__name__)
+SITE_MAP_NAME = "sites.json"
+
+
+def write_site(out_dir: Path, profile: SiteProfile, seed: int, cases: Optional[int], size: int,
+               slices: Optional[int]) -> Path:
+    """Write one site folder (``CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` + datalist)."""
+    import nibabel as nib
+
+    site_dir = out_dir / profile.name
+    site_dir.mkdir(parents=True, exist_ok=True)
+    n_cases = cases or profile.cases
+    pairs = {}
+    for i in range(n_cases):
+        image, mask, affine = make_case(profile, seed, i, size=size, slices=slices)
+        case = f"Case{i:02d}"
+        nib.save(nib.Nifti1Image(image, affine), str(site_dir / f"{case}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, affine), str(site_dir / f"{case}_segmentation.nii.gz"))
+        pairs[case] = (f"{case}.nii.gz", f"{case}_segmentation.nii.gz")
+    write_datalist(site_dir, make_datalist(pairs, seed), profile.name)
+    logger.info("%s: %d cases, %s voxels, spacing %.2f x %.2f x %.1f mm", profile.name, n_cases,
+                image.shape, affine[0, 0], affine[1, 1], affine[2, 2])
+    return site_dir
+
+
+def write_sites(out_dir: str | Path, profiles: Sequence[SiteProfile], seed: int = 0, cases: Optional[int] = None,
+                size: int = 96, slices: Optional[int] = None) -> Path:
+    """Write every site and ``sites.json``, which maps simulator client names
+    (``site-1`` ... ``site-N``, in order) to site folders so ``nvflare simulator -n N`` finds them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for profile in profiles:
+        write_site(out_dir, profile, seed, cases, size, slices)
+    site_map = {f"site-{i + 1}": p.name for i, p in enumerate(profiles)}
+    (out_dir / SITE_MAP_NAME).write_text(json.dumps(site_map, indent=2) + "\n")
+    return out_dir
