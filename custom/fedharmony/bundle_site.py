@@ -219,8 +219,14 @@ class BundleSite:
                     state["epoch"])
 
 
-def build_network(bundle_root: str, config_file: str = "configs/train.json", key: str = "network_def") -> torch.nn.Module:
-    """Instantiate the bundle's network definition (no data needed; used by the server)."""
+def build_network(bundle_root: str, config_file: str = "configs/train.json", key: str = "network_def",
+                  overrides: Optional[dict] = None, seed: Optional[int] = 0) -> torch.nn.Module:
+    """Instantiate the bundle's network definition (no data needed; used by the server).
+
+    ``overrides`` are the same config overrides the sites get (e.g. ``base_features``),
+    so server and sites build the same architecture; ``seed`` makes the initial weights
+    reproducible (None leaves torch's RNG alone).
+    """
     from monai.bundle import ConfigParser
 
     path = Path(bundle_root) / config_file
@@ -229,6 +235,10 @@ def build_network(bundle_root: str, config_file: str = "configs/train.json", key
     parser = ConfigParser()
     parser.read_config(str(path))
     parser["bundle_root"] = str(bundle_root)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
     if key not in parser:
         raise KeyError(f"{path} has no {key!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
     return parser.get_parsed_content(key)

@@ -76,7 +76,7 @@ class FedHarmonyRecipe(Recipe):
         job.set_app_packages(["fedharmony"])  # shipped whole below, not file by file
 
         # server
-        persistor = BundleModelPersistor(bundle_root=app_bundle_root)
+        persistor = BundleModelPersistor(bundle_root=app_bundle_root, overrides=overrides or {})
         job.to_server(persistor, id="persistor")
         aggregator = SiteUpdateAggregator(local_keys=local_keys, persistor_id="persistor")
         job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id="persistor",

@@ -1,0 +1,141 @@
+"""The prostate bundle through MONAI's own bundle CLI and API, and the BundleSite runner."""
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE, TINY_OVERRIDES
+from fedharmony.bundle_site import BundleSite, build_network
+from fedharmony.fl.job import NORM_LAYER_KEYS
+from fedharmony.inferers import Slab25DInferer
+from fedharmony.transforms import SlabToChannelsd, volume_to_slabs
+
+
+def _overrides_cli(d):
+    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
+
+
+def test_metadata_has_network_data_format():
+    wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"),
+                        meta_file=str(BUNDLE / "configs" / "metadata.json"), workflow_type="train", logging_file=False)
+    assert wf.parser["_meta_#network_data_format#inputs#image#num_channels"] == 3
+
+
+def test_train_then_infer_with_monai_bundle_cli(tiny_sites, tmp_path):
+    """`python -m monai.bundle run` from an unrelated working directory, train then inference."""
+    ckpt, pred = tmp_path / "models", tmp_path / "pred"
+    train = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "train.json"),
+             "--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_sites / "HK"), "--ckpt_dir", str(ckpt),
+             "--output_dir", str(tmp_path / "eval"), "--num_epochs", "2", "--val_interval", "1",
+             *_overrides_cli(TINY_OVERRIDES)]
+    subprocess.run(train, cwd=tmp_path, check=True, capture_output=True)
+    assert (ckpt / "model.pt").is_file()
+    per_volume = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text()
+    assert "Case" in per_volume  # foreground Dice per validation volume, by file name
+
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "inference.json"),
+             "--bundle_root", str(BUNDLE), "--input_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(pred),
+             "--ckpt_path", str(ckpt / "model.pt"), "--base_features", str(TINY_OVERRIDES["base_features"])]
+    subprocess.run(infer, cwd=tmp_path, check=True, capture_output=True)
+    inputs = sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz"))
+    assert len(list(pred.glob("*_seg.nii.gz"))) == len(inputs)
+    for vol in inputs:
+        src = nib.load(str(vol))
+        out = nib.load(str(pred / vol.name.replace(".nii.gz", "_seg.nii.gz")))
+        assert out.shape == src.shape
+        np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+
+
+def test_inference_on_empty_folder_fails_clearly(tmp_path):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "inference.json"),
+           "--bundle_root", str(BUNDLE), "--input_dir", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode != 0 and "no NIfTI volumes" in res.stderr + res.stdout
+
+
+def test_slab_transform_and_inferer_keep_geometry():
+    vol = torch.arange(1 * 5 * 6 * 4, dtype=torch.float32).reshape(1, 5, 6, 4)
+    slabs = volume_to_slabs(vol)
+    assert slabs.shape == (4, 3, 5, 6)
+    assert torch.equal(slabs[0, 0], vol[0, ..., 0]) and torch.equal(slabs[2, 1], vol[0, ..., 2])
+    assert torch.equal(slabs[3, 2], vol[0, ..., 3])  # edge replicated
+    d = SlabToChannelsd("image", "label")({"image": vol[..., :3], "label": vol[..., :3]})
+    assert d["image"].shape == (3, 5, 6) and torch.equal(d["label"][0], vol[0, ..., 1])
+    net = torch.nn.Conv2d(3, 2, 1)
+    out = Slab25DInferer(slices_per_batch=3, divisible_by=16)(vol[None], net)
+    assert out.shape == (1, 2, 5, 6, 4)
+    assert torch.allclose(out[0, :, :, :, 2], net(slabs[2:3])[0], atol=1e-6)
+
+
+def _site(tiny_sites, tmp_path, **kw):
+    return BundleSite(str(BUNDLE), str(tiny_sites / "BIDMC"), str(tmp_path / "state"), "BIDMC",
+                      overrides=TINY_OVERRIDES, **kw)
+
+
+def test_site_state_survives_restart(tiny_sites, tmp_path):
+    site = _site(tiny_sites, tmp_path, local_keys=NORM_LAYER_KEYS)
+    steps = site.train(None, local_epochs=1)
+    assert steps > 0
+    before = site.state_dict()
+    opt_state = site.optimizer.state_dict()["state"]
+    restarted = _site(tiny_sites, tmp_path, local_keys=NORM_LAYER_KEYS)
+    after = restarted.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert restarted.round == 1 and restarted.trainer.state.iteration == steps
+    restored = restarted.optimizer.state_dict()["state"]
+    assert restored.keys() == opt_state.keys()
+    assert all(torch.equal(restored[i]["exp_avg"], opt_state[i]["exp_avg"]) for i in opt_state)
+
+
+def test_received_weights_never_overwrite_local_keys(tiny_sites, tmp_path):
+    site = _site(tiny_sites, tmp_path, local_keys=NORM_LAYER_KEYS)
+    own = site.state_dict()
+    incoming = {k: v + 1 if v.is_floating_point() else v for k, v in own.items()}
+    site.load_weights(incoming)
+    now = site.state_dict()
+    for k in own:
+        if k in site.local_key_names:
+            assert torch.equal(now[k], own[k]), k
+        elif own[k].is_floating_point():
+            assert torch.equal(now[k], own[k] + 1), k
+    with pytest.raises(ValueError, match="shape"):
+        site.load_weights({next(iter(own)): torch.zeros(1)})
+    with pytest.raises(KeyError, match="does not have"):
+        site.load_weights({"not.a.key": torch.zeros(1)})
+
+
+def test_evaluating_other_weights_leaves_the_site_model_alone(tiny_sites, tmp_path):
+    site = _site(tiny_sites, tmp_path)
+    own = site.state_dict()
+    other = {k: torch.zeros_like(v) for k, v in own.items()}
+    metrics = site.evaluate(other, "testing")
+    assert 0.0 <= metrics["val_mean_dice"] <= 1.0
+    assert all(torch.equal(own[k], v) for k, v in site.state_dict().items())
+
+
+def test_fedprox_term_gradient_pulls_towards_global(tiny_sites, tmp_path):
+    from fedharmony.losses import ProximalLoss
+
+    net = torch.nn.Linear(2, 1)
+    ref = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    loss = ProximalLoss(lambda p, t: torch.zeros(()), net, mu=0.5)
+    loss.set_reference(ref)
+    loss(None, None).backward()
+    assert torch.allclose(net.weight.grad, 0.5 * net.weight.detach())  # d/dw mu/2 ||w||^2 = mu w
+
+
+def test_server_builds_the_same_network_as_the_sites(tiny_sites, tmp_path):
+    site = _site(tiny_sites, tmp_path)
+    server = build_network(str(BUNDLE))
+    assert {k: tuple(v.shape) for k, v in server.state_dict().items()} != {}
+    # base_features differs in the tiny override, so compare against a site at bundle defaults
+    default_site = BundleSite(str(BUNDLE), str(tiny_sites / "BIDMC"), str(tmp_path / "s2"), "BIDMC")
+    assert ({k: v.shape for k, v in server.state_dict().items()}
+            == {k: v.shape for k, v in default_site.network.state_dict().items()})
+    assert site.network.state_dict().keys() == server.state_dict().keys()

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Benchmark FedAvg / FedProx / FedBN (and local-only training) on the 6 phantom prostate sites.
+
+    python tools/benchmark_federation.py [--rounds 20] [--local-epochs 2] [--cases 10] [--algorithms fedavg fedprox fedbn]
+
+For each algorithm, one NVFlare simulator run (6 sites, one process each, 1 torch thread):
+  * per-site and mean foreground Dice of the final global model on each site's test split
+    (cross-site evaluation; for FedBN with each site's own norm layers);
+  * wall time per round (from the server log's round timestamps) and the sites' own
+    training time per round, giving the simulator overhead
+    = (round time - slowest site's train + validation time) / round time;
+  * peak RSS of the server process and of the largest client process (sampled with ps).
+A local-only reference trains each site alone for the same number of local steps
+(rounds x local epochs) and scores it on its own test split.
+Prints Markdown tables (machine, versions and command first).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROUND_RE = re.compile(r"^(\S+ \S+) .*Round (\d+) started")
+
+
+def _rss_sampler(stop, peaks):
+    """Sample RSS (MiB) of simulator server / client processes every 0.5 s."""
+    while not stop.is_set():
+        out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout
+        for line in out.splitlines()[1:]:
+            rss, _, args = line.strip().partition(" ")
+            if "simulator_worker" in args or "client_train" in args:
+                peaks["client"] = max(peaks.get("client", 0), int(rss) / 1024)
+            elif "nvflare.private.fed.app.simulator.simulator" in args or "nvflare simulator" in args:
+                peaks["server"] = max(peaks.get("server", 0), int(rss) / 1024)
+        stop.wait(0.5)
+
+
+def _round_times(server_log: Path):
+    stamps = []
+    for line in server_log.read_text().splitlines():
+        m = ROUND_RE.search(line)
+        if m:
+            stamps.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _site_times(ws: Path):
+    """Per round: the slowest site's (train + validation) seconds, from the site logs."""
+    per_round = {}
+    pat = re.compile(r"round (\d+): global val_mean_dice \S+, \d+ local steps in ([\d.]+) s \(validation ([\d.]+) s\)")
+    for log in ws.glob("site-*/log.txt"):
+        for m in pat.finditer(log.read_text()):
+            r, t = int(m.group(1)), float(m.group(2)) + float(m.group(3))
+            per_round[r] = max(per_round.get(r, 0.0), t)
+    return per_round
+
+
+def run_federation(algo, args, data, out):
+    ws_root = out / "sim"
+    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", algo, "--rounds", str(args.rounds),
+           "--local-epochs", str(args.local_epochs), "--sites", "6", "--data-root", str(data),
+           "--workspace", str(ws_root)]
+    peaks, stop = {}, threading.Event()
+    sampler = threading.Thread(target=_rss_sampler, args=(stop, peaks), daemon=True)
+    sampler.start()
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    stop.set()
+    sampler.join()
+    if res.returncode != 0:
+        raise RuntimeError(f"{algo} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    ws = ws_root / f"prostate_mri_seg_{algo}"
+    from fedharmony.results import find_workspace_file, load_cross_site
+
+    matrix = load_cross_site(find_workspace_file(ws, "cross_val_results.json"))
+    dice = {s: row["SRV_FL_global_model.pt"] for s, row in matrix.items()}
+    if algo == "fedbn":  # the global model has no norm layers of its own: score each site's own model
+        dice = {s: row[s] for s, row in matrix.items()}
+    rounds = _round_times(ws / "server" / "log.txt")
+    sites = _site_times(ws)
+    overhead = [(rt - sites[r]) / rt for r, rt in enumerate(rounds) if r in sites and rt > 0]
+    return {"dice": dice, "wall": wall, "round_s": sum(rounds) / max(len(rounds), 1),
+            "site_s": sum(sites.values()) / max(len(sites), 1),
+            "overhead": sum(overhead) / max(len(overhead), 1), "peaks": peaks}
+
+
+def run_local(args, data, out):
+    """Each site alone, same local steps as the federation, scored on its own test split."""
+    import torch
+
+    from fedharmony.bundle_site import BundleSite
+
+    torch.set_num_threads(1)
+    site_map = json.loads((data / "sites.json").read_text())
+    dice = {}
+    for client, folder in site_map.items():
+        site = BundleSite(str(REPO / "bundles" / "prostate_mri_seg"), str(data / folder), str(out / "local" / folder),
+                          folder)
+        site.train(None, local_epochs=args.rounds * args.local_epochs)
+        dice[client] = site.evaluate(split="testing")["val_mean_dice"]
+    return dice
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox", "fedbn"])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--no-local", action="store_true", help="skip the local-only reference")
+    p.add_argument("--out", default=str(REPO / "workspace" / "bench"))
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    data = out / "data"
+    if not (data / "sites.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out", str(data),
+                        "--cases", str(args.cases)], check=True, capture_output=True)
+    import monai
+    import nvflare
+    import torch
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+          f"torch {torch.__version__}, monai {monai.__version__}, nvflare {nvflare.__version__}")
+    print(f"command: python tools/benchmark_federation.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"setting: 6 phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs\n")
+    site_map = json.loads((data / "sites.json").read_text())
+    results = {}
+    for algo in args.algorithms:
+        print(f"running {algo} ...", file=sys.stderr, flush=True)
+        results[algo] = run_federation(algo, args, data, out)
+    if not args.no_local:
+        print("running local-only ...", file=sys.stderr, flush=True)
+        results["local only"] = {"dice": run_local(args, data, out)}
+
+    sites = sorted(site_map)
+    print("| method | " + " | ".join(f"{s} ({site_map[s]})" for s in sites) + " | mean | worst | spread |")
+    print("|" + "---|" * (len(sites) + 4))
+    for name, r in results.items():
+        d = [r["dice"][s] for s in sites]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in d)
+              + f" | {sum(d) / len(d):.3f} | {min(d):.3f} | {max(d) - min(d):.3f} |")
+    print("\n| method | wall s | s / round | slowest site train+val s / round | simulator overhead | "
+          "peak RSS server MiB | peak RSS client MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if "wall" in r:
+            print(f"| {name} | {r['wall']:.0f} | {r['round_s']:.1f} | {r['site_s']:.1f} | {100 * r['overhead']:.0f}% | "
+                  f"{r['peaks'].get('server', 0):.0f} | {r['peaks'].get('client', 0):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
