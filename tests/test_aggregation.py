@@ -60,3 +60,34 @@ def test_norm_key_pattern_matches_monai_unet_norms_only():
     norm_modules = [n for n, m in net.named_modules() if isinstance(m, __import__("torch").nn.BatchNorm2d)]
     assert local and all(any(k.startswith(n + ".") for n in norm_modules) for k in local)
     assert len(local) == 5 * len(norm_modules)  # weight, bias, running_mean, running_var, num_batches_tracked
+
+
+def test_nvflare_aggregator_weights_by_cases_and_rejects_bad_sites():
+    """The NVFlare ModelAggregator on real FLModel updates (the server's persistor is not needed
+    for this: the expected shapes are given directly)."""
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    from fedharmony.fl.aggregator import SiteUpdateAggregator
+
+    agg = SiteUpdateAggregator(local_keys=r"(^|\.)bn\.")
+    agg._expected = expected_shapes(REF, agg.local_keys)
+
+    def update(site, value, cases, **extra):
+        params = {"conv.weight": np.full((2, 3), value), "bn.running_mean": np.full(2, value), **extra}
+        return FLModel(params=params, params_type=ParamsType.FULL, metrics={"val_mean_dice": value / 10},
+                       meta={"client_name": site, "num_samples": cases})
+
+    agg.accept_model(update("site-1", 1.0, cases=1))
+    agg.accept_model(update("site-2", 4.0, cases=3))
+    agg.accept_model(update("site-3", np.nan, cases=100))  # NaN: rejected
+    agg.accept_model(update("site-4", 9.0, cases=100, **{"head.weight": np.ones(1)}))  # unexpected key
+    out = agg.aggregate_model()
+    np.testing.assert_allclose(out.params["conv.weight"], (1 * 1 + 3 * 4) / 4)
+    assert "bn.running_mean" not in out.params  # local keys never averaged
+    assert set(out.meta["rejected"]) == {"site-3", "site-4"} and out.meta["nr_aggregated"] == 2
+    assert out.metrics["val_mean_dice"] == pytest.approx((0.1 + 3 * 0.4) / 4)
+
+    agg.reset_stats()
+    agg.accept_model(update("site-3", np.inf, cases=1))
+    with pytest.raises(RuntimeError, match="no site update could be aggregated"):
+        agg.aggregate_model()

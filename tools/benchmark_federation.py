@@ -6,9 +6,9 @@
 For each algorithm, one NVFlare simulator run (6 sites, one process each, 1 torch thread):
   * per-site and mean foreground Dice of the final global model on each site's test split
     (cross-site evaluation; for FedBN with each site's own norm layers);
-  * wall time per round (from the server log's round timestamps) and the sites' own
-    training time per round, giving the simulator overhead
-    = (round time - slowest site's train + validation time) / round time;
+  * wall time per round (between consecutive aggregations in the server log) and the
+    slowest site's own task time per round (validation + training + checkpointing, from
+    the site logs), giving the simulator overhead = (round time - slowest site task) / round time;
   * peak RSS of the server process and of the largest client process (sampled with ps).
 A local-only reference trains each site alone for the same number of local steps
 (rounds x local epochs) and scores it on its own test split.
@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROUND_RE = re.compile(r"^(\S+ \S+) .*Round (\d+) started")
+ROUND_RE = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")
 
 
 def _rss_sampler(stop, peaks):
@@ -45,21 +45,22 @@ def _rss_sampler(stop, peaks):
 
 
 def _round_times(server_log: Path):
-    stamps = []
+    """Seconds between consecutive aggregations: {round: duration} for rounds 1..N-1."""
+    stamps = {}
     for line in server_log.read_text().splitlines():
         m = ROUND_RE.search(line)
         if m:
-            stamps.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+            stamps[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return {r: stamps[r] - stamps[r - 1] for r in sorted(stamps) if r - 1 in stamps}
 
 
 def _site_times(ws: Path):
-    """Per round: the slowest site's (train + validation) seconds, from the site logs."""
+    """Per round: the slowest site's whole train task (validation, training, checkpointing) in seconds."""
     per_round = {}
-    pat = re.compile(r"round (\d+): global val_mean_dice \S+, \d+ local steps in ([\d.]+) s \(validation ([\d.]+) s\)")
+    pat = re.compile(r"round (\d+): global val_mean_dice \S+, \d+ local steps, task ([\d.]+) s")
     for log in ws.glob("site-*/log.txt"):
         for m in pat.finditer(log.read_text()):
-            r, t = int(m.group(1)), float(m.group(2)) + float(m.group(3))
+            r, t = int(m.group(1)), float(m.group(2))
             per_round[r] = max(per_round.get(r, 0.0), t)
     return per_round
 
@@ -88,9 +89,9 @@ def run_federation(algo, args, data, out):
         dice = {s: row[s] for s, row in matrix.items()}
     rounds = _round_times(ws / "server" / "log.txt")
     sites = _site_times(ws)
-    overhead = [(rt - sites[r]) / rt for r, rt in enumerate(rounds) if r in sites and rt > 0]
-    return {"dice": dice, "wall": wall, "round_s": sum(rounds) / max(len(rounds), 1),
-            "site_s": sum(sites.values()) / max(len(sites), 1),
+    overhead = [(rt - sites[r]) / rt for r, rt in rounds.items() if r in sites and rt > 0]
+    return {"dice": dice, "wall": wall, "round_s": sum(rounds.values()) / max(len(rounds), 1),
+            "site_s": sum(sites[r] for r in rounds if r in sites) / max(len(rounds), 1),
             "overhead": sum(overhead) / max(len(overhead), 1), "peaks": peaks}
 
 

@@ -96,6 +96,11 @@ class BundleSite:
         self.local_key_names = local
         self._load_state()
 
+    @property
+    def num_train_cases(self) -> int:
+        """Training volumes on this site (the FedAvg sample weight)."""
+        return len(self.trainer.data_loader.dataset)
+
     # ------------------------------------------------------------------ weights
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The site's full model (shared + local keys), on the CPU."""

@@ -8,13 +8,15 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes
 
+NUM_SAMPLES = "num_samples"  # meta key: the site's training cases this round
+
 
 class SiteUpdateAggregator(ModelAggregator):
     """Weighted mean of site models (FedAvg / FedProx / FedBN).
 
-    * weight = the site's local iterations this round (``NUM_STEPS_CURRENT_ROUND``),
-      which is proportional to its number of training cases; ``weigh_by_samples=False``
-      gives a uniform mean;
+    * weight = the site's number of training cases (``num_samples`` in the update's
+      meta; NVFlare's ``NUM_STEPS_CURRENT_ROUND`` when a site does not send it);
+      ``weigh_by_samples=False`` gives a uniform mean;
     * keys matching ``local_keys`` (a regex, FedBN's norm layers) are never averaged:
       they are dropped from updates and absent from the global model sent back, so each
       site keeps its own;
@@ -56,7 +58,8 @@ class SiteUpdateAggregator(ModelAggregator):
             if model.params_type not in (None, ParamsType.FULL):
                 raise UpdateRejected(f"expected full weights, got {model.params_type}")
             weights = check_update(model.params or {}, self._expected_shapes(), self.local_keys)
-            weight = float((model.meta or {}).get("NUM_STEPS_CURRENT_ROUND", 1)) if self.weigh_by_samples else 1.0
+            meta = model.meta or {}
+            weight = float(meta.get(NUM_SAMPLES, meta.get("NUM_STEPS_CURRENT_ROUND", 1))) if self.weigh_by_samples else 1.0
             self._average.add(site, weights, weight)
         except UpdateRejected as e:
             self.rejected[site] = str(e)

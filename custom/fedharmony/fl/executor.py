@@ -10,7 +10,8 @@ import.
 Tasks:
   * ``train``: score the received global model on the site's validation split
     (tracked per round, and sent back as the global model's metric), train
-    ``local_epochs`` from it, send the shared weights with ``NUM_STEPS_CURRENT_ROUND``.
+    ``local_epochs`` from it, send the shared weights with ``NUM_STEPS_CURRENT_ROUND``
+    and the number of training cases (``num_samples``, the FedAvg weight).
   * ``validate`` (cross-site evaluation): score the received model on the site's
     *testing* split, with the site's local keys (FedBN norm layers) kept.
   * ``submit_model``: send the site's own model (best on its validation split).
@@ -40,6 +41,7 @@ from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from ..bundle_site import KEY_METRIC, BundleSite
+from .aggregator import NUM_SAMPLES
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
 DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"
@@ -153,24 +155,23 @@ class BundleExecutor(Executor):
 
     def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         model = FLModelUtils.from_shareable(shareable)
-        weights = _to_tensors(model.params or {})
         current_round = model.current_round if model.current_round is not None else site.round
         t0 = time.time()
-        metrics = site.evaluate(weights, "validation")
-        with site.weights_applied(weights):
-            site.record_metric(metrics[KEY_METRIC])
+        site.load_weights(_to_tensors(model.params or {}))  # the global model, with this site's local keys
+        metrics = site.evaluate(None, "validation")
+        site.record_metric(metrics[KEY_METRIC])
         t_eval = time.time() - t0
         mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
-        steps = site.train(weights, self.local_epochs, fedprox_mu=mu)
-        t_train = time.time() - t0 - t_eval
+        steps = site.train(None, self.local_epochs, fedprox_mu=mu)  # saves the site state
+        t_task = time.time() - t0
         self.log_info(fl_ctx, f"round {current_round}: global {KEY_METRIC} {metrics[KEY_METRIC]:.4f}, "
-                              f"{steps} local steps in {t_train:.1f} s (validation {t_eval:.1f} s)")
+                              f"{steps} local steps, task {t_task:.1f} s (validation {t_eval:.1f} s)")
         if self.writer is not None:
             self.writer.add_scalar(KEY_METRIC, metrics[KEY_METRIC], global_step=current_round)
-            self.writer.add_scalar("local_train_seconds", t_train, global_step=current_round)
+            self.writer.add_scalar("site_task_seconds", t_task, global_step=current_round)
         out = FLModel(params=_to_numpy(site.shared_weights()), params_type=ParamsType.FULL, metrics=metrics,
-                      meta={"NUM_STEPS_CURRENT_ROUND": steps, "local_train_seconds": t_train,
-                            "local_eval_seconds": t_eval})
+                      meta={"NUM_STEPS_CURRENT_ROUND": steps, NUM_SAMPLES: site.num_train_cases,
+                            "site_task_seconds": t_task})
         return FLModelUtils.to_shareable(out)
 
     def _validate(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

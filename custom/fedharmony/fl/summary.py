@@ -1,5 +1,6 @@
 """Server widget that turns the sites' tracked metrics into a CSV, a JSON summary and a plot."""
 
+import os
 from typing import List, Optional
 
 from nvflare.apis.analytix import AnalyticsData
@@ -14,8 +15,9 @@ from ..results import write_round_metrics
 class RoundSummaryWriter(AnalyticsReceiver):
     """Collects every scalar the sites track (the same stream TensorBoard gets) and, at the
     end of the run, writes ``<run dir>/<out_folder>/metrics_by_round.csv``, ``summary.json``
-    and ``<tag>_by_round.png``. Also rewrites them after every update of ``tag`` so a long
-    run can be followed (and nothing is lost if the server dies).
+    and ``<tag>_by_round.png``. Also rewrites them once a round's ``tag`` has arrived from
+    every site seen so far, so a long run can be followed (and little is lost if the server
+    dies) without redrawing the plot on every message.
     """
 
     def __init__(self, out_folder: str = "results", tag: str = "val_mean_dice", events: Optional[List[str]] = None):
@@ -26,8 +28,6 @@ class RoundSummaryWriter(AnalyticsReceiver):
         self.out_dir = None
 
     def initialize(self, fl_ctx: FLContext):
-        import os
-
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         self.out_dir = os.path.join(run_dir, self.out_folder)
 
@@ -37,7 +37,10 @@ class RoundSummaryWriter(AnalyticsReceiver):
             return
         self.records.append({"site": record_origin, "tag": data.tag, "round": data.step, "value": float(data.value)})
         if data.tag == self.tag:
-            write_round_metrics(self.records, self.out_dir, self.tag)
+            tagged = [r for r in self.records if r["tag"] == self.tag]
+            sites = {r["site"] for r in tagged}
+            if sum(r["round"] == data.step for r in tagged) == len(sites):
+                write_round_metrics(self.records, self.out_dir, self.tag)
 
     def finalize(self, fl_ctx: FLContext):
         if self.records:
