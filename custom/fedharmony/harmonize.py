@@ -1,0 +1,168 @@
+"""Fourier amplitude normalization (HarmoFL's AmpNorm), pure torch / cupy, no NVFlare.
+
+For each image and channel: F = FFT2(x) over (H, W); inside the low-frequency window
+``|k_y| <= b, |k_x| <= b`` with ``b = floor(min(H, W) * ratio)`` the amplitude |F| is
+replaced by the target's and the phase kept; outside the window F is unchanged; the
+output is the real inverse FFT. ``ratio = 0`` replaces only the DC coefficient: a
+per-image, per-channel mean shift (what the released HarmoFL code effectively does).
+
+Implementation: one batched ``rfft2`` over (B, C, H, W) (real input: the half
+spectrum is enough), the window applied on the half spectrum, one ``irfft2``. The
+window is symmetric in frequency, so the result is the real signal a full ``fft2``
+implementation gives (and whose imaginary part the released code throws away).
+
+Backends: ``torch.fft`` anywhere; ``cupy.fft`` for CUDA tensors when cupy is installed,
+zero-copy through DLPack. The choice is automatic (logged once), or forced with
+``backend=`` / ``FEDHARMONY_FFT_BACKEND`` (``torch`` | ``cupy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+BACKEND_ENV = "FEDHARMONY_FFT_BACKEND"
+BACKENDS = ("torch", "cupy")
+
+
+def window_radius(height: int, width: int, ratio: float) -> int:
+    """Half-size b of the (2b+1) x (2b+1) low-frequency window."""
+    return int(math.floor(min(height, width) * ratio))
+
+
+@lru_cache(maxsize=64)
+def _window_mask_cpu(height: int, width: int, b: int) -> torch.Tensor:
+    """Boolean (H, W//2 + 1) mask of the window on the rfft2 half spectrum."""
+    ky = torch.fft.fftfreq(height, d=1.0 / height).abs()  # integer frequencies |k_y|
+    kx = torch.fft.rfftfreq(width, d=1.0 / width)
+    return (ky[:, None] <= b) & (kx[None, :] <= b)
+
+
+def window_mask(height: int, width: int, ratio: float, device=None) -> torch.Tensor:
+    return _window_mask_cpu(height, width, window_radius(height, width, ratio)).to(device)
+
+
+def batch_amplitude(images: torch.Tensor) -> torch.Tensor:
+    """Mean amplitude spectrum of a batch: (B, C, H, W) -> (C, H, W), NumPy's unshifted ``fft2`` layout."""
+    _check_images(images)
+    return torch.fft.fft2(images.to(torch.float64 if images.dtype == torch.float64 else torch.float32)).abs().mean(0)
+
+
+def _check_images(images: torch.Tensor):
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point, got {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf")
+
+
+def _check_inputs(images: torch.Tensor, target: torch.Tensor, ratio: float):
+    _check_images(images)
+    if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(images.shape[1:]):
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be (C, H, W) = {tuple(images.shape[1:])} like the images, got {shape}")
+    if not torch.isfinite(target).all() or (target < 0).any():
+        raise ValueError("target must be a finite, non-negative amplitude spectrum")
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 0.5):
+        raise ValueError(f"ratio L must be in [0, 0.5], got {ratio!r}")
+
+
+_logged_backend = set()
+
+
+def select_backend(device: torch.device, backend: Optional[str] = None) -> str:
+    """``torch`` or ``cupy`` for tensors on ``device`` (see the module docstring)."""
+    requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"unknown FFT backend {requested!r}; choose auto, torch or cupy")
+    cupy_ok = device.type == "cuda" and _cupy() is not None
+    if requested == "cupy" and not cupy_ok:
+        raise RuntimeError("FFT backend 'cupy' needs a CUDA tensor and an installed cupy "
+                           f"(device {device}, cupy {'found' if _cupy() else 'not installed'})")
+    chosen = requested if requested != "auto" else ("cupy" if cupy_ok else "torch")
+    key = (chosen, device.type)
+    if key not in _logged_backend:
+        _logged_backend.add(key)
+        logger.info("amplitude normalization: %s FFT on %s%s", chosen, device.type,
+                    "" if requested != "auto" else " (automatic choice)")
+    return chosen
+
+
+@lru_cache(maxsize=1)
+def _cupy():
+    try:
+        import cupy
+
+        return cupy
+    except Exception:  # not installed, or no CUDA driver
+        return None
+
+
+def _normalize_torch(images, target_half, mask):
+    spectrum = torch.fft.rfft2(images)
+    phase = torch.polar(torch.ones_like(spectrum.real), spectrum.angle())
+    replaced = torch.where(mask, target_half * phase, spectrum)
+    return torch.fft.irfft2(replaced, s=images.shape[-2:])
+
+
+def _normalize_cupy(images, target_half, mask):
+    cp = _cupy()
+    x = cp.from_dlpack(images.contiguous())
+    t = cp.from_dlpack(target_half.contiguous())
+    m = cp.from_dlpack(mask.contiguous())
+    spectrum = cp.fft.rfft2(x)
+    phase = cp.exp(1j * cp.angle(spectrum)).astype(spectrum.dtype)
+    replaced = cp.where(m, t * phase, spectrum)
+    out = cp.fft.irfft2(replaced, s=images.shape[-2:]).astype(x.dtype, copy=False)
+    return torch.from_dlpack(out)
+
+
+def amplitude_normalize(images: torch.Tensor, target: torch.Tensor, ratio: float,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """Harmonize a batch to a target amplitude spectrum.
+
+    Args:
+        images: (B, C, H, W) float tensor (any device).
+        target: (C, H, W) amplitude spectrum in NumPy's unshifted ``fft2`` layout
+            (e.g. from :func:`batch_amplitude`), on the same device.
+        ratio: window ratio L in [0, 0.5]; 0 replaces only the DC coefficient.
+        backend: ``torch`` / ``cupy`` / None (automatic).
+
+    Returns:
+        (B, C, H, W) tensor of the input's dtype and device. No gradient flows through it.
+    """
+    _check_inputs(images, target, ratio)
+    h, w = images.shape[-2:]
+    dtype = images.dtype
+    work = images.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else images
+    target_half = target[..., : w // 2 + 1].to(device=images.device, dtype=work.dtype)
+    mask = window_mask(h, w, ratio, images.device)
+    with torch.no_grad():
+        if select_backend(images.device, backend) == "cupy":
+            out = _normalize_cupy(work.detach(), target_half, mask)
+        else:
+            out = _normalize_torch(work.detach(), target_half, mask)
+    return out.to(dtype)
+
+
+def mean_shift_reference(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """What ``ratio = 0`` computes, written directly: x - mean(x) + sign(mean(x)) * T[c, 0, 0] / (H W)."""
+    h, w = images.shape[-2:]
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    sign = torch.where(mean < 0, -1.0, 1.0).to(images.dtype)
+    return images - mean + sign * target[:, :1, :1].to(images.dtype) / (h * w)
+
+
+def spectrum_parts(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(amplitude, phase) of ``fft2`` over (H, W): for tests and figures."""
+    f = torch.fft.fft2(images)
+    return f.abs(), f.angle()
