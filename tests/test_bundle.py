@@ -32,8 +32,8 @@ def test_inference_builds_the_training_network():
 
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    assert infer["network_def"] == train["network_def"]
-    assert infer["base_features"] == train["base_features"]
+    for key in ("network_def", "backbone_def", "base_features", "image_size"):
+        assert infer[key] == train[key], key
 
 
 def test_train_then_infer_with_monai_bundle_cli(tiny_sites, tmp_path):
@@ -60,6 +60,27 @@ def test_train_then_infer_with_monai_bundle_cli(tiny_sites, tmp_path):
         assert out.shape == src.shape
         np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
         assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+
+
+def test_harmofl_overlay_trains_and_the_target_reaches_inference(tiny_sites, tmp_path):
+    """train.json + harmofl.json with MONAI's CLI, then inference.json + harmofl.json on the checkpoint."""
+    ckpt, pred = tmp_path / "models", tmp_path / "pred"
+    harmo = ["--image_size", "32", "--amp_ratio", "0.1"]
+    configs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'harmofl.json'}']"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root",
+                    str(BUNDLE), "--dataset_dir", str(tiny_sites / "HK"), "--ckpt_dir", str(ckpt), "--output_dir",
+                    str(tmp_path / "eval"), "--num_epochs", "1", "--val_interval", "1",
+                    *_overrides_cli(TINY_OVERRIDES), *harmo], cwd=tmp_path, check=True, capture_output=True)
+    sd = torch.load(ckpt / "model.pt", weights_only=True)
+    assert sd["harmonize.target"].shape == (3, 32, 32) and sd["harmonize.target"].abs().sum() > 0
+    configs = f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'harmofl.json'}']"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root",
+                    str(BUNDLE), "--input_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(pred), "--ckpt_path",
+                    str(ckpt / "model.pt"), "--base_features", str(TINY_OVERRIDES["base_features"]), *harmo],
+                   cwd=tmp_path, check=True, capture_output=True)
+    for vol in sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz")):
+        out = nib.load(str(pred / vol.name.replace(".nii.gz", "_seg.nii.gz")))
+        assert out.shape == nib.load(str(vol)).shape
 
 
 def test_inference_on_empty_folder_fails_clearly(tmp_path):

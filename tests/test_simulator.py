@@ -72,3 +72,26 @@ def test_fedbn_two_sites_two_rounds_with_client_restarts(tiny_sites, tmp_path):
     norm = [k for k in a if ".adn.N." in k and k.endswith("running_mean")]
     assert norm and all(not torch.equal(a[k], b[k]) for k in norm)
     assert len(list((ws / "site-1").rglob("log.txt"))) >= 1
+
+
+def test_harmofl_two_sites_target_averaged_and_kept(tiny_sites, tmp_path):
+    out = tmp_path / "jobs"
+    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "harmofl", "--rounds", "2",
+           "--sites", "2", "--image-size", "32", "--amp-ratio", "0.1", "--override", json.dumps(TINY_OVERRIDES),
+           "--export", "--export-dir", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    ws = tmp_path / "ws"
+    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(tiny_sites)}
+    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    res = subprocess.run([nvflare, "simulator", str(out / "prostate_mri_seg_harmofl"), "-w", str(ws), "-n", "2",
+                          "-t", "2"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = ws / "server" / "simulate_job"
+    glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    target = torch.as_tensor(glob["harmonize.target"])
+    assert target.shape == (3, 32, 32) and target.abs().sum() > 0  # averaged by the server like the weights
+    for s in ("site-1", "site-2"):  # from round 1 on, each site normalizes to the global target
+        state = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
+        torch.testing.assert_close(state["network"]["harmonize.target"], target.float())
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse["site-1"])

@@ -150,7 +150,7 @@ def main(argv=None):
         d = [r["dice"][s] for s in sites]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in d)
               + f" | {sum(d) / len(d):.3f} | {min(d):.3f} | {max(d) - min(d):.3f} |")
-    print("\n| method | wall s | s / round | slowest site train+val s / round | simulator overhead | "
+    print("\n| method | wall s | s / round | slowest site task s / round | simulator overhead | "
           "peak RSS server MiB | peak RSS client MiB |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():

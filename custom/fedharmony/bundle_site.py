@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from monai.bundle import ConfigWorkflow
@@ -42,6 +42,19 @@ FL_OVERRIDES = {
 }
 
 
+ConfigFiles = Union[str, Sequence[str]]
+
+
+def config_paths(bundle_root: str, config_file: ConfigFiles) -> List[str]:
+    """Bundle config file(s), relative to ``bundle_root``, as existing absolute paths (later files override)."""
+    files = [config_file] if isinstance(config_file, str) else list(config_file)
+    paths = [Path(bundle_root) / f for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise FileNotFoundError(f"bundle config not found: {missing or files}")
+    return [str(p) for p in paths]
+
+
 def _atomic_save(obj, path: Path):
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -58,21 +71,23 @@ class BundleSite:
         site_name: for logs and error messages.
         local_keys: regex of state-dict keys that never leave the site (FedBN: norm layers).
         overrides: extra ``ConfigWorkflow`` overrides (e.g. ``{"learning_rate": 1e-3}``).
-        config_file: bundle config to parse, relative to ``bundle_root``.
+        config_file: bundle config(s) to parse, relative to ``bundle_root``; a list is
+            layered in order (e.g. ``["configs/train.json", "configs/harmofl.json"]``).
     """
 
     def __init__(self, bundle_root: str, dataset_dir: str, state_dir: str, site_name: str = "site",
                  local_keys: Optional[str] = None, overrides: Optional[dict] = None,
-                 config_file: str = "configs/train.json"):
+                 config_file: ConfigFiles = "configs/train.json"):
         self.site_name = site_name
         self.local_keys = local_keys or None
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        config_path = Path(bundle_root) / config_file
-        if not config_path.is_file():
-            raise FileNotFoundError(f"site {site_name!r}: bundle config not found: {config_path}")
+        try:
+            configs = config_paths(bundle_root, config_file)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"site {site_name!r}: {e}") from None
         self.workflow = ConfigWorkflow(
-            config_file=str(config_path),
+            config_file=configs,
             workflow_type="train",
             logging_file=False,
             bundle_root=str(bundle_root),
@@ -224,7 +239,7 @@ class BundleSite:
                     state["epoch"])
 
 
-def build_network(bundle_root: str, config_file: str = "configs/train.json", key: str = "network_def",
+def build_network(bundle_root: str, config_file: ConfigFiles = "configs/train.json", key: str = "network_def",
                   overrides: Optional[dict] = None, seed: Optional[int] = 0) -> torch.nn.Module:
     """Instantiate the bundle's network definition (no data needed; used by the server).
 
@@ -234,16 +249,14 @@ def build_network(bundle_root: str, config_file: str = "configs/train.json", key
     """
     from monai.bundle import ConfigParser
 
-    path = Path(bundle_root) / config_file
-    if not path.is_file():
-        raise FileNotFoundError(f"bundle config not found: {path}")
+    paths = config_paths(bundle_root, config_file)
     parser = ConfigParser()
-    parser.read_config(str(path))
+    parser.read_config(paths)
     parser["bundle_root"] = str(bundle_root)
     for k, v in (overrides or {}).items():
         parser[k] = v
     if key not in parser:
-        raise KeyError(f"{path} has no {key!r}")
+        raise KeyError(f"{paths} has no {key!r}")
     if seed is not None:
         torch.manual_seed(seed)
     return parser.get_parsed_content(key)

@@ -41,6 +41,7 @@ from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from ..bundle_site import KEY_METRIC, BundleSite
+from ..networks import layers_without_target, prime_targets, use_global_targets
 from .aggregator import NUM_SAMPLES
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
@@ -83,6 +84,7 @@ class BundleExecutor(Executor):
 
     Args:
         bundle_root: bundle folder relative to the site's app root (or absolute).
+        config_files: bundle configs to layer (default ``configs/train.json``).
         data_root: folder of site folders (default: ``$FEDHARMONY_DATA_ROOT``).
         local_epochs: local epochs per round.
         local_keys: regex of keys kept on the site (FedBN); must match the server's.
@@ -91,11 +93,13 @@ class BundleExecutor(Executor):
         writer_id: id of the experiment-tracking LogWriter component ("" = none).
     """
 
-    def __init__(self, bundle_root: str = "config/prostate_mri_seg", data_root: str = "", local_epochs: int = 1,
+    def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_files: Optional[list] = None,
+                 data_root: str = "", local_epochs: int = 1,
                  local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
                  writer_id: str = "log_writer"):
         super().__init__()
         self.bundle_root = bundle_root
+        self.config_files = config_files
         self.data_root = data_root
         self.local_epochs = local_epochs
         self.local_keys = local_keys
@@ -128,6 +132,7 @@ class BundleExecutor(Executor):
                 site_name=name,
                 local_keys=self.local_keys,
                 overrides=self.overrides,
+                config_file=self.config_files or "configs/train.json",
             )
             self.log_info(fl_ctx, f"{name}: bundle ready in {time.time() - t0:.1f} s, data {dataset_dir}, "
                                   f"state in {self.site.state_dir}, {len(self.site.local_key_names)} local keys")
@@ -158,6 +163,9 @@ class BundleExecutor(Executor):
         current_round = model.current_round if model.current_round is not None else site.round
         t0 = time.time()
         site.load_weights(_to_tensors(model.params or {}))  # the global model, with this site's local keys
+        use_global_targets(site.network)  # HarmoFL: a received amplitude target is the global one, keep it
+        if layers_without_target(site.network):  # HarmoFL round 0: the initial global model has no target yet
+            prime_targets(site.network, next(iter(site.trainer.data_loader))["image"])
         metrics = site.evaluate(None, "validation")
         site.record_metric(metrics[KEY_METRIC])
         t_eval = time.time() - t0

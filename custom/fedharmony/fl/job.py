@@ -33,7 +33,8 @@ from .summary import RoundSummaryWriter
 # "bn1" / "norm1", and DenseNet's "norm". FedBN keeps them on each site.
 NORM_LAYER_KEYS = r"(\.adn\.N\.|(^|\.)(bn|norm)\d*\.)"
 
-ALGORITHMS = ("fedavg", "fedprox", "fedbn")
+ALGORITHMS = ("fedavg", "fedprox", "fedbn", "harmofl")
+HARMOFL_CONFIG = "configs/harmofl.json"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedharmony.__file__))
 
 
@@ -42,7 +43,9 @@ class FedHarmonyRecipe(Recipe):
 
     Args:
         algorithm: ``fedavg`` (sample-weighted mean), ``fedprox`` (+ proximal term ``mu``),
-            ``fedbn`` (normalization layers stay on each site).
+            ``fedbn`` (normalization layers stay on each site), ``harmofl`` (the bundle's
+            ``configs/harmofl.json`` layered on: amplitude normalization + weight
+            perturbation; the server averages the amplitude target with the weights).
         bundle_dir: the MONAI bundle to train (shipped inside the job).
         num_rounds, min_clients: FL rounds; sites needed to start and in every round.
         local_epochs: local epochs per round.
@@ -53,12 +56,19 @@ class FedHarmonyRecipe(Recipe):
         num_threads: torch threads per site process (0 = torch default).
         cross_site_eval: add NVFlare's cross-site evaluation after training.
         name: job name (default ``<bundle>_<algorithm>``).
+        task_request_interval: seconds a site waits before asking the server for its next
+            task (NVFlare's default is 2 s; every round pays up to that while sites poll).
+        amp_mode, amp_ratio, wp_alpha, image_size: HarmoFL settings (``harmofl`` only; None
+            keeps the bundle's): ``paper`` / ``released`` / ``off``, the window ratio L in
+            [0, 0.5], the perturbation strength (0 = off), the common in-plane size.
     """
 
     def __init__(self, algorithm: str = "fedavg", bundle_dir: str = "bundles/prostate_mri_seg", num_rounds: int = 10,
                  min_clients: int = 2, local_epochs: int = 1, mu: float = 0.01, data_root: str = "",
                  overrides: Optional[dict] = None, num_threads: int = 0, cross_site_eval: bool = True,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, task_request_interval: float = 0.25,
+                 amp_mode: Optional[str] = None, amp_ratio: Optional[float] = None, wp_alpha: Optional[float] = None,
+                 image_size: Optional[int] = None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
@@ -67,6 +77,18 @@ class FedHarmonyRecipe(Recipe):
             raise ValueError("num_rounds, min_clients and local_epochs must be >= 1")
         if algorithm == "fedprox" and not mu > 0:
             raise ValueError(f"FedProx needs mu > 0, got {mu}")
+        overrides = dict(overrides or {})
+        config_files = ["configs/train.json"]
+        harmofl = {"amp_mode": amp_mode, "amp_ratio": amp_ratio, "wp_alpha": wp_alpha, "image_size": image_size}
+        if algorithm == "harmofl":
+            if not os.path.isfile(os.path.join(bundle_dir, HARMOFL_CONFIG)):
+                raise FileNotFoundError(f"{bundle_dir} has no {HARMOFL_CONFIG}")
+            _check_harmofl(**harmofl)
+            config_files.append(HARMOFL_CONFIG)
+            overrides.update({k: v for k, v in harmofl.items() if v is not None})
+        elif any(v is not None for v in harmofl.values()):
+            raise ValueError(f"amp_mode / amp_ratio / wp_alpha / image_size are HarmoFL settings; "
+                             f"algorithm is {algorithm!r} (use overrides={{'image_size': ...}} for the size)")
         bundle_name = os.path.basename(os.path.normpath(bundle_dir))
         app_bundle_root = f"config/{bundle_name}"
         local_keys = NORM_LAYER_KEYS if algorithm == "fedbn" else ""
@@ -76,7 +98,7 @@ class FedHarmonyRecipe(Recipe):
         job.set_app_packages(["fedharmony"])  # shipped whole below, not file by file
 
         # server
-        persistor = BundleModelPersistor(bundle_root=app_bundle_root, overrides=overrides or {})
+        persistor = BundleModelPersistor(bundle_root=app_bundle_root, config_file=config_files, overrides=overrides)
         job.to_server(persistor, id="persistor")
         aggregator = SiteUpdateAggregator(local_keys=local_keys, persistor_id="persistor")
         job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id="persistor",
@@ -88,10 +110,12 @@ class FedHarmonyRecipe(Recipe):
             job.to_server(ValidationJsonGenerator(), id="json_generator")
         job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
         job.to_server(RoundSummaryWriter(), id="round_summary")
+        job.to_server({"server": {"task_request_interval": task_request_interval}})
 
         # sites
-        executor = BundleExecutor(bundle_root=app_bundle_root, data_root=data_root, local_epochs=local_epochs,
-                                  local_keys=local_keys, overrides=overrides or {}, num_threads=num_threads)
+        executor = BundleExecutor(bundle_root=app_bundle_root, config_files=config_files, data_root=data_root,
+                                  local_epochs=local_epochs, local_keys=local_keys, overrides=overrides,
+                                  num_threads=num_threads)
         job.to_clients(executor, tasks=["train", "validate", "submit_model"])
         job.to_clients(TBWriter(event_type="analytix_log_stats"), id="log_writer")
         job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
@@ -102,3 +126,18 @@ class FedHarmonyRecipe(Recipe):
             add(PACKAGE_DIR, dest_dir="fedharmony", app_folder_type="custom")
             add(os.path.abspath(bundle_dir), dest_dir=bundle_name, app_folder_type="config")
         super().__init__(job)
+
+
+def _check_harmofl(amp_mode=None, amp_ratio=None, wp_alpha=None, image_size=None):
+    """Refuse bad HarmoFL settings when the job is built, not on the sites."""
+    from ..networks import MODES
+    from ..perturbation import check_alpha
+
+    if amp_mode is not None and amp_mode not in MODES:
+        raise ValueError(f"amp_mode must be one of {MODES}, got {amp_mode!r}")
+    if amp_ratio is not None and not 0.0 <= amp_ratio <= 0.5:
+        raise ValueError(f"amp_ratio (L) must be in [0, 0.5], got {amp_ratio}")
+    if wp_alpha is not None:
+        check_alpha(wp_alpha)
+    if image_size is not None and (image_size < 16 or image_size % 16):
+        raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")

@@ -20,14 +20,14 @@ class BundleModelPersistor(PTFileModelPersistor):
 
     Args:
         bundle_root: bundle folder, relative to the server app's root (or absolute).
-        config_file: bundle config holding ``network_def_key``.
+        config_file: bundle config (or list of configs, layered) holding ``network_def_key``.
         network_def_key: config id of the network.
         overrides: the bundle overrides the sites use (same architecture on both sides).
         seed: seed of the initial global weights.
         source_ckpt_file_full_name: optional checkpoint to start from.
     """
 
-    def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_file: str = "configs/train.json",
+    def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_file="configs/train.json",
                  network_def_key: str = "network_def", overrides: Optional[dict] = None, seed: int = 0,
                  source_ckpt_file_full_name=None):
         super().__init__(model=None, source_ckpt_file_full_name=source_ckpt_file_full_name)
@@ -45,6 +45,6 @@ class BundleModelPersistor(PTFileModelPersistor):
             except Exception as e:
                 self.system_panic(f"cannot build the bundle network from {root}: {e}", fl_ctx)
                 return
-            self.log_info(fl_ctx, f"global model: {type(self.model).__name__} from {root}/{self.config_file}, "
+            self.log_info(fl_ctx, f"global model: {type(self.model).__name__} from {root} {self.config_file}, "
                                   f"{sum(p.numel() for p in self.model.parameters())} parameters")
         super().handle_event(event, fl_ctx)

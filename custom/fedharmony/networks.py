@@ -1,0 +1,124 @@
+"""Networks wrapped with HarmoFL's amplitude normalization as their first layer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .harmonize import amplitude_normalize, batch_amplitude
+
+MODES = ("paper", "released", "off")
+
+
+class AmplitudeNormalization(nn.Module):
+    """Harmonize inputs (B, C, H, W) to the amplitude spectrum held in the ``target`` buffer.
+
+    ``target`` (C, H, W) is part of the state dict, so the server averages it like the
+    weights and it travels in every checkpoint; inference normalizes to it with no
+    federation around.
+
+    Modes:
+      * ``paper``: window ratio ``ratio`` (> 0); during training ``target`` is an
+        exponential moving average (``momentum``) of training-batch amplitudes, until
+        the site receives a global target (:meth:`use_global_target`); from then on it
+        is fixed.
+      * ``released``: what the released code effectively does: ratio 0 (DC only, a
+        per-channel mean shift) and the target frozen at the first training batch.
+      * ``off``: identity (the "perturbation only" ablation keeps the same state-dict keys).
+    Evaluation and inference never change the target.
+
+    Args:
+        num_channels, spatial_size: shape of the inputs (and of the target).
+        ratio: window ratio L in [0, 0.5] (``released`` forces 0).
+        momentum: EMA momentum in (0, 1].
+        mode: ``paper`` or ``released``.
+    """
+
+    def __init__(self, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.05, momentum: float = 0.1,
+                 mode: str = "paper"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"amplitude normalization mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= ratio <= 0.5:
+            raise ValueError(f"ratio L must be in [0, 0.5], got {ratio}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.mode = mode
+        self.ratio = 0.0 if mode == "released" else float(ratio)
+        self.momentum = float(momentum)
+        h, w = spatial_size
+        self.register_buffer("target", torch.zeros(num_channels, h, w))
+        self.frozen = False  # not in the state dict: a site re-derives it from what it receives
+
+    @property
+    def has_target(self) -> bool:
+        return bool(self.target.abs().sum() > 0)
+
+    def use_global_target(self):
+        """Called when a site receives the server's model: a non-zero target is the global one, keep it."""
+        if self.has_target:
+            self.frozen = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if tuple(x.shape[1:]) != tuple(self.target.shape):
+            raise ValueError(f"amplitude normalization expects inputs (B, {', '.join(map(str, self.target.shape))}), "
+                             f"got {tuple(x.shape)}; resize inputs to the network's spatial size")
+        if self.training and not self.frozen:
+            with torch.no_grad():
+                amp = batch_amplitude(x).to(self.target.dtype)
+                if not self.has_target:
+                    self.target.copy_(amp)
+                    self.frozen = self.mode == "released"
+                else:
+                    self.target.mul_(1 - self.momentum).add_(amp, alpha=self.momentum)
+        if not self.has_target:
+            raise RuntimeError("amplitude normalization has no target yet: train the model first or load a "
+                               "checkpoint that holds one")
+        return amplitude_normalize(x, self.target, self.ratio)
+
+
+class HarmonizedNetwork(nn.Module):
+    """``network(amplitude_normalization(x))``: any 2D network with HarmoFL's first layer.
+
+    Args:
+        network: the bundle's network (e.g. a MONAI UNet).
+        num_channels, spatial_size, ratio, momentum, mode: see :class:`AmplitudeNormalization`.
+    """
+
+    def __init__(self, network: nn.Module, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.05,
+                 momentum: float = 0.1, mode: str = "paper"):
+        super().__init__()
+        self.harmonize = AmplitudeNormalization(num_channels, spatial_size, ratio, momentum, mode)
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.harmonize(x))
+
+
+def use_global_targets(model: nn.Module):
+    """Fix every amplitude target in ``model`` to the value just received from the server."""
+    for m in model.modules():
+        if isinstance(m, AmplitudeNormalization):
+            m.use_global_target()
+
+
+def layers_without_target(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, AmplitudeNormalization) and m.mode != "off" and not m.has_target]
+
+
+def prime_targets(model: nn.Module, training_images: torch.Tensor) -> int:
+    """Give every amplitude layer that has none a target from a *training* batch (B, C, H, W).
+
+    A site scores the server's initial model before it has trained a step; the card only
+    allows training data to shape the target, so the first training batch is used (as the
+    first training step would). Returns how many layers were primed.
+    """
+    layers = layers_without_target(model)
+    for m in layers:
+        with torch.no_grad():
+            m.target.copy_(batch_amplitude(training_images.to(m.target.device)).to(m.target.dtype))
+    return len(layers)
