@@ -74,3 +74,18 @@ def test_prime_targets_uses_the_training_batch_only_where_missing():
     assert prime_targets(net, train_batch) == 1 and not layers_without_target(net)
     torch.testing.assert_close(net.harmonize.target, batch_amplitude(train_batch))
     assert prime_targets(net, _batches(1, seed=3)[0]) == 0  # an existing target is never replaced
+
+
+def test_monai_transform_matches_the_layer(tmp_path):
+    from fedharmony.transforms import AmplitudeNormalized
+
+    net = HarmonizedNetwork(torch.nn.Identity(), 3, (16, 16), ratio=0.2).train()
+    net(_batches(1)[0])
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    x = _batches(1, seed=9)[0][0]
+    by_layer = net.eval()(x[None])[0]
+    for target in (net.harmonize.target, tmp_path / "model.pt"):
+        out = AmplitudeNormalized("image", target, ratio=0.2)({"image": x})["image"]
+        torch.testing.assert_close(out, by_layer)
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        AmplitudeNormalized("image", net.harmonize.target)({"image": x[None]})

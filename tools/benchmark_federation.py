@@ -1,7 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark FedAvg / FedProx / FedBN (and local-only training) on the 6 phantom prostate sites.
+"""Benchmark federations on the 6 phantom prostate sites.
 
     python tools/benchmark_federation.py [--rounds 20] [--local-epochs 2] [--cases 10] [--algorithms fedavg fedprox fedbn]
+    python tools/benchmark_federation.py --suite harmofl     # FedAvg, FedBN, HarmoFL (paper, released), ablations
+
+The default suite is FedAvg / FedProx / FedBN plus a local-only reference at each site's
+own in-plane size. The ``harmofl`` suite resizes every site to 96 x 96 (HarmoFL's amplitude
+target needs one size) for every method, so all rows share one grid and one Dice.
 
 For each algorithm, one NVFlare simulator run (6 sites, one process each, 1 torch thread):
   * per-site and mean foreground Dice of the final global model on each site's test split
@@ -65,11 +70,24 @@ def _site_times(ws: Path):
     return per_round
 
 
-def run_federation(algo, args, data, out):
+# label -> (algorithm, extra jobs/prostate.py flags); all at image_size 96
+HARMOFL_SUITE = {
+    "fedavg": ("fedavg", ["--override", '{"image_size": 96}']),
+    "fedbn": ("fedbn", ["--override", '{"image_size": 96}']),
+    "harmofl (paper)": ("harmofl", ["--amp-mode", "paper"]),
+    "harmofl (released)": ("harmofl", ["--amp-mode", "released"]),
+    "normalization only": ("harmofl", ["--amp-mode", "paper", "--wp-alpha", "0"]),
+    "perturbation only": ("harmofl", ["--amp-mode", "off"]),
+}
+
+
+def run_federation(label, args, data, out, algo=None, extra=()):
+    algo = algo or label
     ws_root = out / "sim"
+    name = re.sub(r"[^a-z0-9]+", "_", label).strip("_")
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", algo, "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", "6", "--data-root", str(data),
-           "--workspace", str(ws_root)]
+           "--workspace", str(ws_root), "--name", name, *extra]
     peaks, stop = {}, threading.Event()
     sampler = threading.Thread(target=_rss_sampler, args=(stop, peaks), daemon=True)
     sampler.start()
@@ -79,8 +97,8 @@ def run_federation(algo, args, data, out):
     stop.set()
     sampler.join()
     if res.returncode != 0:
-        raise RuntimeError(f"{algo} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    ws = ws_root / f"prostate_mri_seg_{algo}"
+        raise RuntimeError(f"{label} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    ws = ws_root / name
     from fedharmony.results import find_workspace_file, load_cross_site
 
     matrix = load_cross_site(find_workspace_file(ws, "cross_val_results.json"))
@@ -115,6 +133,8 @@ def run_local(args, data, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox", "fedbn"])
+    p.add_argument("--suite", choices=["baselines", "harmofl"], default="baselines",
+                   help="harmofl: FedAvg, FedBN, HarmoFL paper/released and the two ablations at 96 x 96")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cases", type=int, default=10)
@@ -136,10 +156,11 @@ def main(argv=None):
     print(f"setting: 6 phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs\n")
     site_map = json.loads((data / "sites.json").read_text())
     results = {}
-    for algo in args.algorithms:
-        print(f"running {algo} ...", file=sys.stderr, flush=True)
-        results[algo] = run_federation(algo, args, data, out)
-    if not args.no_local:
+    runs = HARMOFL_SUITE if args.suite == "harmofl" else {a: (a, []) for a in args.algorithms}
+    for label, (algo, extra) in runs.items():
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        results[label] = run_federation(label, args, data, out, algo, extra)
+    if not args.no_local and args.suite == "baselines":
         print("running local-only ...", file=sys.stderr, flush=True)
         results["local only"] = {"dice": run_local(args, data, out)}
 
