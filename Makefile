@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs bench clean
+.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,21 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration"
 
-## jobs: export self-contained job folders (FedAvg, FedProx, FedBN) to build/jobs
+## jobs: export self-contained job folders (FedAvg, FedProx, FedBN, HarmoFL) to build/jobs
 jobs: setup
-	for algo in fedavg fedprox fedbn; do $(BIN)/python jobs/prostate.py --algorithm $$algo --export --export-dir build/jobs; done
+	for algo in fedavg fedprox fedbn harmofl; do $(BIN)/python jobs/prostate.py --algorithm $$algo --export --export-dir build/jobs; done
 
 ## bench: FedAvg / FedProx / FedBN on the 6 phantom sites (Dice, time per round, peak memory)
 bench: setup
 	$(BIN)/python tools/benchmark_federation.py
+
+## bench-harmofl: FedAvg, FedBN, HarmoFL (paper, released) and the two ablations, all at 96 x 96
+bench-harmofl: setup
+	$(BIN)/python tools/benchmark_federation.py --suite harmofl
+
+## bench-harmonize: amplitude normalization speed (CPU; GPU where present) and bytes per round
+bench-harmonize: setup
+	$(BIN)/python tools/benchmark_harmonize.py
 
 clean:
 	rm -rf build workspace .pytest_cache

@@ -3,6 +3,7 @@
 
     python tools/benchmark_federation.py [--rounds 20] [--local-epochs 2] [--cases 10] [--algorithms fedavg fedprox fedbn]
     python tools/benchmark_federation.py --suite harmofl     # FedAvg, FedBN, HarmoFL (paper, released), ablations
+    python tools/benchmark_federation.py --suite harmofl-ratio   # HarmoFL's window ratio L = 0.01, 0.1
 
 The default suite is FedAvg / FedProx / FedBN plus a local-only reference at each site's
 own in-plane size. The ``harmofl`` suite resizes every site to 96 x 96 (HarmoFL's amplitude
@@ -74,11 +75,16 @@ def _site_times(ws: Path):
 HARMOFL_SUITE = {
     "fedavg": ("fedavg", ["--override", '{"image_size": 96}']),
     "fedbn": ("fedbn", ["--override", '{"image_size": 96}']),
-    "harmofl (paper)": ("harmofl", ["--amp-mode", "paper"]),
+    "harmofl (paper, L=0.05)": ("harmofl", ["--amp-mode", "paper", "--amp-ratio", "0.05"]),
     "harmofl (released)": ("harmofl", ["--amp-mode", "released"]),
-    "normalization only": ("harmofl", ["--amp-mode", "paper", "--wp-alpha", "0"]),
+    "normalization only (L=0.05)": ("harmofl", ["--amp-mode", "paper", "--amp-ratio", "0.05", "--wp-alpha", "0"]),
     "perturbation only": ("harmofl", ["--amp-mode", "off"]),
 }
+
+# the window ratio L of HarmoFL (paper mode, alpha 0.05); 0.05 is in HARMOFL_SUITE, and at 96 px
+# L = 0.01 gives b = 0 (DC only)
+RATIO_SUITE = {f"harmofl L={r}": ("harmofl", ["--amp-mode", "paper", "--amp-ratio", str(r)]) for r in (0.01, 0.1)}
+SUITES = {"harmofl": HARMOFL_SUITE, "harmofl-ratio": RATIO_SUITE}
 
 
 def run_federation(label, args, data, out, algo=None, extra=()):
@@ -133,8 +139,9 @@ def run_local(args, data, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox", "fedbn"])
-    p.add_argument("--suite", choices=["baselines", "harmofl"], default="baselines",
-                   help="harmofl: FedAvg, FedBN, HarmoFL paper/released and the two ablations at 96 x 96")
+    p.add_argument("--suite", choices=["baselines", "harmofl", "harmofl-ratio"], default="baselines",
+                   help="harmofl: FedAvg, FedBN, HarmoFL paper/released and the two ablations at 96 x 96; "
+                        "harmofl-ratio: HarmoFL with L = 0.01 and 0.1")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cases", type=int, default=10)
@@ -156,7 +163,7 @@ def main(argv=None):
     print(f"setting: 6 phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs\n")
     site_map = json.loads((data / "sites.json").read_text())
     results = {}
-    runs = HARMOFL_SUITE if args.suite == "harmofl" else {a: (a, []) for a in args.algorithms}
+    runs = SUITES.get(args.suite) or {a: (a, []) for a in args.algorithms}
     for label, (algo, extra) in runs.items():
         print(f"running {label} ...", file=sys.stderr, flush=True)
         results[label] = run_federation(label, args, data, out, algo, extra)

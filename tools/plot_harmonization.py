@@ -2,7 +2,7 @@
 """Figure: the same slice from each site before and after amplitude normalization, with spectra.
 
     python tools/plot_harmonization.py --data-root data/prostate --out harmonization.png
-        [--ratio 0.05] [--image-size 96] [--case 0] [--target global|BIDMC|...] [--ckpt model.pt]
+        [--ratio 0.01] [--image-size 96] [--case 0] [--target global|BIDMC|...] [--ckpt model.pt]
 
 Each site's case is loaded and preprocessed like the bundle does (z-score, resized to
 --image-size), its gland-centre slice taken as a 2.5D input, and normalized to a target:
@@ -45,7 +45,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True, help="folder of site folders")
     p.add_argument("--out", default="harmonization.png")
-    p.add_argument("--ratio", type=float, default=0.05, help="window ratio L")
+    p.add_argument("--ratio", type=float, default=0.01, help="window ratio L")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--case", type=int, default=0)
     p.add_argument("--target", default="global", help="'global' (mean over sites) or a site name")

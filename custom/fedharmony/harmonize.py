@@ -7,8 +7,9 @@ output is the real inverse FFT. ``ratio = 0`` replaces only the DC coefficient: 
 per-image, per-channel mean shift (what the released HarmoFL code effectively does).
 
 Implementation: one batched ``rfft2`` over (B, C, H, W) (real input: the half
-spectrum is enough), the window applied on the half spectrum, one ``irfft2``. The
-window is symmetric in frequency, so the result is the real signal a full ``fft2``
+spectrum is enough), the window's coefficients replaced in place (two small corner
+blocks of the half spectrum; the phase as F / |F|, no trigonometry), one ``irfft2``.
+The window is symmetric in frequency, so the result is the real signal a full ``fft2``
 implementation gives (and whose imaginary part the released code throws away).
 
 Backends: ``torch.fft`` anywhere; ``cupy.fft`` for CUDA tensors when cupy is installed,
@@ -34,18 +35,6 @@ BACKENDS = ("torch", "cupy")
 def window_radius(height: int, width: int, ratio: float) -> int:
     """Half-size b of the (2b+1) x (2b+1) low-frequency window."""
     return int(math.floor(min(height, width) * ratio))
-
-
-@lru_cache(maxsize=64)
-def _window_mask_cpu(height: int, width: int, b: int) -> torch.Tensor:
-    """Boolean (H, W//2 + 1) mask of the window on the rfft2 half spectrum."""
-    ky = torch.fft.fftfreq(height, d=1.0 / height).abs()  # integer frequencies |k_y|
-    kx = torch.fft.rfftfreq(width, d=1.0 / width)
-    return (ky[:, None] <= b) & (kx[None, :] <= b)
-
-
-def window_mask(height: int, width: int, ratio: float, device=None) -> torch.Tensor:
-    return _window_mask_cpu(height, width, window_radius(height, width, ratio)).to(device)
 
 
 def batch_amplitude(images: torch.Tensor) -> torch.Tensor:
@@ -107,22 +96,36 @@ def _cupy():
         return None
 
 
-def _normalize_torch(images, target_half, mask):
+def _replace_window(spectrum, target_half, b: int, where):
+    """In place on an rfft2 half spectrum (..., H, W//2+1): inside the window |k_y|, |k_x| <= b set
+    F <- T * F / |F| (the target's amplitude with F's own phase; phase 0 where |F| = 0).
+
+    On the half spectrum the window is two corner blocks: rows 0..b and H-b..H-1, columns
+    0..b. Only those (2b+1)(b+1) coefficients per image are touched: no trigonometry and
+    no pass over the rest of the spectrum. Works for torch tensors and cupy arrays alike.
+    """
+    h = spectrum.shape[-2]
+    for rows in (slice(0, b + 1), slice(h - b, h) if b > 0 else None):
+        if rows is None:
+            continue
+        block = spectrum[..., rows, : b + 1]
+        mag = abs(block)
+        unit = where(mag > 0, block / where(mag > 0, mag, 1), 1)
+        spectrum[..., rows, : b + 1] = target_half[..., rows, : b + 1] * unit
+
+
+def _normalize_torch(images, target_half, b):
     spectrum = torch.fft.rfft2(images)
-    phase = torch.polar(torch.ones_like(spectrum.real), spectrum.angle())
-    replaced = torch.where(mask, target_half * phase, spectrum)
-    return torch.fft.irfft2(replaced, s=images.shape[-2:])
+    _replace_window(spectrum, target_half, b, torch.where)
+    return torch.fft.irfft2(spectrum, s=images.shape[-2:])
 
 
-def _normalize_cupy(images, target_half, mask):
+def _normalize_cupy(images, target_half, b):
     cp = _cupy()
     x = cp.from_dlpack(images.contiguous())
-    t = cp.from_dlpack(target_half.contiguous())
-    m = cp.from_dlpack(mask.contiguous())
     spectrum = cp.fft.rfft2(x)
-    phase = cp.exp(1j * cp.angle(spectrum)).astype(spectrum.dtype)
-    replaced = cp.where(m, t * phase, spectrum)
-    out = cp.fft.irfft2(replaced, s=images.shape[-2:]).astype(x.dtype, copy=False)
+    _replace_window(spectrum, cp.from_dlpack(target_half.contiguous()).astype(spectrum.real.dtype), b, cp.where)
+    out = cp.fft.irfft2(spectrum, s=images.shape[-2:]).astype(x.dtype, copy=False)
     return torch.from_dlpack(out)
 
 
@@ -145,12 +148,12 @@ def amplitude_normalize(images: torch.Tensor, target: torch.Tensor, ratio: float
     dtype = images.dtype
     work = images.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else images
     target_half = target[..., : w // 2 + 1].to(device=images.device, dtype=work.dtype)
-    mask = window_mask(h, w, ratio, images.device)
+    b = window_radius(h, w, ratio)
     with torch.no_grad():
         if select_backend(images.device, backend) == "cupy":
-            out = _normalize_cupy(work.detach(), target_half, mask)
+            out = _normalize_cupy(work.detach(), target_half, b)
         else:
-            out = _normalize_torch(work.detach(), target_half, mask)
+            out = _normalize_torch(work.detach(), target_half, b)
     return out.to(dtype)
 
 

@@ -36,7 +36,7 @@ class AmplitudeNormalization(nn.Module):
         mode: ``paper`` or ``released``.
     """
 
-    def __init__(self, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.05, momentum: float = 0.1,
+    def __init__(self, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.01, momentum: float = 0.1,
                  mode: str = "paper"):
         super().__init__()
         if mode not in MODES:
@@ -89,7 +89,7 @@ class HarmonizedNetwork(nn.Module):
         num_channels, spatial_size, ratio, momentum, mode: see :class:`AmplitudeNormalization`.
     """
 
-    def __init__(self, network: nn.Module, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.05,
+    def __init__(self, network: nn.Module, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.01,
                  momentum: float = 0.1, mode: str = "paper"):
         super().__init__()
         self.harmonize = AmplitudeNormalization(num_channels, spatial_size, ratio, momentum, mode)

@@ -57,7 +57,7 @@ class AmplitudeNormalized(MapTransform):
         ratio: window ratio L in [0, 0.5].
     """
 
-    def __init__(self, keys: KeysCollection, target, ratio: float = 0.05, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, target, ratio: float = 0.01, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         if isinstance(target, (str, bytes)) or hasattr(target, "__fspath__"):
             sd = torch.load(target, map_location="cpu", weights_only=True)
