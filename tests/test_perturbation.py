@@ -77,3 +77,19 @@ def test_monai_trainer_uses_the_iteration_function():
     trainer.run()
     assert trainer.state.iteration == 3 and not torch.equal(before, net.weight)
     assert len(opt.state) == 2 and all(s["step"] == 3 for s in opt.state.values())  # base optimizer stepped once per batch
+
+
+def test_second_pass_does_not_count_the_batch_twice_in_the_amplitude_target():
+    from fedharmony.harmonize import batch_amplitude
+    from fedharmony.networks import HarmonizedNetwork
+
+    torch.manual_seed(3)
+    net = HarmonizedNetwork(nn.Conv2d(3, 1, 1), 3, (8, 8), ratio=0.1, momentum=0.5).train()
+    first, second = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8) * 2
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for batch in (first, second):
+        perturbed_step(net.parameters(), lambda: net(batch).mean(), opt, 0.05,
+                       second_pass=lambda: frozen_norm_statistics(net))
+    expected = 0.5 * batch_amplitude(first) + 0.5 * batch_amplitude(second)  # one update per batch
+    torch.testing.assert_close(net.harmonize.target, expected)
+    assert net.harmonize.frozen is False

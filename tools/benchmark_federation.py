@@ -3,7 +3,7 @@
 
     python tools/benchmark_federation.py [--rounds 20] [--local-epochs 2] [--cases 10] [--algorithms fedavg fedprox fedbn]
     python tools/benchmark_federation.py --suite harmofl     # FedAvg, FedBN, HarmoFL (paper, released), ablations
-    python tools/benchmark_federation.py --suite harmofl-ratio   # HarmoFL's window ratio L = 0.01, 0.1
+    python tools/benchmark_federation.py --suite harmofl-ratio   # HarmoFL window ratio L = 0.01, 0.05, 0.1
 
 The default suite is FedAvg / FedProx / FedBN plus a local-only reference at each site's
 own in-plane size. The ``harmofl`` suite resizes every site to 96 x 96 (HarmoFL's amplitude
@@ -81,9 +81,9 @@ HARMOFL_SUITE = {
     "perturbation only": ("harmofl", ["--amp-mode", "off"]),
 }
 
-# the window ratio L of HarmoFL (paper mode, alpha 0.05); 0.05 is in HARMOFL_SUITE, and at 96 px
+# the window ratio L of HarmoFL (paper mode, alpha 0.05); at 96 px
 # L = 0.01 gives b = 0 (DC only)
-RATIO_SUITE = {f"harmofl L={r}": ("harmofl", ["--amp-mode", "paper", "--amp-ratio", str(r)]) for r in (0.01, 0.1)}
+RATIO_SUITE = {f"harmofl L={r}": ("harmofl", ["--amp-mode", "paper", "--amp-ratio", str(r)]) for r in (0.01, 0.05, 0.1)}
 SUITES = {"harmofl": HARMOFL_SUITE, "harmofl-ratio": RATIO_SUITE}
 
 
@@ -141,7 +141,7 @@ def main(argv=None):
     p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox", "fedbn"])
     p.add_argument("--suite", choices=["baselines", "harmofl", "harmofl-ratio"], default="baselines",
                    help="harmofl: FedAvg, FedBN, HarmoFL paper/released and the two ablations at 96 x 96; "
-                        "harmofl-ratio: HarmoFL with L = 0.01 and 0.1")
+                        "harmofl-ratio: HarmoFL with L = 0.01, 0.05, 0.1")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cases", type=int, default=10)

@@ -7,7 +7,8 @@ Per step, on the same batch twice:
   4. w <- w - delta; base optimizer step with the gradient taken at w + delta.
 The logged loss is loss(w). ``alpha = 0`` is a plain optimizer step. The base optimizer
 is the bundle's own (Adam by default), so its state is the one ``BundleSite`` persists.
-Batch-norm running statistics are updated by the first forward pass only.
+Batch-norm running statistics and HarmoFL's amplitude target are updated by the first
+forward pass only.
 """
 
 from __future__ import annotations
@@ -28,16 +29,25 @@ def check_alpha(alpha: float) -> float:
 
 @contextlib.contextmanager
 def frozen_norm_statistics(network: nn.Module):
-    """Batch norm keeps normalizing with batch statistics but does not update its running ones."""
+    """For the second (perturbed) pass: batch norm keeps normalizing with batch statistics but does not
+    update its running ones, and HarmoFL's amplitude target does not count the batch a second time."""
+    from .networks import AmplitudeNormalization
+
     norms = [m for m in network.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    amps = [m for m in network.modules() if isinstance(m, AmplitudeNormalization)]
     saved = [m.momentum for m in norms]
+    saved_frozen = [m.frozen for m in amps]
     for m in norms:
         m.momentum = 0.0
+    for m in amps:
+        m.frozen = True
     try:
         yield
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+        for m, frozen in zip(amps, saved_frozen):
+            m.frozen = frozen
 
 
 def perturbed_step(params: Iterable[nn.Parameter], closure: Callable[[], torch.Tensor],
