@@ -14,7 +14,7 @@ forward pass only.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable
 
 import torch
 from torch import nn
@@ -115,11 +115,3 @@ class WeightPerturbedIteration:
         engine.state.output = out
         return out
 
-
-def sam_reference(weights: torch.Tensor, grad_fn: Callable[[torch.Tensor], torch.Tensor], alpha: float,
-                  lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Hand-written SAM + SGD step on one weight tensor (for tests): returns (w_new, g_at_perturbed)."""
-    g = grad_fn(weights)
-    delta = alpha * g / (g.norm() + 1e-12)
-    g2 = grad_fn(weights + delta)
-    return weights - lr * g2, g2
