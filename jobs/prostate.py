@@ -45,13 +45,18 @@ def main():
         overrides = json.loads(args.override)
     except json.JSONDecodeError as e:
         p.error(f"--override is not JSON: {e}")
-    recipe = FedHarmonyRecipe(
-        algorithm=args.algorithm, bundle_dir=args.bundle, num_rounds=args.rounds, min_clients=args.sites,
-        local_epochs=args.local_epochs, mu=args.mu,
-        data_root=os.path.abspath(args.data_root) if args.data_root else "",
-        overrides=overrides, num_threads=args.torch_threads, cross_site_eval=not args.no_cross_site_eval,
-        name=args.name, amp_mode=args.amp_mode, amp_ratio=args.amp_ratio, wp_alpha=args.wp_alpha,
-        image_size=args.image_size)
+    if not isinstance(overrides, dict):
+        p.error(f"--override must be a JSON object of bundle config ids, got {args.override!r}")
+    try:
+        recipe = FedHarmonyRecipe(
+            algorithm=args.algorithm, bundle_dir=args.bundle, num_rounds=args.rounds, min_clients=args.sites,
+            local_epochs=args.local_epochs, mu=args.mu,
+            data_root=os.path.abspath(args.data_root) if args.data_root else "",
+            overrides=overrides, num_threads=args.torch_threads, cross_site_eval=not args.no_cross_site_eval,
+            name=args.name, amp_mode=args.amp_mode, amp_ratio=args.amp_ratio, wp_alpha=args.wp_alpha,
+            image_size=args.image_size)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        p.error(str(e))
     run = recipe.execute(SimEnv(num_clients=args.sites, num_threads=args.threads or args.sites,
                                 workspace_root=args.workspace))
     if run is not None:

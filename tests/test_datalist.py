@@ -114,3 +114,17 @@ def test_list_volumes_skips_masks(tiny_sites, tmp_path):
     assert len(vols) == 3 and not any("segmentation" in v["image"] for v in vols)
     with pytest.raises(SiteDataError, match="no NIfTI"):
         list_volumes(tmp_path)
+
+
+def test_prepare_tool_keeps_an_existing_different_split(tiny_sites, tmp_path, capsys):
+    import prepare_prostate_data
+
+    root = tmp_path / "real"
+    shutil.copytree(tiny_sites, root)
+    mine = root / "BIDMC" / "datalist.json"
+    mine.write_text(json.dumps({"training": [{"image": "Case00.nii.gz", "label": "Case00_segmentation.nii.gz"}]}))
+    before = mine.read_text()
+    prepare_prostate_data.main(["--root", str(root), "--seed", "7"])
+    assert mine.read_text() == before and "kept (use --overwrite)" in capsys.readouterr().out
+    prepare_prostate_data.main(["--root", str(root), "--seed", "7", "--overwrite"])
+    assert json.loads(mine.read_text())["testing"]

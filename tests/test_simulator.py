@@ -23,6 +23,18 @@ def _export(tmp_path, algorithm, rounds=2, sites=2):
     return out / f"prostate_mri_seg_{algorithm}"
 
 
+def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
+    script = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--export", "--export-dir", str(tmp_path / "j")]
+    for extra, message in ((["--override", '{"learning_rat": 0.1}'], "learning_rat"),
+                           (["--override", "[1]"], "JSON object"),
+                           (["--algorithm", "harmofl", "--amp-ratio", "0.7"], "amp_ratio"),
+                           (["--algorithm", "harmofl", "--wp-alpha", "-1"], "alpha"),
+                           (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "HarmoFL settings")):
+        res = subprocess.run(script + extra, capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode != 0 and message in res.stderr, (extra, res.stderr[-500:])
+    assert not (tmp_path / "j").exists()  # nothing was exported
+
+
 def test_exported_job_is_self_contained(tmp_path):
     job = _export(tmp_path, "fedavg")
     assert (job / "meta.json").is_file()

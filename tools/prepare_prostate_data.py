@@ -7,7 +7,8 @@ ROOT holds one folder per site with CaseNN.nii.gz and CaseNN_segmentation.nii.gz
 _Segmentation). Each site gets ROOT/<site>/datalist.json split by case; ROOT/sites.json
 maps simulator client names to sites. Every file that is not used is reported with the reason.
 With --check, every pair is opened and checked (readable, 3-D, finite, same shape); bad
-pairs are skipped and reported.
+pairs are skipped and reported. An existing datalist.json that differs from the new split
+is kept (the site is skipped and reported) unless --overwrite is given.
 """
 
 import argparse
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedharmony.datalist import SiteDataError, check_case, find_cases, make_datalist, write_datalist
+from fedharmony.datalist import DATALIST_NAME, SiteDataError, check_case, find_cases, make_datalist, write_datalist
 from fedharmony.phantom.sites import SITE_MAP_NAME
 
 
@@ -25,6 +26,7 @@ def main(argv=None):
     p.add_argument("--sites", nargs="+", help="site folders to use (default: every sub-folder with cases)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--check", action="store_true", help="open every volume and skip unreadable / mismatched pairs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing datalist.json files that differ")
     args = p.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
@@ -49,6 +51,15 @@ def main(argv=None):
             skipped_all.append(f"{name}: only {len(cases)} usable case(s); a site needs 3 to split, no datalist written")
             continue
         dl = make_datalist(cases, args.seed)
+        existing = root / name / DATALIST_NAME
+        if existing.is_file() and not args.overwrite:
+            try:
+                same = {k: v for k, v in json.loads(existing.read_text()).items() if k != "name"} == dl
+            except json.JSONDecodeError:
+                same = False
+            if not same:
+                skipped_all.append(f"{name}: {existing} exists with another split; kept (use --overwrite)")
+                continue
         write_datalist(root / name, dl, name)
         written.append(name)
         print(f"{name}: {len(cases)} cases -> " + ", ".join(f"{k} {len(v)}" for k, v in dl.items()))

@@ -77,6 +77,8 @@ class FedHarmonyRecipe(Recipe):
             raise ValueError("num_rounds, min_clients and local_epochs must be >= 1")
         if algorithm == "fedprox" and not mu > 0:
             raise ValueError(f"FedProx needs mu > 0, got {mu}")
+        if overrides is not None and not isinstance(overrides, dict):
+            raise TypeError(f"overrides must be a dict of bundle config ids, got {type(overrides).__name__}")
         overrides = dict(overrides or {})
         config_files = ["configs/train.json"]
         harmofl = {"amp_mode": amp_mode, "amp_ratio": amp_ratio, "wp_alpha": wp_alpha, "image_size": image_size}
@@ -89,6 +91,7 @@ class FedHarmonyRecipe(Recipe):
         elif any(v is not None for v in harmofl.values()):
             raise ValueError(f"amp_mode / amp_ratio / wp_alpha / image_size are HarmoFL settings; "
                              f"algorithm is {algorithm!r} (use overrides={{'image_size': ...}} for the size)")
+        _check_override_ids(bundle_dir, config_files, overrides)
         bundle_name = os.path.basename(os.path.normpath(bundle_dir))
         app_bundle_root = f"config/{bundle_name}"
         local_keys = NORM_LAYER_KEYS if algorithm == "fedbn" else ""
@@ -141,3 +144,15 @@ def _check_harmofl(amp_mode=None, amp_ratio=None, wp_alpha=None, image_size=None
         check_alpha(wp_alpha)
     if image_size is not None and (image_size < 16 or image_size % 16):
         raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+
+
+def _check_override_ids(bundle_dir: str, config_files, overrides: dict):
+    """An override must name an id the bundle's configs define: a typo would otherwise add a
+    new, unused id and silently change nothing."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(bundle_dir, f) for f in config_files])
+    unknown = sorted(k for k in overrides if k not in parser)
+    if unknown:
+        raise KeyError(f"unknown bundle config id(s) in overrides: {unknown} (not in {bundle_dir} {config_files})")
