@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize clean
+.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize bench-iopfl clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration"
 
-## jobs: export self-contained job folders (FedAvg, FedProx, FedBN, HarmoFL) to build/jobs
+## jobs: export self-contained job folders (FedAvg, FedProx, FedBN, HarmoFL, IOP-FL) to build/jobs
 jobs: setup
-	for algo in fedavg fedprox fedbn harmofl; do $(BIN)/python jobs/prostate.py --algorithm $$algo --export --export-dir build/jobs; done
+	for algo in fedavg fedprox fedbn harmofl iopfl; do $(BIN)/python jobs/prostate.py --algorithm $$algo --export --export-dir build/jobs; done
 
 ## bench: FedAvg / FedProx / FedBN on the 6 phantom sites (Dice, time per round, peak memory)
 bench: setup
@@ -40,6 +40,10 @@ bench-harmofl: setup
 ## bench-harmonize: amplitude normalization speed (CPU; GPU where present) and bytes per round
 bench-harmonize: setup
 	$(BIN)/python tools/benchmark_harmonize.py
+
+## bench-iopfl: IOP-FL inside (personalized vs global) and leave-one-site-out outside (routing vs baselines)
+bench-iopfl: setup
+	$(BIN)/python tools/iopfl_study.py
 
 clean:
 	rm -rf build workspace .pytest_cache

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Federated training of the prostate MRI bundle (FedAvg / FedProx / FedBN / HarmoFL) on NVFlare.
+"""Federated training of the prostate MRI bundle (FedAvg / FedProx / FedBN / HarmoFL / IOP-FL) on NVFlare.
 
 Run in the simulator (NVFlare 2.9's SimEnv):
     python jobs/prostate.py --algorithm fedavg --data-root data/prostate --sites 6 --rounds 10
 HarmoFL and its ablations (one flag each):
     python jobs/prostate.py --algorithm harmofl [--amp-mode paper|released|off] [--amp-ratio 0.05] [--wp-alpha 0.05]
+IOP-FL (personalized models inside; the model pool for routing outside is written at the end):
+    python jobs/prostate.py --algorithm iopfl [--iop-alpha 0.1]
 Export a self-contained job folder for `nvflare simulator` / `nvflare job submit`:
     python jobs/prostate.py --algorithm fedbn --export --export-dir build/jobs
 """
@@ -31,6 +33,7 @@ def main():
     p.add_argument("--amp-ratio", type=float, help="HarmoFL window ratio L in [0, 0.5]")
     p.add_argument("--wp-alpha", type=float, help="HarmoFL weight perturbation strength (0 = off)")
     p.add_argument("--image-size", type=int, help="HarmoFL common in-plane size (multiple of 16)")
+    p.add_argument("--iop-alpha", type=float, help="IOP-FL personalization weight a in [0, 1) (default 0.1)")
     p.add_argument("--sites", type=int, default=6, help="number of simulated sites (site-1 ... site-N)")
     p.add_argument("--threads", type=int, default=0, help="simulator threads (default: one per site)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads per site process")
@@ -54,7 +57,7 @@ def main():
             data_root=os.path.abspath(args.data_root) if args.data_root else "",
             overrides=overrides, num_threads=args.torch_threads, cross_site_eval=not args.no_cross_site_eval,
             name=args.name, amp_mode=args.amp_mode, amp_ratio=args.amp_ratio, wp_alpha=args.wp_alpha,
-            image_size=args.image_size)
+            image_size=args.image_size, iop_alpha=args.iop_alpha)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
     run = recipe.execute(SimEnv(num_clients=args.sites, num_threads=args.threads or args.sites,

@@ -15,12 +15,23 @@ from fedharmony.bundle_site import build_network
 pytestmark = pytest.mark.integration
 
 
-def _export(tmp_path, algorithm, rounds=2, sites=2):
+def _export(tmp_path, algorithm, *flags, rounds=2, sites=2):
     out = tmp_path / "jobs"
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", algorithm, "--rounds", str(rounds),
-           "--sites", str(sites), "--override", json.dumps(TINY_OVERRIDES), "--export", "--export-dir", str(out)]
+           "--sites", str(sites), "--override", json.dumps(TINY_OVERRIDES), *flags,
+           "--export", "--export-dir", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
     return out / f"prostate_mri_seg_{algorithm}"
+
+
+def _simulate(job, ws, data_root, threads):
+    """``nvflare simulator`` (the venv's CLI) on an exported job, 2 sites; returns the server's run folder."""
+    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data_root)}
+    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    res = subprocess.run([nvflare, "simulator", str(job), "-w", str(ws), "-n", "2", "-t", str(threads)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return ws / "server" / "simulate_job"
 
 
 def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
@@ -29,7 +40,10 @@ def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
                            (["--override", "[1]"], "JSON object"),
                            (["--algorithm", "harmofl", "--amp-ratio", "0.7"], "amp_ratio"),
                            (["--algorithm", "harmofl", "--wp-alpha", "-1"], "alpha"),
-                           (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "HarmoFL settings")):
+                           (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "HarmoFL settings"),
+                           (["--algorithm", "iopfl", "--iop-alpha", "1.5"], "[0, 1)"),
+                           (["--algorithm", "fedavg", "--iop-alpha", "0.1"], "IOP-FL setting"),
+                           (["--algorithm", "iopfl", "--no-cross-site-eval"], "cross-site evaluation")):
         res = subprocess.run(script + extra, capture_output=True, text=True, cwd=tmp_path)
         assert res.returncode != 0 and message in res.stderr, (extra, res.stderr[-500:])
     assert not (tmp_path / "j").exists()  # nothing was exported
@@ -45,16 +59,10 @@ def test_exported_job_is_self_contained(tmp_path):
 
 
 def test_fedbn_two_sites_two_rounds_with_client_restarts(tiny_sites, tmp_path):
-    job = _export(tmp_path, "fedbn")
     ws = tmp_path / "ws"
-    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(tiny_sites)}
     # -t 1 with 2 sites: the simulator swaps each client process out after every task,
     # so every round starts a fresh site process that must restore its state from disk
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")  # the venv's CLI
-    res = subprocess.run([nvflare, "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "1"],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = ws / "server" / "simulate_job"
+    run = _simulate(_export(tmp_path, "fedbn"), ws, tiny_sites, threads=1)
 
     # per-round, per-site tracking -> CSV / JSON / plot / TensorBoard
     rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
@@ -87,18 +95,9 @@ def test_fedbn_two_sites_two_rounds_with_client_restarts(tiny_sites, tmp_path):
 
 
 def test_harmofl_two_sites_target_averaged_and_kept(tiny_sites, tmp_path):
-    out = tmp_path / "jobs"
-    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "harmofl", "--rounds", "2",
-           "--sites", "2", "--image-size", "32", "--amp-ratio", "0.1", "--override", json.dumps(TINY_OVERRIDES),
-           "--export", "--export-dir", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
     ws = tmp_path / "ws"
-    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(tiny_sites)}
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    res = subprocess.run([nvflare, "simulator", str(out / "prostate_mri_seg_harmofl"), "-w", str(ws), "-n", "2",
-                          "-t", "2"], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = ws / "server" / "simulate_job"
+    job = _export(tmp_path, "harmofl", "--image-size", "32", "--amp-ratio", "0.1")
+    run = _simulate(job, ws, tiny_sites, threads=2)
     glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     target = torch.as_tensor(glob["harmonize.target"])
     assert target.shape == (3, 32, 32) and target.abs().sum() > 0  # averaged by the server like the weights
@@ -107,3 +106,42 @@ def test_harmofl_two_sites_target_averaged_and_kept(tiny_sites, tmp_path):
         torch.testing.assert_close(state["network"]["harmonize.target"], target.float())
     cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
     assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse["site-1"])
+
+
+def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_sites, tmp_path):
+    ws = tmp_path / "ws"
+    # -t 1: every task runs in a fresh site process, so the personalized model must come back from disk
+    run = _simulate(_export(tmp_path, "iopfl", "--iop-alpha", "0.2"), ws, tiny_sites, threads=1)
+
+    # global and personalized validation Dice, every site, every round
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    for tag in ("val_mean_dice", "val_mean_dice_personalized"):
+        assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
+            {(s, r) for s in ("site-1", "site-2") for r in (0, 1)}, tag
+    assert "personalized_mean_last" in json.loads((run / "results" / "summary.json").read_text())
+
+    states = {s: torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
+              for s in ("site-1", "site-2")}
+    for st in states.values():  # two rounds, the personalized model kept across the process restarts
+        assert st["round"] == 2 and st["personalized"] is not None
+        assert not all(torch.equal(st["personalized"][k], st["network"][k]) for k in st["network"])
+
+    # the cross-site matrix scores the global model and each site's personalized model on every site
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    for site in ("site-1", "site-2"):
+        assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse[site])
+
+    # the model pool: global + both personalized models, loadable by the bundle
+    from fedharmony.model_pool import load_pool
+
+    pool = load_pool(run / "model_pool", BUNDLE)
+    assert pool.names == ["site-1", "site-2", "global"]
+    manifest = json.loads((run / "model_pool" / "manifest.json").read_text())
+    assert {e["data"] for e in manifest["experts"] if e["kind"] == "personalized"} == {"BIDMC", "HK"}
+    for s in ("site-1", "site-2"):  # what each site returned is its best personalized model
+        best = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "best_model.pt", weights_only=True)
+        pooled = torch.load(run / "model_pool" / f"{s}.pt", weights_only=True)
+        assert all(torch.equal(pooled[k], best[k].to(pooled[k].dtype)) for k in best)
+    glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    pooled = torch.load(run / "model_pool" / "global.pt", weights_only=True)
+    assert all(torch.equal(pooled[k], torch.as_tensor(glob[k]).to(pooled[k].dtype)) for k in pooled)

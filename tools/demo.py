@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algorithm", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "harmofl"])
+    p.add_argument("--algorithm", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "harmofl", "iopfl"])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cases", type=int, default=10, help="cases per phantom site")

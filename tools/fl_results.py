@@ -33,9 +33,13 @@ def report(workspace, data_root=None) -> str:
         if glob_col:
             lines.append(f"global model: mean {sum(glob_col) / len(glob_col):.3f}, worst {min(glob_col):.3f}, "
                          f"best {max(glob_col):.3f}, spread {max(glob_col) - min(glob_col):.3f}")
+        own = [row[site] for site, row in matrix.items() if site in row]  # IOP-FL: the personalized model
+        if own:
+            lines.append(f"each site's own model on its own test split: mean {sum(own) / len(own):.3f}, "
+                         f"worst {min(own):.3f}")
     else:
         lines.append(f"no cross_val_results.json under {ws} (job without cross-site evaluation, or not finished)")
-    for name in ("summary.json", "val_mean_dice_by_round.png"):
+    for name in ("summary.json", "val_mean_dice_by_round.png", "model_pool"):
         path = find_workspace_file(ws, name)
         if path:
             lines.append(f"{name}: {path}")

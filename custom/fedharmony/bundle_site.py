@@ -25,6 +25,7 @@ from monai.bundle import ConfigWorkflow
 
 from .aggregation import is_local_key
 from .losses import ProximalLoss
+from .personalization import check_personalization_alpha, ema_update
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,17 @@ class BundleSite:
         overrides: extra ``ConfigWorkflow`` overrides (e.g. ``{"learning_rate": 1e-3}``).
         config_file: bundle config(s) to parse, relative to ``bundle_root``; a list is
             layered in order (e.g. ``["configs/train.json", "configs/harmofl.json"]``).
+        personalize_alpha: IOP-FL inside personalization: after each round's training the
+            site updates its personalized model ``personalized`` with
+            :func:`fedharmony.personalization.ema_update` (None = off).
     """
 
     def __init__(self, bundle_root: str, dataset_dir: str, state_dir: str, site_name: str = "site",
                  local_keys: Optional[str] = None, overrides: Optional[dict] = None,
-                 config_file: ConfigFiles = "configs/train.json"):
+                 config_file: ConfigFiles = "configs/train.json", personalize_alpha: Optional[float] = None):
         self.site_name = site_name
+        self.personalize_alpha = None if personalize_alpha is None else check_personalization_alpha(personalize_alpha)
+        self.personalized: Optional[Dict[str, torch.Tensor]] = None
         self.local_keys = local_keys or None
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +185,8 @@ class BundleSite:
         self.trainer.run()
         self.round += 1
         steps = self.trainer.state.iteration - start_iteration
+        if self.personalize_alpha is not None:
+            self.personalized = ema_update(self.personalized, self.state_dict(), self.personalize_alpha)
         self.save_state()
         return steps
 
@@ -198,11 +206,15 @@ class BundleSite:
             evaluator.run()
         return {k: float(v) for k, v in evaluator.state.metrics.items()}
 
-    def record_metric(self, metric: float):
-        """Keep the best model seen by this site (scored on its validation split) on disk."""
+    def record_metric(self, metric: float, weights: Optional[Mapping[str, torch.Tensor]] = None):
+        """Keep the best model seen by this site (scored on its validation split) on disk.
+
+        ``weights`` is the model that scored ``metric`` (default: the site's current model;
+        IOP-FL passes the personalized model).
+        """
         if metric > self.best_metric:
             self.best_metric, self.best_round = metric, self.round
-            _atomic_save(self.state_dict(), self.state_dir / BEST_MODEL_FILE)
+            _atomic_save(dict(weights) if weights is not None else self.state_dict(), self.state_dir / BEST_MODEL_FILE)
 
     def best_model(self) -> Dict[str, torch.Tensor]:
         path = self.state_dir / BEST_MODEL_FILE
@@ -218,6 +230,7 @@ class BundleSite:
             "round": self.round,
             "best_metric": self.best_metric,
             "best_round": self.best_round,
+            "personalized": self.personalized,
         }, self.state_dir / STATE_FILE)
 
     def _load_state(self):
@@ -235,6 +248,7 @@ class BundleSite:
         self.trainer.state.iteration = state["iteration"]
         self.round = state["round"]
         self.best_metric, self.best_round = state["best_metric"], state["best_round"]
+        self.personalized = state.get("personalized")
         logger.info("site %s: restored state from %s (round %d, epoch %d)", self.site_name, path, self.round,
                     state["epoch"])
 

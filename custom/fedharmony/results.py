@@ -22,21 +22,27 @@ def write_round_metrics(records: Sequence[dict], out_dir: str | Path, tag: str =
         w = csv.DictWriter(f, fieldnames=["site", "tag", "round", "value"])
         w.writeheader()
         w.writerows(rows)
-    series = defaultdict(dict)
+    series, personal = defaultdict(dict), defaultdict(dict)
     for r in rows:
-        if r["tag"] == tag:
-            series[r["site"]][int(r["round"])] = float(r["value"])
-    summary = {"tag": tag, "per_site": {s: {"by_round": v, "last": v[max(v)], "best": max(v.values())}
-                                        for s, v in series.items()}}
-    if series:
-        last = [s["last"] for s in summary["per_site"].values()]
-        summary["mean_last"] = sum(last) / len(last)
+        if r["tag"] in (tag, tag + PERSONALIZED_SUFFIX):
+            (series if r["tag"] == tag else personal)[r["site"]][int(r["round"])] = float(r["value"])
+    summary = {"tag": tag}
+    for key, data in (("per_site", series), ("personalized_per_site", personal)):
+        if data:
+            summary[key] = {s: {"by_round": v, "last": v[max(v)], "best": max(v.values())} for s, v in data.items()}
+            last = [s["last"] for s in summary[key].values()]
+            summary["mean_last" if key == "per_site" else "personalized_mean_last"] = sum(last) / len(last)
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    plot_by_round(series, paths["png"], tag)
+    plot_by_round(series, paths["png"], tag, personal)
     return paths
 
 
-def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: str):
+PERSONALIZED_SUFFIX = "_personalized"  # IOP-FL: the personalized model's score, next to the global one
+
+
+def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: str,
+                  personalized: Optional[Dict[str, Dict[int, float]]] = None):
+    """One line per site (global model); dashed, same colour: the site's personalized model if any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,13 +51,18 @@ def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: st
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for site in sorted(series):
         rounds = sorted(series[site])
-        ax.plot(rounds, [series[site][r] for r in rounds], marker="o", label=site)
+        line, = ax.plot(rounds, [series[site][r] for r in rounds], marker="o", label=site)
+        own = (personalized or {}).get(site)
+        if own:
+            ax.plot(sorted(own), [own[r] for r in sorted(own)], linestyle="--", color=line.get_color(),
+                    label=f"{site} personalized")
     ax.set_xlabel("round (global model received)")
     ax.set_ylabel(tag)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{tag} of the global model on each site's validation split")
+    ax.set_title(f"{tag}, each site's validation split: global model"
+                 + (" (solid), personalized (dashed)" if personalized else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -85,3 +96,17 @@ def cross_site_table(matrix: Dict[str, Dict[str, float]], site_names: Optional[D
         means.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
     lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines)
+
+
+def mask_dice(pred_path: str | Path, label_path: str | Path) -> float:
+    """Foreground Dice (label > 0) between two NIfTI masks of the same grid (1.0 when both are empty)."""
+    import nibabel as nib
+    import numpy as np
+
+    pred = np.asarray(nib.load(str(pred_path)).dataobj) > 0
+    label = np.asarray(nib.load(str(label_path)).dataobj) > 0
+    pred = pred.reshape(pred.shape[:3]) if pred.ndim > 3 else pred
+    if pred.shape != label.shape:
+        raise ValueError(f"{pred_path} has shape {pred.shape}, {label_path} has {label.shape}")
+    denom = pred.sum() + label.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, label).sum() / denom)

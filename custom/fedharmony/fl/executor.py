@@ -14,7 +14,13 @@ Tasks:
     and the number of training cases (``num_samples``, the FedAvg weight).
   * ``validate`` (cross-site evaluation): score the received model on the site's
     *testing* split, with the site's local keys (FedBN norm layers) kept.
-  * ``submit_model``: send the site's own model (best on its validation split).
+  * ``submit_model``: send the site's own model (best on its validation split); with
+    IOP-FL personalization (``personalize_alpha``), the best personalized model.
+
+IOP-FL (``personalize_alpha`` set): after local training the site updates its
+personalized model (``fedharmony.personalization``), scores it on its validation split
+next to the global model (tracked as ``val_mean_dice_personalized``), and still sends
+the plain locally trained weights to the server, as FedAvg does.
 
 Where a site's data is (no job edit per site), first match wins:
   1. ``FEDHARMONY_DATASET_DIR``: this site's data folder (production sites);
@@ -42,10 +48,12 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from ..bundle_site import KEY_METRIC, BundleSite
 from ..networks import layers_without_target, prime_targets, use_global_targets
+from ..results import PERSONALIZED_SUFFIX
 from .aggregator import NUM_SAMPLES
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
 DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"
+PERSONALIZED_METRIC = KEY_METRIC + PERSONALIZED_SUFFIX  # IOP-FL: "val_mean_dice_personalized"
 
 
 def resolve_dataset_dir(site: str, data_root: str = "") -> str:
@@ -91,13 +99,15 @@ class BundleExecutor(Executor):
         overrides: bundle config overrides (``{"learning_rate": 0.001, ...}``).
         num_threads: torch CPU threads for this site (0 = torch's default).
         writer_id: id of the experiment-tracking LogWriter component ("" = none).
+        personalize_alpha: IOP-FL inside personalization weight a (None = off).
     """
 
     def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_files: Optional[list] = None,
                  data_root: str = "", local_epochs: int = 1,
                  local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
-                 writer_id: str = "log_writer"):
+                 writer_id: str = "log_writer", personalize_alpha: Optional[float] = None):
         super().__init__()
+        self.personalize_alpha = personalize_alpha
         self.bundle_root = bundle_root
         self.config_files = config_files
         self.data_root = data_root
@@ -133,7 +143,9 @@ class BundleExecutor(Executor):
                 local_keys=self.local_keys,
                 overrides=self.overrides,
                 config_file=self.config_files or "configs/train.json",
+                personalize_alpha=self.personalize_alpha,
             )
+            self.data_name = os.path.basename(os.path.normpath(dataset_dir))
             self.log_info(fl_ctx, f"{name}: bundle ready in {time.time() - t0:.1f} s, data {dataset_dir}, "
                                   f"state in {self.site.state_dir}, {len(self.site.local_key_names)} local keys")
         return self.site
@@ -148,7 +160,10 @@ class BundleExecutor(Executor):
             if task_name == AppConstants.TASK_VALIDATION:
                 return self._validate(site, shareable, fl_ctx)
             if task_name == AppConstants.TASK_SUBMIT_MODEL:
-                return DXO(DataKind.WEIGHTS, _to_numpy(site.best_model())).to_shareable()
+                meta = {"data": self.data_name}
+                if site.best_round >= 0:
+                    meta.update(best_round=site.best_round, best_metric=site.best_metric)
+                return DXO(DataKind.WEIGHTS, _to_numpy(site.best_model()), meta=meta).to_shareable()
             self.log_error(fl_ctx, f"unknown task {task_name!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except Exception as e:  # report, do not crash the site: the server decides what to do
@@ -167,15 +182,26 @@ class BundleExecutor(Executor):
         if layers_without_target(site.network):  # HarmoFL round 0: the initial global model has no target yet
             prime_targets(site.network, next(iter(site.trainer.data_loader))["image"])
         metrics = site.evaluate(None, "validation")
-        site.record_metric(metrics[KEY_METRIC])
+        if site.personalize_alpha is None:
+            site.record_metric(metrics[KEY_METRIC])
         t_eval = time.time() - t0
         mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
-        steps = site.train(None, self.local_epochs, fedprox_mu=mu)  # saves the site state
+        steps = site.train(None, self.local_epochs, fedprox_mu=mu)  # saves the site state (personalized model too)
+        tracked = {KEY_METRIC: metrics[KEY_METRIC]}
+        note = ""
+        if site.personalized is not None:  # IOP-FL: score the personalized model after this round's update
+            with torch.random.fork_rng():  # leaves the training RNG stream, hence the FedAvg underneath, untouched
+                personal = site.evaluate(site.personalized, "validation")[KEY_METRIC]
+            site.record_metric(personal, site.personalized)
+            site.save_state()  # the best score too, for a site process that restarts before the next round
+            tracked[PERSONALIZED_METRIC] = personal
+            note = f", personalized {personal:.4f}"
         t_task = time.time() - t0
-        self.log_info(fl_ctx, f"round {current_round}: global {KEY_METRIC} {metrics[KEY_METRIC]:.4f}, "
+        self.log_info(fl_ctx, f"round {current_round}: global {KEY_METRIC} {metrics[KEY_METRIC]:.4f}{note}, "
                               f"{steps} local steps, task {t_task:.1f} s (validation {t_eval:.1f} s)")
         if self.writer is not None:
-            self.writer.add_scalar(KEY_METRIC, metrics[KEY_METRIC], global_step=current_round)
+            for tag, value in tracked.items():
+                self.writer.add_scalar(tag, value, global_step=current_round)
             self.writer.add_scalar("site_task_seconds", t_task, global_step=current_round)
         out = FLModel(params=_to_numpy(site.shared_weights()), params_type=ParamsType.FULL, metrics=metrics,
                       meta={"NUM_STEPS_CURRENT_ROUND": steps, NUM_SAMPLES: site.num_train_cases,

@@ -26,14 +26,16 @@ import fedharmony
 
 from .aggregator import SiteUpdateAggregator
 from .executor import BundleExecutor
+from ..personalization import check_personalization_alpha
 from .persistor import BundleModelPersistor
+from .pool import ModelPoolWriter
 from .summary import RoundSummaryWriter
 
 # State-dict keys of normalization layers: MONAI's ADN blocks ("adn.N"), torchvision-style
 # "bn1" / "norm1", and DenseNet's "norm". FedBN keeps them on each site.
 NORM_LAYER_KEYS = r"(\.adn\.N\.|(^|\.)(bn|norm)\d*\.)"
 
-ALGORITHMS = ("fedavg", "fedprox", "fedbn", "harmofl")
+ALGORITHMS = ("fedavg", "fedprox", "fedbn", "harmofl", "iopfl")
 HARMOFL_CONFIG = "configs/harmofl.json"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedharmony.__file__))
 
@@ -45,7 +47,10 @@ class FedHarmonyRecipe(Recipe):
         algorithm: ``fedavg`` (sample-weighted mean), ``fedprox`` (+ proximal term ``mu``),
             ``fedbn`` (normalization layers stay on each site), ``harmofl`` (the bundle's
             ``configs/harmofl.json`` layered on: amplitude normalization + weight
-            perturbation; the server averages the amplitude target with the weights).
+            perturbation; the server averages the amplitude target with the weights),
+            ``iopfl`` (FedAvg underneath; each site keeps a personalized model, scores it
+            every round, returns it for cross-site evaluation; the server writes the model
+            pool, global + personalized models, to ``<run dir>/model_pool/`` at the end).
         bundle_dir: the MONAI bundle to train (shipped inside the job).
         num_rounds, min_clients: FL rounds; sites needed to start and in every round.
         local_epochs: local epochs per round.
@@ -61,6 +66,8 @@ class FedHarmonyRecipe(Recipe):
         amp_mode, amp_ratio, wp_alpha, image_size: HarmoFL settings (``harmofl`` only; None
             keeps the bundle's): ``paper`` / ``released`` / ``off``, the window ratio L in
             [0, 0.5], the perturbation strength (0 = off), the common in-plane size.
+        iop_alpha: IOP-FL's personalization weight a in [0, 1) (``iopfl`` only; default 0.1,
+            the released value): phi <- a * phi + (1 - a) * theta each round.
     """
 
     def __init__(self, algorithm: str = "fedavg", bundle_dir: str = "bundles/prostate_mri_seg", num_rounds: int = 10,
@@ -68,7 +75,7 @@ class FedHarmonyRecipe(Recipe):
                  overrides: Optional[dict] = None, num_threads: int = 0, cross_site_eval: bool = True,
                  name: Optional[str] = None, task_request_interval: float = 0.25,
                  amp_mode: Optional[str] = None, amp_ratio: Optional[float] = None, wp_alpha: Optional[float] = None,
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None, iop_alpha: Optional[float] = None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
@@ -91,6 +98,12 @@ class FedHarmonyRecipe(Recipe):
         elif any(v is not None for v in harmofl.values()):
             raise ValueError(f"amp_mode / amp_ratio / wp_alpha / image_size are HarmoFL settings; "
                              f"algorithm is {algorithm!r} (use overrides={{'image_size': ...}} for the size)")
+        if algorithm == "iopfl":
+            if not cross_site_eval:
+                raise ValueError("iopfl collects the model pool through cross-site evaluation; keep it on")
+            iop_alpha = check_personalization_alpha(0.1 if iop_alpha is None else iop_alpha)
+        elif iop_alpha is not None:
+            raise ValueError(f"iop_alpha is an IOP-FL setting; algorithm is {algorithm!r}")
         _check_override_ids(bundle_dir, config_files, overrides)
         bundle_name = os.path.basename(os.path.normpath(bundle_dir))
         app_bundle_root = f"config/{bundle_name}"
@@ -111,6 +124,9 @@ class FedHarmonyRecipe(Recipe):
             job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
             job.to_server(CrossSiteModelEval(model_locator_id="model_locator"), id="cross_site_eval")
             job.to_server(ValidationJsonGenerator(), id="json_generator")
+        if algorithm == "iopfl":
+            job.to_server(ModelPoolWriter(persistor_id="persistor", config_files=config_files, overrides=overrides),
+                          id="model_pool_writer")
         job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
         job.to_server(RoundSummaryWriter(), id="round_summary")
         job.to_server({"server": {"task_request_interval": task_request_interval}})
@@ -118,7 +134,7 @@ class FedHarmonyRecipe(Recipe):
         # sites
         executor = BundleExecutor(bundle_root=app_bundle_root, config_files=config_files, data_root=data_root,
                                   local_epochs=local_epochs, local_keys=local_keys, overrides=overrides,
-                                  num_threads=num_threads)
+                                  num_threads=num_threads, personalize_alpha=iop_alpha)
         job.to_clients(executor, tasks=["train", "validate", "submit_model"])
         job.to_clients(TBWriter(event_type="analytix_log_stats"), id="log_writer")
         job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),

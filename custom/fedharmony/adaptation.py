@@ -1,0 +1,247 @@
+"""Test-time adaptation on a site that never trained: IOP-FL's unsupervised losses and the adaptation loop.
+
+Nothing here sees a label. The loss per batch of 2.5D slices x (B, C, H, W):
+
+    w_ent   * mean per-pixel entropy of softmax(f(x)) over classes
+  + w_cons  * MSE(softmax f(x), T^-1 softmax f(T(x)))     T: Gaussian noise, flip, rot90
+  + w_shape * || local max - local min of p_fg in a k x k window ||_2      (boundary smoothness)
+
+with IOP-FL's released weights 10, 0.1 and 1e-6 and k = 21. Both branches of the
+consistency term get gradients, as in the released code. Entropy is the standard
+per-pixel one (the released code sums over the batch axis, which scales it by B / C).
+
+:class:`TestTimeAdapter` runs online adaptation over a site's volumes (Adam, a number
+of passes, one step per chunk of slices) and logs the loss per pass and the routing
+weights per expert. :func:`build_test_time_network` makes the network for each
+compared method from a model pool (routing, TENT, BN statistics, expert mean, one expert).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inferers import check_volume_size
+from .routing import (build_routed_network, last_routing_weights, routed_layers, train_keeping_statistics, train_only,
+                      use_batch_statistics)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("routing", "routing_sigmoid", "routing_source_stats", "tent", "bn_stats", "expert_mean", "global")
+ROUTING_VARIANTS = {  # method -> build_routed_network options
+    "routing": {},
+    "routing_sigmoid": {"gate": "sigmoid"},
+    "routing_source_stats": {"batch_stats": False},
+}
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of the entropy (nats) of the softmax over classes; logits (B, C, *spatial)."""
+    return -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum(1).mean()
+
+
+def boundary_loss(logits: torch.Tensor, window: int = 21) -> torch.Tensor:
+    """Frobenius norm of the local range (max - min in a ``window``^2 neighbourhood) of the
+    foreground probability 1 - p(background): large for fragmented, irregular masks. (B, C, H, W)."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd size, got {window}")
+    fg = 1.0 - torch.softmax(logits, 1)[:, :1]
+    pad = window // 2
+    local_range = F.max_pool2d(fg, window, 1, pad) + F.max_pool2d(-fg, window, 1, pad)
+    return torch.linalg.vector_norm(local_range)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, noise_std: float):
+    """x (B, C, H, W) -> (T(x), inverse): Gaussian noise, a random flip of H and a rot90 (k even when H != W)."""
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    ks = (0, 1, 2, 3) if x.shape[-1] == x.shape[-2] else (0, 2)
+    k = ks[int(torch.randint(len(ks), (), generator=generator))]
+    noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype) * noise_std
+    u = x + noise
+    u = torch.flip(u, (-2,)) if flip else u
+    u = torch.rot90(u, k, (-2, -1))
+
+    def inverse(y: torch.Tensor) -> torch.Tensor:
+        y = torch.rot90(y, -k, (-2, -1))
+        return torch.flip(y, (-2,)) if flip else y
+
+    return u, inverse
+
+
+class UnsupervisedLoss(nn.Module):
+    """The IOP-FL test-time loss (see the module docstring); returns (total, {component: value})."""
+
+    def __init__(self, w_ent: float = 10.0, w_cons: float = 0.1, w_shape: float = 1e-6, window: int = 21,
+                 noise_std: float = 0.5, seed: int = 0):
+        super().__init__()
+        if min(w_ent, w_cons, w_shape) < 0 or noise_std < 0:
+            raise ValueError("loss weights and noise_std must be >= 0")
+        self.w_ent, self.w_cons, self.w_shape = float(w_ent), float(w_cons), float(w_shape)
+        self.window, self.noise_std = window, float(noise_std)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, network: nn.Module, x: torch.Tensor):
+        logits = network(x)
+        parts = {"entropy": entropy_loss(logits)}
+        total = self.w_ent * parts["entropy"]
+        if self.w_cons:
+            u, inverse = augment(x, self.generator, self.noise_std)
+            parts["consistency"] = F.mse_loss(inverse(torch.softmax(network(u), 1)), torch.softmax(logits, 1))
+            total = total + self.w_cons * parts["consistency"]
+        if self.w_shape:
+            parts["boundary"] = boundary_loss(logits, self.window)
+            total = total + self.w_shape * parts["boundary"]
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _volume_slabs(volume: torch.Tensor, divisible_by: int) -> torch.Tensor:
+    """(1, H, W, D) -> (D, 3, H', W') 2.5D inputs zero-padded to a multiple of ``divisible_by`` (as Slab25DInferer)."""
+    from .transforms import volume_to_slabs
+
+    h, w = volume.shape[1:3]
+    return F.pad(volume_to_slabs(volume), (0, (-w) % divisible_by, 0, (-h) % divisible_by))
+
+
+class TestTimeAdapter:
+    """Adapt a network to a new site's unlabelled volumes before inference.
+
+    For each pass, for each volume from ``dataloader`` (dicts with an ``image`` key,
+    (B, 1, H, W, D)), the volume's 2.5D slabs are cut into chunks of ``slices_per_batch``
+    (the chunks the inferer will use, so normalization sees the same batches) and each
+    chunk takes one Adam step on :class:`UnsupervisedLoss`. Only parameters with
+    ``requires_grad`` train. Logs the loss per pass and, for a routed network, the
+    routing weights per expert; ``history`` (also written to ``log_file``) keeps them.
+
+    Args:
+        network: a network from :func:`build_test_time_network` (or any prepared one).
+        dataloader: the site's volumes (labels, if present, are never read).
+        passes: passes over the site (0 = no update).
+        lr: Adam learning rate.
+        slices_per_batch, divisible_by, min_size: as the inferer's (same chunks, same padding).
+        expert_names: names of the routing experts, for the logs.
+        log_file: optional JSON file for the history.
+    """
+
+    __test__ = False  # not a pytest class, despite the name
+
+    def __init__(self, network: nn.Module, dataloader: Iterable, passes: int = 2, lr: float = 1e-3,
+                 slices_per_batch: int = 32, divisible_by: int = 16, min_size: int = 32,
+                 loss: Optional[UnsupervisedLoss] = None,
+                 expert_names: Optional[Sequence[str]] = None, log_file: Optional[str] = None, seed: int = 0,
+                 device: Optional[torch.device] = None):
+        if passes < 0 or lr <= 0 or slices_per_batch < 1:
+            raise ValueError("passes must be >= 0, lr > 0 and slices_per_batch >= 1")
+        self.network, self.dataloader = network, dataloader
+        self.passes, self.lr, self.slices_per_batch, self.divisible_by = passes, lr, slices_per_batch, divisible_by
+        self.min_size = min_size
+        self.loss = loss or UnsupervisedLoss(seed=seed)
+        self.expert_names = list(expert_names) if expert_names else None
+        self.log_file = log_file
+        self.device = device or next(network.parameters()).device
+        self.history: List[dict] = []
+
+    def _chunks(self):
+        n = 0
+        for batch in self.dataloader:
+            images = batch["image"]
+            check_volume_size(images, self.min_size)
+            for vol in torch.as_tensor(images):
+                slabs = _volume_slabs(vol, self.divisible_by).to(self.device)
+                n += 1
+                yield from torch.split(slabs, self.slices_per_batch)
+        if n == 0:
+            raise ValueError("no volume to adapt on (empty input folder or datalist)")
+
+    def run(self) -> List[dict]:
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.passes and not params:
+            logger.info("adaptation: the network has no trainable parameter (method without adaptation); skipped")
+            self.network.eval()
+            return self.history
+        optimizer = torch.optim.Adam(params, lr=self.lr) if params else None
+        routed = bool(routed_layers(self.network))
+        for p in range(self.passes):
+            t0 = time.time()
+            train_keeping_statistics(self.network)
+            sums: Dict[str, float] = {}
+            weights, steps = [], 0
+            for x in self._chunks():
+                total, parts = self.loss(self.network, x)
+                if routed:
+                    weights.append(last_routing_weights(self.network).mean(0))
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                steps += 1
+                for k, v in {"loss": float(total.detach()), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            record = {"pass": p + 1, "steps": steps, "seconds": round(time.time() - t0, 2),
+                      **{k: v / max(steps, 1) for k, v in sums.items()}}
+            if weights:
+                mean = torch.stack(weights).mean(0).tolist()
+                names = self.expert_names or [f"expert {i}" for i in range(len(mean))]
+                record["routing_weights"] = dict(zip(names, mean))
+            self.history.append(record)
+            logger.info("adaptation pass %d/%d: loss %.4f (%s), %d steps, %.1f s%s", p + 1, self.passes,
+                        record["loss"], ", ".join(f"{k} {record[k]:.4g}" for k in parts), steps, record["seconds"],
+                        ("; routing weights " + ", ".join(f"{n} {w:.3f}" for n, w in record["routing_weights"].items())
+                         if weights else ""))
+        self.network.eval()
+        if self.log_file:
+            Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.log_file).write_text(json.dumps(self.history, indent=2) + "\n")
+        return self.history
+
+
+def mean_state_dict(models: Sequence[nn.Module]) -> Dict[str, torch.Tensor]:
+    """Parameter-wise mean of the models' state dicts (integer buffers from the last model)."""
+    sds = [m.state_dict() for m in models]
+    return {k: torch.stack([sd[k].float() for sd in sds]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone()
+            for k, v in sds[-1].items()}
+
+
+def build_test_time_network(pool, method: str = "routing", device=None) -> nn.Module:
+    """The network each compared method scores with, from a :class:`fedharmony.model_pool.ModelPool`.
+
+    * ``routing``: every convolution routed over all experts; gates + norm affine train.
+    * ``routing_sigmoid``: the same with the released code's sigmoid gate (weights not summing to 1).
+    * ``routing_source_stats``: routing, but normalization keeps the global model's running
+      statistics (the batch's statistics are what ``bn_stats`` measures on its own).
+    * ``tent``: the global model; norm on batch statistics, norm affine trains (entropy).
+    * ``bn_stats``: the global model with norm on batch statistics, nothing trains.
+    * ``expert_mean``: the parameter mean of all experts (running statistics too), nothing trains.
+    * ``global`` or an expert's name: that model as trained, nothing trains.
+    """
+    import copy
+
+    names = list(pool.names)
+    if method in ROUTING_VARIANTS:
+        net = build_routed_network(pool.experts, **ROUTING_VARIANTS[method])
+    elif method in ("tent", "bn_stats"):
+        net = use_batch_statistics(copy.deepcopy(pool.experts[-1]))
+        train_only(net, gates=False, norm_affine=method == "tent")
+    elif method == "expert_mean":
+        net = copy.deepcopy(pool.experts[-1])
+        net.load_state_dict(mean_state_dict(pool.experts))
+        train_only(net, gates=False, norm_affine=False)
+    elif method in names:
+        net = copy.deepcopy(pool.experts[names.index(method)])
+        train_only(net, gates=False, norm_affine=False)
+    else:
+        raise ValueError(f"unknown test-time method {method!r}; choose one of {METHODS} or an expert: {names}")
+    return net.to(device or "cpu").eval()
+
+
+def loss_for(method: str, w_ent: float = 10.0, w_cons: float = 0.1, w_shape: float = 1e-6, window: int = 21,
+             noise_std: float = 0.5, seed: int = 0) -> UnsupervisedLoss:
+    """The unsupervised loss a method adapts with: TENT is entropy only; routing uses all three terms."""
+    if method == "tent":
+        return UnsupervisedLoss(w_ent=1.0, w_cons=0.0, w_shape=0.0, seed=seed)
+    return UnsupervisedLoss(w_ent, w_cons, w_shape, window, noise_std, seed)

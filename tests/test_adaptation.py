@@ -1,0 +1,188 @@
+"""IOP-FL test-time adaptation: losses, the adaptation loop, the model pool and the routed bundle config."""
+
+import json
+import math
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, NormalizeIntensityd
+
+from conftest import BUNDLE, TINY_OVERRIDES
+from fedharmony.adaptation import (TestTimeAdapter, UnsupervisedLoss, augment, boundary_loss, build_test_time_network,
+                                   entropy_loss, mean_state_dict)
+from fedharmony.bundle_site import build_network
+from fedharmony.model_pool import PoolError, load_pool, read_manifest, write_pool
+from fedharmony.routing import routed_layers
+
+
+def test_entropy_is_log_c_for_uniform_and_zero_for_confident_predictions():
+    assert entropy_loss(torch.zeros(2, 3, 4, 4)).item() == pytest.approx(math.log(3))
+    confident = torch.zeros(2, 2, 4, 4)
+    confident[:, 1] = 50.0
+    assert entropy_loss(confident).item() < 1e-6
+
+
+def test_boundary_term_is_zero_for_flat_maps_and_grows_with_fragmentation():
+    flat = torch.zeros(1, 2, 32, 32)
+    assert boundary_loss(flat).item() == 0.0
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    disk = ((yy - 16) ** 2 + (xx - 16) ** 2 < 64).float()
+    speckle = (torch.rand(32, 32, generator=torch.Generator().manual_seed(0)) < disk.mean()).float()
+
+    def logits(mask):
+        return torch.stack([-10 * mask, 10 * mask])[None]
+
+    assert 0 < boundary_loss(logits(disk), 5) < boundary_loss(logits(speckle), 5)
+    with pytest.raises(ValueError, match="odd"):
+        boundary_loss(flat, 4)
+
+
+def test_augmentation_is_undone_by_its_inverse():
+    x = torch.randn(2, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        u, inverse = augment(x, g, noise_std=0.0)
+        torch.testing.assert_close(inverse(u), x)
+    u, inverse = augment(torch.randn(1, 1, 16, 24), g, 0.0)  # non-square: only even rotations
+    assert u.shape == (1, 1, 16, 24)
+
+
+def _tiny_experts(n=3):
+    experts = [build_network(str(BUNDLE), overrides=TINY_OVERRIDES, seed=s) for s in range(n)]
+    return experts
+
+
+def _write_tiny_pool(path, n=3, overrides=TINY_OVERRIDES):
+    experts = _tiny_experts(n)
+    personalized = {f"site-{i + 1}": e.state_dict() for i, e in enumerate(experts[:-1])}
+    return write_pool(path, experts[-1].state_dict(), personalized, overrides=overrides,
+                      info={"site-1": {"data": "BIDMC"}})
+
+
+def test_pool_round_trip_and_bad_pools(tmp_path):
+    manifest = _write_tiny_pool(tmp_path / "pool")
+    pool = load_pool(tmp_path / "pool", BUNDLE)
+    assert pool.names == ["site-1", "site-2", "global"] and pool.kinds[-1] == "global"
+    assert read_manifest(tmp_path / "pool")["experts"][0]["data"] == "BIDMC"
+    for e, name in zip(pool.experts, pool.names):
+        sd = torch.load(tmp_path / "pool" / f"{name}.pt", weights_only=True)
+        assert all(torch.equal(v, sd[k]) for k, v in e.state_dict().items())
+
+    (tmp_path / "pool" / "site-2.pt").unlink()
+    with pytest.raises(PoolError, match="site-2"):
+        load_pool(tmp_path / "pool", BUNDLE)
+    wide = build_network(str(BUNDLE), overrides={**TINY_OVERRIDES, "base_features": 8}).state_dict()
+    torch.save(wide, tmp_path / "pool" / "site-2.pt")
+    with pytest.raises(PoolError, match="site-2"):
+        load_pool(tmp_path / "pool", BUNDLE)
+    with pytest.raises(PoolError, match="no manifest.json"):
+        load_pool(tmp_path, BUNDLE)
+    with pytest.raises(PoolError, match="at least one personalized"):
+        write_pool(tmp_path / "p2", wide, {})
+    assert manifest.name == "manifest.json"
+
+
+def _volume_loader(site_dir):
+    files = [{"image": str(p)} for p in sorted(site_dir.glob("Case??.nii.gz"))]
+    transform = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
+                         NormalizeIntensityd("image"), EnsureTyped("image", dtype=torch.float32)])
+    return DataLoader(Dataset(files, transform), batch_size=1)
+
+
+@pytest.mark.parametrize("method", ["routing", "routing_source_stats"])
+def test_adaptation_lowers_its_own_loss_and_changes_only_gates_and_norm_affine(tiny_sites, tmp_path, method):
+    _write_tiny_pool(tmp_path / "pool")
+    pool = load_pool(tmp_path / "pool", BUNDLE)
+    net = build_test_time_network(pool, method)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = _volume_loader(tiny_sites / "HK")  # images only: no label is ever loaded
+
+    def loss_now():
+        fixed = UnsupervisedLoss(seed=123)  # the same augmentations before and after
+        with torch.no_grad():
+            return sum(float(fixed(net, x)[0]) for x in TestTimeAdapter(net, loader, min_size=32)._chunks())
+
+    start = loss_now()
+    adapter = TestTimeAdapter(net, loader, passes=4, lr=1e-2, expert_names=pool.names, min_size=32,
+                              log_file=str(tmp_path / "log.json"))
+    history = adapter.run()
+    assert loss_now() < start
+    assert [h["pass"] for h in history] == [1, 2, 3, 4]
+    assert set(history[-1]["routing_weights"]) == {"site-1", "site-2", "global"}
+    assert json.loads((tmp_path / "log.json").read_text()) == history
+
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".gate." in k or k.endswith((".adn.N.weight", ".adn.N.bias")) for k in changed)
+    assert any(".gate." in k for k in changed) and any(".adn.N." in k for k in changed)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("expert_weight"))
+    if method == "routing_source_stats":  # the global model's statistics, never re-estimated
+        assert any(k.endswith("running_mean") for k in before)
+    else:
+        assert not any(k.endswith("running_mean") for k in before)
+
+
+def test_comparison_networks(tmp_path):
+    _write_tiny_pool(tmp_path / "pool")
+    pool = load_pool(tmp_path / "pool", BUNDLE)
+    tent = build_test_time_network(pool, "tent")
+    assert {n for n, p in tent.named_parameters() if p.requires_grad} and not routed_layers(tent)
+    assert all(".adn.N." in n for n, p in tent.named_parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in build_test_time_network(pool, "bn_stats").parameters())
+    mean = build_test_time_network(pool, "expert_mean").state_dict()
+    expected = mean_state_dict(pool.experts)
+    assert all(torch.equal(mean[k], expected[k]) for k in expected)
+    one = build_test_time_network(pool, "site-2").state_dict()
+    assert all(torch.equal(one[k], v) for k, v in pool.experts[1].state_dict().items())
+    with pytest.raises(ValueError, match="unknown test-time method"):
+        build_test_time_network(pool, "site-9")
+
+
+def test_too_small_volume_and_empty_folder_are_refused(tmp_path):
+    _write_tiny_pool(tmp_path / "pool")
+    net = build_test_time_network(load_pool(tmp_path / "pool", BUNDLE), "routing")
+    small = tmp_path / "small"
+    small.mkdir()
+    nib.save(nib.Nifti1Image(np.random.rand(20, 20, 4).astype(np.float32), np.eye(4)), str(small / "tiny.nii.gz"))
+    with pytest.raises(ValueError, match="tiny.nii.gz.*at least 32 x 32"):
+        TestTimeAdapter(net, _volume_loader_any(small), passes=1, min_size=32).run()
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
+           "--pool_dir", str(tmp_path / "pool"), "--input_dir", str(tmp_path / "empty")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0 and "no NIfTI volumes" in res.stderr
+
+
+def _volume_loader_any(folder):
+    files = [{"image": str(p)} for p in sorted(folder.glob("*.nii.gz"))]
+    return DataLoader(Dataset(files, Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])),
+                      batch_size=1)
+
+
+def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path):
+    """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing."""
+    _write_tiny_pool(tmp_path / "pool")
+    out = tmp_path / "masks"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
+           "--pool_dir", str(tmp_path / "pool"), "--input_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
+           "--adaptation#passes", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "adaptation pass 2/2" in log and "routing weights site-1" in log
+    history = json.loads((out / "adaptation.json").read_text())
+    assert len(history) == 2 and set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
+    inputs = sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz"))
+    assert len(list(out.glob("*_seg.nii.gz"))) == len(inputs)
+    for vol in inputs:
+        src, seg = nib.load(str(vol)), nib.load(str(out / vol.name.replace(".nii.gz", "_seg.nii.gz")))
+        assert seg.shape == src.shape
+        np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
