@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize bench-iopfl clean
+.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize bench-iopfl poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ bench-harmonize: setup
 ## bench-iopfl: IOP-FL inside (personalized vs global) and leave-one-site-out outside (routing vs baselines)
 bench-iopfl: setup
 	$(BIN)/python tools/iopfl_study.py
+
+## poc-up / poc-down: a real federation on this machine (NVFlare POC: server + 6 site processes), isolated in workspace/poc
+poc-up: setup
+	$(BIN)/python tools/poc.py up --sites 6 --data-root workspace/data/prostate
+
+poc-down: setup
+	$(BIN)/python tools/poc.py down
 
 clean:
 	rm -rf build workspace .pytest_cache

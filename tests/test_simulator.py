@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,3 +146,19 @@ def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_si
     glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     pooled = torch.load(run / "model_pool" / "global.pt", weights_only=True)
     assert all(torch.equal(pooled[k], torch.as_tensor(glob[k]).to(pooled[k].dtype)) for k in pooled)
+
+
+def test_corrupt_nifti_is_named_in_the_server_log(tiny_sites, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_sites, data)
+    corrupt = data / "HK" / "Case00.nii.gz"
+    corrupt.write_bytes(b"not a nifti")
+    ws = tmp_path / "ws"
+    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data)}
+    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    subprocess.run([nvflare, "simulator", str(_export(tmp_path, "fedavg")), "-w", str(ws), "-n", "2", "-t", "2"],
+                   env=env, capture_output=True, text=True, timeout=900)
+    server_log = (ws / "server" / "log.txt").read_text()
+    # the site's own error, naming the file, is in the server's log (not only the site's return code)
+    assert f"task 'train' failed: SiteDataError: site 'HK': cannot read NIfTI {corrupt}" in server_log
+    assert (data / "BIDMC" / "Case00.nii.gz").stat().st_size > 100  # nothing else touched

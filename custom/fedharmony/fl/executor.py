@@ -50,6 +50,7 @@ from ..bundle_site import KEY_METRIC, BundleSite
 from ..networks import layers_without_target, prime_targets, use_global_targets
 from ..results import PERSONALIZED_SUFFIX
 from .aggregator import NUM_SAMPLES
+from .site_errors import report_site_error
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
 DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"
@@ -77,6 +78,14 @@ def resolve_dataset_dir(site: str, data_root: str = "") -> str:
         if mapped and os.path.isdir(os.path.join(root, mapped)):
             return os.path.join(root, mapped)
     raise FileNotFoundError(f"site {site!r}: no folder {candidate} and no entry for {site!r} in {site_map}")
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of the root cause: MONAI's config parser wraps the error that names the
+    file (e.g. SiteDataError) in a RuntimeError that only quotes the config expression."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
 
 
 def _to_tensors(params: dict) -> dict:
@@ -167,10 +176,11 @@ class BundleExecutor(Executor):
             self.log_error(fl_ctx, f"unknown task {task_name!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except Exception as e:  # report, do not crash the site: the server decides what to do
-            self.log_exception(fl_ctx, f"{fl_ctx.get_identity_name()}: task {task_name!r} failed: "
-                                       f"{type(e).__name__}: {e}")
+            message = _describe(e)
+            self.log_exception(fl_ctx, f"{fl_ctx.get_identity_name()}: task {task_name!r} failed: {message}")
+            report_site_error(self, fl_ctx, task_name, message)  # to the server's log
             reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header("error", f"{type(e).__name__}: {e}")
+            reply.set_header("error", message)
             return reply
 
     def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

@@ -29,6 +29,7 @@ from .executor import BundleExecutor
 from ..personalization import check_personalization_alpha
 from .persistor import BundleModelPersistor
 from .pool import ModelPoolWriter
+from .site_errors import SiteErrorLogger
 from .summary import RoundSummaryWriter
 
 # State-dict keys of normalization layers: MONAI's ADN blocks ("adn.N"), torchvision-style
@@ -129,6 +130,7 @@ class FedHarmonyRecipe(Recipe):
                           id="model_pool_writer")
         job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
         job.to_server(RoundSummaryWriter(), id="round_summary")
+        job.to_server(SiteErrorLogger(), id="site_errors")
         job.to_server({"server": {"task_request_interval": task_request_interval}})
 
         # sites
