@@ -73,6 +73,13 @@ def test_pool_round_trip_and_bad_pools(tmp_path):
         sd = torch.load(tmp_path / "pool" / f"{name}.pt", weights_only=True)
         assert all(torch.equal(v, sd[k]) for k, v in e.state_dict().items())
 
+    poisoned = {k: v.clone() for k, v in pool.experts[0].state_dict().items()}
+    key = next(k for k, v in poisoned.items() if v.is_floating_point())
+    poisoned[key][...] = float("nan")
+    torch.save(poisoned, tmp_path / "pool" / "site-1.pt")
+    with pytest.raises(PoolError, match="site-1.*NaN/Inf"):
+        load_pool(tmp_path / "pool", BUNDLE)
+    torch.save(pool.experts[0].state_dict(), tmp_path / "pool" / "site-1.pt")
     (tmp_path / "pool" / "site-2.pt").unlink()
     with pytest.raises(PoolError, match="site-2"):
         load_pool(tmp_path / "pool", BUNDLE)

@@ -1,4 +1,4 @@
-"""A real POC federation: provisioned server and 3 site processes, jobs through `nvflare job submit` and the FLARE API."""
+"""A real POC federation: provisioned server and 3 site processes; jobs via `nvflare job submit` and the FLARE API."""
 
 import csv
 import json

@@ -162,7 +162,8 @@ def main(argv=None):
             print(f"or the FLARE API:     python tools/poc.py --root {root} submit <job folder>")
         elif args.command == "down":
             t = down(root, args.clean)
-            print(f"POC federation stopped in {t['stop_s']:.1f} s" + (" and its workspace deleted" if args.clean else ""))
+            print(f"POC federation stopped in {t['stop_s']:.1f} s"
+                  + (" and its workspace deleted" if args.clean else ""))
         elif args.command == "status":
             sess = session(root)
             try:

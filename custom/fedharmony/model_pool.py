@@ -121,6 +121,9 @@ def read_manifest(pool_dir: str | Path) -> dict:
     experts = manifest.get("experts")
     if not experts or not isinstance(experts, list):
         raise PoolError(f"{path} lists no experts")
+    incomplete = [e for e in experts if not isinstance(e, dict) or not {"name", "kind", "file"} <= set(e)]
+    if incomplete:
+        raise PoolError(f"{path}: every expert needs 'name', 'kind' and 'file'; got {incomplete[:2]}")
     kinds = [e.get("kind") for e in experts]
     if kinds.count("global") != 1 or kinds[-1] != "global" or len(experts) < 2:
         raise PoolError(f"{path}: need personalized experts followed by exactly one global model (last); got {kinds}")
@@ -131,8 +134,8 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
     """Build every expert from the bundle's ``network_def`` and load its weights.
 
     Raises:
-        PoolError: no manifest, a missing or unreadable expert file, or experts whose
-            keys/shapes differ from each other or from the bundle's network.
+        PoolError: no manifest, a missing or unreadable expert file, NaN/Inf weights, or
+            experts whose keys/shapes differ from each other or from the bundle's network.
     """
     from .bundle_site import build_network
 
@@ -146,7 +149,10 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise PoolError(f"expert {e['name']!r}: cannot read {path} ({err})") from None
-        weights[e["name"]] = sd.get("model", sd) if isinstance(sd, dict) else sd
+        weights[e["name"]] = sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+        bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise PoolError(f"expert {e['name']!r}: {path} holds NaN/Inf in {bad[:3]}")
     check_same_architecture(weights)
     experts = []
     for e in manifest["experts"]:
