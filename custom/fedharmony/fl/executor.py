@@ -50,7 +50,7 @@ from ..bundle_site import KEY_METRIC, BundleSite
 from ..networks import layers_without_target, prime_targets, use_global_targets
 from ..results import PERSONALIZED_SUFFIX
 from .aggregator import NUM_SAMPLES
-from .site_errors import report_site_error
+from .site_errors import ERROR_HEADER
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
 DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"
@@ -178,9 +178,8 @@ class BundleExecutor(Executor):
         except Exception as e:  # report, do not crash the site: the server decides what to do
             message = _describe(e)
             self.log_exception(fl_ctx, f"{fl_ctx.get_identity_name()}: task {task_name!r} failed: {message}")
-            report_site_error(self, fl_ctx, task_name, message)  # to the server's log
             reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header("error", message)
+            reply.set_header(ERROR_HEADER, message)  # SiteErrorLogger writes it to the server's log
             return reply
 
     def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

@@ -1,33 +1,37 @@
-"""Carry a site's error message to the server log (NVFlare only sends the server a return code)."""
+"""Carry a site's error message to the server log (NVFlare itself only shows the server a return code)."""
 
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-SITE_ERROR_EVENT = "fedharmony.site_error"  # a federation event: fired on a site, delivered to the server
-
-
-def report_site_error(component: FLComponent, fl_ctx: FLContext, task: str, message: str):
-    """Site side: send ``message`` (e.g. "SiteDataError: ... Case03.nii.gz is not a readable NIfTI") to the server."""
-    data = Shareable()
-    data["task"], data["error"] = task, message
-    component.fire_fed_event(SITE_ERROR_EVENT, data, fl_ctx)
+ERROR_HEADER = "error"  # reply header the site's executor fills when a task fails
 
 
 class SiteErrorLogger(FLComponent):
-    """Server widget: logs every site error event as ``<site>: task <task> failed: <message>`` (ERROR level)."""
+    """Server widget: for every failed task result that carries an ``error`` header, logs
+    ``<site>: task <task> failed: <message>`` at ERROR level.
+
+    It runs on ``BEFORE_PROCESS_SUBMISSION``, in the same call that hands the result to the
+    workflow, so the message is logged before the workflow can stop the job because of it.
+    """
 
     def __init__(self):
         super().__init__()
         self.errors = []
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type != SITE_ERROR_EVENT:
+        if event_type != EventType.BEFORE_PROCESS_SUBMISSION:
             return
-        data = fl_ctx.get_prop(FLContextKey.EVENT_DATA)
-        if not isinstance(data, Shareable):
+        result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+        if not isinstance(result, Shareable) or result.get_return_code(ReturnCode.OK) == ReturnCode.OK:
             return
-        site = data.get_peer_prop(ReservedKey.IDENTITY_NAME, None) or "unknown site"
-        self.errors.append((site, data.get("task"), data.get("error")))
-        self.log_error(fl_ctx, f"{site}: task {data.get('task')!r} failed: {data.get('error')}", fire_event=False)
+        message = result.get_header(ERROR_HEADER)
+        if not message:
+            return
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer else "unknown site"
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        self.errors.append((site, task, message))
+        self.log_error(fl_ctx, f"{site}: task {task!r} failed: {message}", fire_event=False)
