@@ -23,8 +23,6 @@ Prints Markdown tables (machine, versions and command first).
 
 import argparse
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -34,6 +32,9 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_common import ensure_phantom_sites, header  # noqa: E402
 ROUND_RE = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")
 
 
@@ -150,16 +151,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     data = out / "data"
-    if not (data / "sites.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out", str(data),
-                        "--cases", str(args.cases)], check=True, capture_output=True)
-    import monai
-    import nvflare
-    import torch
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__}, monai {monai.__version__}, nvflare {nvflare.__version__}")
-    print(f"command: python tools/benchmark_federation.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    ensure_phantom_sites(data, args.cases)
+    print("\n".join(header("benchmark_federation.py", argv)))
     print(f"setting: 6 phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs\n")
     site_map = json.loads((data / "sites.json").read_text())
     results = {}

@@ -12,8 +12,6 @@ Prints Markdown tables (machine, versions and command first).
 """
 
 import argparse
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -26,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import poc  # noqa: E402  (tools/poc.py)
+from bench_common import ensure_phantom_sites, header  # noqa: E402
 
 ROUND_RE = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")
 
@@ -90,15 +89,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     data = out / "data"
-    if not (data / "sites.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out", str(data),
-                        "--cases", str(args.cases)], check=True, capture_output=True)
-    import nvflare
-    import torch
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__}, nvflare {nvflare.__version__}")
-    print(f"command: python tools/benchmark_poc.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    ensure_phantom_sites(data, args.cases)
+    print("\n".join(header("benchmark_poc.py", argv)) + "\n")
     root = out / "federation"
     jobs = out / "jobs"
     short = export("fedavg_short", args.rounds, args.sites, jobs)

@@ -27,7 +27,6 @@ import csv
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,6 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "prostate_mri_seg"
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_common import ensure_phantom_sites, header  # noqa: E402
 SITES = ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
 ADAPTIVE = ("bn_stats", "tent", "routing_sigmoid", "routing_source_stats", "routing")
 
@@ -155,21 +157,15 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out).resolve()
     data = out / "data"
-    if not (data / "sites.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out", str(data),
-                        "--cases", str(args.cases)], check=True, capture_output=True)
-    import monai
-    import nvflare
+    ensure_phantom_sites(data, args.cases)
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    header = [f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-              f"torch {torch.__version__}, monai {monai.__version__}, nvflare {nvflare.__version__}",
-              f"command: python tools/iopfl_study.py {' '.join(argv if argv is not None else sys.argv[1:])}",
-              f"setting: phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs, "
-              f"a = {args.iop_alpha}, {args.passes} adaptation passes"]
-    print("\n".join(header) + "\n", flush=True)
-    results = {"header": header, "inside": {}, "outside": {}, "cost": {}}
+    lines = header("iopfl_study.py", argv) + [
+        f"setting: phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs, "
+        f"a = {args.iop_alpha}, {args.passes} adaptation passes"]
+    print("\n".join(lines) + "\n", flush=True)
+    results = {"header": lines, "inside": {}, "outside": {}, "cost": {}}
 
     if not args.no_inside:
         print("inside: IOP-FL on 6 sites ...", file=sys.stderr, flush=True)

@@ -1,0 +1,29 @@
+"""What the benchmark scripts share: phantom sites on demand and the header every table starts with."""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_phantom_sites(data: Path, cases: int) -> Path:
+    """Write the 6 phantom prostate sites to ``data`` unless a ``sites.json`` is already there."""
+    if not (data / "sites.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out", str(data),
+                        "--cases", str(cases)], check=True, capture_output=True)
+    return data
+
+
+def header(script: str, argv=None) -> list:
+    """Machine, versions and the command, as the first lines of a benchmark's output."""
+    import monai
+    import nvflare
+    import torch
+
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    return [f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, monai {monai.__version__}, nvflare {nvflare.__version__}",
+            f"command: python tools/{script} {args}".rstrip()]
