@@ -2,8 +2,10 @@
 
 import os
 import platform
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,3 +29,16 @@ def header(script: str, argv=None) -> list:
     return [f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
             f"torch {torch.__version__}, monai {monai.__version__}, nvflare {nvflare.__version__}",
             f"command: python tools/{script} {args}".rstrip()]
+
+
+_AGGREGATED = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")  # SiteUpdateAggregator's line
+
+
+def aggregation_times(server_log: Path) -> dict:
+    """{round: UNIX time of its aggregation} from a server log."""
+    stamps = {}
+    for line in Path(server_log).read_text().splitlines():
+        m = _AGGREGATED.search(line)
+        if m:
+            stamps[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return stamps

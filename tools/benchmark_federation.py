@@ -28,14 +28,12 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_common import ensure_phantom_sites, header  # noqa: E402
-ROUND_RE = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")
+from bench_common import aggregation_times, ensure_phantom_sites, header  # noqa: E402
 
 
 def _rss_sampler(stop, peaks):
@@ -53,11 +51,7 @@ def _rss_sampler(stop, peaks):
 
 def _round_times(server_log: Path):
     """Seconds between consecutive aggregations: {round: duration} for rounds 1..N-1."""
-    stamps = {}
-    for line in server_log.read_text().splitlines():
-        m = ROUND_RE.search(line)
-        if m:
-            stamps[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    stamps = aggregation_times(server_log)
     return {r: stamps[r] - stamps[r - 1] for r in sorted(stamps) if r - 1 in stamps}
 
 

@@ -12,21 +12,18 @@ Prints Markdown tables (machine, versions and command first).
 """
 
 import argparse
-import re
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import poc  # noqa: E402  (tools/poc.py)
-from bench_common import ensure_phantom_sites, header  # noqa: E402
+from bench_common import aggregation_times, ensure_phantom_sites, header  # noqa: E402
 
-ROUND_RE = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")
 
 
 def server_processes(root: Path) -> dict:
@@ -69,13 +66,10 @@ def export(name: str, rounds: int, sites: int, out: Path) -> Path:
 def rss_by_round(log: Path, samples: list) -> dict:
     """{round: {"parent": MiB, "job": MiB}} at each aggregation, from the server log's timestamps."""
     out = {}
-    for line in log.read_text().splitlines():
-        m = ROUND_RE.search(line)
-        if m:
-            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            before = [rss for ts, rss in samples if ts <= t and "job" in rss]
-            if before:
-                out[int(m.group(2))] = before[-1]
+    for r, t in aggregation_times(log).items():
+        before = [rss for ts, rss in samples if ts <= t and "job" in rss]
+        if before:
+            out[r] = before[-1]
     return out
 
 

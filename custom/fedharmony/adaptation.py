@@ -18,6 +18,7 @@ compared method from a model pool (routing, TENT, BN statistics, expert mean, on
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -219,8 +220,6 @@ def build_test_time_network(pool, method: str = "routing", device=None) -> nn.Mo
     * ``expert_mean``: the parameter mean of all experts (running statistics too), nothing trains.
     * ``global`` or an expert's name: that model as trained, nothing trains.
     """
-    import copy
-
     names = list(pool.names)
     if method in ROUTING_VARIANTS:
         net = build_routed_network(pool.experts, **ROUTING_VARIANTS[method])

@@ -96,6 +96,8 @@ class RoutedConv(nn.Module):
             raise NotImplementedError(f"padding_mode {ref.padding_mode!r} is not supported by routing")
         self.transposed = isinstance(ref, CONV_TRANSPOSE_TYPES)
         self.spatial_dims = len(ref.kernel_size)
+        self._conv = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d),
+                      3: (F.conv3d, F.conv_transpose3d)}[self.spatial_dims][int(self.transposed)]
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, attr, getattr(ref, attr))
         self.output_padding = getattr(ref, "output_padding", 0)
@@ -115,8 +117,7 @@ class RoutedConv(nn.Module):
         weight = torch.tensordot(r, self.expert_weight, dims=1)  # (B, *W.shape)
         bias = r @ self.expert_bias if self.expert_bias is not None else None  # (B, C_out)
         b = x.shape[0]
-        conv = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d),
-                3: (F.conv3d, F.conv_transpose3d)}[self.spatial_dims][int(self.transposed)]
+        conv = self._conv
         folded = x.reshape(1, b * x.shape[1], *x.shape[2:])
         w = weight.reshape(b * weight.shape[1], *weight.shape[2:])
         bias = bias.reshape(-1) if bias is not None else None
