@@ -91,3 +91,42 @@ def test_nvflare_aggregator_weights_by_cases_and_rejects_bad_sites():
     agg.accept_model(update("site-3", np.inf, cases=1))
     with pytest.raises(RuntimeError, match="no site update could be aggregated"):
         agg.aggregate_model()
+
+
+def test_nvflare_aggregator_keeps_the_kind_of_update_and_refuses_a_mixed_round():
+    """Sites that send differences (for NVFlare's privacy filters) get a mean difference back,
+    which NVFlare's FedAvg adds to the global model; a round does not mix the two kinds."""
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    from fedharmony.fl.aggregator import SiteUpdateAggregator
+
+    agg = SiteUpdateAggregator(local_keys=r"(^|\.)bn\.")
+    agg._expected = expected_shapes(REF, agg.local_keys)
+
+    def update(site, value, kind):
+        return FLModel(params={"conv.weight": np.full((2, 3), value)}, params_type=kind,
+                       meta={"client_name": site, "num_samples": 1})
+
+    agg.accept_model(update("site-1", 0.1, ParamsType.DIFF))
+    agg.accept_model(update("site-2", 0.3, ParamsType.DIFF))
+    agg.accept_model(update("site-3", 5.0, ParamsType.FULL))
+    out = agg.aggregate_model()
+    assert out.params_type == ParamsType.DIFF
+    np.testing.assert_allclose(out.params["conv.weight"], 0.2)
+    assert "site-3" in out.meta["rejected"] and "while this round's other updates are" in out.meta["rejected"]["site-3"]
+
+    agg.reset_stats()  # a new round may use the other kind
+    agg.accept_model(update("site-3", 5.0, ParamsType.FULL))
+    assert agg.aggregate_model().params_type == ParamsType.FULL
+
+
+def test_weight_diff_is_the_update_against_the_received_global_model():
+    from fedharmony.fl.executor import weight_diff
+
+    site = {"w": np.array([1.5, 2.0], dtype=np.float32), "n": np.array(7, dtype=np.int64)}
+    base = {"w": np.array([1.0, 2.5], dtype=np.float32), "n": np.array(5, dtype=np.int64)}
+    diff = weight_diff(site, base)
+    np.testing.assert_allclose(diff["w"], [0.5, -0.5])
+    assert diff["w"].dtype == np.float32 and diff["n"] == 2 and diff["n"].dtype == np.int64
+    with pytest.raises(ValueError, match="lacks"):
+        weight_diff({**site, "extra": np.ones(1)}, base)

@@ -2,12 +2,15 @@
 """Benchmark the real federation (NVFlare POC) against the simulator on the phantom sites.
 
     python tools/benchmark_poc.py [--sites 6] [--rounds 3] [--memory-rounds 20] [--cases 10]
+                                  [--memory-gc-rounds N] [--memory-only]
 
 1. POC stand-up (``tools/poc.py up``: prepare + start) and tear-down (``down --clean``);
 2. one FedAvg job of ``--rounds`` rounds through the FLARE API (submission to FINISHED),
    and the same job in the simulator (``jobs/prostate.py``, wall time with start-up);
 3. server memory over a ``--memory-rounds`` FedAvg job on POC: the server process's RSS
-   (``/proc/<pid>/status``) sampled every second, read at each round's aggregation.
+   (``/proc/<pid>/status``) sampled every second, read at each round's aggregation
+   (``--memory-gc-rounds N``: with NVFlare's server gc + malloc_trim every N rounds;
+   ``--memory-only``: skip 1-2).
 Prints Markdown tables (machine, versions and command first).
 """
 
@@ -56,9 +59,9 @@ def sample_rss(root: Path, stop: threading.Event, samples: list):
         stop.wait(1.0)
 
 
-def export(name: str, rounds: int, sites: int, out: Path) -> Path:
+def export(name: str, rounds: int, sites: int, out: Path, *flags: str) -> Path:
     subprocess.run([sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", str(rounds),
-                    "--sites", str(sites), "--name", name, "--export", "--export-dir", str(out)],
+                    "--sites", str(sites), "--name", name, *flags, "--export", "--export-dir", str(out)],
                    check=True, capture_output=True)
     return out / name
 
@@ -79,6 +82,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--memory-rounds", type=int, default=20)
     p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--memory-gc-rounds", type=int, default=0, help="server gc + malloc_trim every N rounds")
+    p.add_argument("--memory-only", action="store_true", help="only the server-memory job")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_poc"))
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -88,11 +93,12 @@ def main(argv=None):
     root = out / "federation"
     jobs = out / "jobs"
     short = export("fedavg_short", args.rounds, args.sites, jobs)
-    long = export("fedavg_memory", args.memory_rounds, args.sites, jobs)
+    long = export("fedavg_memory", args.memory_rounds, args.sites, jobs,
+                  "--memory-gc-rounds", str(args.memory_gc_rounds))
 
     up = poc.up(root, args.sites, str(data))
     try:
-        r = poc.submit(root, str(short), timeout=3600, out=str(out / "results"))
+        r = None if args.memory_only else poc.submit(root, str(short), timeout=3600, out=str(out / "results"))
         samples, stop = [], threading.Event()
         sampler = threading.Thread(target=sample_rss, args=(root, stop, samples), daemon=True)
         sampler.start()
@@ -101,20 +107,22 @@ def main(argv=None):
         sampler.join()
     finally:
         down = poc.down(root, clean=True)
-    t0 = time.time()
-    subprocess.run([sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds",
-                    str(args.rounds), "--sites", str(args.sites), "--data-root", str(data), "--workspace",
-                    str(out / "sim"), "--name", "fedavg_short"], check=True, capture_output=True)
-    sim = time.time() - t0
+    if not args.memory_only:
+        t0 = time.time()
+        subprocess.run([sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds",
+                        str(args.rounds), "--sites", str(args.sites), "--data-root", str(data), "--workspace",
+                        str(out / "sim"), "--name", "fedavg_short"], check=True, capture_output=True)
+        sim = time.time() - t0
 
-    print("| step | seconds |\n|---|---|")
-    print(f"| POC up: prepare ({args.sites} sites) | {up['prepare_s']:.1f} |")
-    print(f"| POC up: start server + sites | {up['start_s']:.1f} |")
-    print(f"| POC down (stop + clean) | {down['stop_s']:.1f} |")
-    print(f"| FedAvg {args.sites} sites x {args.rounds} rounds, FLARE API submit to finished | {r['seconds']:.1f} |")
-    print(f"| same job in the simulator (jobs/prostate.py, wall with start-up) | {sim:.1f} |")
+        print("| step | seconds |\n|---|---|")
+        print(f"| POC up: prepare ({args.sites} sites) | {up['prepare_s']:.1f} |")
+        print(f"| POC up: start server + sites | {up['start_s']:.1f} |")
+        print(f"| POC down (stop + clean) | {down['stop_s']:.1f} |")
+        print(f"| FedAvg {args.sites} sites x {args.rounds} rounds, FLARE API submit to finished | {r['seconds']:.1f} |")
+        print(f"| same job in the simulator (jobs/prostate.py, wall with start-up) | {sim:.1f} |")
     per_round = rss_by_round(Path(m["result"]) / "workspace" / "log.txt", samples)
-    print(f"\nserver RSS (MiB) at each aggregation, FedAvg {args.sites} sites x {args.memory_rounds} rounds "
+    gc_note = f", memory_gc_rounds={args.memory_gc_rounds}" if args.memory_gc_rounds else ""
+    print(f"\nserver RSS (MiB) at each aggregation, FedAvg {args.sites} sites x {args.memory_rounds} rounds{gc_note} "
           f"(job {m['status']}, {m['seconds']:.0f} s):\n")
     rounds = sorted(per_round)
     print("| round | server parent MiB | server job process MiB |\n|---|---|---|")

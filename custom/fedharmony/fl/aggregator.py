@@ -22,7 +22,10 @@ class SiteUpdateAggregator(ModelAggregator):
       site keeps its own;
     * an update whose keys or shapes differ from the model, or that holds NaN/Inf, is
       rejected: the server log names the site and the reason, and the round goes on
-      with the others. A round with no acceptable update stops the job.
+      with the others. A round with no acceptable update stops the job;
+    * updates are full weights or, when sites send differences (``send_weight_diff``,
+      for NVFlare's privacy filters), differences; the mean keeps that kind (NVFlare's
+      workflow adds a mean difference to the global model). A round does not mix them.
 
     The expected keys and shapes come from the persistor's model (``persistor_id``).
     """
@@ -36,6 +39,7 @@ class SiteUpdateAggregator(ModelAggregator):
         self._average = WeightedAverage()
         self._metrics = WeightedAverage()
         self.rejected: Dict[str, str] = {}
+        self._params_type = None
 
     def _expected_shapes(self) -> Dict[str, tuple]:
         # read lazily: the persistor builds its model at START_RUN, which may reach it after us
@@ -55,12 +59,16 @@ class SiteUpdateAggregator(ModelAggregator):
     def accept_model(self, model: FLModel):
         site = (model.meta or {}).get("client_name", "unknown site")
         try:
-            if model.params_type not in (None, ParamsType.FULL):
-                raise UpdateRejected(f"expected full weights, got {model.params_type}")
+            params_type = model.params_type or ParamsType.FULL
+            if params_type not in (ParamsType.FULL, ParamsType.DIFF):
+                raise UpdateRejected(f"expected full weights or a difference, got {params_type}")
+            if self._params_type not in (None, params_type):
+                raise UpdateRejected(f"sent {params_type} while this round's other updates are {self._params_type}")
             weights = check_update(model.params or {}, self._expected_shapes(), self.local_keys)
             meta = model.meta or {}
             weight = float(meta.get(NUM_SAMPLES, meta.get("NUM_STEPS_CURRENT_ROUND", 1))) if self.weigh_by_samples else 1.0
             self._average.add(site, weights, weight)
+            self._params_type = params_type
         except UpdateRejected as e:
             self.rejected[site] = str(e)
             self.error(f"round {self._round()}: rejected the update from {site}: {e}")
@@ -77,10 +85,11 @@ class SiteUpdateAggregator(ModelAggregator):
         metrics = {k: float(v) for k, v in self._metrics.result().items()} if self._metrics.contributors else {}
         self.info(f"round {self._round()}: aggregated {sorted(self._average.contributors)}"
                   + (f", rejected {sorted(self.rejected)}" if self.rejected else ""))
-        return FLModel(params=params, params_type=ParamsType.FULL, metrics=metrics,
+        return FLModel(params=params, params_type=self._params_type or ParamsType.FULL, metrics=metrics,
                        meta={"nr_aggregated": len(self._average.contributors), "rejected": dict(self.rejected)})
 
     def reset_stats(self):
+        self._params_type = None
         self._average.reset()
         self._metrics.reset()
         self.rejected = {}

@@ -96,6 +96,14 @@ def _to_numpy(weights: dict) -> dict:
     return {k: v.numpy() for k, v in weights.items()}
 
 
+def weight_diff(weights: dict, base: dict) -> dict:
+    """``weights - base`` key by key (a site's update against the global model it received)."""
+    missing = sorted(set(weights) - set(base))
+    if missing:
+        raise ValueError(f"cannot send a weight difference: the received global model lacks {missing[:5]}")
+    return {k: (np.asarray(v) - base[k]).astype(np.asarray(v).dtype) for k, v in weights.items()}
+
+
 class BundleExecutor(Executor):
     """Runs the bundle's train / validate / submit_model for one site.
 
@@ -109,13 +117,18 @@ class BundleExecutor(Executor):
         num_threads: torch CPU threads for this site (0 = torch's default).
         writer_id: id of the experiment-tracking LogWriter component ("" = none).
         personalize_alpha: IOP-FL inside personalization weight a (None = off).
+        send_weight_diff: send the round's update (site model - received global model) as
+            NVFlare ``WEIGHT_DIFF`` instead of the full weights, so NVFlare's privacy filters
+            on differences (``PercentilePrivacy``, ``SVTPrivacy``) apply to what leaves the site.
     """
 
     def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_files: Optional[list] = None,
                  data_root: str = "", local_epochs: int = 1,
                  local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
-                 writer_id: str = "log_writer", personalize_alpha: Optional[float] = None):
+                 writer_id: str = "log_writer", personalize_alpha: Optional[float] = None,
+                 send_weight_diff: bool = False):
         super().__init__()
+        self.send_weight_diff = send_weight_diff
         self.personalize_alpha = personalize_alpha
         self.bundle_root = bundle_root
         self.config_files = config_files
@@ -186,6 +199,8 @@ class BundleExecutor(Executor):
         model = FLModelUtils.from_shareable(shareable)
         current_round = model.current_round if model.current_round is not None else site.round
         t0 = time.time()
+        # a copy: training may write into arrays that share memory with the received ones
+        received = {k: np.array(v, copy=True) for k, v in (model.params or {}).items()} if self.send_weight_diff else {}
         site.load_weights(_to_tensors(model.params or {}))  # the global model, with this site's local keys
         use_global_targets(site.network)  # HarmoFL: a received amplitude target is the global one, keep it
         if layers_without_target(site.network):  # HarmoFL round 0: the initial global model has no target yet
@@ -212,7 +227,10 @@ class BundleExecutor(Executor):
             for tag, value in tracked.items():
                 self.writer.add_scalar(tag, value, global_step=current_round)
             self.writer.add_scalar("site_task_seconds", t_task, global_step=current_round)
-        out = FLModel(params=_to_numpy(site.shared_weights()), params_type=ParamsType.FULL, metrics=metrics,
+        params, params_type = _to_numpy(site.shared_weights()), ParamsType.FULL
+        if self.send_weight_diff:
+            params, params_type = weight_diff(params, received), ParamsType.DIFF
+        out = FLModel(params=params, params_type=params_type, metrics=metrics, current_round=current_round,
                       meta={"NUM_STEPS_CURRENT_ROUND": steps, NUM_SAMPLES: site.num_train_cases,
                             "site_task_seconds": t_task})
         return FLModelUtils.to_shareable(out)

@@ -12,6 +12,8 @@ checkout nor the package installed.
 import os
 from typing import Optional
 
+from nvflare.job_config.defs import FilterType
+from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
@@ -53,7 +55,11 @@ class FedHarmonyRecipe(Recipe):
             every round, returns it for cross-site evaluation; the server writes the model
             pool, global + personalized models, to ``<run dir>/model_pool/`` at the end).
         bundle_dir: the MONAI bundle to train (shipped inside the job).
-        num_rounds, min_clients: FL rounds; sites needed to start and in every round.
+        num_rounds: FL rounds to run (from ``start_round``).
+        min_clients: sites needed to start the job and to go on with it. Every round trains
+            all connected sites; a site that dies mid-round is dropped from that round
+            (NVFlare's dead-site watch), and the job stops when fewer than ``min_clients``
+            remain.
         local_epochs: local epochs per round.
         mu: FedProx strength (only for ``fedprox``).
         data_root: folder of site folders as seen by the sites ("" = each site's
@@ -61,6 +67,10 @@ class FedHarmonyRecipe(Recipe):
         overrides: bundle config overrides for every site (e.g. ``{"learning_rate": 1e-3}``).
         num_threads: torch threads per site process (0 = torch default).
         cross_site_eval: add NVFlare's cross-site evaluation after training.
+        cross_site_timeout: seconds cross-site evaluation waits for a site's model and for each
+            validation (None = NVFlare's 600 s / 6000 s). It starts a new workflow that does not
+            know which sites died during training, so it waits for a dead site this long
+            before it finishes without it.
         name: job name (default ``<bundle>_<algorithm>``).
         task_request_interval: seconds a site waits before asking the server for its next
             task (NVFlare's default is 2 s; every round pays up to that while sites poll).
@@ -69,6 +79,19 @@ class FedHarmonyRecipe(Recipe):
             [0, 0.5], the perturbation strength (0 = off), the common in-plane size.
         iop_alpha: IOP-FL's personalization weight a in [0, 1) (``iopfl`` only; default 0.1,
             the released value): phi <- a * phi + (1 - a) * theta each round.
+        initial_model, start_round: resume: the server starts from this checkpoint (a path on
+            the server, e.g. the ``FL_global_model.pt`` of a run that died) and numbers
+            rounds from ``start_round``.
+        privacy_percentile, privacy_gamma: NVFlare's ``PercentilePrivacy`` on every training
+            result a site sends: of the update (site model - global model), only the values
+            whose size is above this percentile are shared, each clipped to +-gamma per local
+            step (NVFlare divides the update by the round's step count before the cut and the
+            clip); the rest is sent as the global model's own value. Off when None.
+        ship_code: True: the ``fedharmony`` package travels in the job's ``custom/`` folder.
+            False: no code in the job (sites and server must have the package installed and
+            name its classes in their ``class_allow_list``), for sites that forbid custom code.
+        memory_gc_rounds: NVFlare's server-side ``gc.collect`` + ``malloc_trim`` every N rounds
+            (0 = off).
     """
 
     def __init__(self, algorithm: str = "fedavg", bundle_dir: str = "bundles/prostate_mri_seg", num_rounds: int = 10,
@@ -76,13 +99,25 @@ class FedHarmonyRecipe(Recipe):
                  overrides: Optional[dict] = None, num_threads: int = 0, cross_site_eval: bool = True,
                  name: Optional[str] = None, task_request_interval: float = 0.25,
                  amp_mode: Optional[str] = None, amp_ratio: Optional[float] = None, wp_alpha: Optional[float] = None,
-                 image_size: Optional[int] = None, iop_alpha: Optional[float] = None):
+                 image_size: Optional[int] = None, iop_alpha: Optional[float] = None,
+                 initial_model: Optional[str] = None, start_round: int = 0,
+                 privacy_percentile: Optional[float] = None, privacy_gamma: float = 0.01,
+                 ship_code: bool = True, memory_gc_rounds: int = 0, cross_site_timeout: Optional[int] = None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
             raise FileNotFoundError(f"{bundle_dir} is not a bundle with configs/train.json")
         if num_rounds < 1 or min_clients < 1 or local_epochs < 1:
             raise ValueError("num_rounds, min_clients and local_epochs must be >= 1")
+        if start_round < 0 or memory_gc_rounds < 0:
+            raise ValueError("start_round and memory_gc_rounds must be >= 0")
+        if cross_site_timeout is not None and cross_site_timeout < 1:
+            raise ValueError(f"cross_site_timeout must be >= 1 s, got {cross_site_timeout}")
+        if initial_model is not None and not os.path.isabs(initial_model):
+            raise ValueError(f"initial_model must be an absolute path on the server, got {initial_model!r}")
+        if privacy_percentile is not None and not (0 <= privacy_percentile < 100 and privacy_gamma > 0):
+            raise ValueError(f"privacy_percentile must be in [0, 100) and privacy_gamma > 0, "
+                             f"got {privacy_percentile}, {privacy_gamma}")
         if algorithm == "fedprox" and not mu > 0:
             raise ValueError(f"FedProx needs mu > 0, got {mu}")
         if overrides is not None and not isinstance(overrides, dict):
@@ -115,15 +150,20 @@ class FedHarmonyRecipe(Recipe):
         job.set_app_packages(["fedharmony"])  # shipped whole below, not file by file
 
         # server
-        persistor = BundleModelPersistor(bundle_root=app_bundle_root, config_file=config_files, overrides=overrides)
+        persistor = BundleModelPersistor(bundle_root=app_bundle_root, config_file=config_files, overrides=overrides,
+                                         source_ckpt_file_full_name=initial_model)
         job.to_server(persistor, id="persistor")
         aggregator = SiteUpdateAggregator(local_keys=local_keys, persistor_id="persistor")
-        job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id="persistor",
-                             aggregator=aggregator, fedprox_mu=mu if algorithm == "fedprox" else None),
+        # num_clients=0: every round goes to all connected sites (a number would sample that many)
+        job.to_server(FedAvg(num_clients=0, num_rounds=num_rounds, start_round=start_round, persistor_id="persistor",
+                             aggregator=aggregator, fedprox_mu=mu if algorithm == "fedprox" else None,
+                             memory_gc_rounds=memory_gc_rounds),
                       id="fedavg")
         if cross_site_eval:
             job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
-            job.to_server(CrossSiteModelEval(model_locator_id="model_locator"), id="cross_site_eval")
+            timeouts = {} if cross_site_timeout is None else {"submit_model_timeout": int(cross_site_timeout),
+                                                               "validation_timeout": int(cross_site_timeout)}
+            job.to_server(CrossSiteModelEval(model_locator_id="model_locator", **timeouts), id="cross_site_eval")
             job.to_server(ValidationJsonGenerator(), id="json_generator")
         if algorithm == "iopfl":
             job.to_server(ModelPoolWriter(persistor_id="persistor", config_files=config_files, overrides=overrides),
@@ -136,15 +176,25 @@ class FedHarmonyRecipe(Recipe):
         # sites
         executor = BundleExecutor(bundle_root=app_bundle_root, config_files=config_files, data_root=data_root,
                                   local_epochs=local_epochs, local_keys=local_keys, overrides=overrides,
-                                  num_threads=num_threads, personalize_alpha=iop_alpha)
+                                  num_threads=num_threads, personalize_alpha=iop_alpha,
+                                  send_weight_diff=privacy_percentile is not None)
         job.to_clients(executor, tasks=["train", "validate", "submit_model"])
         job.to_clients(TBWriter(event_type="analytix_log_stats"), id="log_writer")
         job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
                        id="event_to_fed")
+        if privacy_percentile is not None:
+            # PercentilePrivacy works on an update, so the sites send (site - global) differences.
+            # (NVFlare's ConvertWeights filter pair would do that conversion, but on 2.9 a result
+            # filter no longer sees the task's global model: it logs an error and lets the full
+            # weights through unfiltered.)
+            job.to_clients(PercentilePrivacy(percentile=privacy_percentile, gamma=privacy_gamma,
+                                             data_kinds=["WEIGHT_DIFF"]),
+                           filter_type=FilterType.TASK_RESULT, tasks=["train"])
 
-        # shipped code and bundle (both apps: the server builds the network from the bundle)
+        # shipped bundle (both apps: the server builds the network from the bundle), and code
         for add in (job.add_file_to_server, job.add_file_to_clients):
-            add(PACKAGE_DIR, dest_dir="fedharmony", app_folder_type="custom")
+            if ship_code:
+                add(PACKAGE_DIR, dest_dir="fedharmony", app_folder_type="custom")
             add(os.path.abspath(bundle_dir), dest_dir=bundle_name, app_folder_type="config")
         super().__init__(job)
 
