@@ -1,6 +1,9 @@
 """Shared fixtures: tiny phantom sites written once per test session."""
 
+import contextlib
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,3 +31,36 @@ def tiny_sites(tmp_path_factory):
 
 # small bundle overrides so a round is a handful of steps
 TINY_OVERRIDES = {"samples_per_volume": 4, "batch_size": 1, "base_features": 4}
+
+
+POC_TOOL = [sys.executable, str(REPO / "tools" / "poc.py")]
+
+
+@contextlib.contextmanager
+def poc_federation(base: Path, *up_flags: str):
+    """Three tiny phantom sites (BIDMC, HK, UCL) under ``base/data`` and a POC federation serving
+    them (``tools/poc.py up --sites 3 <up_flags>``), stopped and deleted on exit."""
+    from fedharmony.phantom import load_profiles, select_profiles
+    from fedharmony.phantom.sites import write_sites
+
+    data = base / "data"
+    write_sites(data, select_profiles(load_profiles(), ["BIDMC", "HK", "UCL"]), seed=0, **TINY)
+    root = base / "federation"
+    try:
+        res = subprocess.run(POC_TOOL + ["--root", str(root), "up", "--sites", "3", "--data-root", str(data),
+                                         *up_flags], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield {"root": root, "data": data, "base": base}
+    finally:
+        subprocess.run(POC_TOOL + ["--root", str(root), "down", "--clean"], capture_output=True, timeout=300)
+
+
+def export_job(base: Path, name: str, *flags: str, rounds: int = 2, sites: int = 3) -> Path:
+    """``jobs/prostate.py --export`` of a tiny FedAvg job named ``name`` into ``base/jobs``."""
+    out = base / "jobs"
+    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", str(rounds),
+           "--sites", str(sites), "--override", json.dumps(TINY_OVERRIDES), "--name", name, *flags,
+           "--export", "--export-dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=base)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out / name

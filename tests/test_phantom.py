@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedharmony.phantom import SiteProfile, load_profiles, make_case, select_profiles
+from fedharmony.phantom import load_profiles, make_case, select_profiles
 from fedharmony.phantom.sites import write_sites
 
 

@@ -10,45 +10,24 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, TINY_OVERRIDES
+from conftest import POC_TOOL, REPO, export_job, poc_federation
 
 pytestmark = pytest.mark.integration
-POC_TOOL = [sys.executable, str(REPO / "tools" / "poc.py")]
 SITE_TIMEOUT = 30  # seconds of silence before the server drops a site (NVFlare's default is ~11 min)
 
 
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
     """Three tiny phantom sites and a POC federation (server + site-1..site-3) serving them."""
-    from fedharmony.phantom import load_profiles, select_profiles
-    from fedharmony.phantom.sites import write_sites
-
-    base = tmp_path_factory.mktemp("poc")
-    data = base / "data"
-    write_sites(data, select_profiles(load_profiles(), ["BIDMC", "HK", "UCL"]), seed=0, **TINY)
-    root = base / "federation"
-    try:
-        res = subprocess.run(POC_TOOL + ["--root", str(root), "up", "--sites", "3", "--data-root", str(data),
-                                         "--site-timeout", str(SITE_TIMEOUT)],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        yield {"root": root, "data": data, "base": base}
-    finally:
-        subprocess.run(POC_TOOL + ["--root", str(root), "down", "--clean"], capture_output=True, timeout=300)
+    with poc_federation(tmp_path_factory.mktemp("poc"), "--site-timeout", str(SITE_TIMEOUT)) as federation:
+        yield federation
 
 
 def _export(base, name, *flags, rounds=2):
-    out = base / "jobs"
-    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", str(rounds),
-           "--sites", "3", "--override", json.dumps(TINY_OVERRIDES), "--name", name, *flags,
-           "--export", "--export-dir", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=base)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return out / name
+    return export_job(base, name, *flags, rounds=rounds)
 
 
 def _kits(poc):
@@ -213,8 +192,10 @@ def test_site_crash_mid_round_the_others_finish_the_job(poc):
     log = (poc["base"] / "site_crash_results" / os.path.basename(result) / "workspace" / "log.txt").read_text()
     assert status == "FINISHED:COMPLETED", status
     assert "site site-3 is gone from the job (no heartbeat)" in log
-    assert "round 1: aggregated ['site-1', 'site-2']" in log  # the round it died in completed without it
-    assert "round 3: aggregated ['site-1', 'site-2']" in log
+    # the round it died in completed without it: round 1, or round 2 when site-3 had already sent
+    # its round-1 update in the moment between "Round 1 started" and the kill; every later round too
+    died_in = 1 if "round 1: aggregated ['site-1', 'site-2']" in log else 2
+    assert all(f"round {r}: aggregated ['site-1', 'site-2']" in log for r in range(died_in, 4)), log[-3000:]
     rows = list(csv.DictReader(open(os.path.join(result, "workspace", "results", "metrics_by_round.csv"))))
     rounds = {s: {int(r["round"]) for r in rows if r["site"] == s and r["tag"] == "val_mean_dice"}
               for s in ("site-1", "site-2", "site-3")}

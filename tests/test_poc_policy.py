@@ -2,7 +2,6 @@
 refused, jobs without code run from the installed package (with a privacy filter), and an admin
 without the right to submit is refused."""
 
-import json
 import subprocess
 import sys
 
@@ -10,37 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, TINY_OVERRIDES
+from conftest import POC_TOOL, REPO, TINY_OVERRIDES, export_job, poc_federation
 
 pytestmark = pytest.mark.integration
-POC_TOOL = [sys.executable, str(REPO / "tools" / "poc.py")]
 
 
 @pytest.fixture(scope="module")
 def strict_poc(tmp_path_factory):
-    from fedharmony.phantom import load_profiles, select_profiles
-    from fedharmony.phantom.sites import write_sites
-
-    base = tmp_path_factory.mktemp("strict_poc")
-    data = base / "data"
-    write_sites(data, select_profiles(load_profiles(), ["BIDMC", "HK", "UCL"]), seed=0, **TINY)
-    root = base / "federation"
-    try:
-        res = subprocess.run(POC_TOOL + ["--root", str(root), "up", "--sites", "3", "--data-root", str(data),
-                                         "--no-custom-code"], capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        yield {"root": root, "data": data, "base": base}
-    finally:
-        subprocess.run(POC_TOOL + ["--root", str(root), "down", "--clean"], capture_output=True, timeout=300)
+    with poc_federation(tmp_path_factory.mktemp("strict_poc"), "--no-custom-code") as federation:
+        yield federation
 
 
 def _export(base, name, *flags):
-    out = base / "jobs"
-    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", "1", "--sites", "3",
-           "--override", json.dumps(TINY_OVERRIDES), "--name", name, *flags, "--export", "--export-dir", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=base)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return out / name
+    return export_job(base, name, *flags, rounds=1)
 
 
 def _submit(poc, job, *flags):

@@ -11,7 +11,6 @@
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -65,7 +64,7 @@ def main(argv=None):
         print(f"[demo] the simulator failed (exit {rc}); full log: {log_path}")
         return rc
 
-    print(f"[demo] 3/3 results", flush=True)
+    print("[demo] 3/3 results", flush=True)
     workspace = sim_root / f"prostate_mri_seg_{args.algorithm}"
     report = subprocess.run([sys.executable, str(REPO / "tools" / "fl_results.py"), str(workspace),
                              "--data-root", str(data)], capture_output=True, text=True, check=True).stdout

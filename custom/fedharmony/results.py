@@ -6,7 +6,7 @@ import csv
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 
 def write_round_metrics(records: Sequence[dict], out_dir: str | Path, tag: str = "val_mean_dice") -> Dict[str, Path]:
