@@ -133,6 +133,21 @@ def test_flare_api_tool_submits_follows_and_downloads(poc):
     _check_results(result / "workspace")
 
 
+@pytest.mark.parametrize("algorithm, flags", [("fedprox", []), ("fedbn", []),
+                                             ("harmofl", ["--image-size", "32"]), ("iopfl", [])])
+def test_every_algorithm_job_runs_on_the_federation(poc, algorithm, flags):
+    job = _export(poc["base"], f"poc_{algorithm}", "--algorithm", algorithm, *flags)
+    out = poc["base"] / f"poc_{algorithm}_results"
+    res = subprocess.run(POC_TOOL + ["--root", str(poc["root"]), "submit", str(job), "--timeout", "600",
+                                     "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "FINISHED:COMPLETED" in res.stdout, res.stdout + res.stderr
+    (result,) = [p for p in out.iterdir() if p.is_dir()]
+    _check_results(result / "workspace")
+    if algorithm == "iopfl":  # the model pool comes back with the run
+        manifest = json.loads((result / "workspace" / "model_pool" / "manifest.json").read_text())
+        assert sorted(e["kind"] for e in manifest["experts"]) == ["global"] + ["personalized"] * 3, manifest
+
+
 def test_corrupt_nifti_on_one_site_is_named_in_the_server_log(poc):
     bad = poc["base"] / "bad_data"
     shutil.copytree(poc["data"], bad)

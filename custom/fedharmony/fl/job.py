@@ -12,7 +12,6 @@ checkout nor the package installed.
 import os
 from typing import Optional
 
-from nvflare.job_config.defs import FilterType
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
@@ -22,6 +21,7 @@ from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
 from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
 from nvflare.recipe.spec import Recipe
 
 import fedharmony
@@ -86,7 +86,7 @@ class FedHarmonyRecipe(Recipe):
             result a site sends: of the update (site model - global model), only the values
             whose size is above this percentile are shared, each clipped to +-gamma per local
             step (NVFlare divides the update by the round's step count before the cut and the
-            clip); the rest is sent as the global model's own value. Off when None.
+            clip); the rest is sent as zero (no change). Off when None.
         ship_code: True: the ``fedharmony`` package travels in the job's ``custom/`` folder.
             False: no code in the job (sites and server must have the package installed and
             name its classes in their ``class_allow_list``), for sites that forbid custom code.
