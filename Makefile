@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize bench-iopfl poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration"
 
-## jobs: export self-contained job folders (FedAvg, FedProx, FedBN, HarmoFL, IOP-FL) to build/jobs
+## jobs: export self-contained job folders (every algorithm x prostate, dermoscopy, histology) to build/jobs
 jobs: setup
-	for algo in fedavg fedprox fedbn harmofl iopfl; do $(BIN)/python jobs/prostate.py --algorithm $$algo --export --export-dir build/jobs; done
+	for task in prostate dermoscopy histology; do for algo in fedavg fedprox fedbn harmofl iopfl prrfl; do \
+		$(BIN)/python jobs/$$task.py --algorithm $$algo --export --export-dir build/jobs || exit 1; done; done
 
 ## bench: FedAvg / FedProx / FedBN on the 6 phantom sites (Dice, time per round, peak memory)
 bench: setup
@@ -44,6 +45,14 @@ bench-harmonize: setup
 ## bench-iopfl: IOP-FL inside (personalized vs global) and leave-one-site-out outside (routing vs baselines)
 bench-iopfl: setup
 	$(BIN)/python tools/iopfl_study.py
+
+## bench-dermoscopy: FedAvg, FedBN, HarmoFL, PRR-FL on the 4 phantom dermoscopy sources (accuracy, macro-F1, AUC, retrogress)
+bench-dermoscopy: setup
+	$(BIN)/python tools/benchmark_classification.py --task dermoscopy
+
+## bench-histology: FedAvg vs HarmoFL on the 5 phantom histology hospitals
+bench-histology: setup
+	$(BIN)/python tools/benchmark_classification.py --task histology
 
 ## poc-up / poc-down: a real federation on this machine (NVFlare POC: server + 6 site processes), isolated in workspace/poc
 poc-up: setup

@@ -64,3 +64,27 @@ def export_job(base: Path, name: str, *flags: str, rounds: int = 2, sites: int =
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=base)
     assert res.returncode == 0, res.stdout + res.stderr
     return out / name
+
+
+# tiny classification sites: 32 x 32 images, a few per class and split; the bundle resized to match
+TINY_CLS_OVERRIDES = {"image_size": 32, "base_features": 4, "batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_dermoscopy(tmp_path_factory):
+    from fedharmony.phantom.dermoscopy import load_dermoscopy_profiles, write_dermoscopy_sites
+
+    out = tmp_path_factory.mktemp("dermoscopy")
+    profiles = list(load_dermoscopy_profiles().values())[:2]
+    write_dermoscopy_sites(out, profiles, seed=0, images_per_site=36, size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_histology(tmp_path_factory):
+    from fedharmony.phantom.histology import load_histology_profiles, write_histology_sites
+
+    out = tmp_path_factory.mktemp("histology")
+    profiles = list(load_histology_profiles().values())[:2]
+    write_histology_sites(out, profiles, seed=0, patients=3, patches_per_patient=8, size=32)
+    return out

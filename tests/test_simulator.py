@@ -50,6 +50,14 @@ def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
                            (["--start-round", "-1"], "start_round"),
                            (["--cross-site-timeout", "0"], "cross_site_timeout"),
                            (["--initial-model", str(tmp_path / "none.pt")], "cannot read its round"),
+                           (["--algorithm", "prrfl", "--prrfl-r0", "0.9", "--prrfl-r1", "0.8"], "r0 = 0.9 > r1 = 0.8"),
+                           (["--algorithm", "prrfl", "--prrfl-r1", "1.5"], "r1 must be in (0, 1]"),
+                           (["--algorithm", "prrfl", "--prrfl-r0", "0"], "r0 must be in (0, 1]"),
+                           (["--algorithm", "prrfl", "--prrfl-alpha1", "0.95"], "alpha1 <= alpha2"),
+                           (["--algorithm", "prrfl", "--privacy-percentile", "90"], "full deputy"),
+                           (["--algorithm", "prrfl", "--initial-model", str(tmp_path / "x.pt"), "--start-round", "3"],
+                            "cannot resume"),
+                           (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "PRR-FL settings"),
                            (["--bogus-flag"], "unrecognized arguments")):
         res = subprocess.run(script + extra, capture_output=True, text=True, cwd=tmp_path)
         assert res.returncode != 0 and message in res.stderr, (extra, res.stderr[-500:])

@@ -58,7 +58,7 @@ def _round_times(server_log: Path):
 def _site_times(ws: Path):
     """Per round: the slowest site's whole train task (validation, training, checkpointing) in seconds."""
     per_round = {}
-    pat = re.compile(r"round (\d+): global val_mean_dice \S+,(?: personalized \S+,)? \d+ local steps, task ([\d.]+) s")
+    pat = re.compile(r"round (\d+): (?:global|personalized) \S+ \S+,.*? \d+ local steps, task ([\d.]+) s")
     for log in ws.glob("site-*/log.txt"):
         for m in pat.finditer(log.read_text()):
             r, t = int(m.group(1)), float(m.group(2))

@@ -8,8 +8,10 @@ this class parses the same bundle config with MONAI's ``ConfigWorkflow`` and kee
 that state in one file on the site's disk.
 
 Config ids used: ``train#trainer`` (a ``SupervisedTrainer``), ``validate#evaluator``
-and ``test#evaluator`` (``SupervisedEvaluator`` with key metric ``val_mean_dice``),
-``train#handlers`` and ``validate#handlers`` (replaced: the server drives validation).
+and ``test#evaluator`` (``SupervisedEvaluator``; its key metric, e.g. ``val_mean_dice``
+or ``val_macro_f1``, is the site's score), ``train#handlers`` and ``validate#handlers``
+(replaced: the server drives validation), ``iteration_update`` (PRR-FL: a
+:class:`fedharmony.deputy.DeputyTransferIteration` makes this a two-model site).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from .aggregation import is_local_key
+from .deputy import DeputyTransferIteration
+from .fourier_aggregation import mix_amplitudes
 from .losses import ProximalLoss
 from .personalization import check_personalization_alpha, ema_update
 
 logger = logging.getLogger(__name__)
 
-KEY_METRIC = "val_mean_dice"
+KEY_METRIC = "val_mean_dice"  # the prostate bundle's; a site reads its bundle's from ``key_metric``
 STATE_FILE = "site_state.pt"
 BEST_MODEL_FILE = "best_model.pt"
 
@@ -108,6 +112,11 @@ class BundleSite:
         self.optimizer: torch.optim.Optimizer = self.trainer.optimizer
         self.base_loss = self.trainer.loss_function
         self._evaluators = {}
+        parser = self.workflow.parser
+        update = parser.get_parsed_content("iteration_update") if "iteration_update" in parser else None
+        # PRR-FL: the trainer's network is the personalized model; the deputy is what the site exchanges
+        self.deputy_transfer: Optional[DeputyTransferIteration] = (
+            update if isinstance(update, DeputyTransferIteration) else None)
         self.round = 0
         self.best_metric = float("-inf")
         self.best_round = -1
@@ -116,6 +125,16 @@ class BundleSite:
             raise ValueError(f"site {site_name!r}: local_keys {self.local_keys!r} matches no key of the network")
         self.local_key_names = local
         self._load_state()
+
+    @property
+    def key_metric(self) -> str:
+        """Name of the bundle's key validation metric (``val_mean_dice``, ``val_macro_f1``, ...)."""
+        return self.evaluator("validation").state.key_metric_name
+
+    @property
+    def exchanged_network(self) -> torch.nn.Module:
+        """The model the site sends and the server's answer replaces: the deputy under PRR-FL, else the model."""
+        return self.deputy_transfer.deputy if self.deputy_transfer is not None else self.network
 
     @property
     def num_train_cases(self) -> int:
@@ -128,16 +147,18 @@ class BundleSite:
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
 
     def shared_weights(self) -> Dict[str, torch.Tensor]:
-        """What the site sends: every key except the local ones."""
-        return {k: v for k, v in self.state_dict().items() if not is_local_key(k, self.local_keys)}
+        """What the site sends: every key of the exchanged model (the deputy under PRR-FL) except the local ones."""
+        return {k: v.detach().cpu().clone() for k, v in self.exchanged_network.state_dict().items()
+                if not is_local_key(k, self.local_keys)}
 
-    def load_weights(self, weights: Mapping[str, object], keep_local: bool = True):
-        """Copy received weights into the network; local keys stay the site's own.
+    def load_weights(self, weights: Mapping[str, object], keep_local: bool = True,
+                     network: Optional[torch.nn.Module] = None):
+        """Copy received weights into ``network`` (default: the site's model); local keys stay the site's own.
 
         Raises:
             KeyError / ValueError: a received key is unknown or has the wrong shape.
         """
-        own = self.network.state_dict()
+        own = (network or self.network).state_dict()
         unknown = sorted(set(weights) - set(own))
         if unknown:
             raise KeyError(f"site {self.site_name!r}: received weights with keys the bundle's network "
@@ -151,6 +172,35 @@ class BundleSite:
                     raise ValueError(f"site {self.site_name!r}: received {k!r} with shape {tuple(t.shape)}, "
                                      f"the network has {tuple(own[k].shape)}")
                 own[k].copy_(t.to(own[k].dtype))
+
+    def receive(self, weights: Mapping[str, object], fourier_ratio: Optional[float] = None):
+        """Take the server's answer for this round.
+
+        Without PRR-FL: the global weights replace the model's shared keys. Under PRR-FL
+        the answer goes to the deputy only: with ``fourier_ratio`` it is the mean amplitudes
+        of :func:`fedharmony.fourier_aggregation.mean_amplitudes`, mixed into the deputy's own
+        spectrum; without it (the initial global model) plain weights, which also start the
+        personalized model when the site has not trained yet.
+        """
+        if self.deputy_transfer is None:
+            if fourier_ratio is not None:
+                raise ValueError(f"site {self.site_name!r}: received a Fourier aggregate but the bundle's "
+                                 "trainer is not PRR-FL's (no DeputyTransferIteration)")
+            self.load_weights(weights)
+            return
+        deputy = self.deputy_transfer.deputy
+        if fourier_ratio is None:
+            self.load_weights(weights, network=deputy)
+            if self.round == 0:
+                self.load_weights(weights)
+            return
+        own = {k: v.detach().cpu().numpy() for k, v in deputy.state_dict().items()}
+        shared = {k: v for k, v in weights.items() if not is_local_key(k, self.local_keys)}
+        try:
+            mixed = mix_amplitudes(own, {k: torch.as_tensor(v).numpy() for k, v in shared.items()}, fourier_ratio)
+        except ValueError as e:
+            raise ValueError(f"site {self.site_name!r}: cannot apply the Fourier aggregate: {e}") from None
+        self.load_weights({k: torch.from_numpy(mixed[k]) for k in shared}, network=deputy)
 
     @contextlib.contextmanager
     def weights_applied(self, weights: Optional[Mapping[str, object]]):
@@ -182,6 +232,8 @@ class BundleSite:
         state = self.trainer.state
         start_iteration = state.iteration
         state.max_epochs = state.epoch + local_epochs
+        if self.deputy_transfer is not None:
+            self.deputy_transfer.start_round()
         self.trainer.run()
         self.round += 1
         steps = self.trainer.state.iteration - start_iteration
@@ -231,6 +283,11 @@ class BundleSite:
             "best_metric": self.best_metric,
             "best_round": self.best_round,
             "personalized": self.personalized,
+            "deputy": None if self.deputy_transfer is None else {
+                "network": {k: v.detach().cpu().clone() for k, v in self.deputy_transfer.deputy.state_dict().items()},
+                "optimizer": self.deputy_transfer.deputy_optimizer.state_dict(),
+                "history": list(self.deputy_transfer.history),
+            },
         }, self.state_dir / STATE_FILE)
 
     def _load_state(self):
@@ -241,6 +298,14 @@ class BundleSite:
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.network.load_state_dict(state["network"])
             self.optimizer.load_state_dict(state["optimizer"])
+            deputy = state.get("deputy")
+            if (deputy is not None) != (self.deputy_transfer is not None):
+                kind = "a PRR-FL (personalized + deputy)" if deputy is not None else "a single-model"
+                raise ValueError(f"the saved state is {kind} site's; this bundle's trainer is not of that kind")
+            if deputy is not None:
+                self.deputy_transfer.deputy.load_state_dict(deputy["network"])
+                self.deputy_transfer.deputy_optimizer.load_state_dict(deputy["optimizer"])
+                self.deputy_transfer.history = [tuple(h) for h in deputy["history"]]
         except Exception as e:
             raise RuntimeError(f"site {self.site_name!r}: cannot restore state from {path} ({e}); "
                                "move the file away to start this site fresh") from e

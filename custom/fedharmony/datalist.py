@@ -130,6 +130,29 @@ def check_case(image_path: str | Path, label_path: Optional[str | Path], site: s
     return shapes[0]
 
 
+def read_split(datalist: str | Path, split: str, site: str = "") -> Tuple[List, dict]:
+    """The non-empty ``split`` list of a datalist file, and the whole file's content.
+
+    Raises:
+        SiteDataError: the file is missing or not a JSON object, or the split is missing or empty.
+    """
+    datalist = Path(datalist)
+    where = f"site {site!r}: " if site else ""
+    if not datalist.is_file():
+        raise SiteDataError(f"{where}datalist not found: {datalist}")
+    try:
+        content = json.loads(datalist.read_text())
+    except json.JSONDecodeError as e:
+        raise SiteDataError(f"{where}datalist {datalist} is not valid JSON: {e}") from None
+    if not isinstance(content, dict) or split not in content:
+        raise SiteDataError(f"{where}datalist {datalist} has no {split!r} list "
+                            f"(has {sorted(content) if isinstance(content, dict) else type(content).__name__})")
+    items = content[split]
+    if not isinstance(items, list) or not items:
+        raise SiteDataError(f"{where}datalist {datalist}: the {split!r} list is empty; the site has no data for it")
+    return items, content
+
+
 def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Path] = None,
                   site: str = "", check: bool = True, require_labels: bool = True) -> List[dict]:
     """Read one split of a site datalist into MONAI data dicts with absolute paths.
@@ -149,17 +172,7 @@ def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Pat
     """
     datalist = Path(datalist)
     where = f"site {site!r}: " if site else ""
-    if not datalist.is_file():
-        raise SiteDataError(f"{where}datalist not found: {datalist}")
-    try:
-        content = json.loads(datalist.read_text())
-    except json.JSONDecodeError as e:
-        raise SiteDataError(f"{where}datalist {datalist} is not valid JSON: {e}") from None
-    if split not in content:
-        raise SiteDataError(f"{where}datalist {datalist} has no {split!r} list (has {sorted(content)})")
-    items = content[split]
-    if not isinstance(items, list) or not items:
-        raise SiteDataError(f"{where}datalist {datalist}: the {split!r} list is empty; the site has no data for it")
+    items = read_split(datalist, split, site)[0]
     base = Path(base_dir) if base_dir else datalist.parent
     out = []
     for i, item in enumerate(items):

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 
-def write_round_metrics(records: Sequence[dict], out_dir: str | Path, tag: str = "val_mean_dice") -> Dict[str, Path]:
+def write_round_metrics(records: Sequence[dict], out_dir: str | Path, tag: str = "val_mean_dice",
+                        model: str = "global model") -> Dict[str, Path]:
     """Write ``metrics_by_round.csv`` (site, tag, round, value), ``summary.json`` and a plot of ``tag`` by round.
 
-    ``records`` are ``{"site", "tag", "round", "value"}`` dicts.
+    ``records`` are ``{"site", "tag", "round", "value"}`` dicts; ``model`` names what ``tag``
+    scores, for the plot (PRR-FL: the personalized model).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,16 +35,17 @@ def write_round_metrics(records: Sequence[dict], out_dir: str | Path, tag: str =
             last = [s["last"] for s in summary[key].values()]
             summary["mean_last" if key == "per_site" else "personalized_mean_last"] = sum(last) / len(last)
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    plot_by_round(series, paths["png"], tag, personal)
+    plot_by_round(series, paths["png"], tag, personal, model)
     return paths
 
 
 PERSONALIZED_SUFFIX = "_personalized"  # IOP-FL: the personalized model's score, next to the global one
+AFTER_TRAINING_SUFFIX = "_after_training"  # the site's model scored after local training (before communication)
 
 
 def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: str,
-                  personalized: Optional[Dict[str, Dict[int, float]]] = None):
-    """One line per site (global model); dashed, same colour: the site's personalized model if any."""
+                  personalized: Optional[Dict[str, Dict[int, float]]] = None, model: str = "global model"):
+    """One line per site (``model``); dashed, same colour: the site's IOP-FL personalized model if any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,12 +59,12 @@ def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: st
         if own:
             ax.plot(sorted(own), [own[r] for r in sorted(own)], linestyle="--", color=line.get_color(),
                     label=f"{site} personalized")
-    ax.set_xlabel("round (global model received)")
+    ax.set_xlabel("round (at its start)")
     ax.set_ylabel(tag)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{tag}, each site's validation split: global model"
+    ax.set_title(f"{tag}, each site's validation split: {model}"
                  + (" (solid), personalized (dashed)" if personalized else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -19,8 +19,22 @@ Tasks:
 
 IOP-FL (``personalize_alpha`` set): after local training the site updates its
 personalized model (``fedharmony.personalization``), scores it on its validation split
-next to the global model (tracked as ``val_mean_dice_personalized``), and still sends
+next to the global model (tracked as ``<key metric>_personalized``), and still sends
 the plain locally trained weights to the server, as FedAvg does.
+
+PRR-FL (the bundle's trainer is a ``DeputyTransferIteration``): the server's answer goes
+to the deputy (mean amplitudes mixed into the deputy's spectrum, see
+``fedharmony.fourier_aggregation``), the site's own model is its personalized model (what
+it scores, keeps as best and returns for cross-site evaluation), and the deputy is what
+it sends. The round's stages are logged and tracked (``prrfl_stage``: 1 recover,
+2 exchange, 3 sublimate, one value per local epoch).
+
+``score_after_training``: also score the site's model after local training (tracked as
+``<key metric>_after_training``): with the round-start score this shows what a
+communication does to the model a site uses (the "retrogress" of PRR-FL's paper).
+
+Metric names come from the bundle (its evaluator's key metric: ``val_mean_dice`` for the
+prostate bundle, ``val_macro_f1`` for the classification bundles).
 
 Where a site's data is (no job edit per site), first match wins:
   1. ``FEDHARMONY_DATASET_DIR``: this site's data folder (production sites);
@@ -46,15 +60,15 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from ..bundle_site import KEY_METRIC, BundleSite
+from ..bundle_site import BundleSite
+from ..deputy import STAGES
 from ..networks import layers_without_target, prime_targets, use_global_targets
-from ..results import PERSONALIZED_SUFFIX
-from .aggregator import NUM_SAMPLES
+from ..results import AFTER_TRAINING_SUFFIX, PERSONALIZED_SUFFIX
+from .aggregator import FOURIER_RATIO, NUM_SAMPLES
 from .site_errors import ERROR_HEADER
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
 DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"
-PERSONALIZED_METRIC = KEY_METRIC + PERSONALIZED_SUFFIX  # IOP-FL: "val_mean_dice_personalized"
 
 
 def resolve_dataset_dir(site: str, data_root: str = "") -> str:
@@ -120,14 +134,17 @@ class BundleExecutor(Executor):
         send_weight_diff: send the round's update (site model - received global model) as
             NVFlare ``WEIGHT_DIFF`` instead of the full weights, so NVFlare's privacy filters
             on differences (``PercentilePrivacy``, ``SVTPrivacy``) apply to what leaves the site.
+        score_after_training: also score the site's model on its validation split after local
+            training (PRR-FL always does: its personalized model is the site's result).
     """
 
     def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_files: Optional[list] = None,
                  data_root: str = "", local_epochs: int = 1,
                  local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
                  writer_id: str = "log_writer", personalize_alpha: Optional[float] = None,
-                 send_weight_diff: bool = False):
+                 send_weight_diff: bool = False, score_after_training: bool = False):
         super().__init__()
+        self.score_after_training = score_after_training
         self.send_weight_diff = send_weight_diff
         self.personalize_alpha = personalize_alpha
         self.bundle_root = bundle_root
@@ -198,34 +215,54 @@ class BundleExecutor(Executor):
     def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         model = FLModelUtils.from_shareable(shareable)
         current_round = model.current_round if model.current_round is not None else site.round
+        meta = model.meta or {}
         t0 = time.time()
         # a copy: training may write into arrays that share memory with the received ones
         received = {k: np.array(v, copy=True) for k, v in (model.params or {}).items()} if self.send_weight_diff else {}
-        site.load_weights(_to_tensors(model.params or {}))  # the global model, with this site's local keys
+        # the global model with this site's local keys (PRR-FL: into the deputy)
+        site.receive(_to_tensors(model.params or {}), meta.get(FOURIER_RATIO))
         use_global_targets(site.network)  # HarmoFL: a received amplitude target is the global one, keep it
         if layers_without_target(site.network):  # HarmoFL round 0: the initial global model has no target yet
             prime_targets(site.network, next(iter(site.trainer.data_loader))["image"])
-        metrics = site.evaluate(None, "validation")
+        key = site.key_metric
+        metrics = site.evaluate(None, "validation")  # the model the site now uses (PRR-FL: its personalized one)
+        prrfl = site.deputy_transfer is not None
         if site.personalize_alpha is None:
-            site.record_metric(metrics[KEY_METRIC])
+            site.record_metric(metrics[key])
         t_eval = time.time() - t0
-        mu = (model.meta or {}).get(AlgorithmConstants.FEDPROX_MU)
+        mu = meta.get(AlgorithmConstants.FEDPROX_MU)
         steps = site.train(None, self.local_epochs, fedprox_mu=mu)  # saves the site state (personalized model too)
-        tracked = {KEY_METRIC: metrics[KEY_METRIC]}
+        tracked = {key: metrics[key]}
         note = ""
         if site.personalized is not None:  # IOP-FL: score the personalized model after this round's update
             with torch.random.fork_rng():  # leaves the training RNG stream, hence the FedAvg underneath, untouched
-                personal = site.evaluate(site.personalized, "validation")[KEY_METRIC]
+                personal = site.evaluate(site.personalized, "validation")[key]
             site.record_metric(personal, site.personalized)
             site.save_state()  # the best score too, for a site process that restarts before the next round
-            tracked[PERSONALIZED_METRIC] = personal
+            tracked[key + PERSONALIZED_SUFFIX] = personal
             note = f", personalized {personal:.4f}"
+        if self.score_after_training or prrfl:
+            with torch.random.fork_rng():
+                after = site.evaluate(None, "validation")[key]
+            tracked[key + AFTER_TRAINING_SUFFIX] = after
+            note += f", after training {after:.4f}"
+            if prrfl:  # the personalized model is the site's result: keep its best
+                site.record_metric(after)
+                site.save_state()
+        stages = []
+        if prrfl:
+            stages = [h[1] for h in site.deputy_transfer.history[-self.local_epochs:]]
+            note += f", stages {'/'.join(stages)}"
         t_task = time.time() - t0
-        self.log_info(fl_ctx, f"round {current_round}: global {KEY_METRIC} {metrics[KEY_METRIC]:.4f}{note}, "
-                              f"{steps} local steps, task {t_task:.1f} s (validation {t_eval:.1f} s)")
+        self.log_info(fl_ctx, f"round {current_round}: {'personalized' if prrfl else 'global'} {key} "
+                              f"{metrics[key]:.4f}{note}, {steps} local steps, task {t_task:.1f} s "
+                              f"(validation {t_eval:.1f} s)")
         if self.writer is not None:
             for tag, value in tracked.items():
                 self.writer.add_scalar(tag, value, global_step=current_round)
+            for epoch, stage in enumerate(stages):
+                self.writer.add_scalar("prrfl_stage", STAGES.index(stage) + 1,
+                                       global_step=current_round * self.local_epochs + epoch)
             self.writer.add_scalar("site_task_seconds", t_task, global_step=current_round)
         params, params_type = _to_numpy(site.shared_weights()), ParamsType.FULL
         if self.send_weight_diff:

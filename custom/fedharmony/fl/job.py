@@ -26,8 +26,9 @@ from nvflare.recipe.spec import Recipe
 
 import fedharmony
 
-from .aggregator import SiteUpdateAggregator
+from .aggregator import FourierAggregator, SiteUpdateAggregator
 from .executor import BundleExecutor
+from .. import deputy, fourier_aggregation
 from ..personalization import check_personalization_alpha
 from .persistor import BundleModelPersistor
 from .pool import ModelPoolWriter
@@ -38,7 +39,7 @@ from .summary import RoundSummaryWriter
 # "bn1" / "norm1", and DenseNet's "norm". FedBN keeps them on each site.
 NORM_LAYER_KEYS = r"(\.adn\.N\.|(^|\.)(bn|norm)\d*\.)"
 
-ALGORITHMS = ("fedavg", "fedprox", "fedbn", "harmofl", "iopfl")
+ALGORITHMS = ("fedavg", "fedprox", "fedbn", "harmofl", "iopfl", "prrfl")
 HARMOFL_CONFIG = "configs/harmofl.json"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedharmony.__file__))
 
@@ -53,7 +54,11 @@ class FedHarmonyRecipe(Recipe):
             perturbation; the server averages the amplitude target with the weights),
             ``iopfl`` (FedAvg underneath; each site keeps a personalized model, scores it
             every round, returns it for cross-site evaluation; the server writes the model
-            pool, global + personalized models, to ``<run dir>/model_pool/`` at the end).
+            pool, global + personalized models, to ``<run dir>/model_pool/`` at the end),
+            ``prrfl`` (each site trains a personalized model and a deputy with deputy-enhanced
+            transfer; the server aggregates the deputies with progressive Fourier aggregation;
+            norm layers stay on the sites; the personalized models are the result: what
+            sites score, keep and return for cross-site evaluation. There is no global model).
         bundle_dir: the MONAI bundle to train (shipped inside the job).
         num_rounds: FL rounds to run (from ``start_round``).
         min_clients: sites needed to start the job and to go on with it. Every round trains
@@ -92,6 +97,12 @@ class FedHarmonyRecipe(Recipe):
             name its classes in their ``class_allow_list``), for sites that forbid custom code.
         memory_gc_rounds: NVFlare's server-side ``gc.collect`` + ``malloc_trim`` every N rounds
             (0 = off).
+        prrfl_r0, prrfl_r1: PRR-FL's shared spectral ratio grows from r0 (round 0) towards r1
+            (released 0.7, 0.95); both in (0, 1], r0 <= r1.
+        prrfl_alpha1, prrfl_alpha2: PRR-FL's stage thresholds (released 0.7, 0.9).
+        prrfl_weighted: weight the mean amplitude by training-set size (default: uniform, as released).
+        score_after_training: sites also score their model after local training (tracked as
+            ``<key metric>_after_training``; always on for ``prrfl``).
     """
 
     def __init__(self, algorithm: str = "fedavg", bundle_dir: str = "bundles/prostate_mri_seg", num_rounds: int = 10,
@@ -102,7 +113,10 @@ class FedHarmonyRecipe(Recipe):
                  image_size: Optional[int] = None, iop_alpha: Optional[float] = None,
                  initial_model: Optional[str] = None, start_round: int = 0,
                  privacy_percentile: Optional[float] = None, privacy_gamma: float = 0.01,
-                 ship_code: bool = True, memory_gc_rounds: int = 0, cross_site_timeout: Optional[int] = None):
+                 ship_code: bool = True, memory_gc_rounds: int = 0, cross_site_timeout: Optional[int] = None,
+                 prrfl_r0: Optional[float] = None, prrfl_r1: Optional[float] = None,
+                 prrfl_alpha1: Optional[float] = None, prrfl_alpha2: Optional[float] = None,
+                 prrfl_weighted: bool = False, score_after_training: bool = False):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
@@ -140,10 +154,29 @@ class FedHarmonyRecipe(Recipe):
             iop_alpha = check_personalization_alpha(0.1 if iop_alpha is None else iop_alpha)
         elif iop_alpha is not None:
             raise ValueError(f"iop_alpha is an IOP-FL setting; algorithm is {algorithm!r}")
+        prrfl = {"prrfl_r0": prrfl_r0, "prrfl_r1": prrfl_r1, "prrfl_alpha1": prrfl_alpha1,
+                 "prrfl_alpha2": prrfl_alpha2}
+        if algorithm == "prrfl":
+            if privacy_percentile is not None:
+                raise ValueError("PRR-FL's server needs each site's full deputy (Fourier aggregation is not a "
+                                 "mean of differences); drop privacy_percentile")
+            if initial_model is not None:
+                raise ValueError("a PRR-FL job cannot resume from a server checkpoint: it holds mean amplitudes, "
+                                 "and the personalized models live in the sites' run folders of the old job")
+            r0, r1 = fourier_aggregation.check_schedule(
+                fourier_aggregation.DEFAULT_R0 if prrfl_r0 is None else prrfl_r0,
+                fourier_aggregation.DEFAULT_R1 if prrfl_r1 is None else prrfl_r1)
+            overrides.update(deputy.bundle_overrides(
+                deputy.DEFAULT_ALPHA1 if prrfl_alpha1 is None else prrfl_alpha1,
+                deputy.DEFAULT_ALPHA2 if prrfl_alpha2 is None else prrfl_alpha2))
+        elif any(v is not None for v in prrfl.values()) or prrfl_weighted:
+            raise ValueError(f"{sorted(k for k, v in prrfl.items() if v is not None) or ['prrfl_weighted']} "
+                             f"are PRR-FL settings; algorithm is {algorithm!r}")
         _check_override_ids(bundle_dir, config_files, overrides)
+        key_metric = bundle_key_metric(bundle_dir, config_files)
         bundle_name = os.path.basename(os.path.normpath(bundle_dir))
         app_bundle_root = f"config/{bundle_name}"
-        local_keys = NORM_LAYER_KEYS if algorithm == "fedbn" else ""
+        local_keys = NORM_LAYER_KEYS if algorithm in ("fedbn", "prrfl") else ""
         self.algorithm = algorithm
 
         job = FedJob(name=name or f"{bundle_name}_{algorithm}", min_clients=min_clients)
@@ -153,23 +186,32 @@ class FedHarmonyRecipe(Recipe):
         persistor = BundleModelPersistor(bundle_root=app_bundle_root, config_file=config_files, overrides=overrides,
                                          source_ckpt_file_full_name=initial_model)
         job.to_server(persistor, id="persistor")
-        aggregator = SiteUpdateAggregator(local_keys=local_keys, persistor_id="persistor")
+        if algorithm == "prrfl":
+            aggregator = FourierAggregator(num_rounds=start_round + num_rounds, r0=r0, r1=r1, local_keys=local_keys,
+                                           persistor_id="persistor", weigh_by_samples=prrfl_weighted)
+        else:
+            aggregator = SiteUpdateAggregator(local_keys=local_keys, persistor_id="persistor")
         # num_clients=0: every round goes to all connected sites (a number would sample that many)
         job.to_server(FedAvg(num_clients=0, num_rounds=num_rounds, start_round=start_round, persistor_id="persistor",
                              aggregator=aggregator, fedprox_mu=mu if algorithm == "fedprox" else None,
                              memory_gc_rounds=memory_gc_rounds),
                       id="fedavg")
         if cross_site_eval:
-            job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
+            # PRR-FL has no global model (its server checkpoint holds mean amplitudes): only the sites' models
+            locator = ""
+            if algorithm != "prrfl":
+                locator = "model_locator"
+                job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id=locator)
             timeouts = {} if cross_site_timeout is None else {"submit_model_timeout": int(cross_site_timeout),
                                                                "validation_timeout": int(cross_site_timeout)}
-            job.to_server(CrossSiteModelEval(model_locator_id="model_locator", **timeouts), id="cross_site_eval")
+            job.to_server(CrossSiteModelEval(model_locator_id=locator, **timeouts), id="cross_site_eval")
             job.to_server(ValidationJsonGenerator(), id="json_generator")
         if algorithm == "iopfl":
             job.to_server(ModelPoolWriter(persistor_id="persistor", config_files=config_files, overrides=overrides),
                           id="model_pool_writer")
         job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
-        job.to_server(RoundSummaryWriter(), id="round_summary")
+        job.to_server(RoundSummaryWriter(tag=key_metric, model="personalized model" if algorithm == "prrfl"
+                                         else "global model"), id="round_summary")
         job.to_server(SiteErrorLogger(), id="site_errors")
         job.to_server({"server": {"task_request_interval": task_request_interval}})
 
@@ -177,7 +219,8 @@ class FedHarmonyRecipe(Recipe):
         executor = BundleExecutor(bundle_root=app_bundle_root, config_files=config_files, data_root=data_root,
                                   local_epochs=local_epochs, local_keys=local_keys, overrides=overrides,
                                   num_threads=num_threads, personalize_alpha=iop_alpha,
-                                  send_weight_diff=privacy_percentile is not None)
+                                  send_weight_diff=privacy_percentile is not None,
+                                  score_after_training=score_after_training)
         job.to_clients(executor, tasks=["train", "validate", "submit_model"])
         job.to_clients(TBWriter(event_type="analytix_log_stats"), id="log_writer")
         job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
@@ -224,3 +267,17 @@ def _check_override_ids(bundle_dir: str, config_files, overrides: dict):
     unknown = sorted(k for k in overrides if k not in parser)
     if unknown:
         raise KeyError(f"unknown bundle config id(s) in overrides: {unknown} (not in {bundle_dir} {config_files})")
+
+
+def bundle_key_metric(bundle_dir: str, config_files) -> str:
+    """The bundle's key validation metric (first key of ``validate#evaluator#key_val_metric``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(bundle_dir, f) for f in config_files])
+    metric = parser["validate#evaluator#key_val_metric"]
+    while isinstance(metric, str) and metric.startswith("@"):
+        metric = parser[metric[1:]]
+    if not isinstance(metric, dict) or not metric:
+        raise KeyError(f"{bundle_dir}: validate#evaluator#key_val_metric is not a {{name: metric}} dict")
+    return next(iter(metric))

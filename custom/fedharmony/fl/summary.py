@@ -20,8 +20,10 @@ class RoundSummaryWriter(AnalyticsReceiver):
     dies) without redrawing the plot on every message.
     """
 
-    def __init__(self, out_folder: str = "results", tag: str = "val_mean_dice", events: Optional[List[str]] = None):
+    def __init__(self, out_folder: str = "results", tag: str = "val_mean_dice", events: Optional[List[str]] = None,
+                 model: str = "global model"):
         super().__init__(events=events or ["fed.analytix_log_stats"])
+        self.model = model
         self.out_folder = out_folder
         self.tag = tag
         self.records: List[dict] = []
@@ -40,9 +42,9 @@ class RoundSummaryWriter(AnalyticsReceiver):
             tagged = [r for r in self.records if r["tag"] == self.tag]
             sites = {r["site"] for r in tagged}
             if sum(r["round"] == data.step for r in tagged) == len(sites):
-                write_round_metrics(self.records, self.out_dir, self.tag)
+                write_round_metrics(self.records, self.out_dir, self.tag, self.model)
 
     def finalize(self, fl_ctx: FLContext):
         if self.records:
-            paths = write_round_metrics(self.records, self.out_dir, self.tag)
+            paths = write_round_metrics(self.records, self.out_dir, self.tag, self.model)
             self.log_info(fl_ctx, f"round metrics written: {', '.join(str(p) for p in paths.values())}")

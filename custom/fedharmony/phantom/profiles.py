@@ -9,9 +9,10 @@ a user can pass another file of the same form to add an unseen scanner.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from ._common import load_profile_file
 
 DEFAULT_PROFILE_FILE = Path(__file__).with_name("prostate_sites.json")
 
@@ -82,28 +83,7 @@ class SiteProfile:
 
 def load_profiles(path: Optional[str | Path] = None) -> Dict[str, SiteProfile]:
     """Read a profile file (default: the six phantom prostate sites), keyed by site name."""
-    path = Path(path) if path else DEFAULT_PROFILE_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"profile file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"profile file {path} is not valid JSON: {e}") from None
-    entries = raw.get("sites") if isinstance(raw, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"profile file {path} must hold {{'sites': [ {{'name': ...}}, ... ]}}")
-    fields = {f.name for f in dataclasses.fields(SiteProfile)}
-    profiles = {}
-    for entry in entries:
-        unknown = set(entry) - fields
-        if unknown or "name" not in entry:
-            raise ValueError(f"profile file {path}: entry {entry.get('name', '?')!r} has unknown keys "
-                             f"{sorted(unknown)} or no 'name'; known keys: {sorted(fields)}")
-        entry = dict(entry)
-        if "bias_center" in entry:
-            entry["bias_center"] = tuple(entry["bias_center"])
-        profiles[entry["name"]] = SiteProfile(**entry)
-    return profiles
+    return load_profile_file(path, DEFAULT_PROFILE_FILE, SiteProfile, "site")
 
 
 def select_profiles(profiles: Dict[str, SiteProfile], names: Optional[Sequence[str]]) -> List[SiteProfile]:

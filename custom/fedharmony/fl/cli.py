@@ -1,0 +1,117 @@
+"""The command line of every fedharmony job script (``jobs/<task>.py``): one flag set, any bundle.
+
+The algorithm is the job's choice (``--algorithm``), the task is the bundle's (``--bundle``,
+defaulted by each job script).
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from nvflare.recipe import SimEnv  # consumes NVFlare's own --export / --export-dir flags
+
+from .job import ALGORITHMS, FedHarmonyRecipe
+
+
+def saved_round(checkpoint: str) -> int:
+    """The round an NVFlare global-model checkpoint (``FL_global_model.pt``) was saved after."""
+    import torch
+
+    try:
+        meta = torch.load(checkpoint, map_location="cpu", weights_only=True).get("meta_props") or {}
+    except Exception as e:  # not there, not readable here, or not a checkpoint
+        sys.exit(f"--initial-model {checkpoint}: cannot read its round ({type(e).__name__}: {e}); "
+                 f"give --start-round")
+    if "current_round" not in meta:
+        sys.exit(f"--initial-model {checkpoint} does not say its round; give --start-round")
+    return int(meta["current_round"])
+
+
+def main(default_bundle: str, description: str = __doc__, argv=None, default_overrides: Optional[dict] = None) -> int:
+    """Parse the job flags, build the recipe, run it in the simulator (or export it with NVFlare's
+    own ``--export`` / ``--export-dir`` flags, which ``SimEnv`` consumes).
+
+    ``default_overrides``: bundle overrides of this job script (e.g. ``{"task": "histology"}``),
+    under the user's ``--override``.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal strength")
+    p.add_argument("--amp-mode", choices=["paper", "released", "off"], help="HarmoFL amplitude normalization")
+    p.add_argument("--amp-ratio", type=float, help="HarmoFL window ratio L in [0, 0.5]")
+    p.add_argument("--wp-alpha", type=float, help="HarmoFL weight perturbation strength (0 = off)")
+    p.add_argument("--image-size", type=int, help="HarmoFL common in-plane size (multiple of 16)")
+    p.add_argument("--iop-alpha", type=float, help="IOP-FL personalization weight a in [0, 1) (default 0.1)")
+    p.add_argument("--sites", type=int, default=6, help="number of simulated sites (site-1 ... site-N)")
+    p.add_argument("--threads", type=int, default=0, help="simulator threads (default: one per site)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads per site process")
+    p.add_argument("--data-root", default="", help="folder of site folders (default: $FEDHARMONY_DATA_ROOT)")
+    p.add_argument("--bundle", default=default_bundle, help=f"MONAI bundle folder (default {default_bundle})")
+    p.add_argument("--workspace", default="/tmp/nvflare/fedharmony", help="simulator workspace root")
+    p.add_argument("--override", default="{}", help='bundle overrides as JSON, e.g. \'{"learning_rate": 0.001}\'')
+    p.add_argument("--name", help="job name (default <bundle name>_<algorithm>, or <task>_<algorithm>)")
+    p.add_argument("--no-cross-site-eval", action="store_true")
+    p.add_argument("--min-clients", type=int, help="sites needed to start and to go on (default: --sites)")
+    p.add_argument("--cross-site-timeout", type=int,
+                   help="seconds cross-site evaluation waits for a site (default NVFlare's 600 / 6000)")
+    p.add_argument("--no-custom-code", action="store_true",
+                   help="ship no code: sites and server run their installed fedharmony package")
+    p.add_argument("--privacy-percentile", type=float,
+                   help="share only update values above this percentile (NVFlare PercentilePrivacy)")
+    p.add_argument("--privacy-gamma", type=float, default=0.01, help="clip shared update values to +-gamma per local step")
+    p.add_argument("--initial-model", help="server-side checkpoint to start from, e.g. the FL_global_model.pt "
+                                           "of a run whose server died")
+    p.add_argument("--start-round", type=int, help="number of the first round (default: 0, or the round after "
+                                                   "the one --initial-model was saved at)")
+    p.add_argument("--memory-gc-rounds", type=int, default=0, help="server gc + malloc_trim every N rounds")
+    p.add_argument("--prrfl-r0", type=float, help="PRR-FL: shared spectral ratio at round 0 (default 0.7)")
+    p.add_argument("--prrfl-r1", type=float, help="PRR-FL: ratio the schedule grows towards (default 0.95)")
+    p.add_argument("--prrfl-alpha1", type=float, help="PRR-FL: recover threshold (default 0.7)")
+    p.add_argument("--prrfl-alpha2", type=float, help="PRR-FL: sublimate threshold (default 0.9)")
+    p.add_argument("--prrfl-weighted", action="store_true",
+                   help="PRR-FL: weight the mean amplitude by training-set size (default uniform)")
+    p.add_argument("--score-after-training", action="store_true",
+                   help="sites also score their model after local training (the retrogress curve)")
+    args = p.parse_args(argv)
+    try:
+        overrides = json.loads(args.override)
+    except json.JSONDecodeError as e:
+        p.error(f"--override is not JSON: {e}")
+    if not isinstance(overrides, dict):
+        p.error(f"--override must be a JSON object of bundle config ids, got {args.override!r}")
+    overrides = {**(default_overrides or {}), **overrides}
+    start_round = args.start_round
+    if start_round is None:
+        start_round = saved_round(args.initial_model) + 1 if args.initial_model else 0
+        if args.initial_model:
+            print(f"resuming from {args.initial_model} (saved after round {start_round - 1}): "
+                  f"rounds {start_round} .. {start_round + args.rounds - 1}")
+    try:
+        recipe = FedHarmonyRecipe(
+            algorithm=args.algorithm, bundle_dir=args.bundle, num_rounds=args.rounds,
+            min_clients=args.min_clients or args.sites,
+            local_epochs=args.local_epochs, mu=args.mu,
+            data_root=os.path.abspath(args.data_root) if args.data_root else "",
+            overrides=overrides, num_threads=args.torch_threads, cross_site_eval=not args.no_cross_site_eval,
+            name=args.name or (f"{overrides['task']}_{args.algorithm}" if 'task' in overrides else None),
+            amp_mode=args.amp_mode, amp_ratio=args.amp_ratio, wp_alpha=args.wp_alpha,
+            image_size=args.image_size, iop_alpha=args.iop_alpha,
+            initial_model=os.path.abspath(args.initial_model) if args.initial_model else None,
+            start_round=start_round, privacy_percentile=args.privacy_percentile,
+            privacy_gamma=args.privacy_gamma, ship_code=not args.no_custom_code,
+            memory_gc_rounds=args.memory_gc_rounds, cross_site_timeout=args.cross_site_timeout,
+            prrfl_r0=args.prrfl_r0, prrfl_r1=args.prrfl_r1, prrfl_alpha1=args.prrfl_alpha1,
+            prrfl_alpha2=args.prrfl_alpha2, prrfl_weighted=args.prrfl_weighted,
+            score_after_training=args.score_after_training)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        p.error(str(e))
+    run = recipe.execute(SimEnv(num_clients=args.sites, num_threads=args.threads or args.sites,
+                                workspace_root=args.workspace))
+    if run is not None:
+        print(f"workspace: {run.get_result()}")
+    return 0
+

@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Federated classification of the dermoscopy sites (4 sources; nevus / benign keratosis / melanoma, 128 x 128 RGB) on NVFlare.
+
+The image-classification bundle with task "dermoscopy"; the same flags as jobs/prostate.py:
+    python jobs/dermoscopy.py --algorithm fedavg --data-root data/dermoscopy --sites 4 --rounds 10
+    python jobs/dermoscopy.py --algorithm prrfl  --data-root data/dermoscopy --sites 4 --rounds 10 --local-epochs 2
+    python jobs/dermoscopy.py --algorithm harmofl ...   # or fedprox, fedbn, iopfl
+    python jobs/dermoscopy.py --algorithm fedbn --export --export-dir build/jobs
+Sites are found as for prostate: --data-root (a folder of site folders with sites.json),
+$FEDHARMONY_DATA_ROOT or, on a production site, $FEDHARMONY_DATASET_DIR.
+"""
+
+import os
+import sys
+
+from fedharmony.fl.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles",
+                               "image_classification"), __doc__, default_overrides={"task": "dermoscopy"}))

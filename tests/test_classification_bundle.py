@@ -1,0 +1,194 @@
+"""The image-classification bundle with MONAI's own CLI, and PRR-FL / HarmoFL jobs on the real NVFlare simulator."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_CLS_OVERRIDES, TINY_OVERRIDES
+
+CLS_BUNDLE = REPO / "bundles" / "image_classification"
+
+
+def _bundle_run(*args, cwd):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(CLS_BUNDLE), *args]
+    for k, v in TINY_CLS_OVERRIDES.items():
+        cmd += [f"--{k}", str(v)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_train_evaluate_and_infer_with_monai_bundle_cli(tiny_dermoscopy, tmp_path):
+    site = tiny_dermoscopy / "clientA"
+    ckpt = tmp_path / "models"
+    res = _bundle_run("--config_file", str(CLS_BUNDLE / "configs" / "train.json"), "--dataset_dir", str(site),
+                      "--ckpt_dir", str(ckpt), "--output_dir", str(tmp_path / "eval"), "--num_epochs", "2",
+                      "--val_interval", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (ckpt / "model.pt").is_file()
+
+    configs = f"['{CLS_BUNDLE / 'configs' / 'train.json'}','{CLS_BUNDLE / 'configs' / 'evaluate.json'}']"
+    res = _bundle_run("--config_file", configs, "--dataset_dir", str(site), "--ckpt_dir", str(ckpt),
+                      "--output_dir", str(tmp_path / "eval"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r[0]: float(r[1]) for r in csv.reader(open(tmp_path / "eval" / "metrics.csv"), delimiter=",")}
+    assert set(rows) == {"val_macro_f1", "val_accuracy", "val_auc"}
+    assert all(0.0 <= v <= 1.0 for v in rows.values())
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((site / "img_resize128").glob("*.png"))[:5]:
+        shutil.copy(p, images / p.name)
+    res = _bundle_run("--config_file", str(CLS_BUNDLE / "configs" / "inference.json"), "--input_dir", str(images),
+                      "--output_dir", str(tmp_path / "pred"), "--ckpt_path", str(ckpt / "model.pt"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert len(table) == 5 and list(table[0]) == ["image", "nv", "bkl", "mel", "predicted"]
+    assert {os.path.basename(r["image"]) for r in table} == {p.name for p in images.iterdir()}
+    for r in table:
+        probs = [float(r[c]) for c in ("nv", "bkl", "mel")]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert r["predicted"] == ("nv", "bkl", "mel")[probs.index(max(probs))]
+
+
+def test_histology_task_and_a_corrupt_image_is_named(tiny_histology, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_histology, data, symlinks=True)
+    site = data / "hospital_0"
+    listed = json.loads((site / "datalist.json").read_text())["training"][0]["image"]
+    corrupt = (site / listed).resolve()
+    corrupt.write_bytes(b"\x89PNG not really")
+    res = _bundle_run("--config_file", str(CLS_BUNDLE / "configs" / "train.json"), "--task", "histology",
+                      "--dataset_dir", str(site), "--ckpt_dir", str(tmp_path / "m"), "--num_epochs", "1",
+                      cwd=tmp_path)
+    assert res.returncode != 0
+    assert str(corrupt) in res.stderr and "hospital_0" in res.stderr
+
+
+def test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models(tiny_dermoscopy, tmp_path):
+    import numpy as np
+
+    from fedharmony.bundle_site import BundleSite
+    from fedharmony.deputy import bundle_overrides
+    from fedharmony.fl.job import NORM_LAYER_KEYS
+    from fedharmony.fourier_aggregation import mean_amplitudes, mix_amplitudes
+
+    def make_site():
+        return BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "state"), "clientA",
+                          local_keys=NORM_LAYER_KEYS, overrides={**TINY_CLS_OVERRIDES, **bundle_overrides()})
+
+    site = make_site()
+    assert site.key_metric == "val_macro_f1"
+    site.train(None, local_epochs=2)
+    personal = site.state_dict()
+    deputy = {k: v.numpy() for k, v in site.deputy_transfer.deputy.state_dict().items()}
+    sent = site.shared_weights()
+    assert all(torch.equal(sent[k], torch.from_numpy(deputy[k])) for k in sent)  # the deputy is what leaves
+    assert not any("adn.N" in k for k in sent)  # norm layers stay on the site
+
+    other = {k: v.numpy() * 0.5 + 0.01 for k, v in sent.items()}
+    aggregate = mean_amplitudes([{k: v.numpy() for k, v in sent.items()}, other])
+    site.receive({k: torch.from_numpy(v) for k, v in aggregate.items()}, fourier_ratio=0.8)
+    expected = mix_amplitudes(deputy, aggregate, 0.8)
+    got = site.deputy_transfer.deputy.state_dict()
+    for k in got:
+        np.testing.assert_allclose(got[k].numpy(), expected[k], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(personal[k], v) for k, v in site.state_dict().items())  # p untouched
+    site.save_state()
+
+    restored = make_site()  # a new process: both models, both optimizers and the stages come back
+    assert restored.round == 1 and len(restored.deputy_transfer.history) == 2
+    assert all(torch.equal(v, got[k]) for k, v in restored.deputy_transfer.deputy.state_dict().items())
+    assert restored.deputy_transfer.deputy_optimizer.state_dict()["state"]
+    with pytest.raises(ValueError, match="not PRR-FL's"):
+        BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "plain"), "clientA",
+                   overrides=TINY_CLS_OVERRIDES).receive(sent, fourier_ratio=0.8)
+    with pytest.raises(RuntimeError, match="single-model|PRR-FL"):  # a FedAvg site cannot take a PRR-FL state
+        BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "state"), "clientA",
+                   overrides=TINY_CLS_OVERRIDES)
+
+
+# ---------------------------------------------------------------- federations on the NVFlare simulator
+def _simulate(job_script, algorithm, data_root, tmp_path, overrides, *flags, sites=2, threads=1, rounds=2):
+    out = tmp_path / "jobs"
+    cmd = [sys.executable, str(REPO / "jobs" / job_script), "--algorithm", algorithm, "--rounds", str(rounds),
+           "--sites", str(sites), "--override", json.dumps(overrides), *flags, "--export", "--export-dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    job = next(out.iterdir())
+    ws = tmp_path / "ws"
+    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data_root)}
+    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    res = subprocess.run([nvflare, "simulator", str(job), "-w", str(ws), "-n", str(sites), "-t", str(threads)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return ws, ws / "server" / "simulate_job"
+
+
+@pytest.mark.integration
+def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermoscopy, tmp_path):
+    from fedharmony.deputy import RECOVER
+    from fedharmony.fl.aggregator import FOURIER_RATIO
+    from fedharmony.fourier_aggregation import ratio_schedule
+
+    # -t 1: each task in a fresh site process, so both models and optimizers must come back from disk
+    ws, run = _simulate("dermoscopy.py", "prrfl", tiny_dermoscopy, tmp_path, TINY_CLS_OVERRIDES,
+                        "--local-epochs", "2")
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    for tag in ("val_macro_f1", "val_macro_f1_after_training"):
+        assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
+            {(s, t) for s in ("site-1", "site-2") for t in (0, 1)}, tag
+    stages = {(r["site"], int(r["round"])): float(r["value"]) for r in rows if r["tag"] == "prrfl_stage"}
+    assert {stages[(s, e)] for s in ("site-1", "site-2") for e in (0, 2)} == {1.0}  # each round starts in recover
+
+    states = {s: torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
+              for s in ("site-1", "site-2")}
+    for s, st in states.items():
+        assert st["round"] == 2 and st["deputy"] is not None
+        assert [h[1] for h in st["deputy"]["history"]][0::2] == [RECOVER, RECOVER]  # first epoch of each round
+        assert st["deputy"]["optimizer"]["state"] and st["optimizer"]["state"]  # both optimizers kept
+        personal, deputy = st["network"], st["deputy"]["network"]
+        assert not all(torch.equal(personal[k], deputy[k]) for k in personal)
+        log = (ws / s / "log.txt").read_text()
+        assert "round 1: personalized val_macro_f1" in log and "stages recover/" in log
+    # the server's answer is mixed with each site's own phase: the deputies stay site-specific
+    conv = next(k for k, v in states["site-1"]["deputy"]["network"].items() if v.ndim == 4)
+    assert not torch.allclose(states["site-1"]["deputy"]["network"][conv], states["site-2"]["deputy"]["network"][conv])
+
+    ckpt = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=False)
+    assert ckpt["meta_props"][FOURIER_RATIO] == pytest.approx(ratio_schedule(1, 2))
+    # cross-site evaluation: only the sites' personalized models (there is no global model)
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    for site in ("site-1", "site-2"):
+        assert set(cse[site]) == {"site-1", "site-2"}
+        assert set(cse[site][site]) == {"val_macro_f1", "val_accuracy", "val_auc"}
+    server_log = (ws / "server" / "log.txt").read_text()
+    assert "Fourier aggregation of 2 deputies, shared ratio L = 0.7000" in server_log
+
+
+@pytest.mark.integration
+def test_prrfl_on_the_prostate_sites(tiny_sites, tmp_path):
+    ws, run = _simulate("prostate.py", "prrfl", tiny_sites, tmp_path, TINY_OVERRIDES, threads=2)
+    summary = json.loads((run / "results" / "summary.json").read_text())
+    assert summary["tag"] == "val_mean_dice" and set(summary["per_site"]) == {"site-1", "site-2"}
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    assert set(cse["site-1"]) == {"site-1", "site-2"}
+
+
+@pytest.mark.integration
+def test_harmofl_and_fedbn_jobs_run_on_the_histology_sites(tiny_histology, tmp_path):
+    for algorithm in ("harmofl", "fedbn"):
+        work = tmp_path / algorithm
+        work.mkdir()
+        ws, run = _simulate("histology.py", algorithm, tiny_histology, work, TINY_CLS_OVERRIDES, rounds=1,
+                            threads=2)
+        cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+        assert {"site-1", "site-2"} <= set(cse["site-1"])
+        if algorithm == "harmofl":  # the amplitude target (3 RGB channels at 32 x 32) reached the global model
+            glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
+            target = [v for k, v in glob.items() if "target" in k]
+            assert target and tuple(torch.as_tensor(target[0]).shape)[-3:][0] == 3
