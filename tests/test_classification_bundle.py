@@ -112,6 +112,16 @@ def test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models(tiny_
                    overrides=TINY_CLS_OVERRIDES)
 
 
+def test_an_unknown_task_is_named_by_the_job_script_and_the_bundle(tiny_dermoscopy, tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "histology.py"), "--override", '{"task": "histolgy"}',
+                          "--export", "--export-dir", str(tmp_path / "jobs")], capture_output=True, text=True)
+    assert res.returncode != 0 and "unknown task 'histolgy'" in res.stderr and "'histology'" in res.stderr
+    assert not (tmp_path / "jobs").exists()
+    res = _bundle_run("--config_file", str(CLS_BUNDLE / "configs" / "train.json"), "--task", "histolgy",
+                      "--dataset_dir", str(tiny_dermoscopy / "clientA"), cwd=tmp_path)
+    assert res.returncode != 0 and "unknown task 'histolgy'; the bundle defines ['dermoscopy', 'histology']" in res.stderr
+
+
 # ---------------------------------------------------------------- federations on the NVFlare simulator
 def _simulate(job_script, algorithm, data_root, tmp_path, overrides, *flags, sites=2, threads=1, rounds=2):
     out = tmp_path / "jobs"

@@ -412,3 +412,12 @@ def class_counts_markdown(site_dirs: Sequence[str | Path]) -> str:
     head = [f"| site | images | training ({label}) | validation ({label}) | testing ({label}) | "
             f"cases train / val / test |", "|---|---|---|---|---|---|"]
     return "\n".join(head + rows)
+
+
+def task_setting(tasks: Dict[str, dict], task: str, key: str):
+    """``tasks[task][key]`` of the classification bundle's config, with an error that names the task."""
+    if task not in tasks:
+        raise KeyError(f"unknown task {task!r}; the bundle defines {sorted(tasks)}")
+    if key not in tasks[task]:
+        raise KeyError(f"task {task!r} has no {key!r} in the bundle's 'tasks'")
+    return tasks[task][key]

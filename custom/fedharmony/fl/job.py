@@ -267,6 +267,9 @@ def _check_override_ids(bundle_dir: str, config_files, overrides: dict):
     unknown = sorted(k for k in overrides if k not in parser)
     if unknown:
         raise KeyError(f"unknown bundle config id(s) in overrides: {unknown} (not in {bundle_dir} {config_files})")
+    tasks = parser.get("tasks")
+    if "task" in overrides and isinstance(tasks, dict) and overrides["task"] not in tasks:
+        raise KeyError(f"unknown task {overrides['task']!r}; {bundle_dir} defines {sorted(tasks)}")
 
 
 def bundle_key_metric(bundle_dir: str, config_files) -> str:
