@@ -41,12 +41,12 @@ def _session(poc):
     return poc_tool.session(poc["root"])
 
 
-def _wait_for(path, text, timeout=600):
+def _wait_for(path, text, timeout=600, poll=0.5):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if path.is_file() and text in path.read_text(errors="replace"):
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     raise TimeoutError(f"{text!r} never appeared in {path}")
 
 
@@ -81,7 +81,10 @@ def _run_with_crash(poc, job, participant, at_round, download_to):
     sess = _session(poc)
     try:
         job_id = sess.submit_job(str(job))
-        _wait_for(_kits(poc) / "server" / job_id / "log.txt", f"Round {at_round} started")
+        # kill within ~0.1 s of the round's start, while the site is still training (the crash jobs run
+        # 5 local epochs): a site killed in the middle of uploading its update leaves NVFlare with a
+        # half-received stream, and NVFlare 2.9 then fails the whole job when the run ends
+        _wait_for(_kits(poc) / "server" / job_id / "log.txt", f"Round {at_round} started", poll=0.05)
         assert _crash(poc, participant, job_id)
         sess.monitor_job(job_id, timeout=900, poll_interval=2.0)
         status = sess.get_job_meta(job_id)["status"]
@@ -202,7 +205,8 @@ def test_bad_site_updates_are_rejected_and_the_job_finishes(poc):
 
 def test_site_crash_mid_round_the_others_finish_the_job(poc):
     # cross-site evaluation is a new NVFlare workflow that does not know site-3 died: it waits for it
-    job = _export(poc["base"], "site_crash", "--min-clients", "2", "--cross-site-timeout", "30", rounds=4)
+    job = _export(poc["base"], "site_crash", "--min-clients", "2", "--cross-site-timeout", "30", "--local-epochs", "5",
+                  rounds=4)
     status, result = _run_with_crash(poc, job, "site-3", at_round=1, download_to=poc["base"] / "site_crash_results")
     _start(poc, "site-3")  # back for the next tests
     log = (poc["base"] / "site_crash_results" / os.path.basename(result) / "workspace" / "log.txt").read_text()
@@ -219,7 +223,8 @@ def test_site_crash_mid_round_the_others_finish_the_job(poc):
 
 
 def test_site_crash_below_the_minimum_stops_the_job(poc):
-    job = _export(poc["base"], "site_crash_min3", "--min-clients", "3", "--cross-site-timeout", "30", rounds=4)
+    job = _export(poc["base"], "site_crash_min3", "--min-clients", "3", "--cross-site-timeout", "30",
+                  "--local-epochs", "5", rounds=4)
     status, result = _run_with_crash(poc, job, "site-3", at_round=1, download_to=poc["base"] / "min3_results")
     _start(poc, "site-3")
     log = (poc["base"] / "min3_results" / os.path.basename(result) / "workspace" / "log.txt").read_text()
