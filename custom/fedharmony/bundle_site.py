@@ -33,7 +33,6 @@ from .personalization import check_personalization_alpha, ema_update
 
 logger = logging.getLogger(__name__)
 
-KEY_METRIC = "val_mean_dice"  # the prostate bundle's; a site reads its bundle's from ``key_metric``
 STATE_FILE = "site_state.pt"
 BEST_MODEL_FILE = "best_model.pt"
 

@@ -119,16 +119,14 @@ class DeputyTransferIteration:
         alpha1, alpha2: the stage thresholds (released: 0.7, 0.9).
         include_background: count class 0 in the stage score (default: yes for
             classification, i.e. ``(N, C)`` outputs; no for segmentation).
-        score_batches: score on at most this many batches (0 = the whole training set).
     """
 
     def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer, alpha1: float = DEFAULT_ALPHA1,
-                 alpha2: float = DEFAULT_ALPHA2, include_background: Optional[bool] = None, score_batches: int = 0):
+                 alpha2: float = DEFAULT_ALPHA2, include_background: Optional[bool] = None):
         self.alpha1, self.alpha2 = check_alphas(alpha1, alpha2)
         self.deputy = copy.deepcopy(network)
         self.deputy_optimizer = copy_optimizer(optimizer, self.deputy)
         self.include_background = include_background
-        self.score_batches = int(score_batches)
         self.stage: Optional[str] = None
         self.history: List[Tuple[int, str, float, float]] = []
         self._epoch: Optional[int] = None
@@ -144,9 +142,7 @@ class DeputyTransferIteration:
         network.eval()
         total, include_background = None, self.include_background
         try:
-            for i, batchdata in enumerate(engine.data_loader):
-                if self.score_batches and i >= self.score_batches:
-                    break
+            for batchdata in engine.data_loader:
                 batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
                 logits = engine.inferer(batch[0], network)
                 counts = confusion(logits, batch[1])
