@@ -73,13 +73,13 @@ def test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models(tiny_
     import numpy as np
 
     from fedharmony.bundle_site import BundleSite
-    from fedharmony.deputy import bundle_overrides
     from fedharmony.fl.job import NORM_LAYER_KEYS
     from fedharmony.fourier_aggregation import mean_amplitudes, mix_amplitudes
 
     def make_site():
         return BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "state"), "clientA",
-                          local_keys=NORM_LAYER_KEYS, overrides={**TINY_CLS_OVERRIDES, **bundle_overrides()})
+                          local_keys=NORM_LAYER_KEYS, overrides=TINY_CLS_OVERRIDES,
+                          config_file=["configs/train.json", "configs/prrfl.json"])
 
     site = make_site()
     assert site.key_metric == "val_macro_f1"

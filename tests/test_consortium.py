@@ -49,17 +49,26 @@ def test_site_policy_tool_makes_a_kit_run_fedharmony_without_custom_code(kits):
     assert res.returncode == 0, res.stdout + res.stderr
     resources = json.loads((kit / "local" / "resources.json").read_text())
     allow = ComponentPathAuthorizer._normalize_allow_list(resources["class_allow_list"])  # NVFlare's own parsing
-    assert "fedharmony.fl." in allow and "nvflare.app_common.workflows.fedavg.FedAvg" in allow
+
+    def admitted(path):  # NVFlare's own matching of a component path against the list
+        return any(ComponentPathAuthorizer._path_matches_prefix(path, entry) for entry in allow)
+
+    assert admitted("fedharmony.fl.executor.BundleExecutor") and admitted("nvflare.app_common.workflows.fedavg.FedAvg")
+    # exact classes, not the package: helpers importable under it (which parse a job's configs) are not components
+    assert not admitted("fedharmony.fl.executor.BundleSite") and not admitted("fedharmony.fl.persistor.build_network")
+    assert not admitted("fedharmony.fl.persistor.BundleModelPersistor")  # a server component, not a site's
     assert resources["class_list_enforcement_mode"] == "enforce"
     assert resources["components"]  # the kit's own components are kept
     policy = json.loads((kit / "local" / "authorization.json").read_text())["permissions"]
     assert all(policy[role]["byoc"] == "none" for role in ("project_admin", "org_admin", "lead", "member"))
     assert policy["lead"]["submit_job"] == "any"  # nothing else changed
-    # idempotent: a second run adds nothing
+    # idempotent, and a package-prefix entry of an older version of the tool is replaced
+    resources["class_allow_list"].append("fedharmony.fl.")
+    (kit / "local" / "resources.json").write_text(json.dumps(resources))
     subprocess.run([sys.executable, str(REPO / "tools" / "site_policy.py"), str(kit), "--allow-package"], check=True,
                    capture_output=True)
     again = json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]
-    assert again.count("fedharmony.fl.") == 1
+    assert again.count("fedharmony.fl.executor.BundleExecutor") == 1 and "fedharmony.fl." not in again
 
 
 def test_site_policy_tool_refuses_a_folder_that_is_not_a_kit(tmp_path):

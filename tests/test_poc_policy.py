@@ -1,7 +1,10 @@
 """Site policies on a real POC federation whose 3 sites forbid custom code: jobs that carry code are
-refused, jobs without code run from the installed package (with a privacy filter), and an admin
-without the right to submit is refused."""
+refused, jobs without code run from the installed package and bundle (with a privacy filter), a
+job without code that was altered to make a site evaluate something or read other data is refused
+by every site before anything is parsed, and an admin without the right to submit is refused."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import POC_TOOL, REPO, TINY_OVERRIDES, export_job, poc_federation
+from conftest import BUNDLE, POC_TOOL, REPO, TINY_OVERRIDES, export_job, poc_federation
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +94,73 @@ def test_an_admin_without_the_submit_right_is_refused(strict_poc):
     assert res.returncode == 2
     assert "user 'org-admin@nvidia.com' is not authorized for 'submit_job'" in res.stderr
     assert "org_admin_job" not in _jobs(strict_poc)  # nothing was queued
+
+
+def _site_logs(poc, job_id):
+    kits = poc["root"] / "poc" / "example_project" / "prod_00"
+    return {site: (kits / site / job_id / "log.txt").read_text(errors="replace")
+            for site in ("site-1", "site-2", "site-3") if (kits / site / job_id / "log.txt").is_file()}
+
+
+def _marker_expression(marker):
+    return f"$__import__('pathlib').Path({str(marker)!r}).write_text('a site ran job-supplied code') and 0.002"
+
+
+def _with_override(key, value):
+    def edit(job):
+        config = job / "app" / "config" / "config_fed_client.json"
+        client = json.loads(config.read_text())
+        client["executors"][0]["executor"]["args"]["overrides"][key] = value
+        config.write_text(json.dumps(client, indent=2))
+    return edit
+
+
+def _with_edited_bundle_copy(marker):
+    def edit(job):  # the job now carries a copy of the bundle whose train.json holds an expression
+        copy = job / "app" / "config" / "prostate_mri_seg"
+        shutil.copytree(BUNDLE / "configs", copy / "configs")
+        train = json.loads((copy / "configs" / "train.json").read_text())
+        train["learning_rate"] = _marker_expression(marker)
+        (copy / "configs" / "train.json").write_text(json.dumps(train, indent=2))
+    return edit
+
+
+def _with_job_data_root(data):
+    def edit(job):
+        config = job / "app" / "config" / "config_fed_client.json"
+        client = json.loads(config.read_text())
+        client["executors"][0]["executor"]["args"]["data_root"] = str(data)
+        config.write_text(json.dumps(client, indent=2))
+    return edit
+
+
+CASES = {
+    # a job altered on the way (or built by hand): what each site must refuse, and the reason it gives
+    "expression_override": (lambda poc, marker: _with_override("learning_rate", _marker_expression(marker)),
+                            "override 'learning_rate': the value starts with '$' (a MONAI expression)"),
+    "edited_bundle_copy": (lambda poc, marker: _with_edited_bundle_copy(marker),
+                           "the job carries its own copy of bundle 'prostate_mri_seg'"),
+    "dataset_dir_override": (lambda poc, marker: _with_override("dataset_dir", str(poc["data"] / "UCL")),
+                             "override 'dataset_dir': a path on the site's disk"),
+    "job_data_root": (lambda poc, marker: _with_job_data_root(poc["data"]),
+                      "the job sets data_root"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_no_code_job_altered_on_the_way_is_refused_by_every_site(strict_poc, case):
+    edit, reason = CASES[case]
+    marker = strict_poc["base"] / f"marker_{case}"
+    job = _export(strict_poc["base"], f"altered_{case}", "--no-custom-code")
+    edit(strict_poc, marker)(job)
+    res, out = _submit(strict_poc, job)
+    assert res.returncode == 1 and "FINISHED:COMPLETED" not in res.stdout, res.stdout + res.stderr
+    job_id = next(line.split()[-1] for line in res.stdout.splitlines() if line.startswith("submitted "))
+    logs = _site_logs(strict_poc, job_id)
+    assert sorted(logs) == ["site-1", "site-2", "site-3"]
+    for site, log in logs.items():
+        assert f"{site}: job refused by this site's policy: " in log and reason in log, (site, log[-3000:])
+        assert "local steps" not in log  # nothing trained
+    assert not marker.exists()  # nothing the job carried was evaluated, anywhere
+    assert reason in res.stdout  # the admin sees why, from the server's log
+    assert str(strict_poc["data"]) not in res.stdout  # and no site path leaves the site

@@ -219,6 +219,25 @@ def submit(root: Path, job_folder: str, timeout: int, out: str = "", admin: str 
     return {"job_id": job_id, "status": status, "seconds": seconds, "result": result}
 
 
+def failure_reasons(result: str, limit: int = 20) -> list:
+    """Why a job failed, as the server logged it: the errors sites sent back (``SiteErrorLogger``) and
+    the server's own refusals and panics, from the downloaded run's ``log.txt``."""
+    log = Path(result) / "workspace" / "log.txt"
+    if not log.is_file():
+        return []
+    keep = ("failed:", "refused", "FATAL_SYSTEM_ERROR", "is gone from the job")
+    lines = []
+    for line in log.read_text(errors="replace").splitlines():
+        if " - ERROR - " not in line:
+            continue
+        message = line.split(" - ERROR - ", 1)[1].strip()
+        if message.startswith("[") and "] - " in message:  # NVFlare's context prefix: identity, run, peer ...
+            message = message.split("] - ", 1)[1]
+        if any(k in message for k in keep):
+            lines.append(message)
+    return lines[:limit]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(REPO / "workspace" / "poc"), help="everything POC lives here")
@@ -277,6 +296,8 @@ def main(argv=None):
             r = submit(root, args.job_folder, args.timeout, args.out, admin=args.admin)
             print(f"job {r['job_id']}: {r['status']} in {r['seconds']:.1f} s; result in {r['result']}")
             if str(r["status"]) != "FINISHED:COMPLETED":
+                for line in failure_reasons(r["result"]):
+                    print(f"  server log: {line}")
                 return 1
             from fl_results import report
 

@@ -7,12 +7,19 @@
 ``<kit>`` is a provisioned participant folder (the server's or a site's: it holds
 ``startup/`` and ``local/``). The tool edits the two files NVFlare reads there:
 
-* ``local/resources.json``: adds ``fedharmony.fl.`` (the package's NVFlare components) to
-  ``class_allow_list`` (NVFlare's default list already has the rest, ``PercentilePrivacy``
-  included). A job without a ``custom/``
-  folder may only name allow-listed classes; that is how a site runs the product from its
-  installed package instead of code that arrives with the job. The list starts from the
-  kit's own (``resources.json``, else ``resources.json.default``); nothing else changes.
+* ``local/resources.json``: adds the package's NVFlare components to ``class_allow_list``,
+  each by its full class path (``fedharmony.fl.SITE_COMPONENTS`` on a site,
+  ``SERVER_COMPONENTS`` on the server; NVFlare's default list already has the rest,
+  ``PercentilePrivacy`` included). A job without a ``custom/`` folder may only name
+  allow-listed classes; that is how a site runs the product from its installed package
+  instead of code that arrives with the job. Exact paths, not the package prefix: a prefix
+  would admit anything importable under it. The list starts from the kit's own
+  (``resources.json``, else ``resources.json.default``); a ``fedharmony.`` prefix entry
+  written by an older version of this tool is replaced; nothing else changes.
+
+  Such a job still names a bundle and overrides: the installed package runs the site's own
+  installed bundle and takes overrides only as plain values of its tunable ids
+  (``fedharmony.job_policy``), so nothing the job carries is evaluated.
 * ``local/authorization.json`` (``--forbid-custom-code``): the kit's policy with the
   ``byoc`` right ("bring your own code") set to ``none`` for every role, so this site
   refuses any job that carries a ``custom/`` folder, whoever submits it.
@@ -25,7 +32,6 @@ import json
 import sys
 from pathlib import Path
 
-PACKAGE_PREFIX = "fedharmony.fl."  # every component a fedharmony job names lives here
 ROLES = ("project_admin", "org_admin", "lead", "member")
 
 
@@ -43,6 +49,13 @@ def _read(local: Path, name: str) -> dict:
     raise FileNotFoundError(f"no {name} or {name}.default in {local}")
 
 
+def package_components(kit: Path) -> tuple:
+    """The fedharmony classes this participant builds: the server's or a site's."""
+    from fedharmony.fl import SERVER_COMPONENTS, SITE_COMPONENTS
+
+    return SERVER_COMPONENTS if (Path(kit) / "startup" / "fed_server.json").is_file() else SITE_COMPONENTS
+
+
 def allow_package(kit: Path) -> Path:
     """Add the package's classes to the kit's class allow-list; returns the file written."""
     local = _local(kit)
@@ -52,7 +65,8 @@ def allow_package(kit: Path) -> Path:
         from nvflare.app_common.widgets.component_path_authorizer import DEFAULT_CLASS_ALLOW_LIST
 
         allow = list(DEFAULT_CLASS_ALLOW_LIST)
-    resources["class_allow_list"] = allow + ([PACKAGE_PREFIX] if PACKAGE_PREFIX not in allow else [])
+    allow = [a for a in allow if a not in ("fedharmony.", "fedharmony.fl.")]  # an older, too broad entry
+    resources["class_allow_list"] = allow + [c for c in package_components(kit) if c not in allow]
     resources.setdefault("class_list_enforcement_mode", "enforce")
     out = local / "resources.json"
     out.write_text(json.dumps(resources, indent=2))
@@ -87,7 +101,8 @@ def main(argv=None):
         p.error("nothing to do: give --allow-package and/or --forbid-custom-code")
     try:
         if args.allow_package:
-            print(f"allow-listed {PACKAGE_PREFIX}* in {allow_package(Path(args.kit))}")
+            out = allow_package(Path(args.kit))
+            print(f"allow-listed {', '.join(package_components(Path(args.kit)))} in {out}")
         if args.forbid_custom_code:
             print(f"custom code refused for every role in {forbid_custom_code(Path(args.kit))}")
     except (FileNotFoundError, json.JSONDecodeError) as e:

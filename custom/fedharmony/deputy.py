@@ -103,10 +103,12 @@ class DeputyTransferIteration:
     and optimizer) and its deputy together with deputy-enhanced transfer.
 
     The deputy starts as a copy of ``network`` (both models from the same initial weights)
-    with a copy of ``optimizer``. Bundle config (``FedHarmonyRecipe`` adds it for ``prrfl``)::
+    with a copy of ``optimizer``. Each bundle's ``configs/prrfl.json`` overlay (which
+    ``FedHarmonyRecipe`` layers on ``train.json`` for ``prrfl``) sets::
 
         "iteration_update": {"_target_": "fedharmony.deputy.DeputyTransferIteration",
-                             "network": "@network", "optimizer": "@optimizer"}
+                             "network": "@network", "optimizer": "@optimizer",
+                             "alpha1": "@prrfl_alpha1", "alpha2": "@prrfl_alpha2"}
 
     At the first iteration of each epoch it scores both models on the trainer's data loader
     (eval mode, no gradient; the loader's augmentations apply, as in the released code) and
@@ -185,11 +187,3 @@ class DeputyTransferIteration:
                "deputy_loss": loss_d.detach()}
         engine.state.output = out
         return out
-
-
-def bundle_overrides(alpha1: float = DEFAULT_ALPHA1, alpha2: float = DEFAULT_ALPHA2) -> Dict[str, object]:
-    """Bundle config overrides that turn a bundle's trainer into PRR-FL's: the bundle needs
-    top-level ``network``, ``optimizer`` and ``iteration_update`` ids (the trainer's)."""
-    alpha1, alpha2 = check_alphas(alpha1, alpha2)
-    return {"iteration_update": {"_target_": "fedharmony.deputy.DeputyTransferIteration", "network": "@network",
-                                 "optimizer": "@optimizer", "alpha1": alpha1, "alpha2": alpha2}}

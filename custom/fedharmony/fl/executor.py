@@ -36,6 +36,14 @@ communication does to the model a site uses (the "retrogress" of PRR-FL's paper)
 Metric names come from the bundle (its evaluator's key metric: ``val_mean_dice`` for the
 prostate bundle, ``val_macro_f1`` for the classification bundles).
 
+What the job may decide (``fedharmony.fl.policy``): a job that carries code runs its bundle
+copy and overrides as they are. A job without code (a site that forbids custom code runs
+only such jobs) names a bundle by ``bundle_name`` / ``bundle_version`` / ``bundle_digest``:
+the site runs its own installed copy, checks both against it, takes overrides only as plain
+values of the bundle's tunable ids, refuses a ``data_root`` from the job, and strips its
+absolute paths from the errors it sends to the server. A refused job is refused at
+START_RUN, before any config is parsed; every task then answers with the reason.
+
 Where a site's data is (no job edit per site), first match wins:
   1. ``FEDHARMONY_DATASET_DIR``: this site's data folder (production sites);
   2. ``<data_root>/<site name>``, with ``data_root`` from the job or ``FEDHARMONY_DATA_ROOT``;
@@ -62,9 +70,11 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from ..bundle_site import BundleSite
 from ..deputy import STAGES
+from ..job_policy import PolicyError, redact_paths
 from ..networks import layers_without_target, prime_targets, use_global_targets
 from ..results import AFTER_TRAINING_SUFFIX, PERSONALIZED_SUFFIX
 from .aggregator import FOURIER_RATIO, NUM_SAMPLES
+from .policy import JobBundle, resolve_job_bundle
 from .site_errors import ERROR_HEADER
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
@@ -122,9 +132,11 @@ class BundleExecutor(Executor):
     """Runs the bundle's train / validate / submit_model for one site.
 
     Args:
-        bundle_root: bundle folder relative to the site's app root (or absolute).
+        bundle_root: the job's bundle copy, relative to the site's app root (jobs that carry code).
+        bundle_name, bundle_version, bundle_digest: the site's installed bundle a job without code
+            runs, and the version / ``configs/`` digest it was built against (see the module docstring).
         config_files: bundle configs to layer (default ``configs/train.json``).
-        data_root: folder of site folders (default: ``$FEDHARMONY_DATA_ROOT``).
+        data_root: folder of site folders (default: ``$FEDHARMONY_DATA_ROOT``; jobs that carry code only).
         local_epochs: local epochs per round.
         local_keys: regex of keys kept on the site (FedBN); must match the server's.
         overrides: bundle config overrides (``{"learning_rate": 0.001, ...}``).
@@ -138,8 +150,9 @@ class BundleExecutor(Executor):
             training (PRR-FL always does: its personalized model is the site's result).
     """
 
-    def __init__(self, bundle_root: str = "config/prostate_mri_seg", config_files: Optional[list] = None,
-                 data_root: str = "", local_epochs: int = 1,
+    def __init__(self, bundle_root: str = "", config_files: Optional[list] = None,
+                 data_root: str = "", local_epochs: int = 1, bundle_name: str = "", bundle_version: str = "",
+                 bundle_digest: str = "",
                  local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
                  writer_id: str = "log_writer", personalize_alpha: Optional[float] = None,
                  send_weight_diff: bool = False, score_after_training: bool = False):
@@ -148,7 +161,14 @@ class BundleExecutor(Executor):
         self.send_weight_diff = send_weight_diff
         self.personalize_alpha = personalize_alpha
         self.bundle_root = bundle_root
+        self.bundle_name = bundle_name
+        self.bundle_version = bundle_version
+        self.bundle_digest = bundle_digest
         self.config_files = config_files
+        self.bundle: Optional[JobBundle] = None
+        self.refusal = ""  # why this site refused the job (policy), sent as every task's error
+        self.dataset_dir = ""
+        self.redact_roots = {}
         self.data_root = data_root
         self.local_epochs = local_epochs
         self.local_keys = local_keys
@@ -160,6 +180,7 @@ class BundleExecutor(Executor):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
+            self._apply_policy(fl_ctx)
             if self.num_threads:
                 torch.set_num_threads(self.num_threads)
             if self.writer_id:
@@ -167,21 +188,48 @@ class BundleExecutor(Executor):
         elif event_type == EventType.END_RUN and self.site is not None:
             self.site.save_state()
 
+    def _apply_policy(self, fl_ctx: FLContext):
+        """Decide, before anything is parsed, which bundle, configs and overrides this job gets here."""
+        if self.bundle is not None or self.refusal:
+            return
+        name = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        self.redact_roots = {"<run>": workspace.get_run_dir(fl_ctx.get_job_id()),
+                             "<app>": fl_ctx.get_prop(FLContextKey.APP_ROOT) or "",
+                             "<workspace>": workspace.get_root_dir(),
+                             "<data-root>": os.environ.get(DATA_ROOT_ENV, "")}
+        try:
+            self.bundle = resolve_job_bundle(
+                fl_ctx, bundle_root=self.bundle_root, bundle_name=self.bundle_name,
+                bundle_version=self.bundle_version, bundle_digest=self.bundle_digest,
+                config_files=self.config_files, overrides=self.overrides, data_root=self.data_root)
+        except PolicyError as e:
+            self.refusal = f"{name}: job refused by this site's policy: {e}"
+            self.log_error(fl_ctx, self.refusal)
+            return
+        self.redact_roots["<bundle>"] = self.bundle.root
+        mode = "job ships code: its bundle copy and overrides as given" if self.bundle.trusted else (
+            f"no job code: installed bundle {self.bundle.root}, overrides {self.bundle.overrides}")
+        self.log_info(fl_ctx, f"{name}: {mode}")
+
     def _site(self, fl_ctx: FLContext) -> BundleSite:
+        self._apply_policy(fl_ctx)
+        if self.refusal:
+            raise PolicyError(self.refusal)
         if self.site is None:
             name = fl_ctx.get_identity_name()
-            app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT) or ""
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             dataset_dir = resolve_dataset_dir(name, self.data_root)
+            self.dataset_dir = self.redact_roots["<data>"] = dataset_dir
             t0 = time.time()
             self.site = BundleSite(
-                bundle_root=os.path.join(app_root, self.bundle_root),
+                bundle_root=self.bundle.root,
                 dataset_dir=dataset_dir,
                 state_dir=os.path.join(run_dir, "fedharmony", name),
                 site_name=name,
                 local_keys=self.local_keys,
-                overrides=self.overrides,
-                config_file=self.config_files or "configs/train.json",
+                overrides=self.bundle.overrides,
+                config_file=self.bundle.config_files,
                 personalize_alpha=self.personalize_alpha,
             )
             self.data_name = os.path.basename(os.path.normpath(dataset_dir))
@@ -205,12 +253,25 @@ class BundleExecutor(Executor):
                 return DXO(DataKind.WEIGHTS, _to_numpy(site.best_model()), meta=meta).to_shareable()
             self.log_error(fl_ctx, f"unknown task {task_name!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
+        except PolicyError as e:
+            self.log_error(fl_ctx, f"task {task_name!r} not run: {e}")
+            return self._error_reply(str(e))
         except Exception as e:  # report, do not crash the site: the server decides what to do
             message = _describe(e)
             self.log_exception(fl_ctx, f"{fl_ctx.get_identity_name()}: task {task_name!r} failed: {message}")
-            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header(ERROR_HEADER, message)  # SiteErrorLogger writes it to the server's log
-            return reply
+            return self._error_reply(message)
+
+    def _error_reply(self, message: str) -> Shareable:
+        """A failed task's reply; its ``error`` header reaches the server's log (SiteErrorLogger). A site
+        that runs no job code sends no absolute path of its own (paths under its data folder stay relative)."""
+        if self.bundle is None or not self.bundle.trusted:
+            if not self.dataset_dir:  # the data folder was not resolved yet: still hide the configured one
+                self.redact_roots.setdefault("<data>", os.environ.get(DATASET_DIR_ENV) or
+                                             os.environ.get(DATA_ROOT_ENV, ""))
+            message = redact_paths(message, self.redact_roots)
+        reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        reply.set_header(ERROR_HEADER, message)
+        return reply
 
     def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         model = FLModelUtils.from_shareable(shareable)

@@ -7,6 +7,12 @@ The exported job folder is self-contained: the ``fedharmony`` package goes to
 ``app/custom/`` and the bundle to ``app/config/<bundle name>/``, so it runs with
 ``nvflare simulator`` and ``nvflare job submit`` on machines that have neither this
 checkout nor the package installed.
+
+With ``ship_code=False`` (sites that forbid custom code) the job carries neither: it names
+the bundle (name, version, ``configs/`` digest) that the server and sites run from their
+own installation, and its overrides must be plain values of the bundle's tunable ids
+(``configs/tunables.json``), checked here and again on every participant
+(:mod:`fedharmony.job_policy`).
 """
 
 import os
@@ -28,7 +34,7 @@ import fedharmony
 
 from .aggregator import FourierAggregator, SiteUpdateAggregator
 from .executor import BundleExecutor
-from .. import deputy, fourier_aggregation
+from .. import deputy, fourier_aggregation, job_policy
 from ..personalization import check_personalization_alpha
 from .persistor import BundleModelPersistor
 from .pool import ModelPoolWriter
@@ -41,6 +47,7 @@ NORM_LAYER_KEYS = r"(\.adn\.N\.|(^|\.)(bn|norm)\d*\.)"
 
 ALGORITHMS = ("fedavg", "fedprox", "fedbn", "harmofl", "iopfl", "prrfl")
 HARMOFL_CONFIG = "configs/harmofl.json"
+PRRFL_CONFIG = "configs/prrfl.json"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedharmony.__file__))
 
 
@@ -92,9 +99,13 @@ class FedHarmonyRecipe(Recipe):
             whose size is above this percentile are shared, each clipped to +-gamma per local
             step (NVFlare divides the update by the round's step count before the cut and the
             clip); the rest is sent as zero (no change). Off when None.
-        ship_code: True: the ``fedharmony`` package travels in the job's ``custom/`` folder.
-            False: no code in the job (sites and server must have the package installed and
-            name its classes in their ``class_allow_list``), for sites that forbid custom code.
+        ship_code: True: the ``fedharmony`` package and the bundle travel in the job (``custom/``,
+            ``config/``); overrides may be MONAI expressions (the job's code runs anyway).
+            False: no code and no configs in the job, for sites that forbid custom code: server
+            and sites run their installed package (allow-listed classes) and installed bundle,
+            which must match the version and ``configs/`` digest of ``bundle_dir``; overrides
+            must be plain values of the bundle's tunable ids; ``data_root`` must be empty
+            (each site's data folder is its own setting).
         memory_gc_rounds: NVFlare's server-side ``gc.collect`` + ``malloc_trim`` every N rounds
             (0 = off).
         prrfl_r0, prrfl_r1: PRR-FL's shared spectral ratio grows from r0 (round 0) towards r1
@@ -157,6 +168,8 @@ class FedHarmonyRecipe(Recipe):
         prrfl = {"prrfl_r0": prrfl_r0, "prrfl_r1": prrfl_r1, "prrfl_alpha1": prrfl_alpha1,
                  "prrfl_alpha2": prrfl_alpha2}
         if algorithm == "prrfl":
+            if not os.path.isfile(os.path.join(bundle_dir, PRRFL_CONFIG)):
+                raise FileNotFoundError(f"{bundle_dir} has no {PRRFL_CONFIG}")
             if privacy_percentile is not None:
                 raise ValueError("PRR-FL's server needs each site's full deputy (Fourier aggregation is not a "
                                  "mean of differences); drop privacy_percentile")
@@ -166,16 +179,26 @@ class FedHarmonyRecipe(Recipe):
             r0, r1 = fourier_aggregation.check_schedule(
                 fourier_aggregation.DEFAULT_R0 if prrfl_r0 is None else prrfl_r0,
                 fourier_aggregation.DEFAULT_R1 if prrfl_r1 is None else prrfl_r1)
-            overrides.update(deputy.bundle_overrides(
-                deputy.DEFAULT_ALPHA1 if prrfl_alpha1 is None else prrfl_alpha1,
-                deputy.DEFAULT_ALPHA2 if prrfl_alpha2 is None else prrfl_alpha2))
+            deputy.check_alphas(deputy.DEFAULT_ALPHA1 if prrfl_alpha1 is None else prrfl_alpha1,
+                                deputy.DEFAULT_ALPHA2 if prrfl_alpha2 is None else prrfl_alpha2)
+            config_files.append(PRRFL_CONFIG)
+            overrides.update({k: v for k, v in (("prrfl_alpha1", prrfl_alpha1), ("prrfl_alpha2", prrfl_alpha2))
+                              if v is not None})
         elif any(v is not None for v in prrfl.values()) or prrfl_weighted:
             raise ValueError(f"{sorted(k for k, v in prrfl.items() if v is not None) or ['prrfl_weighted']} "
                              f"are PRR-FL settings; algorithm is {algorithm!r}")
         _check_override_ids(bundle_dir, config_files, overrides)
         key_metric = bundle_key_metric(bundle_dir, config_files)
         bundle_name = os.path.basename(os.path.normpath(bundle_dir))
-        app_bundle_root = f"config/{bundle_name}"
+        if ship_code:  # the job's own copy of the bundle, inside each app
+            bundle_args = {"bundle_root": f"config/{bundle_name}"}
+        else:  # the participants' installed bundle, named and pinned
+            if data_root:
+                raise ValueError("data_root with ship_code=False: sites that run no job code take their data folder "
+                                 "only from their own configuration (FEDHARMONY_DATASET_DIR / FEDHARMONY_DATA_ROOT)")
+            job_policy.validate_overrides(overrides, job_policy.load_tunables(bundle_dir))
+            bundle_args = {"bundle_name": bundle_name, "bundle_version": job_policy.bundle_version(bundle_dir),
+                           "bundle_digest": job_policy.bundle_digest(bundle_dir)}
         local_keys = NORM_LAYER_KEYS if algorithm in ("fedbn", "prrfl") else ""
         self.algorithm = algorithm
 
@@ -183,8 +206,8 @@ class FedHarmonyRecipe(Recipe):
         job.set_app_packages(["fedharmony"])  # shipped whole below, not file by file
 
         # server
-        persistor = BundleModelPersistor(bundle_root=app_bundle_root, config_file=config_files, overrides=overrides,
-                                         source_ckpt_file_full_name=initial_model)
+        persistor = BundleModelPersistor(config_file=config_files, overrides=overrides,
+                                         source_ckpt_file_full_name=initial_model, **bundle_args)
         job.to_server(persistor, id="persistor")
         if algorithm == "prrfl":
             aggregator = FourierAggregator(num_rounds=start_round + num_rounds, r0=r0, r1=r1, local_keys=local_keys,
@@ -216,7 +239,7 @@ class FedHarmonyRecipe(Recipe):
         job.to_server({"server": {"task_request_interval": task_request_interval}})
 
         # sites
-        executor = BundleExecutor(bundle_root=app_bundle_root, config_files=config_files, data_root=data_root,
+        executor = BundleExecutor(config_files=config_files, data_root=data_root, **bundle_args,
                                   local_epochs=local_epochs, local_keys=local_keys, overrides=overrides,
                                   num_threads=num_threads, personalize_alpha=iop_alpha,
                                   send_weight_diff=privacy_percentile is not None,
@@ -234,11 +257,11 @@ class FedHarmonyRecipe(Recipe):
                                              data_kinds=["WEIGHT_DIFF"]),
                            filter_type=FilterType.TASK_RESULT, tasks=["train"])
 
-        # shipped bundle (both apps: the server builds the network from the bundle), and code
-        for add in (job.add_file_to_server, job.add_file_to_clients):
-            if ship_code:
+        # code-shipping jobs carry the package and the bundle (both apps: the server builds the network from it)
+        if ship_code:
+            for add in (job.add_file_to_server, job.add_file_to_clients):
                 add(PACKAGE_DIR, dest_dir="fedharmony", app_folder_type="custom")
-            add(os.path.abspath(bundle_dir), dest_dir=bundle_name, app_folder_type="config")
+                add(os.path.abspath(bundle_dir), dest_dir=bundle_name, app_folder_type="config")
         super().__init__(job)
 
 
