@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs bench bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy scale bench bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,20 @@ test-fast: setup
 jobs: setup
 	for task in prostate dermoscopy histology; do for algo in fedavg fedprox fedbn harmofl iopfl prrfl; do \
 		$(BIN)/python jobs/$$task.py --algorithm $$algo --export --export-dir build/jobs || exit 1; done; done
+
+## study-*: methods compared over seeds with CIs and a generated report (docs/studies.md)
+study-smoke: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedbn local pooled --seeds 2 --preset smoke --out workspace/study_smoke
+
+study-prostate: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedprox fedbn harmofl iopfl prrfl local pooled --seeds 5 --preset standard --out docs/studies/prostate
+
+study-dermoscopy: setup
+	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn harmofl prrfl local pooled --seeds 5 --preset standard --out docs/studies/dermoscopy
+
+## scale: time and memory against the number of sites and the image size
+scale: setup
+	$(BIN)/python tools/study.py --scale --out workspace/scale
 
 ## bench: FedAvg / FedProx / FedBN on the 6 phantom sites (Dice, time per round, peak memory)
 bench: setup

@@ -85,3 +85,13 @@ def test_cli_rejects_unknown_site_and_bad_size(capsys):
     assert "NOPE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         make_phantom_sites.main(["--out", "x", "--size", "8"])
+
+
+def test_cases_drawn_in_parallel_are_the_same_files(tmp_path):
+    profiles = select_profiles(load_profiles(), ["HK"])
+    write_sites(tmp_path / "one", profiles, seed=3, cases=8, size=32, slices=6, workers=1)
+    write_sites(tmp_path / "two", profiles, seed=3, cases=8, size=32, slices=6, workers=2)
+    one = sorted(p.name for p in (tmp_path / "one" / "HK").iterdir())
+    assert one == sorted(p.name for p in (tmp_path / "two" / "HK").iterdir()) and len(one) == 17
+    for name in one:
+        assert (tmp_path / "one" / "HK" / name).read_bytes() == (tmp_path / "two" / "HK" / name).read_bytes(), name

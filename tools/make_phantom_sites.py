@@ -16,6 +16,7 @@ import sys
 import time
 
 from fedharmony.phantom import load_profiles, profiles_markdown, select_profiles
+from fedharmony.phantom._common import default_workers
 from fedharmony.phantom.sites import write_sites
 
 
@@ -29,6 +30,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profiles", help="profile JSON file (default: the built-in six sites)")
     p.add_argument("--list-profiles", action="store_true", help="print the profile table (Markdown) and exit")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes drawing cases (default: the CPUs, at most 8; the files do not depend on it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -44,7 +47,8 @@ def main(argv=None):
         if value is not None and value < low:
             p.error(f"{name} must be at least {low}, got {value}")
     t0 = time.time()
-    write_sites(args.out, profiles, seed=args.seed, cases=args.cases, size=args.size, slices=args.slices)
+    write_sites(args.out, profiles, seed=args.seed, cases=args.cases, size=args.size, slices=args.slices,
+                workers=max(1, args.workers))
     print(f"wrote {len(profiles)} site(s) to {args.out} in {time.time() - t0:.1f} s")
     return 0
 

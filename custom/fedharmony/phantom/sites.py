@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..datalist import make_datalist, write_datalist
+from ._common import run_jobs
 from .profiles import SiteProfile
 from .prostate import make_case
 
@@ -15,35 +16,43 @@ logger = logging.getLogger(__name__)
 SITE_MAP_NAME = "sites.json"
 
 
-def write_site(out_dir: Path, profile: SiteProfile, seed: int, cases: Optional[int], size: int,
-               slices: Optional[int]) -> Path:
-    """Write one site folder (``CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` + datalist)."""
+def _write_case(job) -> None:
     import nibabel as nib
 
+    profile, seed, index, size, slices, site_dir = job
+    image, mask, affine = make_case(profile, seed, index, size=size, slices=slices)
+    case = f"Case{index:02d}"
+    nib.save(nib.Nifti1Image(image, affine), str(site_dir / f"{case}.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, affine), str(site_dir / f"{case}_segmentation.nii.gz"))
+
+
+def write_site(out_dir: Path, profile: SiteProfile, seed: int, cases: Optional[int], size: int,
+               slices: Optional[int], workers: int = 1) -> Path:
+    """Write one site folder (``CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` + datalist).
+
+    ``workers`` > 1 draws the cases in that many processes (each case is seeded on its own, so
+    the files are the same).
+    """
     site_dir = out_dir / profile.name
     site_dir.mkdir(parents=True, exist_ok=True)
     n_cases = cases or profile.cases
-    pairs = {}
-    for i in range(n_cases):
-        image, mask, affine = make_case(profile, seed, i, size=size, slices=slices)
-        case = f"Case{i:02d}"
-        nib.save(nib.Nifti1Image(image, affine), str(site_dir / f"{case}.nii.gz"))
-        nib.save(nib.Nifti1Image(mask, affine), str(site_dir / f"{case}_segmentation.nii.gz"))
-        pairs[case] = (f"{case}.nii.gz", f"{case}_segmentation.nii.gz")
+    run_jobs(_write_case, [(profile, seed, i, size, slices, site_dir) for i in range(n_cases)], workers)
+    pairs = {f"Case{i:02d}": (f"Case{i:02d}.nii.gz", f"Case{i:02d}_segmentation.nii.gz") for i in range(n_cases)}
     write_datalist(site_dir, make_datalist(pairs, seed), profile.name)
-    logger.info("%s: %d cases, %s voxels, spacing %.2f x %.2f x %.1f mm", profile.name, n_cases,
-                image.shape, affine[0, 0], affine[1, 1], affine[2, 2])
+    matrix = profile.matrix(size)
+    logger.info("%s: %d cases, %d x %d x %d voxels, spacing %.2f x %.2f x %.1f mm", profile.name, n_cases, matrix,
+                matrix, slices or profile.slices, profile.fov_mm / matrix, profile.fov_mm / matrix, profile.slice_mm)
     return site_dir
 
 
 def write_sites(out_dir: str | Path, profiles: Sequence[SiteProfile], seed: int = 0, cases: Optional[int] = None,
-                size: int = 96, slices: Optional[int] = None) -> Path:
+                size: int = 96, slices: Optional[int] = None, workers: int = 1) -> Path:
     """Write every site and ``sites.json``, which maps simulator client names
     (``site-1`` ... ``site-N``, in order) to site folders so ``nvflare simulator -n N`` finds them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for profile in profiles:
-        write_site(out_dir, profile, seed, cases, size, slices)
+        write_site(out_dir, profile, seed, cases, size, slices, workers)
     site_map = {f"site-{i + 1}": p.name for i, p in enumerate(profiles)}
     (out_dir / SITE_MAP_NAME).write_text(json.dumps(site_map, indent=2) + "\n")
     return out_dir

@@ -1,0 +1,282 @@
+"""Build a study's report from its ``results.json``: tables, paired differences, figures (no NVFlare import).
+
+Everything here is a function of ``results.json``, so ``python tools/study.py --report-only DIR``
+rebuilds the same report, and a number in the docs can always be traced back to a file.
+
+What the report says, and how:
+
+* per site and method: the mean over seeds and its 95% Student-t CI;
+* the mean over sites and the worst site (per seed, the lowest site score), each with its CI;
+* each method's paired difference to FedAvg (and PRR-FL's to FedBN): for every seed, the
+  method's mean over sites minus FedAvg's on the same data; the mean of those, a percentile
+  bootstrap CI over seeds (seeds are the independent replicates; fixed resampling seed), the
+  t CI over seeds, and a Wilcoxon signed-rank p-value over all (site, seed) pairs. The same for
+  the worst site. A difference is called *better* or *worse* only when both CIs exclude zero
+  on the same side; otherwise the report says *no difference shown*;
+* per-round validation curves (mean over sites; line: mean over seeds; band: min to max over
+  seeds), and a forest plot of the differences.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
+
+__all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
+           "COMPARISONS"]
+
+BASELINE = "fedavg"
+COMPARISONS = (("prrfl", "fedbn"),)  # extra pairs the methods' papers argue about
+
+
+def load_results(path) -> dict:
+    """``results.json`` (a study folder or the file), checked for the fields the report needs."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json at {path}")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    for key in ("task", "metric", "runs"):
+        if key not in results:
+            raise ValueError(f"{path} has no {key!r}")
+    for i, run in enumerate(results["runs"]):
+        if not {"method", "seed", "site_scores"} <= set(run):
+            raise ValueError(f"{path}: runs[{i}] needs method, seed and site_scores")
+    return results
+
+
+def _scores(results: dict) -> Dict[str, Dict[int, Dict[str, float]]]:
+    """method -> seed -> site -> score."""
+    out: Dict[str, Dict[int, Dict[str, float]]] = defaultdict(dict)
+    for run in results["runs"]:
+        out[run["method"]][int(run["seed"])] = {s: float(v) for s, v in run["site_scores"].items()}
+    return out
+
+
+def _fmt(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    if math.isnan(lo):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def verdict(intervals) -> str:
+    """``better`` / ``worse`` when every CI excludes zero on the same side, else ``no difference shown``."""
+    if all(excludes_zero(lo, hi) and lo > 0 for lo, hi in intervals):
+        return "better"
+    if all(excludes_zero(lo, hi) and hi < 0 for lo, hi in intervals):
+        return "worse"
+    return "no difference shown"
+
+
+def summarize(results: dict) -> dict:
+    """Per method: per-site, mean-over-sites and worst-site mean and t CI over seeds."""
+    scores = _scores(results)
+    summary = {}
+    for method in results.get("methods") or sorted(scores):
+        by_seed = scores.get(method)
+        if not by_seed:
+            continue
+        sites = sorted(next(iter(by_seed.values())))
+        per_site = {s: t_interval([by_seed[k][s] for k in sorted(by_seed)]) for s in sites}
+        means = [float(np.mean([by_seed[k][s] for s in sites])) for k in sorted(by_seed)]
+        worst = [min(by_seed[k][s] for s in sites) for k in sorted(by_seed)]
+        summary[method] = {"seeds": sorted(by_seed), "per_site": per_site, "mean": t_interval(means),
+                           "worst": t_interval(worst), "worst_site": min(sites, key=lambda s: per_site[s][0])}
+    return summary
+
+
+def paired_difference(results: dict, method: str, baseline: str = BASELINE) -> Optional[dict]:
+    """``method`` minus ``baseline`` on the same seeds (None when they share no seed)."""
+    scores = _scores(results)
+    a, b = scores.get(method, {}), scores.get(baseline, {})
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    sites = sorted(set(a[seeds[0]]) & set(b[seeds[0]]))
+    pairs = [a[k][s] - b[k][s] for k in seeds for s in sites]
+    mean_diff = [float(np.mean([a[k][s] for s in sites]) - np.mean([b[k][s] for s in sites])) for k in seeds]
+    worst_diff = [min(a[k][s] for s in sites) - min(b[k][s] for s in sites) for k in seeds]
+    out = {"method": method, "baseline": baseline, "seeds": seeds, "n_pairs": len(pairs)}
+    for key, values in (("mean", mean_diff), ("worst", worst_diff)):
+        boot, t = bootstrap_ci(values), t_interval(values)
+        out[key] = {"per_seed": values, "diff": boot[0], "bootstrap_ci": boot[1:], "t_ci": t[1:],
+                    "verdict": verdict([boot[1:], t[1:]] if len(values) > 1 else [(math.nan, math.nan)])}
+    w = wilcoxon_signed_rank(pairs)
+    out["wilcoxon_p"], out["wilcoxon_n"] = w.p_value, w.n
+    out["per_site"] = {s: float(np.mean([a[k][s] - b[k][s] for k in seeds])) for s in sites}
+    return out
+
+
+def _comparisons(results: dict) -> List[dict]:
+    methods = results.get("methods") or sorted(_scores(results))
+    out = []
+    if BASELINE in methods:
+        out += [d for m in methods if m != BASELINE and (d := paired_difference(results, m, BASELINE))]
+    for m, base in COMPARISONS:
+        if m in methods and base in methods and (d := paired_difference(results, m, base)):
+            out.append(d)
+    return out
+
+
+def _write_csv(results: dict, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "method", "seed", "site", results["metric"], "test_se", "test_n"])
+        for run in sorted(results["runs"], key=lambda r: (r["method"], r["seed"])):
+            details = run.get("site_results", {})
+            for site, value in sorted(run["site_scores"].items()):
+                d = details.get(site, {})
+                w.writerow([results["task"], run["method"], run["seed"], site, f"{value:.6f}",
+                            "" if d.get("se") is None or math.isnan(d.get("se", math.nan)) else f"{d['se']:.6f}",
+                            d.get("n", "")])
+
+
+def _curve_plot(results: dict, path: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(dict)  # method -> seed -> {round: mean over sites}
+    for run in results["runs"]:
+        curve = run.get("curve") or {}
+        by_round = defaultdict(list)
+        for site_curve in curve.values():
+            for r, v in site_curve.items():
+                by_round[int(r)].append(float(v))
+        if by_round:
+            series[run["method"]][run["seed"]] = {r: float(np.mean(v)) for r, v in by_round.items()}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, by_seed in series.items():
+        rounds = sorted(set.intersection(*[set(c) for c in by_seed.values()]))
+        values = np.array([[by_seed[k][r] for r in rounds] for k in sorted(by_seed)])
+        line, = ax.plot(rounds, values.mean(axis=0), label=method)
+        ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"validation {results.get('metric_label', results['metric'])}, mean over sites")
+    ax.set_title(f"{results['task']}: validation by round (band: min to max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _forest_plot(results: dict, comparisons: List[dict], path: Path) -> Optional[Path]:
+    if not comparisons:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * len(comparisons) + 1.6), sharey=True)
+    labels = [f"{d['method']} - {d['baseline']}" for d in comparisons]
+    y = np.arange(len(comparisons))[::-1]
+    for ax, key, title in ((axes[0], "mean", "mean over sites"), (axes[1], "worst", "worst site")):
+        diffs = [d[key]["diff"] for d in comparisons]
+        lo = [d[key]["diff"] - d[key]["bootstrap_ci"][0] for d in comparisons]
+        hi = [d[key]["bootstrap_ci"][1] - d[key]["diff"] for d in comparisons]
+        ax.errorbar(diffs, y, xerr=[lo, hi], fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"difference in {results.get('metric_label', results['metric'])} (95% bootstrap CI)")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(labels)
+    fig.suptitle(f"{results['task']}: paired differences over {len(results.get('seeds', []))} seeds", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(study_dir, results: Optional[dict] = None) -> Path:
+    """Write ``report.md``, ``results.csv`` and the figures into ``study_dir``; returns the report's path."""
+    study_dir = Path(study_dir)
+    results = results or load_results(study_dir)
+    metric = results.get("metric_label", results["metric"])
+    summary = summarize(results)
+    comparisons = _comparisons(results)
+    _write_csv(results, study_dir / "results.csv")
+    curves = _curve_plot(results, study_dir / "curves.png")
+    forest = _forest_plot(results, comparisons, study_dir / "forest.png")
+    settings = results.get("settings", {})
+    lines = [f"# Study: {results['task']} ({metric})", ""]
+    lines += ["Generated by `python tools/study.py --report-only` from `results.json`; do not edit by hand.", ""]
+    lines += [f"- command: `{results.get('command', '?')}`",
+              f"- machine: {results.get('machine', '?')}; versions: "
+              + ", ".join(f"{k} {v}" for k, v in (results.get("versions") or {}).items()),
+              f"- wall time: {results.get('wall_s', 0) / 60:.1f} min (runs done in this invocation and "
+              f"cached ones: {results.get('run_wall_s', 0) / 60:.1f} min of run time)",
+              f"- settings: preset {settings.get('preset')}, {settings.get('rounds')} rounds x "
+              f"{settings.get('local_epochs')} local epochs, test cases per site "
+              f"{settings.get('test_cases') or 'the datalists own'}, seeds {results.get('seeds')}",
+              f"- data: {'prepared real data at ' + settings['data_root'] if settings.get('data_root') else 'phantom sites; seed k draws the training data with seed k and a separate test draw'}",
+              ""]
+    if results.get("failed"):
+        lines += ["**Failed runs (not in the tables):** "
+                  + "; ".join(f"{f['method']} seed {f['seed']}: {f['error']}" for f in results["failed"]), ""]
+    lines += ["## What is scored", ""]
+    for m in summary:
+        lines.append(f"- {m}: {results.get('scored_models', {}).get(m, '?')}")
+    lines += ["", f"## Test {metric} per site (mean over seeds, 95% t CI)", ""]
+    if summary:
+        sites = sorted(next(iter(summary.values()))["per_site"])
+        lines.append("| method | " + " | ".join(sites) + " | mean over sites | worst site |")
+        lines.append("|---" * (len(sites) + 3) + "|")
+        for m, s in summary.items():
+            cells = [_fmt(*s["per_site"][site]) for site in sites]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(*s['mean'])} | {_fmt(*s['worst'])} |")
+        se = _test_se(results)
+        if se:
+            lines += ["", "Standard error of a site's test score (mean over runs), from the test set's size: "
+                      + ", ".join(f"{s} {v:.4f}" for s, v in sorted(se.items())) + "."]
+    if comparisons:
+        lines += ["", "## Paired differences", "",
+                  "Per seed, the method's score minus the baseline's on the same data. CIs: percentile bootstrap "
+                  "over seeds (10,000 resamples, fixed seed) and Student-t over seeds. Wilcoxon: signed-rank test "
+                  "over all (site, seed) pairs. *better* / *worse* only where both CIs exclude zero.", "",
+                  "| method - baseline | mean over sites: diff | bootstrap CI | t CI | verdict | worst site: diff "
+                  "| bootstrap CI | t CI | verdict | Wilcoxon p (pairs) |", "|---" * 10 + "|"]
+        for d in comparisons:
+            row = [f"{d['method']} - {d['baseline']}"]
+            for key in ("mean", "worst"):
+                e = d[key]
+                row += [f"{e['diff']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*e["bootstrap_ci"]),
+                        "[{:+.3f}, {:+.3f}]".format(*e["t_ci"]) if not math.isnan(e["t_ci"][0]) else "-",
+                        e["verdict"]]
+            p = d["wilcoxon_p"]
+            row.append(f"{p:.3g} ({d['wilcoxon_n']})" if not math.isnan(p) else "-")
+            lines.append("| " + " | ".join(row) + " |")
+    figures = [(curves, "Validation by round"), (forest, "Paired differences (forest plot)")]
+    for path, title in figures:
+        if path is not None:
+            lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
+    out = study_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _test_se(results: dict) -> Dict[str, float]:
+    se = defaultdict(list)
+    for run in results["runs"]:
+        for site, d in (run.get("site_results") or {}).items():
+            if isinstance(d.get("se"), (int, float)) and not math.isnan(d["se"]):
+                se[site].append(d["se"])
+    return {s: float(np.mean(v)) for s, v in se.items()}

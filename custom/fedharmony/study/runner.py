@@ -1,0 +1,295 @@
+"""Run a study: every (method, seed) once, cached, resumable, with progress (no NVFlare import).
+
+Each federated (method, seed) is the task's real job script (``jobs/<task>.py``) in the NVFlare
+simulator, in its own process, its output in ``<out>/runs/<method>/seed<k>/log.txt``. The
+``local`` and ``pooled`` references run ``python -m fedharmony.study.centralized`` the same way.
+After a run the study scores the model each site would use (:func:`fedharmony.study.tasks.scored_model`)
+on that site's test split and writes ``result.json`` beside the log (atomically). A run
+whose ``result.json`` is complete and was made with the same settings is not run again; one
+that is unreadable or incomplete is named and run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .data import StudyData, make_phantom_data, real_data
+from .tasks import PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
+
+__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "validate_result"]
+
+RESULT_FILE = "result.json"
+RESULTS_FILE = "results.json"
+REPO = Path(__file__).resolve().parents[3]
+HARMOFL_CONFIG = "configs/harmofl.json"
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def validate_result(entry, settings_key: str, sites) -> Optional[str]:
+    """Why a cached run result cannot be used (None: it can)."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    if entry.get("settings_key") != settings_key:
+        return "made with other settings"
+    scores = entry.get("site_scores")
+    if not isinstance(scores, dict) or sorted(scores) != sorted(sites):
+        return f"site scores for {sorted(scores) if isinstance(scores, dict) else scores!r}, expected {sorted(sites)}"
+    bad = [s for s, v in scores.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:
+        return f"no finite score for {bad}"
+    return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Study:
+    """One task, several methods and seeds.
+
+    Args:
+        task: ``prostate``, ``dermoscopy`` or ``histology``.
+        methods: federated methods and/or ``local`` / ``pooled``.
+        seeds: number of seeds (0 .. seeds - 1); seed k draws the phantom data with seed k and
+            sets the bundle's ``seed`` to k.
+        preset: ``smoke``, ``standard`` or ``paper``.
+        out: study folder (``results.json``, ``report.md``, ``runs/``, ``data/``).
+        test_cases: test draw size per site (default: the preset's).
+        data_root: prepared real data (site folders + ``sites.json``) instead of phantom sites.
+        rounds, local_epochs: change the preset's.
+        keep_workspaces: keep each run's simulator workspace (default: only logs and results).
+        echo: where progress lines go.
+    """
+
+    def __init__(self, task: str, methods, seeds: int, preset: str, out, test_cases: Optional[int] = None,
+                 data_root: Optional[str] = None, rounds: Optional[int] = None, local_epochs: Optional[int] = None,
+                 keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = ""):
+        self.spec = TASKS.get(task)
+        self.methods = check_methods(task, methods)
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        base = preset_for(preset, task)
+        self.preset_name = preset
+        self.preset = Preset(rounds=rounds or base.rounds, local_epochs=local_epochs or base.local_epochs,
+                             sites=base.sites, data=dict(base.data), test_cases=test_cases or base.test_cases,
+                             overrides=dict(base.overrides), threads_per_site=base.threads_per_site)
+        if self.preset.rounds < 1 or self.preset.local_epochs < 1 or self.preset.test_cases < 1:
+            raise ValueError("rounds, local_epochs and test_cases must be >= 1")
+        self.task = task
+        self.seeds = list(range(seeds))
+        self.out = Path(out).resolve()
+        self.data_root = str(Path(data_root).resolve()) if data_root else None
+        if self.data_root:
+            real_data(self.data_root)  # refuse a folder that is not prepared data before anything runs
+        self.keep_workspaces = keep_workspaces
+        self.echo = echo
+        self.command = command
+        self.bundle_dir = REPO / "bundles" / self.spec.bundle
+
+    # ------------------------------------------------------------------ settings
+    def settings(self) -> dict:
+        p = self.preset
+        return {"task": self.task, "preset": self.preset_name, "rounds": p.rounds, "local_epochs": p.local_epochs,
+                "sites": p.sites, "data": p.data, "test_cases": None if self.data_root else p.test_cases,
+                "overrides": p.overrides, "data_root": self.data_root, "threads_per_site": p.threads_per_site}
+
+    def settings_key(self, method: str, seed: int) -> str:
+        blob = json.dumps({**self.settings(), "method": method, "seed": seed}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.out / "runs" / method / f"seed{seed}"
+
+    def overrides(self, seed: int) -> dict:
+        extra = {"task": self.task} if self.spec.bundle == "image_classification" else {}
+        return {**extra, **self.preset.overrides, "seed": seed}
+
+    def config_files(self, method: str) -> List[str]:
+        return ["configs/train.json"] + ([HARMOFL_CONFIG] if method == "harmofl" else [])
+
+    def data(self, seed: int) -> StudyData:
+        if self.data_root:
+            return real_data(self.data_root)
+        return make_phantom_data(self.task, self.out / "data" / f"seed{seed}", seed, self.preset.sites,
+                                 self.preset.data, self.preset.test_cases)
+
+    # ------------------------------------------------------------------ cache
+    def cached(self, method: str, seed: int, sites) -> Optional[dict]:
+        path = self.run_dir(method, seed) / RESULT_FILE
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            self.echo(f"cache entry {path} is corrupt ({type(e).__name__}): running it again")
+            return None
+        why = validate_result(entry, self.settings_key(method, seed), sites)
+        if why:
+            self.echo(f"cache entry {path} cannot be used ({why}): running it again")
+            return None
+        return entry
+
+    # ------------------------------------------------------------------ one run
+    def _run_federated(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
+        ws_root = run_dir / "workspace"
+        shutil.rmtree(ws_root, ignore_errors=True)
+        name = f"{self.task}_{method}_seed{seed}"
+        cmd = [sys.executable, str(REPO / "jobs" / self.spec.job_script), "--algorithm", method,
+               "--rounds", str(self.preset.rounds), "--local-epochs", str(self.preset.local_epochs),
+               "--sites", str(len(data.sites)), "--data-root", str(data.train_root), "--workspace", str(ws_root),
+               "--name", name, "--override", json.dumps(self.overrides(seed)),
+               "--torch-threads", str(self.preset.threads_per_site)]
+        # IOP-FL collects its model pool through cross-site evaluation; the others skip it (the study scores
+        # the models itself, on the larger test draw)
+        cmd += ["--cross-site-timeout", "300"] if method == "iopfl" else ["--no-cross-site-eval"]
+        self._subprocess(cmd, log)
+        ws = ws_root / name
+        curve = _curves(ws, self.spec.metric, personalized=(method == "iopfl"))
+        site_results = {}
+        for client, folder in data.sites.items():
+            if method in PERSONALIZED:
+                found = sorted(ws.rglob(f"fedharmony/{client}/best_model.pt"))
+            else:
+                found = sorted(ws.rglob("app_server/FL_global_model.pt"))
+            if not found:
+                raise FileNotFoundError(f"{method} seed {seed}: no model to score for {client} in {ws}")
+            from .scoring import load_weights, score_on_site
+
+            site_results[folder] = score_on_site(self.bundle_dir, data.test_root / folder, load_weights(found[0]),
+                                                 self.spec.metric, self.config_files(method), self.overrides(seed))
+        curve = {data.sites.get(k, k): v for k, v in curve.items()}
+        if not self.keep_workspaces:
+            _keep_logs_only(ws_root)
+        return {"site_scores": {s: r["score"] for s, r in site_results.items()}, "site_results": site_results,
+                "curve": curve}
+
+    def _run_reference(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
+        spec = {"mode": method, "bundle_dir": str(self.bundle_dir), "config_files": self.config_files(method),
+                "overrides": self.overrides(seed), "data": dict(data), "out_dir": str(run_dir / "workspace"),
+                "rounds": self.preset.rounds, "local_epochs": self.preset.local_epochs, "metric": self.spec.metric,
+                "threads": self.preset.threads_per_site}
+        spec_path, out_path = run_dir / "reference_spec.json", run_dir / "reference_result.json"
+        _atomic_json(spec_path, spec)
+        self._subprocess([sys.executable, "-m", "fedharmony.study.centralized", str(spec_path), str(out_path)], log)
+        result = json.loads(out_path.read_text())
+        if not self.keep_workspaces:
+            shutil.rmtree(run_dir / "workspace", ignore_errors=True)
+        return result
+
+    def _subprocess(self, cmd, log) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.preset.threads_per_site), "PYTHONHASHSEED": "0"}
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        if res.returncode != 0:
+            raise RuntimeError(f"exit status {res.returncode}; see {log.name}")
+
+    def run_one(self, method: str, seed: int) -> dict:
+        data = self.data(seed)
+        run_dir = self.run_dir(method, seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(run_dir / "log.txt", "w") as log:
+            if method in ("local", "pooled"):
+                result = self._run_reference(method, seed, data, run_dir, log)
+            else:
+                result = self._run_federated(method, seed, data, run_dir, log)
+        entry = {"method": method, "seed": seed, "scored_model": scored_model(method), **result,
+                 "wall_s": time.time() - t0, "settings_key": self.settings_key(method, seed)}
+        _atomic_json(run_dir / RESULT_FILE, entry)
+        return entry
+
+    # ------------------------------------------------------------------ the study
+    def run(self) -> dict:
+        t_study = time.time()
+        plan = [(m, s) for s in self.seeds for m in self.methods]
+        runs, fresh_times, failed = [], [], []
+        self.echo(f"study: {self.task}, preset {self.preset_name}, {len(self.methods)} method(s) x "
+                  f"{len(self.seeds)} seed(s) = {len(plan)} runs, out {self.out}")
+        for i, (method, seed) in enumerate(plan, start=1):
+            data = self.data(seed)
+            entry = self.cached(method, seed, list(data.sites.values()))
+            if entry is not None:
+                self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: cached")
+                runs.append(entry)
+                continue
+            left = len(plan) - i + 1
+            eta = f", about {_duration(left * sum(fresh_times) / len(fresh_times))} left" if fresh_times else ""
+            self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: running{eta} (log {self.run_dir(method, seed)}/log.txt)")
+            t0 = time.time()
+            try:
+                entry = self.run_one(method, seed)
+            except Exception as e:  # one failed run must not lose the others: report it, go on
+                failed.append({"method": method, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: FAILED ({type(e).__name__}: {e})")
+                continue
+            fresh_times.append(time.time() - t0)
+            mean = sum(entry["site_scores"].values()) / len(entry["site_scores"])
+            self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: done in {_duration(fresh_times[-1])}, "
+                      f"mean {self.spec.metric_label} {mean:.3f}")
+            runs.append(entry)
+        results = self.results(runs, failed, time.time() - t_study)
+        _atomic_json(self.out / RESULTS_FILE, results)
+        return results
+
+    def results(self, runs, failed, wall_s) -> dict:
+        import monai
+        import nvflare
+        import torch
+
+        return {
+            "task": self.task, "metric": self.spec.metric, "metric_label": self.spec.metric_label,
+            "methods": self.methods, "seeds": self.seeds, "settings": self.settings(),
+            "scored_models": {m: scored_model(m) for m in self.methods},
+            "runs": [{k: v for k, v in r.items() if k != "settings_key"} for r in runs], "failed": failed,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+            "versions": {"torch": torch.__version__, "monai": monai.__version__, "nvflare": nvflare.__version__},
+            "command": self.command, "wall_s": wall_s,
+            "run_wall_s": sum(r.get("wall_s", 0.0) for r in runs),
+        }
+
+
+def _curves(ws: Path, metric: str, personalized: bool) -> Dict[str, Dict[int, float]]:
+    """Per-site validation score by round from the server's ``metrics_by_round.csv``."""
+    import csv
+
+    found = sorted(ws.rglob("results/metrics_by_round.csv"))
+    if not found:
+        return {}
+    tag = metric + ("_personalized" if personalized else "")
+    curve: Dict[str, Dict[int, float]] = {}
+    with open(found[0]) as f:
+        for row in csv.DictReader(f):
+            if row["tag"] == tag:
+                curve.setdefault(row["site"], {})[int(row["round"])] = float(row["value"])
+    return curve
+
+
+def _keep_logs_only(ws_root: Path) -> None:
+    """Drop a finished run's checkpoints and caches; keep its logs and round metrics."""
+    for path in sorted(ws_root.rglob("*"), reverse=True):
+        if path.is_file() and not (path.name in ("log.txt", "metrics_by_round.csv", "summary.json")
+                                   or path.suffix == ".json" and "results" in path.parts):
+            path.unlink()
+    for path in sorted(ws_root.rglob("*"), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()

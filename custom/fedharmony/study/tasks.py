@@ -1,0 +1,123 @@
+"""What a study can run: tasks, methods, presets (no NVFlare import).
+
+A *task* is a bundle, a job script and the phantom sites that stand in for its real data.
+A *method* is a federated algorithm run as the task's real NVFlare job, or one of the two
+references every FL paper reports: ``local`` (each site trained alone) and ``pooled`` (one
+model trained on all sites' training data together).
+
+A *preset* sizes a study for a machine: ``smoke`` (2 sites, 2 rounds, tiny data: the CI
+test), ``standard`` (every site of the task, sized for a 2-core CPU), ``paper`` (the
+papers' sizes, for a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+__all__ = ["FEDERATED", "REFERENCES", "METHODS", "PERSONALIZED", "TaskSpec", "Preset", "TASKS", "PRESETS",
+           "preset_for", "check_methods", "scored_model"]
+
+FEDERATED = ("fedavg", "fedprox", "fedbn", "harmofl", "iopfl", "prrfl")
+REFERENCES = ("local", "pooled")
+METHODS = FEDERATED + REFERENCES
+# the model each site uses at the end: its own (best on its validation split), not the global one
+PERSONALIZED = {"fedbn": "the site's own model (shared weights + its norm layers), best on its validation split",
+                "iopfl": "the site's personalized model phi, best on its validation split",
+                "prrfl": "the site's personalized model, best on its validation split"}
+
+
+def scored_model(method: str) -> str:
+    """What a study scores on each site's test split for ``method`` (said in the report)."""
+    if method in PERSONALIZED:
+        return PERSONALIZED[method]
+    if method == "local":
+        return "the site's own model, trained alone, after the last epoch"
+    if method == "pooled":
+        return "one model trained on all sites' pooled training data, after the last epoch"
+    return "the final global model"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    job_script: str  # under jobs/
+    bundle: str  # under bundles/
+    metric: str  # the bundle's key validation metric
+    metric_label: str
+    methods: Tuple[str, ...]  # what this task supports
+
+
+TASKS: Dict[str, TaskSpec] = {
+    "prostate": TaskSpec("prostate", "prostate.py", "prostate_mri_seg", "val_mean_dice", "Dice", METHODS),
+    "dermoscopy": TaskSpec("dermoscopy", "dermoscopy.py", "image_classification", "val_macro_f1", "macro-F1",
+                           METHODS),
+    "histology": TaskSpec("histology", "histology.py", "image_classification", "val_macro_f1", "macro-F1",
+                          METHODS),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How big a study is. ``data`` holds the phantom generator's arguments for the training /
+    validation draw; ``test_cases`` is the size of the separate test draw per site."""
+
+    rounds: int
+    local_epochs: int
+    sites: Optional[int]  # None: every site of the task
+    data: Dict[str, int] = field(default_factory=dict)
+    test_cases: int = 0
+    overrides: Dict[str, object] = field(default_factory=dict)
+    threads_per_site: int = 1
+
+
+# Sizes: see docs/studies.md ("Presets") for how they were chosen and what each takes here.
+PRESETS: Dict[str, Dict[str, Preset]] = {
+    "smoke": {
+        "prostate": Preset(2, 1, 2, {"cases": 3, "size": 32, "slices": 8}, test_cases=4,
+                           overrides={"samples_per_volume": 4, "batch_size": 1, "base_features": 4}),
+        "dermoscopy": Preset(2, 1, 2, {"images_per_site": 36, "size": 32}, test_cases=40,
+                             overrides={"image_size": 32, "base_features": 4, "batch_size": 8}),
+        "histology": Preset(2, 1, 2, {"patients": 3, "patches_per_patient": 8, "size": 32}, test_cases=40,
+                            overrides={"image_size": 32, "base_features": 4, "batch_size": 8}),
+    },
+    "standard": {
+        "prostate": Preset(12, 2, None, {"cases": 10, "size": 96}, test_cases=50,
+                           overrides={"image_size": 96, "samples_per_volume": 4}),
+        "dermoscopy": Preset(20, 2, None, {"images_per_site": 200, "size": 64}, test_cases=1000,
+                             overrides={"image_size": 64}),
+        "histology": Preset(20, 1, None, {"patches_per_hospital": 150, "size": 64}, test_cases=1000,
+                            overrides={"image_size": 64}),
+    },
+    "paper": {
+        "prostate": Preset(100, 1, None, {"size": 384}, test_cases=100, overrides={"image_size": 384}),
+        "dermoscopy": Preset(100, 5, None, {"images_per_site": 1000, "size": 128}, test_cases=2000),
+        "histology": Preset(100, 1, None, {"patches_per_hospital": 2000, "size": 96}, test_cases=2000),
+    },
+}
+
+
+def preset_for(preset: str, task: str) -> Preset:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    return PRESETS[preset][task]
+
+
+def check_methods(task: str, methods) -> list:
+    """The methods, in the order given, after checking that ``task`` supports each (raises ValueError)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    unsupported = [m for m in methods if m not in TASKS[task].methods]
+    if unsupported:
+        raise ValueError(f"task {task!r} does not support {unsupported} (it supports {list(TASKS[task].methods)})")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is listed twice: {methods}")
+    if not methods:
+        raise ValueError("no method given")
+    return methods

@@ -1,0 +1,141 @@
+"""The study tool: refusals before anything runs, the cache, the report from a results.json, and the
+smoke study end to end through the real NVFlare simulator (reproducible per seed)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from fedharmony.study.report import load_results, paired_difference, summarize, verdict, write_report
+from fedharmony.study.runner import validate_result
+from fedharmony.study.tasks import check_methods
+
+STUDY = [sys.executable, str(REPO / "tools" / "study.py")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "prostate", "--methods", "fedavg", "fedsgd", "--out", "OUT"], "unknown method(s) ['fedsgd']"),
+    (["--task", "kidney", "--methods", "fedavg", "--out", "OUT"], "invalid choice: 'kidney'"),
+    (["--task", "prostate", "--methods", "fedavg", "--preset", "huge", "--out", "OUT"], "invalid choice: 'huge'"),
+    (["--task", "prostate", "--methods", "fedavg", "fedavg", "--out", "OUT"], "listed twice"),
+    (["--task", "prostate", "--methods", "fedavg", "--seeds", "0", "--out", "OUT"], "seeds must be >= 1"),
+    (["--task", "prostate", "--methods", "fedavg", "--data-root", "MISSING", "--out", "OUT"], "has no sites.json"),
+    (["--task", "prostate", "--methods", "fedavg"], "--out are required"),
+    (["--report-only", "MISSING"], "no results.json"),
+])
+def test_bad_requests_are_refused_before_anything_runs(tmp_path, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("MISSING", str(tmp_path / "missing")) for a in argv]
+    res = subprocess.run(STUDY + argv, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_task_refuses_a_method_it_does_not_support(monkeypatch):
+    from fedharmony.study import tasks
+
+    monkeypatch.setitem(tasks.TASKS, "histology", tasks.TaskSpec("histology", "histology.py", "image_classification",
+                                                                 "val_macro_f1", "macro-F1", ("fedavg", "local")))
+    with pytest.raises(ValueError, match="task 'histology' does not support \\['prrfl'\\]"):
+        check_methods("histology", ["fedavg", "prrfl"])
+
+
+def test_a_cached_run_is_used_only_when_complete_and_made_with_the_same_settings():
+    good = {"settings_key": "k", "site_scores": {"A": 0.7, "B": 0.6}}
+    assert validate_result(good, "k", ["A", "B"]) is None
+    assert validate_result(good, "other", ["A", "B"]) == "made with other settings"
+    assert "expected ['A', 'B', 'C']" in validate_result(good, "k", ["A", "B", "C"])
+    assert "no finite score for ['B']" in validate_result({**good, "site_scores": {"A": 0.7, "B": math.nan}}, "k",
+                                                          ["A", "B"])
+    assert validate_result([1, 2], "k", ["A"]) == "not a JSON object"
+
+
+def _results(diffs_by_seed, sites=("A", "B", "C")):
+    """A results.json with fedavg at 0.70 + 0.01 * site index and a method 'x' at fedavg + diff(seed, site)."""
+    runs = []
+    for seed, diffs in enumerate(diffs_by_seed):
+        base = {s: 0.70 + 0.01 * i + 0.002 * seed for i, s in enumerate(sites)}
+        runs.append({"method": "fedavg", "seed": seed, "site_scores": base})
+        runs.append({"method": "x", "seed": seed, "site_scores": {s: base[s] + d for s, d in zip(sites, diffs)}})
+    return {"task": "prostate", "metric": "val_mean_dice", "metric_label": "Dice", "methods": ["fedavg", "x"],
+            "seeds": list(range(len(diffs_by_seed))), "runs": runs}
+
+
+def test_paired_differences_by_hand():
+    # per seed the mean-over-sites difference is 0.05, 0.04, 0.06, 0.05, 0.05: mean 0.05, t CI excludes zero
+    results = _results([(0.05, 0.05, 0.05), (0.04, 0.04, 0.04), (0.06, 0.06, 0.06), (0.05, 0.05, 0.05),
+                        (0.05, 0.05, 0.05)])
+    d = paired_difference(results, "x")
+    assert d["mean"]["per_seed"] == pytest.approx([0.05, 0.04, 0.06, 0.05, 0.05])
+    assert d["mean"]["diff"] == pytest.approx(0.05)
+    half = 2.7764451051977987 * math.sqrt(0.0002 / 4) / math.sqrt(5)  # sd of the five per-seed values
+    assert d["mean"]["t_ci"] == pytest.approx((0.05 - half, 0.05 + half))
+    assert d["mean"]["verdict"] == d["worst"]["verdict"] == "better"
+    assert d["n_pairs"] == 15 and d["wilcoxon_p"] < 0.001
+    # differences that change sign: no difference shown
+    mixed = paired_difference(_results([(0.05, 0.0, 0.0), (-0.05, 0.0, 0.0), (0.04, 0.0, 0.0),
+                                        (-0.04, 0.0, 0.0), (0.01, 0.0, 0.0)]), "x")
+    assert mixed["mean"]["verdict"] == "no difference shown"
+    assert verdict([(-0.02, -0.01), (-0.03, -0.001)]) == "worse"
+    assert verdict([(0.01, 0.02), (-0.01, 0.02)]) == "no difference shown"
+
+
+def test_summary_by_hand():
+    results = _results([(0.0, 0.0, -0.3), (0.0, 0.0, -0.3)])
+    s = summarize(results)
+    assert s["x"]["worst_site"] == "C"  # its mean is the lowest
+    assert s["fedavg"]["mean"][0] == pytest.approx((0.71 + 0.712) / 2)
+    assert s["x"]["worst"][0] == pytest.approx((0.72 - 0.3 + 0.722 - 0.3) / 2)
+
+
+def test_report_only_rebuilds_the_report_from_results_json(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(_results([(0.05, 0.05, 0.05), (0.04, 0.04, 0.04),
+                                                                (0.06, 0.06, 0.06)])))
+    res = subprocess.run(STUDY + ["--report-only", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "| x - fedavg | +0.050 |" in report and "better" in report
+    assert (tmp_path / "forest.png").stat().st_size > 0 and (tmp_path / "results.csv").is_file()
+    first = report
+    write_report(tmp_path, load_results(tmp_path))
+    assert (tmp_path / "report.md").read_text() == first  # a pure function of results.json
+    (tmp_path / "results.json").write_text('{"task": "prostate"}')
+    with pytest.raises(ValueError, match="has no 'metric'"):
+        load_results(tmp_path)
+
+
+@pytest.mark.integration
+def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(tmp_path):
+    out = tmp_path / "study"
+    argv = ["--task", "prostate", "--methods", "fedavg", "local", "pooled", "--seeds", "2", "--preset", "smoke",
+            "--out", str(out)]
+    res = subprocess.run(STUDY + argv, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[6/6] pooled seed 1: done" in res.stdout and "left" in res.stdout  # progress with a time estimate
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "prostate" and results["metric"] == "val_mean_dice"
+    assert {(r["method"], r["seed"]) for r in results["runs"]} == {(m, s) for m in ("fedavg", "local", "pooled")
+                                                                   for s in (0, 1)}
+    for run in results["runs"]:
+        assert sorted(run["site_scores"]) == ["BIDMC", "HK"]
+        assert all(0.0 <= v <= 1.0 for v in run["site_scores"].values())
+        assert all(d["n"] == 4 for d in run["site_results"].values())  # the separate test draw, 4 per site
+        assert run["curve"] and all(len(c) == 2 for c in run["curve"].values())  # 2 rounds
+    fedavg = {r["seed"]: r["site_scores"] for r in results["runs"] if r["method"] == "fedavg"}
+    assert fedavg[0] != fedavg[1]  # the seed changes the data and the training
+    report = (out / "report.md").read_text()
+    assert "| local - fedavg |" in report and (out / "curves.png").stat().st_size > 0
+    log = (out / "runs" / "fedavg" / "seed0" / "log.txt").read_text()
+    assert "Round 1 started" in log or "round 1" in log  # NVFlare's output went to the run's log
+
+    # rerun: everything cached; a corrupt entry is named, run again, and gives the same scores
+    (out / "runs" / "fedavg" / "seed0" / "result.json").write_text("{truncated")
+    res = subprocess.run(STUDY + argv, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count(": cached") == 5
+    assert f"cache entry {out / 'runs' / 'fedavg' / 'seed0' / 'result.json'} is corrupt" in res.stdout
+    again = json.loads((out / "results.json").read_text())
+    rerun = next(r for r in again["runs"] if r["method"] == "fedavg" and r["seed"] == 0)
+    assert rerun["site_scores"] == fedavg[0]  # same (method, seed, preset) on the same machine: same scores

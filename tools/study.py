@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Compare federated methods with seeds, confidence intervals and a generated report.
+
+    python tools/study.py --task prostate --methods fedavg fedprox fedbn harmofl iopfl prrfl local pooled \\
+                          --seeds 5 --preset standard --out docs/studies/prostate
+    python tools/study.py --task dermoscopy --methods fedavg fedbn harmofl prrfl local pooled --seeds 5 --out DIR
+    python tools/study.py --report-only DIR        # rebuild report.md, results.csv and figures from results.json
+    python tools/study.py --scale --out DIR        # cost as sites and image size grow (tiny data)
+
+Every (method, seed) of a federated method is one run of the task's job script
+(``jobs/<task>.py``) in the NVFlare simulator; ``local`` trains each site alone and
+``pooled`` trains one model on all sites' training data, for the same epochs. Each seed
+draws new phantom data (training draw and a separate test draw of ``--test-cases`` per
+site) and sets the bundle's seed; with ``--data-root`` the prepared datalists' own splits
+are used. Runs are cached in ``DIR/runs/<method>/seed<k>/`` (rerun the command to resume;
+a corrupt entry is named and run again); NVFlare's output goes to each run's ``log.txt``.
+
+Writes ``DIR/results.json`` (every run's per-site scores, curves, timings), ``results.csv``,
+``report.md`` (means and 95% CIs, paired differences to FedAvg with bootstrap CIs and
+Wilcoxon p-values, curves, forest plot) and the figures. See docs/studies.md.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def main(argv=None) -> int:
+    from fedharmony.study.tasks import METHODS, PRESETS, TASKS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), help="the task (bundle + phantom sites)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"any of {' '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 (default 5)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="standard")
+    p.add_argument("--test-cases", type=int, help="test draw per site (default: the preset's)")
+    p.add_argument("--data-root", help="prepared real data (site folders + sites.json) instead of phantom sites")
+    p.add_argument("--rounds", type=int, help="change the preset's rounds")
+    p.add_argument("--local-epochs", type=int, help="change the preset's local epochs")
+    p.add_argument("--out", help="study folder")
+    p.add_argument("--keep-workspaces", action="store_true", help="keep each run's simulator workspace")
+    p.add_argument("--report-only", metavar="DIR", help="rebuild the report of a finished study from results.json")
+    p.add_argument("--scale", action="store_true", help="measure cost against sites and image size (tiny data)")
+    args = p.parse_args(argv)
+    command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    from fedharmony.study.report import load_results, write_report
+
+    if args.report_only:
+        try:
+            report = write_report(args.report_only, load_results(args.report_only))
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        print(f"report: {report}")
+        return 0
+    if args.scale:
+        if not args.out:
+            p.error("--out is required")
+        from scaling import run_scaling
+
+        run_scaling(Path(args.out), command=command)
+        return 0
+    if not args.task or not args.methods or not args.out:
+        p.error("--task, --methods and --out are required (or --report-only DIR, or --scale)")
+    from fedharmony.study.runner import Study
+
+    try:
+        study = Study(args.task, args.methods, args.seeds, args.preset, args.out, test_cases=args.test_cases,
+                      data_root=args.data_root, rounds=args.rounds, local_epochs=args.local_epochs,
+                      keep_workspaces=args.keep_workspaces, echo=lambda line: print(line, flush=True),
+                      command=command)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    results = study.run()
+    report = write_report(study.out, results)
+    print(f"results: {study.out / 'results.json'}\nreport: {report}")
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
