@@ -106,6 +106,26 @@ def test_report_only_rebuilds_the_report_from_results_json(tmp_path):
         load_results(tmp_path)
 
 
+def test_collect_only_reports_the_cached_runs_and_names_the_pending_ones(tmp_path):
+    from fedharmony.study.runner import Study
+
+    study = Study("prostate", ["fedavg", "local"], 2, "smoke", tmp_path, echo=lambda line: None)
+    marker = tmp_path / "data" / "seed0" / "study_data.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"data": {"sites": {"site-1": "BIDMC", "site-2": "HK"}}}))
+    for method, scores in (("fedavg", {"BIDMC": 0.5, "HK": 0.6}), ("local", {"BIDMC": 0.4, "HK": 0.7})):
+        path = study.run_dir(method, 0) / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"method": method, "seed": 0, "site_scores": scores,
+                                    "settings_key": study.settings_key(method, 0)}))
+    results = study.collect()
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("fedavg", 0), ("local", 0)]
+    assert results["pending"] == [{"method": "fedavg", "seed": 1}, {"method": "local", "seed": 1}]
+    assert not (tmp_path / "data" / "seed1").exists()  # collecting draws no data
+    report = write_report(tmp_path, load_results(tmp_path)).read_text()
+    assert "Incomplete study: 2 of 4 runs done" in report and "fedavg seed 1" in report
+
+
 @pytest.mark.integration
 def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(tmp_path):
     out = tmp_path / "study"

@@ -44,7 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="study folder")
     p.add_argument("--keep-workspaces", action="store_true", help="keep each run's simulator workspace")
     p.add_argument("--report-only", metavar="DIR", help="rebuild the report of a finished study from results.json")
+    p.add_argument("--collect-only", action="store_true",
+                   help="write results.json and the report from the cached runs; run nothing")
     p.add_argument("--scale", action="store_true", help="measure cost against sites and image size (tiny data)")
+    p.add_argument("--scale-sites", type=int, nargs="+", default=[3, 6, 12, 24], metavar="N",
+                   help="--scale: site counts (default 3 6 12 24)")
+    p.add_argument("--scale-sizes", type=int, nargs="+", default=[64, 96, 192, 384], metavar="PX",
+                   help="--scale: in-plane sizes, multiples of 16 (default 64 96 192 384)")
     args = p.parse_args(argv)
     command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
@@ -60,9 +66,11 @@ def main(argv=None) -> int:
     if args.scale:
         if not args.out:
             p.error("--out is required")
+        if min(args.scale_sites) < 1 or any(s < 16 or s % 16 for s in args.scale_sizes):
+            p.error("--scale-sites must be >= 1 and --scale-sizes positive multiples of 16")
         from scaling import run_scaling
 
-        run_scaling(Path(args.out), command=command)
+        run_scaling(Path(args.out), command=command, sites=args.scale_sites, sizes=args.scale_sizes)
         return 0
     if not args.task or not args.methods or not args.out:
         p.error("--task, --methods and --out are required (or --report-only DIR, or --scale)")
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
                       command=command)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    results = study.run()
+    results = study.collect() if args.collect_only else study.run()
     report = write_report(study.out, results)
     print(f"results: {study.out / 'results.json'}\nreport: {report}")
     return 1 if results["failed"] else 0

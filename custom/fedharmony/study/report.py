@@ -229,6 +229,12 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
               f"{settings.get('test_cases') or 'the datalists own'}, seeds {results.get('seeds')}",
               f"- data: {'prepared real data at ' + settings['data_root'] if settings.get('data_root') else 'phantom sites; seed k draws the training data with seed k and a separate test draw'}",
               ""]
+    if results.get("pending"):
+        done = len(results["runs"])
+        lines += [f"**Incomplete study: {done} of {done + len(results['pending'])} runs done.** Pending: "
+                  + ", ".join(f"{p['method']} seed {p['seed']}" for p in results["pending"])
+                  + ". Rerun the study's command to finish it; until then the tables cover only the finished "
+                    "runs, and a comparison uses only the seeds both methods have.", ""]
     if results.get("failed"):
         lines += ["**Failed runs (not in the tables):** "
                   + "; ".join(f"{f['method']} seed {f['seed']}: {f['error']}" for f in results["failed"]), ""]

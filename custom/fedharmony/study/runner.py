@@ -107,10 +107,15 @@ class Study:
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
+        """Everything a run's result depends on, the bundle's configs included (a changed bundle makes every
+        cached run stale)."""
+        from ..job_policy import bundle_digest
+
         p = self.preset
         return {"task": self.task, "preset": self.preset_name, "rounds": p.rounds, "local_epochs": p.local_epochs,
                 "sites": p.sites, "data": p.data, "test_cases": None if self.data_root else p.test_cases,
-                "overrides": p.overrides, "data_root": self.data_root, "threads_per_site": p.threads_per_site}
+                "overrides": p.overrides, "data_root": self.data_root, "threads_per_site": p.threads_per_site,
+                "bundle": self.spec.bundle, "bundle_digest": bundle_digest(self.bundle_dir)}
 
     def settings_key(self, method: str, seed: int) -> str:
         blob = json.dumps({**self.settings(), "method": method, "seed": seed}, sort_keys=True)
@@ -219,9 +224,37 @@ class Study:
         return entry
 
     # ------------------------------------------------------------------ the study
+    def plan(self) -> list:
+        """Every (method, seed), seed by seed, so an interrupted study has whole seeds to compare."""
+        return [(m, s) for s in self.seeds for m in self.methods]
+
+    def collect(self) -> dict:
+        """``results.json`` from the cached runs alone (nothing runs; the others are listed as pending)."""
+        runs, pending = [], []
+        for method, seed in self.plan():
+            sites = self._sites_without_drawing(seed)
+            entry = self.cached(method, seed, sites) if sites is not None else None
+            if entry is not None:
+                runs.append(entry)
+            else:
+                pending.append({"method": method, "seed": seed})
+        results = self.results(runs, [], 0.0, pending)
+        _atomic_json(self.out / RESULTS_FILE, results)
+        return results
+
+    def _sites_without_drawing(self, seed: int) -> Optional[list]:
+        """The site folders of seed ``seed``'s data if it exists (None: not drawn yet)."""
+        if self.data_root:
+            return list(real_data(self.data_root).sites.values())
+        marker = self.out / "data" / f"seed{seed}" / "study_data.json"
+        try:
+            return list(json.loads(marker.read_text())["data"]["sites"].values())
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+
     def run(self) -> dict:
         t_study = time.time()
-        plan = [(m, s) for s in self.seeds for m in self.methods]
+        plan = self.plan()
         runs, fresh_times, failed = [], [], []
         self.echo(f"study: {self.task}, preset {self.preset_name}, {len(self.methods)} method(s) x "
                   f"{len(self.seeds)} seed(s) = {len(plan)} runs, out {self.out}")
@@ -247,11 +280,14 @@ class Study:
             self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: done in {_duration(fresh_times[-1])}, "
                       f"mean {self.spec.metric_label} {mean:.3f}")
             runs.append(entry)
+            # results.json after every run: an interrupted study loses nothing and can be reported on
+            pending = [{"method": m, "seed": s} for m, s in plan[i:]]
+            _atomic_json(self.out / RESULTS_FILE, self.results(runs, failed, time.time() - t_study, pending))
         results = self.results(runs, failed, time.time() - t_study)
         _atomic_json(self.out / RESULTS_FILE, results)
         return results
 
-    def results(self, runs, failed, wall_s) -> dict:
+    def results(self, runs, failed, wall_s, pending=()) -> dict:
         import monai
         import nvflare
         import torch
@@ -261,6 +297,7 @@ class Study:
             "methods": self.methods, "seeds": self.seeds, "settings": self.settings(),
             "scored_models": {m: scored_model(m) for m in self.methods},
             "runs": [{k: v for k, v in r.items() if k != "settings_key"} for r in runs], "failed": failed,
+            "pending": list(pending),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
             "versions": {"torch": torch.__version__, "monai": monai.__version__, "nvflare": nvflare.__version__},
             "command": self.command, "wall_s": wall_s,
