@@ -112,7 +112,7 @@ def paired_difference(results: dict, method: str, baseline: str = BASELINE) -> O
     for key, values in (("mean", mean_diff), ("worst", worst_diff)):
         boot, t = bootstrap_ci(values), t_interval(values)
         out[key] = {"per_seed": values, "diff": boot[0], "bootstrap_ci": boot[1:], "t_ci": t[1:],
-                    "verdict": verdict([boot[1:], t[1:]] if len(values) > 1 else [(math.nan, math.nan)])}
+                    "verdict": verdict([boot[1:], t[1:]])}  # one seed: no t CI, so no verdict
     w = wilcoxon_signed_rank(pairs)
     out["wilcoxon_p"], out["wilcoxon_n"] = w.p_value, w.n
     out["per_site"] = {s: float(np.mean([a[k][s] - b[k][s] for k in seeds])) for s in sites}
