@@ -159,3 +159,32 @@ def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(
     again = json.loads((out / "results.json").read_text())
     rerun = next(r for r in again["runs"] if r["method"] == "fedavg" and r["seed"] == 0)
     assert rerun["site_scores"] == fedavg[0]  # same (method, seed, preset) on the same machine: same scores
+
+
+def test_a_seed_draws_training_data_and_a_separate_test_draw(tmp_path):
+    from fedharmony.study.data import make_phantom_data, pooled_dataset, real_data
+
+    tiny = {"cases": 3, "size": 32, "slices": 6}
+    data = make_phantom_data("prostate", tmp_path / "s0", 0, 2, tiny, test_cases=5)
+    assert data.sites == {"site-1": "BIDMC", "site-2": "HK"}
+    for folder in data.sites.values():
+        train = json.loads((data.train_root / folder / "datalist.json").read_text())
+        test = json.loads((data.test_root / folder / "datalist.json").read_text())
+        assert sum(len(train[s]) for s in ("training", "validation", "testing")) == 3
+        assert len(test["testing"]) == 5 and not test.get("training")  # every test-draw case is a test case
+        a = (data.train_root / folder / "Case00.nii.gz").read_bytes()
+        assert a != (data.test_root / folder / "Case00.nii.gz").read_bytes()  # a different draw
+    stamp = (data.test_root / "BIDMC" / "Case00.nii.gz").stat().st_mtime_ns
+    assert make_phantom_data("prostate", tmp_path / "s0", 0, 2, tiny, test_cases=5) == data
+    assert (data.test_root / "BIDMC" / "Case00.nii.gz").stat().st_mtime_ns == stamp  # reused, not drawn again
+    other = make_phantom_data("prostate", tmp_path / "s1", 1, 2, tiny, test_cases=5)
+    assert (other.train_root / "HK" / "Case00.nii.gz").read_bytes() != (data.train_root / "HK" / "Case00.nii.gz").read_bytes()
+
+    pooled = json.loads((pooled_dataset(data, tmp_path / "pooled") / "datalist.json").read_text())
+    assert len(pooled["training"]) == 2 * len(json.loads((data.train_root / "HK" / "datalist.json").read_text())["training"])
+    assert {item["site"] for item in pooled["training"]} == {"BIDMC", "HK"}
+    assert all(item["image"].startswith("/") for item in pooled["training"] + pooled["testing"])
+    assert len(pooled["testing"]) == 10
+
+    real = real_data(data.train_root)  # prepared data: its own splits, train and test from the same folders
+    assert real.train_root == real.test_root == data.train_root.resolve() and real.sites == data.sites
