@@ -5,9 +5,11 @@
 
 Sites: a FedAvg federation of tiny phantom prostate sites (32 x 32 x 8, 3 cases; the six
 scanner profiles repeated under new names past six sites) in the NVFlare simulator, 3 rounds,
-at most 8 site processes at a time. Per site count: seconds per round (between aggregations
-in the server log), the slowest site's own task, simulator overhead ((round - slowest site
-task) / round), and the peak RSS of the server process and of the largest site process.
+one process per site as the job scripts run it (``--scale-processes N``: at most N at a time;
+with fewer processes than sites the simulator swaps sites in and out of them every round).
+Per site count: seconds per round (between aggregations in the server log), the slowest
+site's own task, simulator overhead ((round - slowest site task) / round), and the peak RSS
+of the server process and of the largest site process.
 
 Image size: one training step of the prostate bundle's network (2.5D UNet, batch 2 volumes x
 8 slabs = 16 inputs of 3 x S x S, Adam), each size in a fresh process: median seconds per
@@ -36,7 +38,7 @@ from benchmark_federation import _round_times, _rss_sampler, _site_times  # noqa
 SITES = (3, 6, 12, 24)
 SIZES = (64, 96, 192, 384)
 TINY_OVERRIDES = {"samples_per_volume": 4, "batch_size": 1, "base_features": 4}
-MAX_PROCESSES = 8
+MAX_PROCESSES = 0  # 0: one process per site
 
 _STEP = r"""
 import json, resource, statistics, sys, time
@@ -75,11 +77,12 @@ def _sites_data(out: Path, n: int) -> Path:
     return data
 
 
-def measure_sites(out: Path, n: int, rounds: int = 3) -> dict:
+def measure_sites(out: Path, n: int, rounds: int = 3, max_processes: int = MAX_PROCESSES) -> dict:
+    processes = min(n, max_processes) if max_processes > 0 else n
     data = _sites_data(out, n)
     ws_root, name = out / "sim", f"scale_{n}_sites"
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", str(rounds),
-           "--sites", str(n), "--threads", str(min(n, MAX_PROCESSES)), "--data-root", str(data),
+           "--sites", str(n), "--threads", str(processes), "--data-root", str(data),
            "--workspace", str(ws_root), "--name", name, "--override", json.dumps(TINY_OVERRIDES),
            "--no-cross-site-eval"]
     peaks, stop = {}, threading.Event()
@@ -98,7 +101,7 @@ def measure_sites(out: Path, n: int, rounds: int = 3) -> dict:
     site_s = _site_times(ws)
     per_round = sum(rounds_s.values()) / max(len(rounds_s), 1)
     slowest = sum(site_s[r] for r in rounds_s if r in site_s) / max(len(rounds_s), 1)
-    return {"sites": n, "processes": min(n, MAX_PROCESSES), "wall_s": wall, "round_s": per_round,
+    return {"sites": n, "processes": processes, "wall_s": wall, "round_s": per_round,
             "slowest_site_task_s": slowest, "overhead": (per_round - slowest) / per_round if per_round else None,
             "server_rss_mib": peaks.get("server"), "client_rss_mib": peaks.get("client")}
 
@@ -147,7 +150,7 @@ def _fit_exponent(xs, ys) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-def run_scaling(out: Path, command: str = "", sites=SITES, sizes=SIZES) -> dict:
+def run_scaling(out: Path, command: str = "", sites=SITES, sizes=SIZES, max_processes: int = MAX_PROCESSES) -> dict:
     import monai
     import nvflare
     import torch
@@ -159,7 +162,7 @@ def run_scaling(out: Path, command: str = "", sites=SITES, sizes=SIZES) -> dict:
               "command": command, "sites": [], "sizes": []}
     for n in sites:
         print(f"scale: {n} sites ...", flush=True)
-        result["sites"].append(measure_sites(out, n))
+        result["sites"].append(measure_sites(out, n, max_processes=max_processes))
     for size in sizes:
         print(f"scale: in-plane {size} ...", flush=True)
         result["sizes"].append(measure_size(size))

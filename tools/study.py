@@ -51,6 +51,8 @@ def main(argv=None) -> int:
                    help="--scale: site counts (default 3 6 12 24)")
     p.add_argument("--scale-sizes", type=int, nargs="+", default=[64, 96, 192, 384], metavar="PX",
                    help="--scale: in-plane sizes, multiples of 16 (default 64 96 192 384)")
+    p.add_argument("--scale-processes", type=int, default=0, metavar="N",
+                   help="--scale: at most N site processes at a time (default 0: one per site, as the job scripts)")
     args = p.parse_args(argv)
     command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
             p.error("--scale-sites must be >= 1 and --scale-sizes positive multiples of 16")
         from scaling import run_scaling
 
-        run_scaling(Path(args.out), command=command, sites=args.scale_sites, sizes=args.scale_sizes)
+        run_scaling(Path(args.out), command=command, sites=args.scale_sites, sizes=args.scale_sizes,
+                    max_processes=args.scale_processes)
         return 0
     if not args.task or not args.methods or not args.out:
         p.error("--task, --methods and --out are required (or --report-only DIR, or --scale)")

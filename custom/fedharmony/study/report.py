@@ -161,10 +161,12 @@ def _curve_plot(results: dict, path: Path) -> Optional[Path]:
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, by_seed in series.items():
+    styles = ("-", "--", "-.", ":")
+    for i, (method, by_seed) in enumerate(series.items()):
         rounds = sorted(set.intersection(*[set(c) for c in by_seed.values()]))
         values = np.array([[by_seed[k][r] for r in rounds] for k in sorted(by_seed)])
-        line, = ax.plot(rounds, values.mean(axis=0), label=method)
+        line, = ax.plot(rounds, values.mean(axis=0), styles[i % len(styles)], label=method)  # styles: lines that
+        # coincide (FedBN's round-start score can equal FedAvg's for rounds) stay visible
         ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
     ax.set_ylabel(f"validation {results.get('metric_label', results['metric'])}, mean over sites")
