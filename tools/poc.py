@@ -90,13 +90,12 @@ def _set_site_timeout(root: Path, seconds: float) -> dict:
 
 
 def _no_custom_code(root: Path):
-    from site_policy import allow_package, forbid_custom_code, forbid_log_streaming
+    from site_policy import allow_package, forbid_custom_code
 
     allow_package(kits(root) / "server")
     for site in site_names(root):
         allow_package(kits(root) / site)
         forbid_custom_code(kits(root) / site)
-        forbid_log_streaming(kits(root) / site)
 
 
 def _port_free(port: int) -> bool:

@@ -2,7 +2,7 @@
 """Set a site's NVFlare policy for fedharmony jobs in its startup kit's ``local/`` folder.
 
     python tools/site_policy.py <kit> --allow-package            # run fedharmony without custom code
-    python tools/site_policy.py <kit> --allow-package --forbid-custom-code --no-log-streaming
+    python tools/site_policy.py <kit> --allow-package --forbid-custom-code
 
 ``<kit>`` is a provisioned participant folder (the server's or a site's: it holds
 ``startup/`` and ``local/``). The tool edits the two files NVFlare reads there:
@@ -23,10 +23,6 @@
 * ``local/authorization.json`` (``--forbid-custom-code``): the kit's policy with the
   ``byoc`` right ("bring your own code") set to ``none`` for every role, so this site
   refuses any job that carries a ``custom/`` folder, whoever submits it.
-
-* ``--no-log-streaming``: removes NVFlare's ``JobLogStreamer`` from ``class_allow_list``.
-  It is on NVFlare's default list, so any job could otherwise ask the site to send its whole
-  job log (which names the site's folders) to the server.
 
 Edit the kit before the participant starts; NVFlare reads these files at start-up.
 """
@@ -60,40 +56,30 @@ def package_components(kit: Path) -> tuple:
     return SERVER_COMPONENTS if (Path(kit) / "startup" / "fed_server.json").is_file() else SITE_COMPONENTS
 
 
+def _edit_allow_list(kit: Path, edit) -> Path:
+    """Rewrite the kit's ``class_allow_list`` (starting from NVFlare's default when the kit has none)
+    with ``edit(list) -> list``, in enforce mode; returns the file written."""
+    local = _local(kit)
+    resources = _read(local, "resources.json")
+    allow = resources.get("class_allow_list")
+    if allow is None:
+        from nvflare.app_common.widgets.component_path_authorizer import DEFAULT_CLASS_ALLOW_LIST
+
+        allow = list(DEFAULT_CLASS_ALLOW_LIST)
+    resources["class_allow_list"] = edit(list(allow))
+    resources.setdefault("class_list_enforcement_mode", "enforce")
+    out = local / "resources.json"
+    out.write_text(json.dumps(resources, indent=2))
+    return out
+
+
 def allow_package(kit: Path) -> Path:
     """Add the package's classes to the kit's class allow-list; returns the file written."""
-    local = _local(kit)
-    resources = _read(local, "resources.json")
-    allow = resources.get("class_allow_list")
-    if allow is None:
-        from nvflare.app_common.widgets.component_path_authorizer import DEFAULT_CLASS_ALLOW_LIST
+    def edit(allow):
+        allow = [a for a in allow if a not in ("fedharmony.", "fedharmony.fl.")]  # an older, too broad entry
+        return allow + [c for c in package_components(kit) if c not in allow]
 
-        allow = list(DEFAULT_CLASS_ALLOW_LIST)
-    allow = [a for a in allow if a not in ("fedharmony.", "fedharmony.fl.")]  # an older, too broad entry
-    resources["class_allow_list"] = allow + [c for c in package_components(kit) if c not in allow]
-    resources.setdefault("class_list_enforcement_mode", "enforce")
-    out = local / "resources.json"
-    out.write_text(json.dumps(resources, indent=2))
-    return out
-
-
-LOG_STREAMER = "nvflare.app_common.logging.job_log_streamer.JobLogStreamer"
-
-
-def forbid_log_streaming(kit: Path) -> Path:
-    """Take NVFlare's job log streamer off the kit's class allow-list; returns the file written."""
-    local = _local(kit)
-    resources = _read(local, "resources.json")
-    allow = resources.get("class_allow_list")
-    if allow is None:
-        from nvflare.app_common.widgets.component_path_authorizer import DEFAULT_CLASS_ALLOW_LIST
-
-        allow = list(DEFAULT_CLASS_ALLOW_LIST)
-    resources["class_allow_list"] = [a for a in allow if a != LOG_STREAMER]
-    resources.setdefault("class_list_enforcement_mode", "enforce")
-    out = local / "resources.json"
-    out.write_text(json.dumps(resources, indent=2))
-    return out
+    return _edit_allow_list(kit, edit)
 
 
 def forbid_custom_code(kit: Path) -> Path:
@@ -119,19 +105,15 @@ def main(argv=None):
     p.add_argument("kit", help="a participant's startup kit folder (holds startup/ and local/)")
     p.add_argument("--allow-package", action="store_true", help="allow-list fedharmony's NVFlare components")
     p.add_argument("--forbid-custom-code", action="store_true", help="refuse every job that carries code")
-    p.add_argument("--no-log-streaming", action="store_true",
-                   help="no job may make this site stream its job log to the server")
     args = p.parse_args(argv)
-    if not (args.allow_package or args.forbid_custom_code or args.no_log_streaming):
-        p.error("nothing to do: give --allow-package, --forbid-custom-code and/or --no-log-streaming")
+    if not (args.allow_package or args.forbid_custom_code):
+        p.error("nothing to do: give --allow-package and/or --forbid-custom-code")
     try:
         if args.allow_package:
             out = allow_package(Path(args.kit))
             print(f"allow-listed {', '.join(package_components(Path(args.kit)))} in {out}")
         if args.forbid_custom_code:
             print(f"custom code refused for every role in {forbid_custom_code(Path(args.kit))}")
-        if args.no_log_streaming:
-            print(f"job log streaming taken off the allow-list in {forbid_log_streaming(Path(args.kit))}")
     except (FileNotFoundError, json.JSONDecodeError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     return 0

@@ -191,17 +191,24 @@ def _forest_plot(results: dict, comparisons: List[dict], path: Path) -> Optional
     labels = [f"{d['method']} - {d['baseline']}" for d in comparisons]
     y = np.arange(len(comparisons))[::-1]
     for ax, key, title in ((axes[0], "mean", "mean over sites"), (axes[1], "worst", "worst site")):
-        diffs = [d[key]["diff"] for d in comparisons]
-        lo = [d[key]["diff"] - d[key]["bootstrap_ci"][0] for d in comparisons]
-        hi = [d[key]["bootstrap_ci"][1] - d[key]["diff"] for d in comparisons]
-        ax.errorbar(diffs, y, xerr=[lo, hi], fmt="o", capsize=3)
-        ax.axvline(0, color="grey", lw=1)
+        diffs = np.array([d[key]["diff"] for d in comparisons])
+        for name, color, width, offset in (("t_ci", "grey", 1, -0.12), ("bootstrap_ci", "C0", 2, 0.12)):
+            lo = np.array([d[key][name][0] for d in comparisons])
+            hi = np.array([d[key][name][1] for d in comparisons])
+            ok = ~np.isnan(lo)  # one seed: no t CI
+            ax.errorbar(diffs[ok], y[ok] + offset, xerr=[diffs[ok] - lo[ok], hi[ok] - diffs[ok]], fmt="o",
+                        color=color, elinewidth=width, capsize=3, ms=4,
+                        label="t CI" if name == "t_ci" else "bootstrap CI")
+        ax.axvline(0, color="black", lw=0.8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"difference in {results.get('metric_label', results['metric'])} (95% bootstrap CI)")
+        ax.set_xlabel(f"difference in {results.get('metric_label', results['metric'])} (95% CIs over seeds)")
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(labels)
-    fig.suptitle(f"{results['task']}: paired differences over {len(results.get('seeds', []))} seeds", fontsize=11)
+    axes[1].legend(fontsize=8, loc="best")
+    seeds = sorted({k for d in comparisons for k in d["seeds"]})
+    fig.suptitle(f"{results['task']}: paired differences over {len(seeds)} seed(s); a difference is shown only "
+                 f"where both CIs exclude 0", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
