@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from benchmark_federation import _round_times, _rss_sampler, _site_times  # noqa: E402
+from fedharmony.study.tasks import PRESETS  # noqa: E402
 
 SITES = (3, 6, 12, 24)
 SIZES = (64, 96, 192, 384)
-TINY_OVERRIDES = {"samples_per_volume": 4, "batch_size": 1, "base_features": 4}
+TINY_OVERRIDES = PRESETS["smoke"]["prostate"].overrides  # the smoke study's tiny bundle settings
 MAX_PROCESSES = 0  # 0: one process per site
 
 _STEP = r"""

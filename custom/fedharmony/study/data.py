@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -117,8 +118,6 @@ def make_phantom_data(task: str, out_dir, seed: int, sites: Optional[int], data:
             pass  # a half-written marker: write the data again
     if test_cases < 1:
         raise ValueError(f"test_cases must be >= 1, got {test_cases}")
-    import shutil
-
     for sub in ("train", "test"):
         shutil.rmtree(out / sub, ignore_errors=True)
     _write_draw(task, out / "train", seed, sites, data)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .data import StudyData, make_phantom_data, real_data
+from .scoring import load_weights, score_on_site
 from .tasks import PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
 
 __all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "validate_result"]
@@ -177,8 +178,6 @@ class Study:
                 found = sorted(ws.rglob("app_server/FL_global_model.pt"))
             if not found:
                 raise FileNotFoundError(f"{method} seed {seed}: no model to score for {client} in {ws}")
-            from .scoring import load_weights, score_on_site
-
             site_results[folder] = score_on_site(self.bundle_dir, data.test_root / folder, load_weights(found[0]),
                                                  self.spec.metric, self.config_files(method), self.overrides(seed))
         curve = {data.sites.get(k, k): v for k, v in curve.items()}
