@@ -27,7 +27,7 @@ test-fast: setup
 
 ## jobs: export self-contained job folders (every algorithm x prostate, dermoscopy, histology) to build/jobs
 jobs: setup
-	for task in prostate dermoscopy histology; do for algo in fedavg fedprox fedbn harmofl iopfl prrfl; do \
+	for task in prostate dermoscopy histology; do for algo in $$($(BIN)/python -c "from fedharmony.methods import METHODS; print(*METHODS)"); do \
 		$(BIN)/python jobs/$$task.py --algorithm $$algo --export --export-dir build/jobs || exit 1; done; done
 
 ## study-*: methods compared over seeds with CIs and a generated report (docs/studies.md)

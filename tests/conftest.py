@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -55,15 +56,31 @@ def poc_federation(base: Path, *up_flags: str):
         subprocess.run(POC_TOOL + ["--root", str(root), "down", "--clean"], capture_output=True, timeout=300)
 
 
-def export_job(base: Path, name: str, *flags: str, rounds: int = 2, sites: int = 3) -> Path:
-    """``jobs/prostate.py --export`` of a tiny FedAvg job named ``name`` into ``base/jobs``."""
+NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")  # the venv's NVFlare command line
+
+
+def export_job(base: Path, name: Optional[str] = None, *flags: str, algorithm: str = "fedavg",
+               script: str = "prostate.py", overrides: Optional[dict] = None, rounds: int = 2, sites: int = 3) -> Path:
+    """``jobs/<script> --export`` of a tiny job (default name ``<script>_<algorithm>``) into ``base/jobs``;
+    returns the job folder."""
+    name = name or f"{Path(script).stem}_{algorithm}"
     out = base / "jobs"
-    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", str(rounds),
-           "--sites", str(sites), "--override", json.dumps(TINY_OVERRIDES), "--name", name, *flags,
-           "--export", "--export-dir", str(out)]
+    cmd = [sys.executable, str(REPO / "jobs" / script), "--algorithm", algorithm, "--rounds", str(rounds),
+           "--sites", str(sites), "--override", json.dumps(TINY_OVERRIDES if overrides is None else overrides),
+           "--name", name, *flags, "--export", "--export-dir", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=base)
     assert res.returncode == 0, res.stdout + res.stderr
     return out / name
+
+
+def simulate(job: Path, ws: Path, data_root: Path, sites: int = 2, threads: int = 1, timeout: int = 900) -> Path:
+    """``nvflare simulator`` on an exported job (``-t threads``; with fewer threads than sites every task runs in
+    a fresh site process); returns the server's run folder."""
+    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data_root)}
+    res = subprocess.run([NVFLARE, "simulator", str(job), "-w", str(ws), "-n", str(sites), "-t", str(threads)],
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return ws / "server" / "simulate_job"
 
 
 # tiny classification sites: 32 x 32 images, a few per class and split; the bundle resized to match

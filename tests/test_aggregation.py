@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedharmony.aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes, is_local_key
-from fedharmony.fl.job import NORM_LAYER_KEYS
+from fedharmony.norm_layers import NORM_LAYER_KEYS
 
 REF = {"conv.weight": np.zeros((2, 3)), "bn.running_mean": np.zeros(2), "bn.num_batches_tracked": np.array(0)}
 
@@ -130,3 +130,17 @@ def test_weight_diff_is_the_update_against_the_received_global_model():
     assert diff["w"].dtype == np.float32 and diff["n"] == 2 and diff["n"].dtype == np.int64
     with pytest.raises(ValueError, match="lacks"):
         weight_diff({**site, "extra": np.ones(1)}, base)
+
+
+@pytest.mark.parametrize("bundle,overrides", [("prostate_mri_seg", {}), ("image_classification", {"task": "dermoscopy"}),
+                                              ("image_classification", {"task": "histology"})])
+def test_the_norm_key_regex_selects_exactly_the_norm_modules_keys_of_every_bundle_network(bundle, overrides):
+    """The two views of "normalization layer" (module types, key regex) agree on the networks we ship."""
+    from conftest import REPO
+    from fedharmony.bundle_site import build_network
+    from fedharmony.norm_layers import norm_layer_keys
+
+    net = build_network(str(REPO / "bundles" / bundle), overrides=overrides)
+    by_type = norm_layer_keys(net)
+    by_regex = [k for k in net.state_dict() if is_local_key(k, NORM_LAYER_KEYS)]
+    assert by_type and by_regex == by_type

@@ -11,7 +11,6 @@ from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE, TINY_OVERRIDES
 from fedharmony.bundle_site import BundleSite, build_network
-from fedharmony.fl.job import NORM_LAYER_KEYS
 from fedharmony.inferers import Slab25DInferer
 from fedharmony.transforms import SlabToChannelsd, volume_to_slabs
 
@@ -36,6 +35,7 @@ def test_inference_builds_the_training_network():
         assert infer[key] == train[key], key
 
 
+@pytest.mark.integration  # a MONAI CLI training
 def test_train_then_infer_with_monai_bundle_cli(tiny_sites, tmp_path):
     """`python -m monai.bundle run` from an unrelated working directory, train then inference."""
     ckpt, pred = tmp_path / "models", tmp_path / "pred"
@@ -62,6 +62,7 @@ def test_train_then_infer_with_monai_bundle_cli(tiny_sites, tmp_path):
         assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
 
 
+@pytest.mark.integration  # a MONAI CLI training
 def test_harmofl_overlay_trains_and_the_target_reaches_inference(tiny_sites, tmp_path):
     """train.json + harmofl.json with MONAI's CLI, then inference.json + harmofl.json on the checkpoint."""
     ckpt, pred = tmp_path / "models", tmp_path / "pred"
@@ -110,12 +111,12 @@ def _site(tiny_sites, tmp_path, **kw):
 
 
 def test_site_state_survives_restart(tiny_sites, tmp_path):
-    site = _site(tiny_sites, tmp_path, local_keys=NORM_LAYER_KEYS)
+    site = _site(tiny_sites, tmp_path, method="fedbn")
     steps = site.train(None, local_epochs=1)
     assert steps > 0
     before = site.state_dict()
     opt_state = site.optimizer.state_dict()["state"]
-    restarted = _site(tiny_sites, tmp_path, local_keys=NORM_LAYER_KEYS)
+    restarted = _site(tiny_sites, tmp_path, method="fedbn")
     after = restarted.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert restarted.round == 1 and restarted.trainer.state.iteration == steps
@@ -125,7 +126,7 @@ def test_site_state_survives_restart(tiny_sites, tmp_path):
 
 
 def test_received_weights_never_overwrite_local_keys(tiny_sites, tmp_path):
-    site = _site(tiny_sites, tmp_path, local_keys=NORM_LAYER_KEYS)
+    site = _site(tiny_sites, tmp_path, method="fedbn")
     own = site.state_dict()
     incoming = {k: v + 1 if v.is_floating_point() else v for k, v in own.items()}
     site.load_weights(incoming)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_CLS_OVERRIDES, TINY_OVERRIDES
+from conftest import REPO, TINY_CLS_OVERRIDES, TINY_OVERRIDES, export_job, simulate
 
 CLS_BUNDLE = REPO / "bundles" / "image_classification"
 
@@ -22,6 +22,7 @@ def _bundle_run(*args, cwd):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.integration  # a MONAI CLI training
 def test_train_evaluate_and_infer_with_monai_bundle_cli(tiny_dermoscopy, tmp_path):
     site = tiny_dermoscopy / "clientA"
     ckpt = tmp_path / "models"
@@ -73,41 +74,41 @@ def test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models(tiny_
     import numpy as np
 
     from fedharmony.bundle_site import BundleSite
-    from fedharmony.fl.job import NORM_LAYER_KEYS
     from fedharmony.fourier_aggregation import mean_amplitudes, mix_amplitudes
+    from fedharmony.methods.prrfl.site import FOURIER_RATIO
 
     def make_site():
         return BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "state"), "clientA",
-                          local_keys=NORM_LAYER_KEYS, overrides=TINY_CLS_OVERRIDES,
+                          method="prrfl", overrides=TINY_CLS_OVERRIDES,
                           config_file=["configs/train.json", "configs/prrfl.json"])
 
     site = make_site()
     assert site.key_metric == "val_macro_f1"
     site.train(None, local_epochs=2)
     personal = site.state_dict()
-    deputy = {k: v.numpy() for k, v in site.deputy_transfer.deputy.state_dict().items()}
+    deputy = {k: v.numpy() for k, v in site.method.transfer.deputy.state_dict().items()}
     sent = site.shared_weights()
     assert all(torch.equal(sent[k], torch.from_numpy(deputy[k])) for k in sent)  # the deputy is what leaves
     assert not any("adn.N" in k for k in sent)  # norm layers stay on the site
 
     other = {k: v.numpy() * 0.5 + 0.01 for k, v in sent.items()}
     aggregate = mean_amplitudes([{k: v.numpy() for k, v in sent.items()}, other])
-    site.receive({k: torch.from_numpy(v) for k, v in aggregate.items()}, fourier_ratio=0.8)
+    site.receive({k: torch.from_numpy(v) for k, v in aggregate.items()}, {FOURIER_RATIO: 0.8})
     expected = mix_amplitudes(deputy, aggregate, 0.8)
-    got = site.deputy_transfer.deputy.state_dict()
+    got = site.method.transfer.deputy.state_dict()
     for k in got:
         np.testing.assert_allclose(got[k].numpy(), expected[k], rtol=1e-5, atol=1e-6)
     assert all(torch.equal(personal[k], v) for k, v in site.state_dict().items())  # p untouched
     site.save_state()
 
     restored = make_site()  # a new process: both models, both optimizers and the stages come back
-    assert restored.round == 1 and len(restored.deputy_transfer.history) == 2
-    assert all(torch.equal(v, got[k]) for k, v in restored.deputy_transfer.deputy.state_dict().items())
-    assert restored.deputy_transfer.deputy_optimizer.state_dict()["state"]
-    with pytest.raises(ValueError, match="not PRR-FL's"):
+    assert restored.round == 1 and len(restored.method.transfer.history) == 2
+    assert all(torch.equal(v, got[k]) for k, v in restored.method.transfer.deputy.state_dict().items())
+    assert restored.method.transfer.deputy_optimizer.state_dict()["state"]
+    with pytest.raises(ValueError, match="needs the bundle's configs/prrfl.json"):  # PRR-FL without its overlay
         BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "plain"), "clientA",
-                   overrides=TINY_CLS_OVERRIDES).receive(sent, fourier_ratio=0.8)
-    with pytest.raises(RuntimeError, match="single-model|PRR-FL"):  # a FedAvg site cannot take a PRR-FL state
+                   method="prrfl", overrides=TINY_CLS_OVERRIDES)
+    with pytest.raises(RuntimeError, match="saved state is a prrfl site's; this job runs fedavg"):
         BundleSite(str(CLS_BUNDLE), str(tiny_dermoscopy / "clientA"), str(tmp_path / "state"), "clientA",
                    overrides=TINY_CLS_OVERRIDES)
 
@@ -124,25 +125,32 @@ def test_an_unknown_task_is_named_by_the_job_script_and_the_bundle(tiny_dermosco
 
 # ---------------------------------------------------------------- federations on the NVFlare simulator
 def _simulate(job_script, algorithm, data_root, tmp_path, overrides, *flags, sites=2, threads=1, rounds=2):
-    out = tmp_path / "jobs"
-    cmd = [sys.executable, str(REPO / "jobs" / job_script), "--algorithm", algorithm, "--rounds", str(rounds),
-           "--sites", str(sites), "--override", json.dumps(overrides), *flags, "--export", "--export-dir", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    job = next(out.iterdir())
+    job = export_job(tmp_path, None, *flags, algorithm=algorithm, script=job_script, overrides=overrides,
+                     rounds=rounds, sites=sites)
     ws = tmp_path / "ws"
-    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data_root)}
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    res = subprocess.run([nvflare, "simulator", str(job), "-w", str(ws), "-n", str(sites), "-t", str(threads)],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return ws, ws / "server" / "simulate_job"
+    return ws, simulate(job, ws, data_root, sites=sites, threads=threads)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["ditto", "scaffold"])
+def test_ditto_and_scaffold_on_dermoscopy_two_sites(tiny_dermoscopy, tmp_path, method):
+    ws, run = _simulate("dermoscopy.py", method, tiny_dermoscopy, tmp_path, TINY_CLS_OVERRIDES, threads=2)
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    tags = {"val_macro_f1"} | ({"val_macro_f1_personalized"} if method == "ditto" else set())
+    for tag in tags:
+        assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
+            {(s, r) for s in ("site-1", "site-2") for r in (0, 1)}, tag
+    for s in ("site-1", "site-2"):
+        st = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
+        assert st["round"] == 2 and st["method"]["name"] == method
+        extra = st["method"]["state"]["personal" if method == "ditto" else "c_local"]
+        assert extra and all(torch.isfinite(v).all() for v in extra.values() if v.is_floating_point())
 
 
 @pytest.mark.integration
 def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermoscopy, tmp_path):
     from fedharmony.deputy import RECOVER
-    from fedharmony.fl.aggregator import FOURIER_RATIO
+    from fedharmony.methods.prrfl.site import FOURIER_RATIO
     from fedharmony.fourier_aggregation import ratio_schedule
 
     # -t 1: each task in a fresh site process, so both models and optimizers must come back from disk
@@ -158,16 +166,18 @@ def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermosco
     states = {s: torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
               for s in ("site-1", "site-2")}
     for s, st in states.items():
-        assert st["round"] == 2 and st["deputy"] is not None
-        assert [h[1] for h in st["deputy"]["history"]][0::2] == [RECOVER, RECOVER]  # first epoch of each round
-        assert st["deputy"]["optimizer"]["state"] and st["optimizer"]["state"]  # both optimizers kept
-        personal, deputy = st["network"], st["deputy"]["network"]
+        prrfl = st["method"]["state"]
+        assert st["round"] == 2 and st["method"]["name"] == "prrfl" and prrfl["deputy"] is not None
+        assert [h[1] for h in prrfl["history"]][0::2] == [RECOVER, RECOVER]  # first epoch of each round
+        assert prrfl["deputy_optimizer"]["state"] and st["optimizer"]["state"]  # both optimizers kept
+        personal, deputy = st["network"], prrfl["deputy"]
         assert not all(torch.equal(personal[k], deputy[k]) for k in personal)
         log = (ws / s / "log.txt").read_text()
-        assert "round 1: personalized val_macro_f1" in log and "stages recover/" in log
+        assert f"{s} round 1: personalized val_macro_f1" in log and "stages recover/" in log
     # the server's answer is mixed with each site's own phase: the deputies stay site-specific
-    conv = next(k for k, v in states["site-1"]["deputy"]["network"].items() if v.ndim == 4)
-    assert not torch.allclose(states["site-1"]["deputy"]["network"][conv], states["site-2"]["deputy"]["network"][conv])
+    deputies = {s: st["method"]["state"]["deputy"] for s, st in states.items()}
+    conv = next(k for k, v in deputies["site-1"].items() if v.ndim == 4)
+    assert not torch.allclose(deputies["site-1"][conv], deputies["site-2"][conv])
 
     ckpt = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=False)
     assert ckpt["meta_props"][FOURIER_RATIO] == pytest.approx(ratio_schedule(1, 2))

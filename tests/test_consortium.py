@@ -2,23 +2,23 @@
 a provisioned kit into one that NVFlare reads: package allow-listed, custom code refused."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import NVFLARE, REPO
 
 PROJECT = REPO / "jobs" / "consortium" / "project.yml"
 SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+pytestmark = pytest.mark.integration  # `nvflare provision` of a whole project
 
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory):
     out = tmp_path_factory.mktemp("provision")
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    res = subprocess.run([nvflare, "provision", "-p", str(PROJECT), "-w", str(out)], capture_output=True, text=True,
+    res = subprocess.run([NVFLARE, "provision", "-p", str(PROJECT), "-w", str(out)], capture_output=True, text=True,
                          cwd=out, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return out / "fedharmony" / "prod_00"

@@ -27,7 +27,8 @@ def test_update_rule_and_bad_input():
 def test_site_personalized_model_follows_the_formula_over_three_rounds_and_survives_restart(tiny_sites, tmp_path):
     a = 0.3
     kwargs = dict(bundle_root=str(BUNDLE), dataset_dir=str(tiny_sites / "BIDMC"), state_dir=str(tmp_path / "s"),
-                  site_name="BIDMC", overrides=TINY_OVERRIDES, personalize_alpha=a)
+                  site_name="BIDMC", overrides=TINY_OVERRIDES, method="iopfl",
+                  method_settings={"alpha": a})
     site = BundleSite(**kwargs)
     global_weights = site.shared_weights()
     thetas = []
@@ -40,10 +41,10 @@ def test_site_personalized_model_follows_the_formula_over_three_rounds_and_survi
         expected = {k: a * expected[k] + (1 - a) * v if v.is_floating_point() else v for k, v in theta.items()}
     assert any(".adn.N." in k and k.endswith("running_mean") for k in expected)  # norm statistics included
     for k, v in expected.items():
-        torch.testing.assert_close(site.personalized[k], v, msg=k)
-    assert not torch.equal(site.personalized[next(iter(expected))], thetas[-1][next(iter(expected))])
+        torch.testing.assert_close(site.method.personalized_model[k], v, msg=k)
+    assert not torch.equal(site.method.personalized_model[next(iter(expected))], thetas[-1][next(iter(expected))])
 
     restarted = BundleSite(**kwargs)  # a new process on the same site disk
     assert restarted.round == 3
-    for k, v in site.personalized.items():
-        assert torch.equal(restarted.personalized[k], v), k
+    for k, v in site.method.personalized_model.items():
+        assert torch.equal(restarted.method.personalized_model[k], v), k

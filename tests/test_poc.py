@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import POC_TOOL, REPO, export_job, poc_federation
+from conftest import NVFLARE, POC_TOOL, REPO, export_job, poc_federation
 
 pytestmark = pytest.mark.integration
 SITE_TIMEOUT = 30  # seconds of silence before the server drops a site (NVFlare's default is ~11 min)
@@ -96,8 +96,7 @@ def _run_with_crash(poc, job, participant, at_round, download_to):
 
 def _nvflare(poc, *args, timeout=600):
     env = {**os.environ, "HOME": str(poc["root"] / "home")}  # the POC's own startup-kit registry
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    return subprocess.run([nvflare, *args], env=env, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([NVFLARE, *args], env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=poc["base"])
 
 

@@ -237,7 +237,7 @@ def test_fourier_aggregator_broadcasts_mean_amplitudes_and_the_round_ratio():
     from nvflare.apis.fl_context import FLContext
 
     from fedharmony.aggregation import expected_shapes
-    from fedharmony.fl.aggregator import FOURIER_RATIO, FourierAggregator
+    from fedharmony.methods.prrfl.server import FOURIER_RATIO, FourierAggregator
 
     deputies = _deputies(3, seed=4)
     for d in deputies:

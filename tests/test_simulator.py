@@ -10,29 +10,18 @@ import sys
 import pytest
 import torch
 
-from conftest import BUNDLE, REPO, TINY_OVERRIDES
+from conftest import BUNDLE, NVFLARE, REPO, TINY_OVERRIDES, export_job, simulate
 from fedharmony.bundle_site import build_network
 
 pytestmark = pytest.mark.integration
 
 
 def _export(tmp_path, algorithm, *flags, rounds=2, sites=2):
-    out = tmp_path / "jobs"
-    cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", algorithm, "--rounds", str(rounds),
-           "--sites", str(sites), "--override", json.dumps(TINY_OVERRIDES), *flags,
-           "--export", "--export-dir", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
-    return out / f"prostate_mri_seg_{algorithm}"
+    return export_job(tmp_path, None, *flags, algorithm=algorithm, rounds=rounds, sites=sites)
 
 
 def _simulate(job, ws, data_root, threads):
-    """``nvflare simulator`` (the venv's CLI) on an exported job, 2 sites; returns the server's run folder."""
-    env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data_root)}
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    res = subprocess.run([nvflare, "simulator", str(job), "-w", str(ws), "-n", "2", "-t", str(threads)],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return ws / "server" / "simulate_job"
+    return simulate(job, ws, data_root, sites=2, threads=threads)
 
 
 def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
@@ -41,9 +30,13 @@ def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
                            (["--override", "[1]"], "JSON object"),
                            (["--algorithm", "harmofl", "--amp-ratio", "0.7"], "amp_ratio"),
                            (["--algorithm", "harmofl", "--wp-alpha", "-1"], "alpha"),
-                           (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "HarmoFL settings"),
+                           (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "['wp_alpha'] is not a setting of fedavg"),
                            (["--algorithm", "iopfl", "--iop-alpha", "1.5"], "[0, 1)"),
-                           (["--algorithm", "fedavg", "--iop-alpha", "0.1"], "IOP-FL setting"),
+                           (["--algorithm", "fedavg", "--iop-alpha", "0.1"], "['iop_alpha'] is not a setting of fedavg"),
+                           (["--algorithm", "ditto", "--mu", "0.1"], "['mu'] is not a setting of ditto"),
+                           (["--algorithm", "ditto", "--ditto-lambda", "0"], "Ditto lambda"),
+                           (["--algorithm", "fedprox", "--mu", "0"], "mu > 0"),
+                           (["--tracking", "neptune"], "invalid choice"),
                            (["--algorithm", "iopfl", "--no-cross-site-eval"], "cross-site evaluation"),
                            (["--privacy-percentile", "100"], "privacy_percentile"),
                            (["--privacy-percentile", "90", "--privacy-gamma", "0"], "privacy_gamma"),
@@ -57,7 +50,7 @@ def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
                            (["--algorithm", "prrfl", "--privacy-percentile", "90"], "full deputy"),
                            (["--algorithm", "prrfl", "--initial-model", str(tmp_path / "x.pt"), "--start-round", "3"],
                             "cannot resume"),
-                           (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "PRR-FL settings"),
+                           (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "['prrfl_r0'] is not a setting of fedavg"),
                            (["--bogus-flag"], "unrecognized arguments")):
         res = subprocess.run(script + extra, capture_output=True, text=True, cwd=tmp_path)
         assert res.returncode != 0 and message in res.stderr, (extra, res.stderr[-500:])
@@ -69,6 +62,8 @@ def test_exported_job_is_self_contained(tmp_path):
     assert (job / "meta.json").is_file()
     assert (job / "app" / "custom" / "fedharmony" / "fl" / "executor.py").is_file()
     assert (job / "app" / "config" / "prostate_mri_seg" / "configs" / "train.json").is_file()
+    assert (job / "app" / "custom" / "fedharmony" / "methods" / "fedavg" / "site.py").is_file()
+    assert not (job / "app" / "custom" / "fedharmony" / "phantom").exists()  # no site runs the generators
     text = "".join(p.read_text() for p in (job / "app" / "config").glob("config_fed_*.json"))
     assert str(REPO) not in text  # nothing points back at this checkout
 
@@ -162,8 +157,9 @@ def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_si
     states = {s: torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
               for s in ("site-1", "site-2")}
     for st in states.values():  # two rounds, the personalized model kept across the process restarts
-        assert st["round"] == 2 and st["personalized"] is not None
-        assert not all(torch.equal(st["personalized"][k], st["network"][k]) for k in st["network"])
+        phi = st["method"]["state"]["personalized"]
+        assert st["round"] == 2 and st["method"]["name"] == "iopfl" and phi is not None
+        assert not all(torch.equal(phi[k], st["network"][k]) for k in st["network"])
 
     # the cross-site matrix scores the global model and each site's personalized model on every site
     cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
@@ -186,6 +182,46 @@ def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_si
     assert all(torch.equal(pooled[k], torch.as_tensor(glob[k]).to(pooled[k].dtype)) for k in pooled)
 
 
+def test_ditto_two_sites_personalized_model_trained_tracked_and_returned(tiny_sites, tmp_path):
+    ws = tmp_path / "ws"
+    # -t 1: every task in a fresh site process, so the personalized model and its optimizer come back from disk
+    run = _simulate(_export(tmp_path, "ditto", "--ditto-lambda", "0.5"), ws, tiny_sites, threads=1)
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    for tag in ("val_mean_dice", "val_mean_dice_personalized"):
+        assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
+            {(s, r) for s in ("site-1", "site-2") for r in (0, 1)}, tag
+    glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    for s in ("site-1", "site-2"):
+        st = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
+        ditto = st["method"]["state"]
+        assert st["round"] == 2 and st["method"]["name"] == "ditto" and ditto["personal_optimizer"]["state"]
+        best = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "best_model.pt", weights_only=True)
+        conv = [k for k in best if k.endswith("conv.weight")]
+        # the site's result is its personalized model: neither the global model nor the FedAvg-trained one
+        assert not all(torch.equal(best[k], torch.as_tensor(glob[k]).to(best[k].dtype)) for k in conv)
+        assert not all(torch.equal(best[k], st["network"][k]) for k in conv)
+        assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse[s])  # returned for cross-site evaluation
+
+
+def test_scaffold_two_sites_control_variates_move_and_stay_out_of_the_checkpoint(tiny_sites, tmp_path):
+    ws = tmp_path / "ws"
+    run = _simulate(_export(tmp_path, "scaffold", rounds=3), ws, tiny_sites, threads=2)
+    ckpt = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)  # loads: no arrays in its meta
+    assert "scaffold_c_global" not in (ckpt.get("meta_props") or {})
+    log = (ws / "server" / "log.txt").read_text()
+    assert log.count("SCAFFOLD control variate moved by the mean of 2 site changes") == 3
+    c_local = {}
+    for s in ("site-1", "site-2"):
+        st = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
+        assert st["round"] == 3 and st["method"]["name"] == "scaffold"
+        c_local[s] = st["method"]["state"]["c_local"]
+        assert all(torch.isfinite(v).all() for v in c_local[s].values())
+        assert any(v.abs().sum() > 0 for v in c_local[s].values())
+    key = next(k for k in c_local["site-1"] if k.endswith("conv.weight"))
+    assert not torch.equal(c_local["site-1"][key], c_local["site-2"][key])  # each site its own drift
+
+
 def test_corrupt_nifti_is_named_in_the_server_log(tiny_sites, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_sites, data)
@@ -193,8 +229,7 @@ def test_corrupt_nifti_is_named_in_the_server_log(tiny_sites, tmp_path):
     corrupt.write_bytes(b"not a nifti")
     ws = tmp_path / "ws"
     env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data)}
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    subprocess.run([nvflare, "simulator", str(_export(tmp_path, "fedavg")), "-w", str(ws), "-n", "2", "-t", "2"],
+    subprocess.run([NVFLARE, "simulator", str(_export(tmp_path, "fedavg")), "-w", str(ws), "-n", "2", "-t", "2"],
                    env=env, capture_output=True, text=True, timeout=900)
     server_log = (ws / "server" / "log.txt").read_text()
     # the site's own error, naming the file, is in the server's log (not only the site's return code)

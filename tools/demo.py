@@ -16,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+from fedharmony.methods import METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algorithm", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "harmofl", "iopfl"])
+    p.add_argument("--algorithm", default="fedavg", choices=METHODS)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cases", type=int, default=10, help="cases per phantom site")
@@ -44,22 +46,15 @@ def main(argv=None):
     t_data = time.time() - t0
 
     print(f"[demo] 2/3 {args.algorithm}: 6 sites x {args.rounds} rounds x {args.local_epochs} local epochs "
-          f"in the NVFlare simulator (logs: {out}/sim/...)", flush=True)
+          f"in the NVFlare simulator", flush=True)
     sim_root = out / "sim"
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", args.algorithm,
            "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--sites", "6",
            "--data-root", str(data), "--workspace", str(sim_root)]
     t1 = time.time()
-    log_path = out / "demo_simulator.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # keep the full log, show progress lines
-            log.write(line)
-            if ("global val_mean_dice" in line or "aggregated" in line or "cross-site" in line
-                    or "ERROR" in line or "Traceback" in line):
-                print("   " + line.rstrip()[:160], flush=True)
-        rc = proc.wait()
+    rc = subprocess.run(cmd).returncode  # the job script shows one line per round and names its log file
     t_sim = time.time() - t1
+    log_path = sim_root / f"prostate_mri_seg_{args.algorithm}.log"
     if rc != 0:
         print(f"[demo] the simulator failed (exit {rc}); full log: {log_path}")
         return rc

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fedharmony.datalist import DATALIST_NAME, SiteDataError, check_case, find_cases, make_datalist, write_datalist
-from fedharmony.phantom.sites import SITE_MAP_NAME
+from fedharmony.files import write_site_map
 
 
 def main(argv=None):
@@ -64,8 +64,7 @@ def main(argv=None):
         written.append(name)
         print(f"{name}: {len(cases)} cases -> " + ", ".join(f"{k} {len(v)}" for k, v in dl.items()))
     if written:
-        (root / SITE_MAP_NAME).write_text(
-            json.dumps({f"site-{i + 1}": n for i, n in enumerate(written)}, indent=2) + "\n")
+        write_site_map(root, written)
     for reason in skipped_all:
         print(f"skipped: {reason}")
     print(f"{len(written)} site(s) prepared, {len(skipped_all)} item(s) skipped")

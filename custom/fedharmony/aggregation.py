@@ -1,7 +1,7 @@
 """Server-side aggregation math, free of NVFlare: checking site updates and averaging them.
 
 Weights are ``{name: array-like}`` dicts (NumPy arrays or torch tensors). The NVFlare
-aggregator in ``fedharmony.fl.aggregator`` is a thin wrapper around these functions.
+aggregators (``fedharmony.fl.aggregator``, PRR-FL's and SCAFFOLD's servers) are thin wrappers around these functions.
 """
 
 from __future__ import annotations

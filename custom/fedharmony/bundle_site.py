@@ -1,4 +1,4 @@
-"""One site's copy of a MONAI bundle, driven round by round (no NVFlare import).
+"""One site's copy of a MONAI bundle, driven round by round (no NVFlare import, no method named).
 
 Why not ``monai.fl.client.MonaiAlgo``: it rebuilds the optimizer and epoch counter
 every time the process starts, has no notion of keys that stay local, and reads model
@@ -7,18 +7,23 @@ state, local layers (FedBN) and best model across rounds *and* process restarts,
 this class parses the same bundle config with MONAI's ``ConfigWorkflow`` and keeps
 that state in one file on the site's disk.
 
+What a federated method does differently is not here: the site holds a
+:class:`fedharmony.methods.SiteMethod` (chosen by name) and :meth:`BundleSite.run_round`
+calls it at fixed points of the round.
+
 Config ids used: ``train#trainer`` (a ``SupervisedTrainer``), ``validate#evaluator``
 and ``test#evaluator`` (``SupervisedEvaluator``; its key metric, e.g. ``val_mean_dice``
 or ``val_macro_f1``, is the site's score), ``train#handlers`` and ``validate#handlers``
-(replaced: the server drives validation), ``iteration_update`` (PRR-FL: a
-:class:`fedharmony.deputy.DeputyTransferIteration` makes this a two-model site).
+(replaced: the server drives validation), ``iteration_update`` (optional: the trainer's
+iteration function, which a method may need, e.g. PRR-FL's deputy transfer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -26,10 +31,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from .aggregation import is_local_key
-from .deputy import DeputyTransferIteration
-from .fourier_aggregation import mix_amplitudes
-from .losses import ProximalLoss
-from .personalization import check_personalization_alpha, ema_update
+from .files import atomic_torch_save
+from .methods import SiteMethod, make_site_method
+from .results import AFTER_TRAINING_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,33 @@ FL_OVERRIDES = {
 ConfigFiles = Union[str, Sequence[str]]
 
 
+@dataclass
+class RoundReport:
+    """One round on one site: what to send, and what to log and track.
+
+    Attributes:
+        key_metric: the bundle's key validation metric name (``val_mean_dice``).
+        metrics: the round-start scores of the site's model (the received one, with local keys).
+        tracked: scalars to track this round (the key metric, plus the method's extras).
+        per_epoch: scalars with one value per local epoch.
+        note: the method's text for the log line.
+        steps: local training iterations.
+        weights, meta: what the site sends.
+        eval_seconds, seconds: time of the round-start scoring, and of the whole round.
+    """
+
+    key_metric: str
+    metrics: Dict[str, float]
+    tracked: Dict[str, float]
+    per_epoch: Dict[str, List[float]] = field(default_factory=dict)
+    note: str = ""
+    steps: int = 0
+    weights: Dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: Dict[str, object] = field(default_factory=dict)
+    eval_seconds: float = 0.0
+    seconds: float = 0.0
+
+
 def config_paths(bundle_root: str, config_file: ConfigFiles) -> List[str]:
     """Bundle config file(s), relative to ``bundle_root``, as existing absolute paths (later files override)."""
     files = [config_file] if isinstance(config_file, str) else list(config_file)
@@ -59,12 +90,6 @@ def config_paths(bundle_root: str, config_file: ConfigFiles) -> List[str]:
     return [str(p) for p in paths]
 
 
-def _atomic_save(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated state file
-
-
 class BundleSite:
     """Train and evaluate a bundle's network on one site's data, one federated round at a time.
 
@@ -73,22 +98,26 @@ class BundleSite:
         dataset_dir: the site's data folder (``datalist.json`` inside, unless overridden).
         state_dir: where the site keeps its state between rounds and restarts.
         site_name: for logs and error messages.
-        local_keys: regex of state-dict keys that never leave the site (FedBN: norm layers).
         overrides: extra ``ConfigWorkflow`` overrides (e.g. ``{"learning_rate": 1e-3}``).
         config_file: bundle config(s) to parse, relative to ``bundle_root``; a list is
             layered in order (e.g. ``["configs/train.json", "configs/harmofl.json"]``).
-        personalize_alpha: IOP-FL inside personalization: after each round's training the
-            site updates its personalized model ``personalized`` with
-            :func:`fedharmony.personalization.ema_update` (None = off).
+        method: the federated method, by name (``fedavg``, ``fedbn``, ... see
+            :data:`fedharmony.methods.METHODS`) or as a :class:`~fedharmony.methods.SiteMethod`.
+        method_settings: the method's settings when ``method`` is a name (``{"mu": 0.01}``).
+
+    Example (one FedAvg round, without a server)::
+
+        site = BundleSite("bundles/prostate_mri_seg", "data/prostate/BIDMC", "/tmp/state", "BIDMC")
+        report = site.run_round(global_weights, {}, local_epochs=1)   # report.weights: what to send
     """
 
     def __init__(self, bundle_root: str, dataset_dir: str, state_dir: str, site_name: str = "site",
-                 local_keys: Optional[str] = None, overrides: Optional[dict] = None,
-                 config_file: ConfigFiles = "configs/train.json", personalize_alpha: Optional[float] = None):
+                 overrides: Optional[dict] = None, config_file: ConfigFiles = "configs/train.json",
+                 method: Union[str, SiteMethod] = "fedavg", method_settings: Optional[Mapping[str, object]] = None):
         self.site_name = site_name
-        self.personalize_alpha = None if personalize_alpha is None else check_personalization_alpha(personalize_alpha)
-        self.personalized: Optional[Dict[str, torch.Tensor]] = None
-        self.local_keys = local_keys or None
+        self.method: SiteMethod = method if isinstance(method, SiteMethod) else make_site_method(method,
+                                                                                                 method_settings)
+        self.local_keys = self.method.local_keys or None
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -112,28 +141,23 @@ class BundleSite:
         self.base_loss = self.trainer.loss_function
         self._evaluators = {}
         parser = self.workflow.parser
-        update = parser.get_parsed_content("iteration_update") if "iteration_update" in parser else None
-        # PRR-FL: the trainer's network is the personalized model; the deputy is what the site exchanges
-        self.deputy_transfer: Optional[DeputyTransferIteration] = (
-            update if isinstance(update, DeputyTransferIteration) else None)
+        self.iteration_update = parser.get_parsed_content("iteration_update") if "iteration_update" in parser else None
         self.round = 0
+        self.last_local_epochs = 0
         self.best_metric = float("-inf")
         self.best_round = -1
         local = [k for k in self.network.state_dict() if is_local_key(k, self.local_keys)]
         if self.local_keys and not local:
-            raise ValueError(f"site {site_name!r}: local_keys {self.local_keys!r} matches no key of the network")
+            raise ValueError(f"site {site_name!r}: method {self.method.name!r} keeps keys matching "
+                             f"{self.local_keys!r} local, but no key of the network matches")
         self.local_key_names = local
+        self.method.attach(self)
         self._load_state()
 
     @property
     def key_metric(self) -> str:
         """Name of the bundle's key validation metric (``val_mean_dice``, ``val_macro_f1``, ...)."""
         return self.evaluator("validation").state.key_metric_name
-
-    @property
-    def exchanged_network(self) -> torch.nn.Module:
-        """The model the site sends and the server's answer replaces: the deputy under PRR-FL, else the model."""
-        return self.deputy_transfer.deputy if self.deputy_transfer is not None else self.network
 
     @property
     def num_train_cases(self) -> int:
@@ -146,8 +170,8 @@ class BundleSite:
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
 
     def shared_weights(self) -> Dict[str, torch.Tensor]:
-        """What the site sends: every key of the exchanged model (the deputy under PRR-FL) except the local ones."""
-        return {k: v.detach().cpu().clone() for k, v in self.exchanged_network.state_dict().items()
+        """Every key of the exchanged model (the method's; PRR-FL: the deputy) except the local ones."""
+        return {k: v.detach().cpu().clone() for k, v in self.method.exchanged_network.state_dict().items()
                 if not is_local_key(k, self.local_keys)}
 
     def load_weights(self, weights: Mapping[str, object], keep_local: bool = True,
@@ -172,34 +196,9 @@ class BundleSite:
                                      f"the network has {tuple(own[k].shape)}")
                 own[k].copy_(t.to(own[k].dtype))
 
-    def receive(self, weights: Mapping[str, object], fourier_ratio: Optional[float] = None):
-        """Take the server's answer for this round.
-
-        Without PRR-FL: the global weights replace the model's shared keys. Under PRR-FL
-        the answer goes to the deputy only: with ``fourier_ratio`` it is the mean amplitudes
-        of :func:`fedharmony.fourier_aggregation.mean_amplitudes`, mixed into the deputy's own
-        spectrum; without it (the initial global model) plain weights, which also start the
-        personalized model when the site has not trained yet.
-        """
-        if self.deputy_transfer is None:
-            if fourier_ratio is not None:
-                raise ValueError(f"site {self.site_name!r}: received a Fourier aggregate but the bundle's "
-                                 "trainer is not PRR-FL's (no DeputyTransferIteration)")
-            self.load_weights(weights)
-            return
-        deputy = self.deputy_transfer.deputy
-        if fourier_ratio is None:
-            self.load_weights(weights, network=deputy)
-            if self.round == 0:
-                self.load_weights(weights)
-            return
-        own = {k: v.detach().cpu().numpy() for k, v in deputy.state_dict().items()}
-        shared = {k: v for k, v in weights.items() if not is_local_key(k, self.local_keys)}
-        try:
-            mixed = mix_amplitudes(own, {k: torch.as_tensor(v).numpy() for k, v in shared.items()}, fourier_ratio)
-        except ValueError as e:
-            raise ValueError(f"site {self.site_name!r}: cannot apply the Fourier aggregate: {e}") from None
-        self.load_weights({k: torch.from_numpy(mixed[k]) for k in shared}, network=deputy)
+    def receive(self, weights: Mapping[str, object], meta: Optional[Mapping[str, object]] = None):
+        """Take the server's answer for this round, as the method says (default: load the global weights)."""
+        self.method.receive(weights, dict(meta or {}))
 
     @contextlib.contextmanager
     def weights_applied(self, weights: Optional[Mapping[str, object]]):
@@ -214,30 +213,73 @@ class BundleSite:
         finally:
             self.load_weights(saved, keep_local=False)
 
+    # ------------------------------------------------------------------ a federated round
+    def run_round(self, weights: Mapping[str, object], meta: Optional[Mapping[str, object]], local_epochs: int,
+                  score_after_training: bool = False) -> RoundReport:
+        """One round: take the server's answer, score it, train, and say what to send.
+
+        Args:
+            weights: the server's answer (``{key: tensor}``; the global model, for most methods).
+            meta: what came with it (the method reads its own keys).
+            local_epochs: epochs of local training.
+            score_after_training: also score the site's model after local training
+                (tracked as ``<key metric>_after_training``).
+        """
+        t0 = time.time()
+        method = self.method
+        self.receive(weights, meta)
+        method.prepare()
+        key = self.key_metric
+        metrics = self.evaluate(None, "validation")  # the model the site now uses (with its local keys)
+        if method.best_at_round_start:
+            self.record_metric(metrics[key])
+        t_eval = time.time() - t0
+        steps = self.train(None, local_epochs)
+        notes = method.after_round(key)
+        tracked = {key: metrics[key], **notes.tracked}
+        note = notes.note
+        if score_after_training or method.scores_after_training:
+            with torch.random.fork_rng():  # leaves the training RNG stream untouched
+                after = self.evaluate(None, "validation")[key]
+            tracked[key + AFTER_TRAINING_SUFFIX] = after
+            note = f", after training {after:.4f}" + note
+            if method.best_after_training:
+                self.record_metric(after)
+        self.save_state()  # the method's state and the best score, for a site process that restarts
+        out_weights, out_meta = method.outgoing()
+        return RoundReport(key_metric=key, metrics=metrics, tracked=tracked, per_epoch=notes.per_epoch, note=note,
+                           steps=steps, weights=out_weights, meta=out_meta, eval_seconds=t_eval,
+                           seconds=time.time() - t0)
+
     # ------------------------------------------------------------------ train / evaluate
-    def train(self, global_weights: Optional[Mapping[str, object]], local_epochs: int,
-              fedprox_mu: Optional[float] = None) -> int:
-        """One round of local training from the global weights; returns the iterations run."""
+    def run_epochs(self, epochs: int, loss: Optional[torch.nn.Module] = None) -> int:
+        """Run the bundle's trainer for ``epochs`` more epochs with ``loss`` (default: the bundle's);
+        returns the iterations run. Counts no round and saves nothing."""
+        if epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {epochs}")
+        self.trainer.loss_function = loss if loss is not None else self.base_loss
+        state = self.trainer.state
+        start_iteration = state.iteration
+        state.max_epochs = state.epoch + epochs
+        try:
+            self.trainer.run()
+        finally:
+            self.trainer.loss_function = self.base_loss
+        return self.trainer.state.iteration - start_iteration
+
+    def train(self, global_weights: Optional[Mapping[str, object]], local_epochs: int) -> int:
+        """One round of local training (from ``global_weights`` when given), as the method says;
+        returns the iterations run and saves the site's state."""
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
         if global_weights is not None:
             self.load_weights(global_weights)
-        if fedprox_mu:
-            loss = ProximalLoss(self.base_loss, self.network, fedprox_mu)
-            loss.set_reference(self.shared_weights())
-            self.trainer.loss_function = loss
-        else:
-            self.trainer.loss_function = self.base_loss
-        state = self.trainer.state
-        start_iteration = state.iteration
-        state.max_epochs = state.epoch + local_epochs
-        if self.deputy_transfer is not None:
-            self.deputy_transfer.start_round()
-        self.trainer.run()
+        loss = self.method.training_loss(self.base_loss)
+        self.method.before_training()
+        steps = self.run_epochs(local_epochs, loss)
         self.round += 1
-        steps = self.trainer.state.iteration - start_iteration
-        if self.personalize_alpha is not None:
-            self.personalized = ema_update(self.personalized, self.state_dict(), self.personalize_alpha)
+        self.last_local_epochs = local_epochs
+        self.method.after_training()
         self.save_state()
         return steps
 
@@ -261,11 +303,11 @@ class BundleSite:
         """Keep the best model seen by this site (scored on its validation split) on disk.
 
         ``weights`` is the model that scored ``metric`` (default: the site's current model;
-        IOP-FL passes the personalized model).
+        IOP-FL and Ditto pass their personalized model).
         """
         if metric > self.best_metric:
             self.best_metric, self.best_round = metric, self.round
-            _atomic_save(dict(weights) if weights is not None else self.state_dict(), self.state_dir / BEST_MODEL_FILE)
+            atomic_torch_save(dict(weights) if weights is not None else self.state_dict(), self.state_dir / BEST_MODEL_FILE)
 
     def best_model(self) -> Dict[str, torch.Tensor]:
         path = self.state_dir / BEST_MODEL_FILE
@@ -273,7 +315,7 @@ class BundleSite:
 
     # ------------------------------------------------------------------ persistence
     def save_state(self):
-        _atomic_save({
+        atomic_torch_save({
             "network": self.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.trainer.state.epoch,
@@ -281,12 +323,7 @@ class BundleSite:
             "round": self.round,
             "best_metric": self.best_metric,
             "best_round": self.best_round,
-            "personalized": self.personalized,
-            "deputy": None if self.deputy_transfer is None else {
-                "network": {k: v.detach().cpu().clone() for k, v in self.deputy_transfer.deputy.state_dict().items()},
-                "optimizer": self.deputy_transfer.deputy_optimizer.state_dict(),
-                "history": list(self.deputy_transfer.history),
-            },
+            "method": {"name": self.method.name, "state": self.method.state_dict()},
         }, self.state_dir / STATE_FILE)
 
     def _load_state(self):
@@ -295,16 +332,13 @@ class BundleSite:
             return
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            saved_method = (state.get("method") or {}).get("name")
+            if saved_method != self.method.name:
+                raise ValueError(f"the saved state is a {saved_method or 'older version'} site's; this job runs "
+                                 f"{self.method.name}")
             self.network.load_state_dict(state["network"])
             self.optimizer.load_state_dict(state["optimizer"])
-            deputy = state.get("deputy")
-            if (deputy is not None) != (self.deputy_transfer is not None):
-                kind = "a PRR-FL (personalized + deputy)" if deputy is not None else "a single-model"
-                raise ValueError(f"the saved state is {kind} site's; this bundle's trainer is not of that kind")
-            if deputy is not None:
-                self.deputy_transfer.deputy.load_state_dict(deputy["network"])
-                self.deputy_transfer.deputy_optimizer.load_state_dict(deputy["optimizer"])
-                self.deputy_transfer.history = [tuple(h) for h in deputy["history"]]
+            self.method.load_state_dict(state["method"]["state"] or {})
         except Exception as e:
             raise RuntimeError(f"site {self.site_name!r}: cannot restore state from {path} ({e}); "
                                "move the file away to start this site fresh") from e
@@ -312,7 +346,6 @@ class BundleSite:
         self.trainer.state.iteration = state["iteration"]
         self.round = state["round"]
         self.best_metric, self.best_round = state["best_metric"], state["best_round"]
-        self.personalized = state.get("personalized")
         logger.info("site %s: restored state from %s (round %d, epoch %d)", self.site_name, path, self.round,
                     state["epoch"])
 

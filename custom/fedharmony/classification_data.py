@@ -34,7 +34,7 @@ import numpy as np
 
 from .datalist import DATALIST_NAME, SPLITS, SiteDataError, read_split, split_cases, write_datalist
 
-SITE_MAP_NAME = "sites.json"  # same name as fedharmony.phantom.sites.SITE_MAP_NAME
+from .files import write_site_map
 
 HISTOLOGY_CLASSES = ("normal", "tumor")
 CAMELYON_DIR = "camelyon17_v1.0"
@@ -69,8 +69,7 @@ def _write_sites(out_dir: Path, pending: Sequence[tuple]) -> List[Path]:
     for site_dir, datalist in pending:
         site_dir.mkdir(parents=True, exist_ok=True)
         write_datalist(site_dir, datalist, site_dir.name)
-    (out_dir / SITE_MAP_NAME).write_text(
-        json.dumps({f"site-{i + 1}": d.name for i, (d, _) in enumerate(pending)}, indent=2) + "\n")
+    write_site_map(out_dir, [d.name for d, _ in pending])
     return [d for d, _ in pending]
 
 

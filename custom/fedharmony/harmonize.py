@@ -61,8 +61,14 @@ def _check_inputs(images: torch.Tensor, target: torch.Tensor, ratio: float):
         raise ValueError(f"target must be (C, H, W) = {tuple(images.shape[1:])} like the images, got {shape}")
     if not torch.isfinite(target).all() or (target < 0).any():
         raise ValueError("target must be a finite, non-negative amplitude spectrum")
-    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 0.5):
+    check_ratio(ratio)
+
+
+def check_ratio(ratio: float) -> float:
+    """The window ratio L must be a number in [0, 0.5] (the one place this is checked)."""
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 0.5):
         raise ValueError(f"ratio L must be in [0, 0.5], got {ratio!r}")
+    return float(ratio)
 
 
 _logged_backend = set()

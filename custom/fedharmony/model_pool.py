@@ -16,10 +16,11 @@ expert (the routing order).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
+
+from .files import atomic_torch_save
 
 import torch
 
@@ -59,9 +60,7 @@ def write_pool(out_dir: str | Path, global_model: Mapping[str, object],
     experts = []
     for name, sd in models.items():
         path = out / f"{name}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(sd, tmp)
-        os.replace(tmp, path)  # a reader never sees half a file
+        atomic_torch_save(sd, path)  # a reader never sees half a file
         experts.append({"name": name, "kind": "global" if name == GLOBAL else "personalized", "file": path.name,
                         **info.get(name, {})})
     manifest = {"format": "fedharmony-model-pool/1", "experts": experts, "config_files": list(config_files),

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .harmonize import amplitude_normalize, batch_amplitude
+from .harmonize import amplitude_normalize, batch_amplitude, check_ratio
 
 MODES = ("paper", "released", "off")
 
@@ -41,8 +41,7 @@ class AmplitudeNormalization(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"amplitude normalization mode must be one of {MODES}, got {mode!r}")
-        if not 0.0 <= ratio <= 0.5:
-            raise ValueError(f"ratio L must be in [0, 0.5], got {ratio}")
+        check_ratio(ratio)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.mode = mode

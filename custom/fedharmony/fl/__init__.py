@@ -10,7 +10,8 @@ SITE_COMPONENTS = ("fedharmony.fl.executor.BundleExecutor",)
 SERVER_COMPONENTS = (
     "fedharmony.fl.persistor.BundleModelPersistor",
     "fedharmony.fl.aggregator.SiteUpdateAggregator",
-    "fedharmony.fl.aggregator.FourierAggregator",
+    "fedharmony.methods.prrfl.server.FourierAggregator",
+    "fedharmony.methods.scaffold.server.ScaffoldAggregator",
     "fedharmony.fl.pool.ModelPoolWriter",
     "fedharmony.fl.site_errors.SiteErrorLogger",
     "fedharmony.fl.summary.RoundSummaryWriter",

@@ -1,6 +1,7 @@
-"""Server aggregators: sample-weighted FedAvg and PRR-FL's progressive Fourier aggregation.
+"""The server aggregator every method starts from: the sample-weighted mean of site updates.
 
-Both skip local keys and reject bad site updates.
+It skips local keys and rejects bad site updates; PRR-FL's and SCAFFOLD's aggregators
+(``fedharmony/methods/<name>/server.py``) build on it.
 """
 
 from typing import Dict, List, Tuple
@@ -12,14 +13,12 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from ..aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes
-from ..fourier_aggregation import DEFAULT_R0, DEFAULT_R1, check_schedule, mean_amplitudes, ratio_schedule
 
 NUM_SAMPLES = "num_samples"  # meta key: the site's training cases this round
-FOURIER_RATIO = "prrfl_fourier_ratio"  # meta key: the global "model" is PRR-FL mean amplitudes, mix with this L
 
 
 class SiteUpdateAggregator(ModelAggregator):
-    """Weighted mean of site models (FedAvg / FedProx / FedBN).
+    """Weighted mean of site models (FedAvg, FedProx, FedBN, HarmoFL, IOP-FL, Ditto).
 
     * weight = the site's number of training cases (``num_samples`` in the update's
       meta; NVFlare's ``NUM_STEPS_CURRENT_ROUND`` when a site does not send it);
@@ -74,7 +73,7 @@ class SiteUpdateAggregator(ModelAggregator):
             weights = check_update(model.params or {}, self._expected_shapes(), self.local_keys)
             meta = model.meta or {}
             weight = float(meta.get(NUM_SAMPLES, meta.get("NUM_STEPS_CURRENT_ROUND", 1))) if self.weigh_by_samples else 1.0
-            self._add(site, weights, weight)
+            self._add(site, weights, weight, meta)
             self._params_type = params_type
         except UpdateRejected as e:
             self.rejected[site] = str(e)
@@ -85,7 +84,8 @@ class SiteUpdateAggregator(ModelAggregator):
             self._metrics.add(site, numeric, weight)
         self.info(f"round {self._round()}: accepted {site} (weight {weight:g})")
 
-    def _add(self, site: str, weights: Dict[str, np.ndarray], weight: float):
+    def _add(self, site: str, weights: Dict[str, np.ndarray], weight: float, meta: dict):
+        """Take one checked update (raise ``UpdateRejected`` to refuse it, naming why)."""
         self._average.add(site, weights, weight)
 
     def _contributors(self) -> List[str]:
@@ -110,62 +110,3 @@ class SiteUpdateAggregator(ModelAggregator):
         self._average.reset()
         self._metrics.reset()
         self.rejected = {}
-
-
-class FourierAggregator(SiteUpdateAggregator):
-    """PRR-FL's progressive Fourier aggregation of the sites' deputies.
-
-    Each round the server computes, per convolution / linear weight, the mean amplitude
-    spectrum of the deputies (:func:`fedharmony.fourier_aggregation.mean_amplitudes`;
-    other shared tensors: the plain mean) and broadcasts it with this round's shared
-    ratio ``L_t`` (meta ``prrfl_fourier_ratio``); each site mixes it into its own deputy
-    with its own phase (``BundleSite.receive``). The numbers equal the paper's "each site
-    gets its own deputy" form (tested); one broadcast replaces one message per site, and the
-    server never needs a site's phase. Norm layers (``local_keys``) stay on the sites.
-
-    The global checkpoint therefore holds mean amplitudes, not a model: under PRR-FL the
-    sites' personalized models are the result.
-
-    Args:
-        num_rounds: rounds of the schedule, T (the job's start round + rounds).
-        r0, r1: the shared ratio grows linearly from ``r0`` (round 0) towards ``r1``.
-        weigh_by_samples: weight sites by training-set size (default False: the released
-            uniform mean).
-    """
-
-    def __init__(self, num_rounds: int, r0: float = DEFAULT_R0, r1: float = DEFAULT_R1, local_keys: str = "",
-                 persistor_id: str = "persistor", weigh_by_samples: bool = False):
-        super().__init__(local_keys=local_keys, persistor_id=persistor_id, weigh_by_samples=weigh_by_samples)
-        self.r0, self.r1 = check_schedule(r0, r1)
-        if num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
-        self.num_rounds = num_rounds
-        self._deputies: Dict[str, Tuple[Dict[str, np.ndarray], float]] = {}
-
-    def accept_model(self, model: FLModel):
-        if (model.params_type or ParamsType.FULL) != ParamsType.FULL:
-            site = (model.meta or {}).get("client_name", "unknown site")
-            self.rejected[site] = f"PRR-FL needs the full deputy weights, got {model.params_type}"
-            self.error(f"round {self._round()}: rejected the update from {site}: {self.rejected[site]}")
-            return
-        super().accept_model(model)
-
-    def _add(self, site: str, weights: Dict[str, np.ndarray], weight: float):
-        if site in self._deputies:
-            raise UpdateRejected(f"{site} already contributed this round")
-        self._deputies[site] = (weights, weight)
-
-    def _contributors(self) -> List[str]:
-        return sorted(self._deputies)
-
-    def _aggregate_params(self) -> Tuple[Dict[str, np.ndarray], dict]:
-        round_index = self._round() or 0
-        ratio = ratio_schedule(round_index, self.num_rounds, self.r0, self.r1)
-        sites = self._contributors()
-        params = mean_amplitudes([self._deputies[s][0] for s in sites], [self._deputies[s][1] for s in sites], sites)
-        self.info(f"round {round_index}: Fourier aggregation of {len(sites)} deputies, shared ratio L = {ratio:.4f}")
-        return params, {FOURIER_RATIO: ratio}
-
-    def reset_stats(self):
-        super().reset_stats()
-        self._deputies = {}

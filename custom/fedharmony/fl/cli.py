@@ -2,17 +2,32 @@
 
 The algorithm is the job's choice (``--algorithm``), the task is the bundle's (``--bundle``,
 defaulted by each job script).
+
+A simulator run shows one line per round on the terminal, each site's score under its data
+folder's name, and writes NVFlare's own log to ``<workspace>/<job name>.log`` (named at the
+start and the end)::
+
+    round 3: BIDMC 0.7120 | BMC 0.6504 | HK 0.8010 | mean 0.7211 (val_mean_dice, global model)
+
+``--verbose`` shows NVFlare's log on the terminal instead.
 """
 
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from nvflare.recipe import SimEnv  # consumes NVFlare's own --export / --export-dir flags
 
+from ..files import read_site_map
 from .job import ALGORITHMS, FedHarmonyRecipe
+from .summary import ROUND_MARK
+
+CHILD_ENV = "FEDHARMONY_JOB_CHILD"  # set in the process that runs the simulator for a quiet parent
 
 
 def saved_round(checkpoint: str) -> int:
@@ -40,7 +55,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal strength")
+    p.add_argument("--mu", type=float, help="FedProx proximal strength (default 0.01)")
     p.add_argument("--amp-mode", choices=["paper", "released", "off"], help="HarmoFL amplitude normalization")
     p.add_argument("--amp-ratio", type=float, help="HarmoFL window ratio L in [0, 0.5]")
     p.add_argument("--wp-alpha", type=float, help="HarmoFL weight perturbation strength (0 = off)")
@@ -74,6 +89,11 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--prrfl-alpha2", type=float, help="PRR-FL: sublimate threshold (default 0.9)")
     p.add_argument("--prrfl-weighted", action="store_true",
                    help="PRR-FL: weight the mean amplitude by training-set size (default uniform)")
+    p.add_argument("--ditto-lambda", type=float, help="Ditto: pull of the personalized model (default 0.1)")
+    p.add_argument("--ditto-epochs", type=int, help="Ditto: epochs of the personalized model per round (default 1)")
+    p.add_argument("--tracking", choices=["tensorboard", "mlflow", "wandb"], default="tensorboard",
+                   help="experiment tracking on the server (NVFlare's receivers; default tensorboard)")
+    p.add_argument("--verbose", action="store_true", help="show NVFlare's log on the terminal (default: a file)")
     p.add_argument("--score-after-training", action="store_true",
                    help="sites also score their model after local training (the retrogress curve)")
     args = p.parse_args(argv)
@@ -90,28 +110,84 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
         if args.initial_model:
             print(f"resuming from {args.initial_model} (saved after round {start_round - 1}): "
                   f"rounds {start_round} .. {start_round + args.rounds - 1}")
+    # a method's own flags go to its recipe only when given: the recipe refuses another method's
+    method_flags = {"mu": args.mu, "amp_mode": args.amp_mode, "amp_ratio": args.amp_ratio, "wp_alpha": args.wp_alpha,
+                    "image_size": args.image_size, "iop_alpha": args.iop_alpha, "prrfl_r0": args.prrfl_r0,
+                    "prrfl_r1": args.prrfl_r1, "prrfl_alpha1": args.prrfl_alpha1, "prrfl_alpha2": args.prrfl_alpha2,
+                    "prrfl_weighted": args.prrfl_weighted or None, "ditto_lambda": args.ditto_lambda,
+                    "ditto_epochs": args.ditto_epochs}
     try:
         recipe = FedHarmonyRecipe(
-            algorithm=args.algorithm, bundle_dir=args.bundle, num_rounds=args.rounds,
-            min_clients=args.min_clients or args.sites,
-            local_epochs=args.local_epochs, mu=args.mu,
+            args.algorithm, bundle_dir=args.bundle, num_rounds=args.rounds,
+            min_clients=args.min_clients or args.sites, local_epochs=args.local_epochs,
             data_root=os.path.abspath(args.data_root) if args.data_root else "",
             overrides=overrides, num_threads=args.torch_threads, cross_site_eval=not args.no_cross_site_eval,
             name=args.name or (f"{overrides['task']}_{args.algorithm}" if 'task' in overrides else None),
-            amp_mode=args.amp_mode, amp_ratio=args.amp_ratio, wp_alpha=args.wp_alpha,
-            image_size=args.image_size, iop_alpha=args.iop_alpha,
             initial_model=os.path.abspath(args.initial_model) if args.initial_model else None,
             start_round=start_round, privacy_percentile=args.privacy_percentile,
             privacy_gamma=args.privacy_gamma, ship_code=not args.no_custom_code,
             memory_gc_rounds=args.memory_gc_rounds, cross_site_timeout=args.cross_site_timeout,
-            prrfl_r0=args.prrfl_r0, prrfl_r1=args.prrfl_r1, prrfl_alpha1=args.prrfl_alpha1,
-            prrfl_alpha2=args.prrfl_alpha2, prrfl_weighted=args.prrfl_weighted,
-            score_after_training=args.score_after_training)
+            score_after_training=args.score_after_training, tracking=args.tracking,
+            **{k: v for k, v in method_flags.items() if v is not None})
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
+    script = os.path.abspath(sys.argv[0])
+    from nvflare.recipe.spec import _peek_recipe_args  # NVFlare strips --export from sys.argv at import
+
+    exporting = _peek_recipe_args()[0] or "--export" in (argv or [])
+    if not (args.verbose or exporting or os.environ.get(CHILD_ENV)) and os.path.isfile(script):
+        log_path = Path(args.workspace) / f"{recipe.name}.log"
+        child = [sys.executable, script, *(argv if argv is not None else sys.argv[1:])]
+        return run_quietly(child, log_path, site_names(args.data_root, args.sites))
     run = recipe.execute(SimEnv(num_clients=args.sites, num_threads=args.threads or args.sites,
                                 workspace_root=args.workspace))
     if run is not None:
         print(f"workspace: {run.get_result()}")
     return 0
 
+
+
+def site_names(data_root: str, sites: int) -> Dict[str, str]:
+    """Simulator site names (``site-1`` ...) -> data folder names, from ``<data_root>/sites.json``."""
+    names = {f"site-{i}": f"site-{i}" for i in range(1, sites + 1)}
+    try:
+        names.update({k: v for k, v in (read_site_map(data_root) if data_root else {}).items() if k in names})
+    except ValueError:
+        pass  # names are cosmetic here; the sites themselves report a bad map
+    return names
+
+
+def round_line(line: str, names: Dict[str, str]) -> Optional[str]:
+    """``[round] 3: site-1=0.71 site-2=0.80 mean=0.75 (tag, model)`` -> ``round 3: BIDMC 0.7100 | ...``."""
+    match = re.search(re.escape(ROUND_MARK) + r" (\d+): (.*?) mean=(\S+) \((.*)\)", line)
+    if not match:
+        return None
+    number, scores, mean, what = match.groups()
+    pairs = sorted((names.get(site, site), value) for site, value in (p.split("=", 1) for p in scores.split()))
+    return f"round {number}: " + " | ".join(f"{n} {v}" for n, v in pairs) + f" | mean {mean} ({what})"
+
+
+def run_quietly(cmd: List[str], log_path: Path, names: Dict[str, str]) -> int:
+    """Run the job script again as a child with NVFlare's output to ``log_path``; show round lines and errors."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"NVFlare log: {log_path}", flush=True)
+    shown_errors = 0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, CHILD_ENV: "1"})
+        for line in proc.stdout:
+            log.write(line)
+            shown = round_line(line, names)
+            if shown:
+                print(shown, flush=True)
+            elif line.startswith("workspace:") or line.startswith("resuming from"):
+                print(line.rstrip(), flush=True)
+            elif (" ERROR " in line or line.startswith("Traceback")) and shown_errors < 20:
+                shown_errors += 1
+                print("  " + line.rstrip()[:240], flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        tail = log_path.read_text().splitlines()[-25:]
+        print("\n".join(["the simulator failed (exit %d); the end of its log:" % rc, *tail]), file=sys.stderr)
+    print(f"NVFlare log: {log_path}", flush=True)
+    return rc

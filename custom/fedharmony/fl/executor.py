@@ -8,26 +8,19 @@ custom code. The training logic itself lives in ``BundleSite``, which has no NVF
 import.
 
 Tasks:
-  * ``train``: score the received global model on the site's validation split
-    (tracked per round, and sent back as the global model's metric), train
-    ``local_epochs`` from it, send the shared weights with ``NUM_STEPS_CURRENT_ROUND``
-    and the number of training cases (``num_samples``, the FedAvg weight).
+  * ``train``: one round of the job's method on this site
+    (:meth:`fedharmony.bundle_site.BundleSite.run_round`): take the server's answer, score the
+    site's model on its validation split (tracked per round, and sent back as the metric),
+    train ``local_epochs``, send what the method sends, with ``NUM_STEPS_CURRENT_ROUND`` and
+    the number of training cases (``num_samples``, the FedAvg weight).
   * ``validate`` (cross-site evaluation): score the received model on the site's
     *testing* split, with the site's local keys (FedBN norm layers) kept.
-  * ``submit_model``: send the site's own model (best on its validation split); with
-    IOP-FL personalization (``personalize_alpha``), the best personalized model.
+  * ``submit_model``: send the site's own model: its best on its validation split (for a
+    personalized method, IOP-FL or Ditto, its best personalized model).
 
-IOP-FL (``personalize_alpha`` set): after local training the site updates its
-personalized model (``fedharmony.personalization``), scores it on its validation split
-next to the global model (tracked as ``<key metric>_personalized``), and still sends
-the plain locally trained weights to the server, as FedAvg does.
-
-PRR-FL (the bundle's trainer is a ``DeputyTransferIteration``): the server's answer goes
-to the deputy (mean amplitudes mixed into the deputy's spectrum, see
-``fedharmony.fourier_aggregation``), the site's own model is its personalized model (what
-it scores, keeps as best and returns for cross-site evaluation), and the deputy is what
-it sends. The round's stages are logged and tracked (``prrfl_stage``: 1 recover,
-2 exchange, 3 sublimate, one value per local epoch).
+The executor names no method: ``method`` (a name from :data:`fedharmony.methods.METHODS`) and
+``method_settings`` (plain values, checked by the method) come from the job, and everything a
+method does differently happens inside its :class:`fedharmony.methods.SiteMethod`.
 
 ``score_after_training``: also score the site's model after local training (tracked as
 ``<key metric>_after_training``): with the round-start score this shows what a
@@ -50,7 +43,6 @@ Where a site's data is (no job edit per site), first match wins:
   3. ``<data_root>/sites.json``: maps simulator names (``site-1`` ...) to folders.
 """
 
-import json
 import os
 import time
 from typing import Optional
@@ -65,15 +57,14 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from ..bundle_site import BundleSite
-from ..deputy import STAGES
+from ..files import SITE_MAP_NAME, read_site_map
 from ..job_policy import PolicyError, redact_paths
-from ..networks import layers_without_target, prime_targets, use_global_targets
-from ..results import AFTER_TRAINING_SUFFIX, PERSONALIZED_SUFFIX
-from .aggregator import FOURIER_RATIO, NUM_SAMPLES
+from ..methods import make_site_method
+from .aggregator import NUM_SAMPLES
 from .policy import JobBundle, resolve_job_bundle
 from .site_errors import ERROR_HEADER
 
@@ -95,13 +86,11 @@ def resolve_dataset_dir(site: str, data_root: str = "") -> str:
     candidate = os.path.join(root, site)
     if os.path.isdir(candidate):
         return candidate
-    site_map = os.path.join(root, "sites.json")
-    if os.path.isfile(site_map):
-        with open(site_map) as f:
-            mapped = json.load(f).get(site)
-        if mapped and os.path.isdir(os.path.join(root, mapped)):
-            return os.path.join(root, mapped)
-    raise FileNotFoundError(f"site {site!r}: no folder {candidate} and no entry for {site!r} in {site_map}")
+    mapped = read_site_map(root).get(site)
+    if mapped and os.path.isdir(os.path.join(root, mapped)):
+        return os.path.join(root, mapped)
+    raise FileNotFoundError(f"site {site!r}: no folder {candidate} and no entry for {site!r} in "
+                            f"{os.path.join(root, SITE_MAP_NAME)}")
 
 
 def _describe(error: BaseException) -> str:
@@ -138,11 +127,11 @@ class BundleExecutor(Executor):
         config_files: bundle configs to layer (default ``configs/train.json``).
         data_root: folder of site folders (default: ``$FEDHARMONY_DATA_ROOT``; jobs that carry code only).
         local_epochs: local epochs per round.
-        local_keys: regex of keys kept on the site (FedBN); must match the server's.
+        method: the federated method's name (``fedavg``, ``fedbn``, ... :data:`fedharmony.methods.METHODS`).
+        method_settings: its settings (``{"mu": 0.01}`` for FedProx), plain values only.
         overrides: bundle config overrides (``{"learning_rate": 0.001, ...}``).
         num_threads: torch CPU threads for this site (0 = torch's default).
         writer_id: id of the experiment-tracking LogWriter component ("" = none).
-        personalize_alpha: IOP-FL inside personalization weight a (None = off).
         send_weight_diff: send the round's update (site model - received global model) as
             NVFlare ``WEIGHT_DIFF`` instead of the full weights, so NVFlare's privacy filters
             on differences (``PercentilePrivacy``, ``SVTPrivacy``) apply to what leaves the site.
@@ -152,14 +141,14 @@ class BundleExecutor(Executor):
 
     def __init__(self, bundle_root: str = "", config_files: Optional[list] = None,
                  data_root: str = "", local_epochs: int = 1, bundle_name: str = "", bundle_version: str = "",
-                 bundle_digest: str = "",
-                 local_keys: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
-                 writer_id: str = "log_writer", personalize_alpha: Optional[float] = None,
-                 send_weight_diff: bool = False, score_after_training: bool = False):
+                 bundle_digest: str = "", method: str = "fedavg", method_settings: Optional[dict] = None,
+                 overrides: Optional[dict] = None, num_threads: int = 0,
+                 writer_id: str = "log_writer", send_weight_diff: bool = False, score_after_training: bool = False):
         super().__init__()
         self.score_after_training = score_after_training
         self.send_weight_diff = send_weight_diff
-        self.personalize_alpha = personalize_alpha
+        self.method = method
+        self.method_settings = method_settings or {}
         self.bundle_root = bundle_root
         self.bundle_name = bundle_name
         self.bundle_version = bundle_version
@@ -171,7 +160,6 @@ class BundleExecutor(Executor):
         self.redact_roots = {}
         self.data_root = data_root
         self.local_epochs = local_epochs
-        self.local_keys = local_keys
         self.overrides = overrides or {}
         self.num_threads = num_threads
         self.writer_id = writer_id
@@ -203,8 +191,13 @@ class BundleExecutor(Executor):
                 fl_ctx, bundle_root=self.bundle_root, bundle_name=self.bundle_name,
                 bundle_version=self.bundle_version, bundle_digest=self.bundle_digest,
                 config_files=self.config_files, overrides=self.overrides, data_root=self.data_root)
+            make_site_method(self.method, self.method_settings)  # a name and plain settings, checked before use
         except PolicyError as e:
             self.refusal = f"{name}: job refused by this site's policy: {e}"
+            self.log_error(fl_ctx, self.refusal)
+            return
+        except ValueError as e:
+            self.refusal = f"{name}: job refused: {e}"
             self.log_error(fl_ctx, self.refusal)
             return
         self.redact_roots["<bundle>"] = self.bundle.root
@@ -227,14 +220,15 @@ class BundleExecutor(Executor):
                 dataset_dir=dataset_dir,
                 state_dir=os.path.join(run_dir, "fedharmony", name),
                 site_name=name,
-                local_keys=self.local_keys,
                 overrides=self.bundle.overrides,
                 config_file=self.bundle.config_files,
-                personalize_alpha=self.personalize_alpha,
+                method=self.method,
+                method_settings=self.method_settings,
             )
             self.data_name = os.path.basename(os.path.normpath(dataset_dir))
             self.log_info(fl_ctx, f"{name}: bundle ready in {time.time() - t0:.1f} s, data {dataset_dir}, "
-                                  f"state in {self.site.state_dir}, {len(self.site.local_key_names)} local keys")
+                                  f"state in {self.site.state_dir}, method {self.method} {self.site.method.settings() or ''}, "
+                                  f"{len(self.site.local_key_names)} local keys")
         return self.site
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -276,61 +270,27 @@ class BundleExecutor(Executor):
     def _train(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         model = FLModelUtils.from_shareable(shareable)
         current_round = model.current_round if model.current_round is not None else site.round
-        meta = model.meta or {}
-        t0 = time.time()
         # a copy: training may write into arrays that share memory with the received ones
         received = {k: np.array(v, copy=True) for k, v in (model.params or {}).items()} if self.send_weight_diff else {}
-        # the global model with this site's local keys (PRR-FL: into the deputy)
-        site.receive(_to_tensors(model.params or {}), meta.get(FOURIER_RATIO))
-        use_global_targets(site.network)  # HarmoFL: a received amplitude target is the global one, keep it
-        if layers_without_target(site.network):  # HarmoFL round 0: the initial global model has no target yet
-            prime_targets(site.network, next(iter(site.trainer.data_loader))["image"])
-        key = site.key_metric
-        metrics = site.evaluate(None, "validation")  # the model the site now uses (PRR-FL: its personalized one)
-        prrfl = site.deputy_transfer is not None
-        if site.personalize_alpha is None:
-            site.record_metric(metrics[key])
-        t_eval = time.time() - t0
-        mu = meta.get(AlgorithmConstants.FEDPROX_MU)
-        steps = site.train(None, self.local_epochs, fedprox_mu=mu)  # saves the site state (personalized model too)
-        tracked = {key: metrics[key]}
-        note = ""
-        if site.personalized is not None:  # IOP-FL: score the personalized model after this round's update
-            with torch.random.fork_rng():  # leaves the training RNG stream, hence the FedAvg underneath, untouched
-                personal = site.evaluate(site.personalized, "validation")[key]
-            site.record_metric(personal, site.personalized)
-            site.save_state()  # the best score too, for a site process that restarts before the next round
-            tracked[key + PERSONALIZED_SUFFIX] = personal
-            note = f", personalized {personal:.4f}"
-        if self.score_after_training or prrfl:
-            with torch.random.fork_rng():
-                after = site.evaluate(None, "validation")[key]
-            tracked[key + AFTER_TRAINING_SUFFIX] = after
-            note += f", after training {after:.4f}"
-            if prrfl:  # the personalized model is the site's result: keep its best
-                site.record_metric(after)
-                site.save_state()
-        stages = []
-        if prrfl:
-            stages = [h[1] for h in site.deputy_transfer.history[-self.local_epochs:]]
-            note += f", stages {'/'.join(stages)}"
-        t_task = time.time() - t0
-        self.log_info(fl_ctx, f"round {current_round}: {'personalized' if prrfl else 'global'} {key} "
-                              f"{metrics[key]:.4f}{note}, {steps} local steps, task {t_task:.1f} s "
-                              f"(validation {t_eval:.1f} s)")
+        report = site.run_round(_to_tensors(model.params or {}), model.meta or {}, self.local_epochs,
+                                score_after_training=self.score_after_training)
+        key = report.key_metric
+        self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()} round {current_round}: {site.method.scored_model} "
+                              f"{key} {report.metrics[key]:.4f}{report.note}, {report.steps} local steps, "
+                              f"task {report.seconds:.1f} s (validation {report.eval_seconds:.1f} s)")
         if self.writer is not None:
-            for tag, value in tracked.items():
+            for tag, value in report.tracked.items():
                 self.writer.add_scalar(tag, value, global_step=current_round)
-            for epoch, stage in enumerate(stages):
-                self.writer.add_scalar("prrfl_stage", STAGES.index(stage) + 1,
-                                       global_step=current_round * self.local_epochs + epoch)
-            self.writer.add_scalar("site_task_seconds", t_task, global_step=current_round)
-        params, params_type = _to_numpy(site.shared_weights()), ParamsType.FULL
+            for tag, values in report.per_epoch.items():
+                for epoch, value in enumerate(values):
+                    self.writer.add_scalar(tag, value, global_step=current_round * self.local_epochs + epoch)
+            self.writer.add_scalar("site_task_seconds", report.seconds, global_step=current_round)
+        params, params_type = _to_numpy(report.weights), ParamsType.FULL
         if self.send_weight_diff:
             params, params_type = weight_diff(params, received), ParamsType.DIFF
-        out = FLModel(params=params, params_type=params_type, metrics=metrics, current_round=current_round,
-                      meta={"NUM_STEPS_CURRENT_ROUND": steps, NUM_SAMPLES: site.num_train_cases,
-                            "site_task_seconds": t_task})
+        out = FLModel(params=params, params_type=params_type, metrics=report.metrics, current_round=current_round,
+                      meta={"NUM_STEPS_CURRENT_ROUND": report.steps, NUM_SAMPLES: site.num_train_cases,
+                            "site_task_seconds": report.seconds, **report.meta})
         return FLModelUtils.to_shareable(out)
 
     def _validate(self, site: BundleSite, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

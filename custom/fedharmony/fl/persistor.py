@@ -2,8 +2,10 @@
 
 from typing import Optional
 
+import numpy as np
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from ..bundle_site import build_network
@@ -63,3 +65,25 @@ class BundleModelPersistor(PTFileModelPersistor):
                                   f"{bundle.config_files} ({'job copy' if bundle.trusted else 'installed'}), "
                                   f"{sum(p.numel() for p in self.model.parameters())} parameters")
         super().handle_event(event, fl_ctx)
+
+    def save_model(self, model_learnable, fl_ctx: FLContext):
+        """NVFlare's save, with the checkpoint's meta cut to what ``torch.load(weights_only=True)`` reads:
+        per-round arrays a method sends with the global model (SCAFFOLD's control variate) stay out."""
+        meta = model_learnable.get(ModelLearnableKey.META) or {}
+        kept = checkpoint_meta(meta)
+        if len(kept) != len(meta):
+            model_learnable = ModelLearnable({**model_learnable, ModelLearnableKey.META: kept})
+        super().save_model(model_learnable, fl_ctx)
+
+
+def checkpoint_meta(meta: dict) -> dict:
+    """The entries of a global model's meta that go into its checkpoint: those holding no NumPy array."""
+    return {k: v for k, v in meta.items() if not _holds_arrays(v)}
+
+
+def _holds_arrays(value) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_arrays(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_arrays(v) for v in value)
+    return isinstance(value, np.ndarray)

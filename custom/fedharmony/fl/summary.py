@@ -11,6 +11,8 @@ from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 
 from ..results import write_round_metrics
 
+ROUND_MARK = "[round]"  # the job scripts show the lines that carry it
+
 
 class RoundSummaryWriter(AnalyticsReceiver):
     """Collects every scalar the sites track (the same stream TensorBoard gets) and, at the
@@ -18,6 +20,10 @@ class RoundSummaryWriter(AnalyticsReceiver):
     and ``<tag>_by_round.png``. Also rewrites them once a round's ``tag`` has arrived from
     every site seen so far, so a long run can be followed (and little is lost if the server
     dies) without redrawing the plot on every message.
+
+    Once a round's ``tag`` has arrived from every connected site it logs one line,
+    ``[round] 3: site-1=0.7120 site-2=0.8010 mean=0.7565``, that the job scripts show on the
+    terminal (:mod:`fedharmony.fl.cli`) while NVFlare's own log goes to a file.
     """
 
     def __init__(self, out_folder: str = "results", tag: str = "val_mean_dice", events: Optional[List[str]] = None,
@@ -41,8 +47,14 @@ class RoundSummaryWriter(AnalyticsReceiver):
         if data.tag == self.tag:
             tagged = [r for r in self.records if r["tag"] == self.tag]
             sites = {r["site"] for r in tagged}
-            if sum(r["round"] == data.step for r in tagged) == len(sites):
+            this_round = {r["site"]: r["value"] for r in tagged if r["round"] == data.step}
+            if len(this_round) == len(sites):
                 write_round_metrics(self.records, self.out_dir, self.tag, self.model)
+            connected = len(fl_ctx.get_engine().get_clients())
+            if len(this_round) == max(connected, len(sites)):
+                scores = " ".join(f"{s}={v:.4f}" for s, v in sorted(this_round.items()))
+                mean = sum(this_round.values()) / len(this_round)
+                self.log_info(fl_ctx, f"{ROUND_MARK} {data.step}: {scores} mean={mean:.4f} ({self.tag}, {self.model})")
 
     def finalize(self, fl_ctx: FLContext):
         if self.records:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,7 +12,7 @@ from .profiles import SiteProfile
 from .prostate import make_case
 
 logger = logging.getLogger(__name__)
-SITE_MAP_NAME = "sites.json"
+from ..files import write_site_map
 
 
 def _write_case(job) -> None:
@@ -53,6 +52,5 @@ def write_sites(out_dir: str | Path, profiles: Sequence[SiteProfile], seed: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     for profile in profiles:
         write_site(out_dir, profile, seed, cases, size, slices, workers)
-    site_map = {f"site-{i + 1}": p.name for i, p in enumerate(profiles)}
-    (out_dir / SITE_MAP_NAME).write_text(json.dumps(site_map, indent=2) + "\n")
+    write_site_map(out_dir, [p.name for p in profiles])
     return out_dir

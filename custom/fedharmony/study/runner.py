@@ -25,14 +25,14 @@ from typing import Callable, Dict, List, Optional
 
 from .data import StudyData, make_phantom_data, real_data
 from .scoring import load_weights, score_on_site
-from .tasks import PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
+from ..methods import site_method_class
+from .tasks import FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
 
 __all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "validate_result"]
 
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
 REPO = Path(__file__).resolve().parents[3]
-HARMOFL_CONFIG = "configs/harmofl.json"
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -130,7 +130,8 @@ class Study:
         return {**extra, **self.preset.overrides, "seed": seed}
 
     def config_files(self, method: str) -> List[str]:
-        return ["configs/train.json"] + ([HARMOFL_CONFIG] if method == "harmofl" else [])
+        overlay = site_method_class(method).overlay if method in FEDERATED else None
+        return ["configs/train.json"] + ([overlay] if overlay else [])
 
     def data(self, seed: int) -> StudyData:
         if self.data_root:
@@ -163,13 +164,14 @@ class Study:
                "--rounds", str(self.preset.rounds), "--local-epochs", str(self.preset.local_epochs),
                "--sites", str(len(data.sites)), "--data-root", str(data.train_root), "--workspace", str(ws_root),
                "--name", name, "--override", json.dumps(self.overrides(seed)),
-               "--torch-threads", str(self.preset.threads_per_site)]
-        # IOP-FL collects its model pool through cross-site evaluation; the others skip it (the study scores
-        # the models itself, on the larger test draw)
-        cmd += ["--cross-site-timeout", "300"] if method == "iopfl" else ["--no-cross-site-eval"]
+               "--torch-threads", str(self.preset.threads_per_site), "--verbose"]  # the full log into log.txt
+        # cross-site evaluation only where the server collects site models that way (IOP-FL's pool); the
+        # study scores the models itself, on the larger test draw
+        site_cls = site_method_class(method)
+        cmd += ["--cross-site-timeout", "300"] if site_cls.needs_cross_site_eval else ["--no-cross-site-eval"]
         self._subprocess(cmd, log)
         ws = ws_root / name
-        curve = _curves(ws, self.spec.metric, personalized=(method == "iopfl"))
+        curve = _curves(ws, self.spec.metric + site_cls.result_tag)
         site_results = {}
         for client, folder in data.sites.items():
             if method in PERSONALIZED:
@@ -304,14 +306,13 @@ class Study:
         }
 
 
-def _curves(ws: Path, metric: str, personalized: bool) -> Dict[str, Dict[int, float]]:
-    """Per-site validation score by round from the server's ``metrics_by_round.csv``."""
+def _curves(ws: Path, tag: str) -> Dict[str, Dict[int, float]]:
+    """Per-site validation score (tracked as ``tag``) by round from the server's ``metrics_by_round.csv``."""
     import csv
 
     found = sorted(ws.rglob("results/metrics_by_round.csv"))
     if not found:
         return {}
-    tag = metric + ("_personalized" if personalized else "")
     curve: Dict[str, Dict[int, float]] = {}
     with open(found[0]) as f:
         for row in csv.DictReader(f):

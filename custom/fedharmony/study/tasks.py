@@ -15,22 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
+from .. import methods as registry
+
 __all__ = ["FEDERATED", "REFERENCES", "METHODS", "PERSONALIZED", "TaskSpec", "Preset", "TASKS", "PRESETS",
            "preset_for", "check_methods", "scored_model"]
 
-FEDERATED = ("fedavg", "fedprox", "fedbn", "harmofl", "iopfl", "prrfl")
+FEDERATED = registry.METHODS
 REFERENCES = ("local", "pooled")
 METHODS = FEDERATED + REFERENCES
-# the model each site uses at the end: its own (best on its validation split), not the global one
-PERSONALIZED = {"fedbn": "the site's own model (shared weights + its norm layers), best on its validation split",
-                "iopfl": "the site's personalized model phi, best on its validation split",
-                "prrfl": "the site's personalized model, best on its validation split"}
+# the methods whose sites each end with their own model (best on its validation split), not the global one
+PERSONALIZED = tuple(m for m in FEDERATED if registry.site_method_class(m).personalized)
 
 
 def scored_model(method: str) -> str:
     """What a study scores on each site's test split for ``method`` (said in the report)."""
-    if method in PERSONALIZED:
-        return PERSONALIZED[method]
+    if method in FEDERATED:
+        return registry.site_method_class(method).result
     if method == "local":
         return "the site's own model, trained alone, after the last epoch"
     if method == "pooled":

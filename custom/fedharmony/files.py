@@ -1,0 +1,62 @@
+"""Files every part writes or reads the same way: atomic saves, and the site map (no NVFlare import).
+
+The site map, ``sites.json`` at the root of a folder of site folders, maps simulator client
+names (``site-1`` ... ``site-N``, in order) to the site folders, so ``nvflare simulator -n N``
+finds each site's data and the job scripts can show each site by its folder's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Sequence, Union
+
+__all__ = ["SITE_MAP_NAME", "atomic_torch_save", "atomic_write_text", "write_site_map", "read_site_map"]
+
+SITE_MAP_NAME = "sites.json"
+
+PathLike = Union[str, Path]
+
+
+def atomic_torch_save(obj, path: PathLike) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash mid-write never leaves a truncated file."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write text through a temporary file and a rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_site_map(out_dir: PathLike, folders: Sequence[str]) -> Path:
+    """Write ``<out_dir>/sites.json``: ``site-1`` -> the first folder name, and so on."""
+    path = Path(out_dir) / SITE_MAP_NAME
+    atomic_write_text(path, json.dumps({f"site-{i + 1}": str(f) for i, f in enumerate(folders)}, indent=2) + "\n")
+    return path
+
+
+def read_site_map(root: PathLike) -> Dict[str, str]:
+    """``<root>/sites.json`` as a dict ({} when there is none).
+
+    Raises:
+        ValueError: the file is not a JSON object of names to folder names (the file is named).
+    """
+    path = Path(root) / SITE_MAP_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{path} must map site names to folder names, e.g. {{\"site-1\": \"BIDMC\"}}")
+    return data

@@ -1,0 +1,82 @@
+"""Ditto on a site: FedAvg's global model plus a personalized model pulled towards it."""
+
+import copy
+import math
+
+import torch
+
+from ...losses import ProximalLoss
+from ...results import PERSONALIZED_SUFFIX
+from ..base import RoundNotes, SiteMethod
+
+DEFAULT_LAMBDA = 0.1  # NVFlare's PTDittoHelper default
+DEFAULT_EPOCHS = 1
+
+
+class DittoSite(SiteMethod):
+    """Args:
+        lam: lambda, the pull of the personalized model towards the round's global model (> 0).
+        epochs: epochs the personalized model trains each round (>= 1)."""
+
+    name = "ditto"
+    personalized = True
+    result = "the site's personalized model, best on its validation split"
+    result_tag = PERSONALIZED_SUFFIX
+    best_at_round_start = False  # the site's result is its personalized model
+    scored_model = "global"
+
+    def __init__(self, lam: float = DEFAULT_LAMBDA, epochs: int = DEFAULT_EPOCHS):
+        super().__init__()
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+            raise ValueError(f"Ditto lambda must be a finite number > 0, got {lam!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"Ditto epochs must be an integer >= 1, got {epochs!r}")
+        self.lam, self.epochs = float(lam), epochs
+        self.personal = None  # the personalized model's state dict
+        self.personal_optimizer = None  # its optimizer's state
+        self._global = None  # the global model received this round
+        self._fresh_optimizer = None
+
+    def settings(self):
+        return {"lam": self.lam, "epochs": self.epochs}
+
+    def attach(self, site):
+        super().attach(site)
+        # the personalized model's optimizer starts like the bundle's: same class and settings, no state
+        self._fresh_optimizer = copy.deepcopy(site.optimizer.state_dict())
+
+    def receive(self, weights, meta):
+        super().receive(weights, meta)
+        self._global = self.site.shared_weights()
+        if self.personal is None:  # the first global model starts the personalized one
+            self.personal = self.site.state_dict()
+
+    def after_round(self, key_metric):
+        site = self.site
+        trained_global = site.state_dict()  # what FedAvg sends; put back once v_k has trained
+        global_optimizer = copy.deepcopy(site.optimizer.state_dict())
+        site.load_weights(self.personal, keep_local=False)
+        site.optimizer.load_state_dict(self.personal_optimizer or self._fresh_optimizer)
+        loss = ProximalLoss(site.base_loss, site.network, self.lam)
+        loss.set_reference(self._global)
+        try:
+            site.run_epochs(self.epochs, loss)
+            self.personal = site.state_dict()
+            self.personal_optimizer = copy.deepcopy(site.optimizer.state_dict())
+        finally:
+            site.load_weights(trained_global, keep_local=False)
+            site.optimizer.load_state_dict(global_optimizer)
+        with torch.random.fork_rng():
+            score = site.evaluate(self.personal, "validation")[key_metric]
+        site.record_metric(score, self.personal)
+        return RoundNotes(tracked={key_metric + PERSONALIZED_SUFFIX: score}, note=f", personalized {score:.4f}")
+
+    def state_dict(self):
+        return {"personal": self.personal, "personal_optimizer": self.personal_optimizer}
+
+    def load_state_dict(self, state):
+        self.personal = state.get("personal")
+        self.personal_optimizer = state.get("personal_optimizer")
+
+
+Site = DittoSite  # the name the registry looks up

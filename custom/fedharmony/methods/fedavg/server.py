@@ -1,0 +1,12 @@
+"""fedavg's server: the sample-weighted mean of the site models."""
+
+from ...fl.recipe import BundleRecipe
+
+
+class FedAvgRecipe(BundleRecipe):
+    """FedAvg: every setting is :class:`~fedharmony.fl.recipe.BundleRecipe`'s."""
+
+    method = "fedavg"
+
+
+Recipe = FedAvgRecipe  # the name the registry looks up

@@ -1,0 +1,10 @@
+"""FedAvg on a site: the base :class:`~fedharmony.methods.base.SiteMethod` as it is."""
+
+from ..base import SiteMethod
+
+
+class FedAvgSite(SiteMethod):
+    name = "fedavg"
+
+
+Site = FedAvgSite  # the name the registry looks up

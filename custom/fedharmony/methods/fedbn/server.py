@@ -1,0 +1,12 @@
+"""fedbn's server: the sample-weighted mean of the site models, norm layers excluded (they stay on the sites)."""
+
+from ...fl.recipe import BundleRecipe
+
+
+class FedBNRecipe(BundleRecipe):
+    """FedBN: every setting is :class:`~fedharmony.fl.recipe.BundleRecipe`'s."""
+
+    method = "fedbn"
+
+
+Recipe = FedBNRecipe  # the name the registry looks up

@@ -1,0 +1,14 @@
+"""FedBN on a site: FedAvg with the normalization layers kept local."""
+
+from ...norm_layers import NORM_LAYER_KEYS
+from ..base import SiteMethod
+
+
+class FedBNSite(SiteMethod):
+    name = "fedbn"
+    local_keys = NORM_LAYER_KEYS
+    personalized = True  # the norm layers differ per site: each site's model is its own
+    result = "the site's own model (shared weights + its norm layers), best on its validation split"
+
+
+Site = FedBNSite  # the name the registry looks up

@@ -1,0 +1,49 @@
+"""IOP-FL on a site: FedAvg plus a personalized moving-average model that is scored and kept."""
+
+import torch
+
+from ...personalization import check_personalization_alpha, ema_update
+from ...results import PERSONALIZED_SUFFIX
+from ..base import RoundNotes, SiteMethod
+
+DEFAULT_ALPHA = 0.1  # the released value
+
+
+class IOPFLSite(SiteMethod):
+    """Args:
+        alpha: weight ``a`` of the previous personalized model, in [0, 1)."""
+
+    name = "iopfl"
+    personalized = True
+    result = "the site's personalized model phi, best on its validation split"
+    result_tag = PERSONALIZED_SUFFIX
+    needs_cross_site_eval = True  # the model pool is collected that way
+    best_at_round_start = False  # the site's result is phi, scored after each update
+
+    def __init__(self, alpha: float = DEFAULT_ALPHA):
+        super().__init__()
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"IOP-FL alpha must be a number in [0, 1), got {alpha!r}")
+        self.alpha = check_personalization_alpha(alpha)
+        self.personalized_model = None
+
+    def settings(self):
+        return {"alpha": self.alpha}
+
+    def after_training(self):
+        self.personalized_model = ema_update(self.personalized_model, self.site.state_dict(), self.alpha)
+
+    def after_round(self, key_metric):
+        with torch.random.fork_rng():  # leaves the training RNG stream, hence the FedAvg underneath, untouched
+            score = self.site.evaluate(self.personalized_model, "validation")[key_metric]
+        self.site.record_metric(score, self.personalized_model)
+        return RoundNotes(tracked={key_metric + PERSONALIZED_SUFFIX: score}, note=f", personalized {score:.4f}")
+
+    def state_dict(self):
+        return {"personalized": self.personalized_model}
+
+    def load_state_dict(self, state):
+        self.personalized_model = state.get("personalized")
+
+
+Site = IOPFLSite  # the name the registry looks up
