@@ -20,10 +20,10 @@ demo: setup
 
 ## test: the whole pytest suite (unit + bundle + NVFlare simulator runs)
 test: setup
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -ra -m "not integration"
+	$(BIN)/python -m pytest -ra -m "not integration" --durations=10
 
 ## jobs: export self-contained job folders (every algorithm x prostate, dermoscopy, histology) to build/jobs
 jobs: setup

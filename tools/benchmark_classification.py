@@ -51,7 +51,7 @@ def run_federation(task, algo, args, data, out):
     name = f"{task}_{algo}"
     cmd = [sys.executable, str(REPO / "jobs" / f"{task}.py"), "--algorithm", algo, "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", str(SITES[task]), "--data-root", str(data),
-           "--workspace", str(ws_root), "--name", name, "--score-after-training",
+           "--workspace", str(ws_root), "--name", name, "--score-after-training", "--verbose",
            "--override", json.dumps({"seed": args.seed, **json.loads(args.override)})]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -88,7 +88,7 @@ def run_federation(label, args, data, out, algo=None, extra=()):
     name = re.sub(r"[^a-z0-9]+", "_", label).strip("_")
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", algo, "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", "6", "--data-root", str(data),
-           "--workspace", str(ws_root), "--name", name, *extra]
+           "--workspace", str(ws_root), "--name", name, "--verbose", *extra]  # one process: measured as before
     peaks, stop = {}, threading.Event()
     sampler = threading.Thread(target=_rss_sampler, args=(stop, peaks), daemon=True)
     sampler.start()

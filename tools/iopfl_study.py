@@ -50,7 +50,7 @@ def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args) -> Path
         return run
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "iopfl", "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", str(n_sites), "--data-root", str(data_root),
-           "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(args.iop_alpha)]
+           "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(args.iop_alpha), "--verbose"]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

@@ -85,7 +85,7 @@ def measure_sites(out: Path, n: int, rounds: int = 3, max_processes: int = MAX_P
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "fedavg", "--rounds", str(rounds),
            "--sites", str(n), "--threads", str(processes), "--data-root", str(data),
            "--workspace", str(ws_root), "--name", name, "--override", json.dumps(TINY_OVERRIDES),
-           "--no-cross-site-eval"]
+           "--no-cross-site-eval", "--verbose"]  # the job script runs the simulator itself: measured as before
     peaks, stop = {}, threading.Event()
     sampler = threading.Thread(target=_rss_sampler, args=(stop, peaks), daemon=True)
     sampler.start()
