@@ -5,12 +5,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import BUNDLE, NVFLARE, REPO, TINY_OVERRIDES, export_job, simulate
+from conftest import BUNDLE, NVFLARE, TINY_OVERRIDES, export_job, simulate
 from fedharmony.bundle_site import build_network
 
 pytestmark = pytest.mark.integration
@@ -22,74 +21,6 @@ def _export(tmp_path, algorithm, *flags, rounds=2, sites=2):
 
 def _simulate(job, ws, data_root, threads):
     return simulate(job, ws, data_root, sites=2, threads=threads)
-
-
-def test_job_script_refuses_unknown_overrides_and_bad_harmofl_flags(tmp_path):
-    script = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--export", "--export-dir", str(tmp_path / "j")]
-    for extra, message in ((["--override", '{"learning_rat": 0.1}'], "learning_rat"),
-                           (["--override", "[1]"], "JSON object"),
-                           (["--algorithm", "harmofl", "--amp-ratio", "0.7"], "amp_ratio"),
-                           (["--algorithm", "harmofl", "--wp-alpha", "-1"], "alpha"),
-                           (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "['wp_alpha'] is not a setting of fedavg"),
-                           (["--algorithm", "iopfl", "--iop-alpha", "1.5"], "[0, 1)"),
-                           (["--algorithm", "fedavg", "--iop-alpha", "0.1"], "['iop_alpha'] is not a setting of fedavg"),
-                           (["--algorithm", "ditto", "--mu", "0.1"], "['mu'] is not a setting of ditto"),
-                           (["--algorithm", "ditto", "--ditto-lambda", "0"], "Ditto lambda"),
-                           (["--algorithm", "fedprox", "--mu", "0"], "mu > 0"),
-                           (["--tracking", "neptune"], "invalid choice"),
-                           (["--algorithm", "iopfl", "--no-cross-site-eval"], "cross-site evaluation"),
-                           (["--privacy-percentile", "100"], "privacy_percentile"),
-                           (["--privacy-percentile", "90", "--privacy-gamma", "0"], "privacy_gamma"),
-                           (["--start-round", "-1"], "start_round"),
-                           (["--cross-site-timeout", "0"], "cross_site_timeout"),
-                           (["--initial-model", str(tmp_path / "none.pt")], "cannot read its round"),
-                           (["--algorithm", "prrfl", "--prrfl-r0", "0.9", "--prrfl-r1", "0.8"], "r0 = 0.9 > r1 = 0.8"),
-                           (["--algorithm", "prrfl", "--prrfl-r1", "1.5"], "r1 must be in (0, 1]"),
-                           (["--algorithm", "prrfl", "--prrfl-r0", "0"], "r0 must be in (0, 1]"),
-                           (["--algorithm", "prrfl", "--prrfl-alpha1", "0.95"], "alpha1 <= alpha2"),
-                           (["--algorithm", "prrfl", "--privacy-percentile", "90"], "full deputy"),
-                           (["--algorithm", "prrfl", "--initial-model", str(tmp_path / "x.pt"), "--start-round", "3"],
-                            "cannot resume"),
-                           (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "['prrfl_r0'] is not a setting of fedavg"),
-                           (["--bogus-flag"], "unrecognized arguments")):
-        res = subprocess.run(script + extra, capture_output=True, text=True, cwd=tmp_path)
-        assert res.returncode != 0 and message in res.stderr, (extra, res.stderr[-500:])
-    assert not (tmp_path / "j").exists()  # nothing was exported
-
-
-def test_exported_job_is_self_contained(tmp_path):
-    job = _export(tmp_path, "fedavg")
-    assert (job / "meta.json").is_file()
-    assert (job / "app" / "custom" / "fedharmony" / "fl" / "executor.py").is_file()
-    assert (job / "app" / "config" / "prostate_mri_seg" / "configs" / "train.json").is_file()
-    assert (job / "app" / "custom" / "fedharmony" / "methods" / "fedavg" / "site.py").is_file()
-    assert not (job / "app" / "custom" / "fedharmony" / "phantom").exists()  # no site runs the generators
-    text = "".join(p.read_text() for p in (job / "app" / "config").glob("config_fed_*.json"))
-    assert str(REPO) not in text  # nothing points back at this checkout
-
-
-def test_production_options_reach_the_exported_job(tmp_path):
-    """--min-clients, --no-custom-code, --privacy-percentile, --initial-model and --cross-site-timeout
-    as NVFlare sees them in the job folder."""
-    ckpt = tmp_path / "FL_global_model.pt"
-    net = build_network(str(BUNDLE), "configs/train.json", "network_def", TINY_OVERRIDES, 0)
-    torch.save({"model": net.state_dict(), "meta_props": {"current_round": 4}}, ckpt)
-    job = _export(tmp_path, "fedavg", "--sites", "3", "--min-clients", "2", "--no-custom-code",
-                  "--privacy-percentile", "90", "--initial-model", str(ckpt), "--cross-site-timeout", "45")
-    assert json.loads((job / "meta.json").read_text())["min_clients"] == 2
-    assert not (job / "app" / "custom").exists()  # no code travels
-    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
-    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
-    fedavg = next(w["args"] for w in server["workflows"] if w["path"].endswith("FedAvg"))
-    assert fedavg["num_clients"] == 0 and fedavg["start_round"] == 5  # every connected site; after round 4
-    persistor = next(c["args"] for c in server["components"] if c["id"] == "persistor")
-    assert persistor["source_ckpt_file_full_name"] == str(ckpt)
-    cse = next(w["args"] for w in server["workflows"] if w["path"].endswith("CrossSiteModelEval"))
-    assert cse["submit_model_timeout"] == cse["validation_timeout"] == 45
-    (result_filters,) = client["task_result_filters"]
-    assert result_filters["tasks"] == ["train"]
-    assert [f["path"].rsplit(".", 1)[-1] for f in result_filters["filters"]] == ["PercentilePrivacy"]
-    assert client["executors"][0]["executor"]["args"]["send_weight_diff"] is True
 
 
 def test_fedbn_two_sites_two_rounds_with_client_restarts(tiny_sites, tmp_path):
