@@ -7,7 +7,9 @@ A simulator run shows one line per round on the terminal, each site's score unde
 folder's name, and writes NVFlare's own log to ``<workspace>/<job name>.log`` (named at the
 start and the end)::
 
-    round 3: BIDMC 0.7120 | BMC 0.6504 | HK 0.8010 | mean 0.7211 (val_mean_dice, global model)
+    round 5: BIDMC 0.5659 | BMC 0.5888 | HK 0.6312 | I2CVB 0.4199 | RUNMC 0.6072 | UCL 0.1825 | mean 0.4993 (val_mean_dice, global model)
+
+(from ``make demo``)
 
 ``--verbose`` shows NVFlare's log on the terminal instead.
 """

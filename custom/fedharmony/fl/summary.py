@@ -22,7 +22,7 @@ class RoundSummaryWriter(AnalyticsReceiver):
     dies) without redrawing the plot on every message.
 
     Once a round's ``tag`` has arrived from every connected site it logs one line,
-    ``[round] 3: site-1=0.7120 site-2=0.8010 mean=0.7565``, that the job scripts show on the
+    ``[round] 5: site-1=0.5659 site-2=0.6312 ... mean=0.4993 (val_mean_dice, global model)``, that the job scripts show on the
     terminal (:mod:`fedharmony.fl.cli`) while NVFlare's own log goes to a file.
     """
 
