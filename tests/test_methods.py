@@ -5,7 +5,6 @@ trainer) so that each number can be written down by hand; the methods' use of a 
 runs in the simulator tests.
 """
 
-import ast
 import math
 from pathlib import Path
 
@@ -107,24 +106,11 @@ def test_a_recipe_refuses_another_methods_setting_naming_it():
         recipe_class("fedprox")(bundle, 3)
 
 
-def _code_names(path: Path):
-    """Every string constant and identifier in a module's code, docstrings and comments left out."""
-    tree = ast.parse(path.read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
-                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            yield node.value.lower()
-        elif isinstance(node, ast.Name):
-            yield node.id.lower()
-        elif isinstance(node, ast.Attribute):
-            yield node.attr.lower()
-
-
 @pytest.mark.parametrize("module", ["bundle_site.py", "fl/executor.py", "fl/recipe.py"])
 def test_the_site_runner_executor_and_common_recipe_name_no_method(module):
-    names = list(_code_names(PACKAGE / module))
+    from method_coupling import code_names  # tools/ is on sys.path (conftest): one definition of "code"
+
+    names = list(code_names((PACKAGE / module).read_text()))
     mentioned = sorted({m for m in METHODS if m != "fedavg" for n in names if m in n})
     assert mentioned == [], f"{module} names methods in its code: {mentioned}"
 
