@@ -13,11 +13,11 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, NormalizeIntensityd
 
 from conftest import BUNDLE, TINY_OVERRIDES
-from fedharmony.adaptation import (TestTimeAdapter, UnsupervisedLoss, augment, boundary_loss, build_test_time_network,
+from fedharmony.methods.iopfl.adaptation import (TestTimeAdapter, UnsupervisedLoss, augment, boundary_loss, build_test_time_network,
                                    entropy_loss, mean_state_dict)
-from fedharmony.bundle_site import build_network
-from fedharmony.model_pool import PoolError, load_pool, read_manifest, write_pool
-from fedharmony.routing import routed_layers
+from fedharmony.bundle.site import build_network
+from fedharmony.methods.iopfl.model_pool import PoolError, load_pool, read_manifest, write_pool
+from fedharmony.methods.iopfl.routing import routed_layers
 
 
 def test_entropy_is_log_c_for_uniform_and_zero_for_confident_predictions():

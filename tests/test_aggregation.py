@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedharmony.aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes, is_local_key
-from fedharmony.norm_layers import NORM_LAYER_KEYS
+from fedharmony.core.aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes, is_local_key
+from fedharmony.core.norm_layers import NORM_LAYER_KEYS
 
 REF = {"conv.weight": np.zeros((2, 3)), "bn.running_mean": np.zeros(2), "bn.num_batches_tracked": np.array(0)}
 
@@ -137,8 +137,8 @@ def test_weight_diff_is_the_update_against_the_received_global_model():
 def test_the_norm_key_regex_selects_exactly_the_norm_modules_keys_of_every_bundle_network(bundle, overrides):
     """The two views of "normalization layer" (module types, key regex) agree on the networks we ship."""
     from conftest import REPO
-    from fedharmony.bundle_site import build_network
-    from fedharmony.norm_layers import norm_layer_keys
+    from fedharmony.bundle.site import build_network
+    from fedharmony.core.norm_layers import norm_layer_keys
 
     net = build_network(str(REPO / "bundles" / bundle), overrides=overrides)
     by_type = norm_layer_keys(net)

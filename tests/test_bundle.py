@@ -10,9 +10,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE, TINY_OVERRIDES
-from fedharmony.bundle_site import BundleSite, build_network
-from fedharmony.inferers import Slab25DInferer
-from fedharmony.transforms import SlabToChannelsd, volume_to_slabs
+from fedharmony.bundle.site import BundleSite, build_network
+from fedharmony.bundle.inferers import Slab25DInferer
+from fedharmony.bundle.transforms import SlabToChannelsd, volume_to_slabs
 
 
 def _overrides_cli(d):
@@ -152,7 +152,7 @@ def test_evaluating_other_weights_leaves_the_site_model_alone(tiny_sites, tmp_pa
 
 
 def test_fedprox_term_gradient_pulls_towards_global(tiny_sites, tmp_path):
-    from fedharmony.losses import ProximalLoss
+    from fedharmony.bundle.losses import ProximalLoss
 
     net = torch.nn.Linear(2, 1)
     ref = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}

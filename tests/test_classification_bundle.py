@@ -73,8 +73,8 @@ def test_histology_task_and_a_corrupt_image_is_named(tiny_histology, tmp_path):
 def test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models(tiny_dermoscopy, tmp_path):
     import numpy as np
 
-    from fedharmony.bundle_site import BundleSite
-    from fedharmony.fourier_aggregation import mean_amplitudes, mix_amplitudes
+    from fedharmony.bundle.site import BundleSite
+    from fedharmony.methods.prrfl.fourier_aggregation import mean_amplitudes, mix_amplitudes
     from fedharmony.methods.prrfl.site import FOURIER_RATIO
 
     def make_site():
@@ -149,9 +149,9 @@ def test_ditto_and_scaffold_on_dermoscopy_two_sites(tiny_dermoscopy, tmp_path, m
 
 @pytest.mark.integration
 def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermoscopy, tmp_path):
-    from fedharmony.deputy import RECOVER
+    from fedharmony.methods.prrfl.deputy import RECOVER
     from fedharmony.methods.prrfl.site import FOURIER_RATIO
-    from fedharmony.fourier_aggregation import ratio_schedule
+    from fedharmony.methods.prrfl.fourier_aggregation import ratio_schedule
 
     # -t 1: each task in a fresh site process, so both models and optimizers must come back from disk
     ws, run = _simulate("dermoscopy.py", "prrfl", tiny_dermoscopy, tmp_path, TINY_CLS_OVERRIDES,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedharmony.classification_data import (CAMELYON_DIR, DERMOSCOPY_CSV_COLUMNS, class_counts, class_counts_markdown,
+from fedharmony.data.classification import (CAMELYON_DIR, DERMOSCOPY_CSV_COLUMNS, class_counts, class_counts_markdown,
                                             list_images, load_classification_datalist, prepare_camelyon17,
                                             prepare_dermoscopy)
-from fedharmony.datalist import SPLITS, SiteDataError
+from fedharmony.data.datalist import SPLITS, SiteDataError
 from fedharmony.phantom import (dermoscopy_markdown, histology_markdown, load_dermoscopy_profiles,
                                 load_histology_profiles, make_lesion_image, make_patch,
                                 write_dermoscopy_sites, write_histology_sites)

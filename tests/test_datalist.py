@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedharmony.datalist import SiteDataError, find_cases, list_volumes, load_datalist, split_cases
+from fedharmony.data.datalist import SiteDataError, find_cases, list_volumes, load_datalist, split_cases
 
 
 def test_split_is_by_case_disjoint_complete_and_seeded():

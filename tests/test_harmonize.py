@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedharmony.harmonize import (amplitude_normalize, batch_amplitude, mean_shift_reference, select_backend,
+from fedharmony.methods.harmofl.harmonize import (amplitude_normalize, batch_amplitude, mean_shift_reference, select_backend,
                                   spectrum_parts, window_radius)
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import BUNDLE, REPO, TINY_OVERRIDES
-from fedharmony.job_policy import (PolicyError, Tunable, bundle_digest, bundle_version, check_config_files,
+from fedharmony.fl.job_policy import (PolicyError, Tunable, bundle_digest, bundle_version, check_config_files,
                                    check_job_copy, load_tunables, redact_paths, resolve_installed_bundle,
                                    validate_overrides)
 
@@ -134,7 +134,7 @@ def test_the_installed_bundle_must_match_the_version_and_digest_the_job_expects(
 
 
 def test_site_bundle_root_comes_from_the_site_environment(tmp_path, monkeypatch):
-    from fedharmony.job_policy import BUNDLE_ROOT_ENV, site_bundle_root
+    from fedharmony.fl.job_policy import BUNDLE_ROOT_ENV, site_bundle_root
 
     monkeypatch.delenv(BUNDLE_ROOT_ENV, raising=False)
     assert site_bundle_root() == REPO / "bundles"  # the checkout the package is installed from

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE, REPO, TINY_OVERRIDES, export_job
-from fedharmony.bundle_site import build_network
+from fedharmony.bundle.site import build_network
 
 
 def _export(tmp_path, algorithm, *flags, rounds=2, sites=2):

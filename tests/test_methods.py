@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "custom" / "fedharmony"
 
 
 class StandInSite:
-    """The parts of :class:`fedharmony.bundle_site.BundleSite` a method uses, around ``y = w x`` (no bias),
+    """The parts of :class:`fedharmony.bundle.site.BundleSite` a method uses, around ``y = w x`` (no bias),
     squared error, plain SGD on fixed batches. ``run_epochs`` runs a real ignite engine (one
     iteration per batch), so iteration handlers fire as in a MONAI trainer."""
 
@@ -106,7 +106,7 @@ def test_a_recipe_refuses_another_methods_setting_naming_it():
         recipe_class("fedprox")(bundle, 3)
 
 
-@pytest.mark.parametrize("module", ["bundle_site.py", "fl/executor.py", "fl/recipe.py"])
+@pytest.mark.parametrize("module", ["bundle/site.py", "fl/executor.py", "fl/recipe.py"])
 def test_the_site_runner_executor_and_common_recipe_name_no_method(module):
     from method_coupling import code_names  # tools/ is on sys.path (conftest): one definition of "code"
 
@@ -262,3 +262,27 @@ def test_ditto_with_a_huge_lambda_stays_at_the_global_model():
     method.after_round("score")
     # each step multiplies the distance to w_global by (1 - lr lambda) = 0 (the data term is tiny)
     assert math.isclose(method.personal["weight"].item(), 2.0, abs_tol=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def _pure_modules():
+    """Every module of the package except the NVFlare glue (``fl/``, ``methods/<name>/server.py``, the command)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        if rel.parts[0] in ("fl", "__main__") or rel.parts[-1] == "server" or rel.parts[0] == "study":
+            continue
+        yield ".".join(("fedharmony", *(p for p in rel.parts if p != "__init__")))
+
+
+def test_everything_below_the_nvflare_glue_imports_without_nvflare():
+    import subprocess
+    import sys
+
+    modules = list(_pure_modules())
+    assert "fedharmony.methods.prrfl.deputy" in modules and "fedharmony.bundle.site" in modules
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}:\n"
+            "    importlib.import_module(m)\n"
+            "    assert not any(k == 'nvflare' or k.startswith('nvflare.') for k in sys.modules), m\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

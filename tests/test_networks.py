@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedharmony.harmonize import batch_amplitude
-from fedharmony.networks import AmplitudeNormalization, HarmonizedNetwork, use_global_targets
+from fedharmony.methods.harmofl.harmonize import batch_amplitude
+from fedharmony.methods.harmofl.networks import AmplitudeNormalization, HarmonizedNetwork, use_global_targets
 
 
 def _batches(n=3, seed=0):
@@ -67,7 +67,7 @@ def test_bad_shapes_and_settings_are_refused():
 
 
 def test_prime_targets_uses_the_training_batch_only_where_missing():
-    from fedharmony.networks import layers_without_target, prime_targets
+    from fedharmony.methods.harmofl.networks import layers_without_target, prime_targets
 
     net = HarmonizedNetwork(torch.nn.Conv2d(3, 2, 1), 3, (16, 16))
     train_batch = _batches(1)[0]
@@ -77,7 +77,7 @@ def test_prime_targets_uses_the_training_batch_only_where_missing():
 
 
 def test_monai_transform_matches_the_layer(tmp_path):
-    from fedharmony.transforms import AmplitudeNormalized
+    from fedharmony.bundle.transforms import AmplitudeNormalized
 
     net = HarmonizedNetwork(torch.nn.Identity(), 3, (16, 16), ratio=0.2).train()
     net(_batches(1)[0])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import BUNDLE, TINY_OVERRIDES
-from fedharmony.bundle_site import BundleSite
-from fedharmony.personalization import ema_update
+from fedharmony.bundle.site import BundleSite
+from fedharmony.methods.iopfl.personalization import ema_update
 
 
 def test_update_rule_and_bad_input():

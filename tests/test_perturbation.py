@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedharmony.perturbation import WeightPerturbedIteration, frozen_norm_statistics, perturbed_step
+from fedharmony.methods.harmofl.perturbation import WeightPerturbedIteration, frozen_norm_statistics, perturbed_step
 
 
 def _setup(seed=0):
@@ -80,8 +80,8 @@ def test_monai_trainer_uses_the_iteration_function():
 
 
 def test_second_pass_does_not_count_the_batch_twice_in_the_amplitude_target():
-    from fedharmony.harmonize import batch_amplitude
-    from fedharmony.networks import HarmonizedNetwork
+    from fedharmony.methods.harmofl.harmonize import batch_amplitude
+    from fedharmony.methods.harmofl.networks import HarmonizedNetwork
 
     torch.manual_seed(3)
     net = HarmonizedNetwork(nn.Conv2d(3, 1, 1), 3, (8, 8), ratio=0.1, momentum=0.5).train()

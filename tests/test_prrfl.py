@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedharmony.deputy import (EXCHANGE, RECOVER, SUBLIMATE, check_alphas, distillation_kl, next_stage,
+from fedharmony.methods.prrfl.deputy import (EXCHANGE, RECOVER, SUBLIMATE, check_alphas, distillation_kl, next_stage,
                                stage_losses)
-from fedharmony.fourier_aggregation import (fourier_aggregate, low_frequency_mask, matrix_to_weight,
+from fedharmony.methods.prrfl.fourier_aggregation import (fourier_aggregate, low_frequency_mask, matrix_to_weight,
                                             mean_amplitudes, mix_amplitudes, ratio_schedule, weight_to_matrix)
-from fedharmony.metrics import confusion, mean_f1
+from fedharmony.core.metrics import confusion, mean_f1
 
 
 def _deputies(n, seed=0):
@@ -236,7 +236,7 @@ def test_fourier_aggregator_broadcasts_mean_amplitudes_and_the_round_ratio():
     from nvflare.app_common.app_constant import AppConstants
     from nvflare.apis.fl_context import FLContext
 
-    from fedharmony.aggregation import expected_shapes
+    from fedharmony.core.aggregation import expected_shapes
     from fedharmony.methods.prrfl.server import FOURIER_RATIO, FourierAggregator
 
     deputies = _deputies(3, seed=4)

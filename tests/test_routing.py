@@ -7,8 +7,8 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-from fedharmony.model_pool import PoolError
-from fedharmony.routing import (RoutedConv, build_routed_network, last_routing_weights, routed_layers,
+from fedharmony.methods.iopfl.model_pool import PoolError
+from fedharmony.methods.iopfl.routing import (RoutedConv, build_routed_network, last_routing_weights, routed_layers,
                                 set_fixed_routing, use_batch_statistics)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE, NVFLARE, TINY_OVERRIDES, export_job, simulate
-from fedharmony.bundle_site import build_network
+from fedharmony.bundle.site import build_network
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_si
         assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse[site])
 
     # the model pool: global + both personalized models, loadable by the bundle
-    from fedharmony.model_pool import load_pool
+    from fedharmony.methods.iopfl.model_pool import load_pool
 
     pool = load_pool(run / "model_pool", BUNDLE)
     assert pool.names == ["site-1", "site-2", "global"]

@@ -100,7 +100,7 @@ def run_federation(label, args, data, out, algo=None, extra=()):
     if res.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
     ws = ws_root / name
-    from fedharmony.results import find_workspace_file, load_cross_site
+    from fedharmony.core.results import find_workspace_file, load_cross_site
 
     matrix = load_cross_site(find_workspace_file(ws, "cross_val_results.json"))
     dice = {s: row["SRV_FL_global_model.pt"] for s, row in matrix.items()}
@@ -118,7 +118,7 @@ def run_local(args, data, out):
     """Each site alone, same local steps as the federation, scored on its own test split."""
     import torch
 
-    from fedharmony.bundle_site import BundleSite
+    from fedharmony.bundle.site import BundleSite
 
     torch.set_num_threads(1)
     site_map = json.loads((data / "sites.json").read_text())

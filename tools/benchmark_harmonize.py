@@ -3,7 +3,7 @@
 
     python tools/benchmark_harmonize.py [--batch 16] [--size 384] [--ratio 0.05] [--repeats 5]
 
-1. CPU: ``fedharmony.harmonize.amplitude_normalize`` (one batched rfft2 / irfft2) against a
+1. CPU: ``fedharmony.methods.harmofl.harmonize.amplitude_normalize`` (one batched rfft2 / irfft2) against a
    per-image NumPy implementation of the same math (fft2, fftshift, centred window, ifft2,
    real part: the released code's approach, written here as the reference), on a
    B x 3 x S x S float32 batch; median of ``--repeats`` runs, and the largest relative
@@ -68,8 +68,8 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    from fedharmony.bundle_site import build_network
-    from fedharmony.harmonize import amplitude_normalize, batch_amplitude
+    from fedharmony.bundle.site import build_network
+    from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
           f"torch {torch.__version__}, numpy {np.__version__}")
@@ -110,7 +110,7 @@ def main(argv=None):
 
 
 def gpu_section(args, images, target):
-    from fedharmony.harmonize import _cupy, amplitude_normalize
+    from fedharmony.methods.harmofl.harmonize import _cupy, amplitude_normalize
 
     dev = torch.device("cuda")
     x, t = images.to(dev), target.to(dev)
@@ -140,8 +140,8 @@ def gpu_section(args, images, target):
         frac = f"{100 * nbytes / sec / bandwidth:.0f}%" if bandwidth else "-"
         print(f"| {backend} | {1e3 * sec:.2f} | {gbs:.0f} | {frac} |")
 
-    from fedharmony.bundle_site import build_network
-    from fedharmony.perturbation import perturbed_step
+    from fedharmony.bundle.site import build_network
+    from fedharmony.methods.harmofl.perturbation import perturbed_step
 
     net = build_network(str(REPO / "bundles" / "prostate_mri_seg"), ["configs/train.json", "configs/harmofl.json"],
                         overrides={"image_size": args.size}).to(dev).train()

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedharmony.results import cross_site_table, find_workspace_file, load_cross_site
+from fedharmony.core.results import cross_site_table, find_workspace_file, load_cross_site
 
 
 def report(workspace, data_root=None, metric=None) -> str:

@@ -81,7 +81,7 @@ def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int)
 
 def score(site_dir: Path, pred_dir: Path) -> dict:
     """{case: Dice} for every labelled volume of the site."""
-    from fedharmony.results import mask_dice
+    from fedharmony.core.results import mask_dice
 
     out = {}
     for label in sorted(site_dir.glob("*_segmentation.nii.gz")):
@@ -170,7 +170,7 @@ def main(argv=None):
     if not args.no_inside:
         print("inside: IOP-FL on 6 sites ...", file=sys.stderr, flush=True)
         run = run_iopfl(data, 6, "iopfl_inside", out, args)
-        from fedharmony.results import load_cross_site
+        from fedharmony.core.results import load_cross_site
 
         matrix = load_cross_site(run / "cross_site_val" / "cross_val_results.json")
         names = json.loads((data / "sites.json").read_text())

@@ -23,7 +23,7 @@ import logging
 import sys
 import time
 
-from fedharmony.classification_data import class_counts_markdown
+from fedharmony.data.classification import class_counts_markdown
 from fedharmony.phantom import (dermoscopy_markdown, histology_markdown, load_dermoscopy_profiles,
                                 load_histology_profiles, select_profiles)
 from fedharmony.phantom._common import default_workers

@@ -6,10 +6,9 @@
 
 A method's own subpackage (``fedharmony/methods/<name>/``) is where it should be named; any other
 file whose code names it is a seam a change to the method has to cross. The executor and the site
-runner (``fl/executor.py``, ``bundle_site.py``) should not use any method's own words ("deputy",
-"fourier", "fedprox", ...). The study tool and the phantom generators are left out (they list
-methods as data). The executor and the site runner
-(``fl/executor.py``, ``bundle_site.py``) should name none.
+runner (``fl/executor.py``, ``bundle/site.py``; ``bundle_site.py`` before the package was regrouped)
+should not use any method's own words ("deputy", "fourier", "fedprox", ...). The study tool and the
+phantom generators are left out (they list methods as data).
 """
 
 import argparse
@@ -31,7 +30,7 @@ METHODS = {
     "ditto": ("ditto",),
     "scaffold": ("scaffold",),
 }
-RUNNERS = ("fl/executor.py", "bundle_site.py")
+RUNNERS = ("fl/executor.py", "bundle/site.py", "bundle_site.py")  # the site runner's old place, for --rev
 
 
 def code_names(source: str):

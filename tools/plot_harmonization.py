@@ -25,8 +25,8 @@ def load_slab(site_dir: Path, case: int, size: int):
     """(1, 3, size, size) 2.5D slab through the gland centre of one case, bundle preprocessing."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Resized
 
-    from fedharmony.datalist import find_cases
-    from fedharmony.transforms import volume_to_slabs
+    from fedharmony.data.datalist import find_cases
+    from fedharmony.bundle.transforms import volume_to_slabs
 
     cases, _ = find_cases(site_dir)
     names = sorted(cases)
@@ -56,7 +56,7 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedharmony.harmonize import amplitude_normalize, batch_amplitude
+    from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude
 
     root = Path(args.data_root)
     sites_file = root / "sites.json"

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedharmony.classification_data import class_counts_markdown, prepare_dermoscopy
-from fedharmony.datalist import SiteDataError
+from fedharmony.data.classification import class_counts_markdown, prepare_dermoscopy
+from fedharmony.data.datalist import SiteDataError
 
 
 def main(argv=None):

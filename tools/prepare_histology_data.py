@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedharmony.classification_data import class_counts_markdown, prepare_camelyon17
-from fedharmony.datalist import SiteDataError
+from fedharmony.data.classification import class_counts_markdown, prepare_camelyon17
+from fedharmony.data.datalist import SiteDataError
 
 
 def main(argv=None):

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from fedharmony.datalist import DATALIST_NAME, SiteDataError, check_case, find_cases, make_datalist, write_datalist
-from fedharmony.files import write_site_map
+from fedharmony.data.datalist import DATALIST_NAME, SiteDataError, check_case, find_cases, make_datalist, write_datalist
+from fedharmony.core.files import write_site_map
 
 
 def main(argv=None):

@@ -39,7 +39,7 @@ def _usage() -> str:
 
 
 def list_methods() -> int:
-    from .methods import METHODS, site_method_class
+    from fedharmony.methods import METHODS, site_method_class
 
     print("| method | each site ends with | site settings |")
     print("|---|---|---|")
@@ -58,8 +58,8 @@ def run_job(argv) -> int:
     script = CHECKOUT / "jobs" / f"{argv[0]}.py"
     sys.argv = [str(script) if script.is_file() else "fedharmony", *argv[1:]]
     # imported only now: NVFlare takes its --export / --export-dir out of sys.argv when it is imported
-    from .fl.cli import main as job_main
-    from .job_policy import site_bundle_root
+    from fedharmony.fl.cli import main as job_main
+    from fedharmony.fl.job_policy import site_bundle_root
 
     bundle, defaults = TASKS[argv[0]]
     return job_main(str(site_bundle_root() / bundle), default_overrides=defaults)

@@ -12,7 +12,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from ..aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes
+from fedharmony.core.aggregation import UpdateRejected, WeightedAverage, check_update, expected_shapes
 
 NUM_SAMPLES = "num_samples"  # meta key: the site's training cases this round
 

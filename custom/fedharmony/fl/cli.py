@@ -25,9 +25,9 @@ from typing import Dict, List, Optional
 
 from nvflare.recipe import SimEnv  # consumes NVFlare's own --export / --export-dir flags
 
-from ..files import read_site_map
-from .job import ALGORITHMS, FedHarmonyRecipe
-from .summary import ROUND_MARK
+from fedharmony.core.files import read_site_map
+from fedharmony.fl.job import ALGORITHMS, FedHarmonyRecipe
+from fedharmony.fl.summary import ROUND_MARK
 
 CHILD_ENV = "FEDHARMONY_JOB_CHILD"  # set in the process that runs the simulator for a quiet parent
 

@@ -1,4 +1,4 @@
-"""Site-side NVFlare executor that drives a MONAI bundle through :class:`fedharmony.bundle_site.BundleSite`.
+"""Site-side NVFlare executor that drives a MONAI bundle through :class:`fedharmony.bundle.site.BundleSite`.
 
 Why an ``Executor`` and not a Client API script: the executor gets the FL context
 (site name, the run's folder on the site's disk, the job's abort signal), lifecycle
@@ -9,7 +9,7 @@ import.
 
 Tasks:
   * ``train``: one round of the job's method on this site
-    (:meth:`fedharmony.bundle_site.BundleSite.run_round`): take the server's answer, score the
+    (:meth:`fedharmony.bundle.site.BundleSite.run_round`): take the server's answer, score the
     site's model on its validation split (tracked per round, and sent back as the metric),
     train ``local_epochs``, send what the method sends, with ``NUM_STEPS_CURRENT_ROUND`` and
     the number of training cases (``num_samples``, the FedAvg weight).
@@ -60,13 +60,13 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from ..bundle_site import BundleSite
-from ..files import SITE_MAP_NAME, read_site_map
-from ..job_policy import PolicyError, redact_paths
-from ..methods import make_site_method
-from .aggregator import NUM_SAMPLES
-from .policy import JobBundle, resolve_job_bundle
-from .site_errors import ERROR_HEADER
+from fedharmony.bundle.site import BundleSite
+from fedharmony.core.files import SITE_MAP_NAME, read_site_map
+from fedharmony.fl.job_policy import PolicyError, redact_paths
+from fedharmony.methods import make_site_method
+from fedharmony.fl.aggregator import NUM_SAMPLES
+from fedharmony.fl.policy import JobBundle, resolve_job_bundle
+from fedharmony.fl.site_errors import ERROR_HEADER
 
 DATASET_DIR_ENV = "FEDHARMONY_DATASET_DIR"
 DATA_ROOT_ENV = "FEDHARMONY_DATA_ROOT"

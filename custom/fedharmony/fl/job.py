@@ -9,8 +9,8 @@ setting the method does not have into a clear error instead of a bare ``TypeErro
 
 import inspect
 
-from ..methods import METHODS, recipe_class
-from .recipe import BundleRecipe
+from fedharmony.methods import METHODS, recipe_class
+from fedharmony.fl.recipe import BundleRecipe
 
 ALGORITHMS = METHODS
 

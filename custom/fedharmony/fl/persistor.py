@@ -8,9 +8,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
-from ..bundle_site import build_network
-from ..job_policy import PolicyError
-from .policy import resolve_job_bundle
+from fedharmony.bundle.site import build_network
+from fedharmony.fl.job_policy import PolicyError
+from fedharmony.fl.policy import resolve_job_bundle
 
 
 class BundleModelPersistor(PTFileModelPersistor):

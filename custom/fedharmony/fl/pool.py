@@ -10,11 +10,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.abstract.model import ModelLearnableKey
 
-from ..model_pool import write_pool
+from fedharmony.methods.iopfl.model_pool import write_pool
 
 
 class ModelPoolWriter(FLComponent):
-    """At END_RUN, write ``<run dir>/<out_folder>/`` (see :mod:`fedharmony.model_pool`).
+    """At END_RUN, write ``<run dir>/<out_folder>/`` (see :mod:`fedharmony.methods.iopfl.model_pool`).
 
     The global model is the persistor's last one; the sites' models are those they
     submitted to cross-site evaluation (for IOP-FL: each site's personalized model, the

@@ -19,7 +19,7 @@ With ``ship_code=False`` (sites that forbid custom code) the job carries neither
 the bundle (name, version, ``configs/`` digest) that the server and sites run from their
 own installation, and its overrides must be plain values of the bundle's tunable ids
 (``configs/tunables.json``), checked here and again on every participant
-(:mod:`fedharmony.job_policy`). The method travels as a name and plain settings.
+(:mod:`fedharmony.fl.job_policy`). The method travels as a name and plain settings.
 """
 
 import atexit
@@ -43,13 +43,13 @@ from nvflare.recipe.utils import add_experiment_tracking
 
 import fedharmony
 
-from .. import job_policy
-from ..methods import site_method_class
-from .aggregator import SiteUpdateAggregator
-from .executor import BundleExecutor
-from .persistor import BundleModelPersistor
-from .site_errors import SiteErrorLogger
-from .summary import RoundSummaryWriter
+from fedharmony.fl import job_policy
+from fedharmony.methods import site_method_class
+from fedharmony.fl.aggregator import SiteUpdateAggregator
+from fedharmony.fl.executor import BundleExecutor
+from fedharmony.fl.persistor import BundleModelPersistor
+from fedharmony.fl.site_errors import SiteErrorLogger
+from fedharmony.fl.summary import RoundSummaryWriter
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedharmony.__file__))
 NOT_SHIPPED = ("phantom", "study", "__pycache__")  # run here, never on a site

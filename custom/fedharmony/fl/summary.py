@@ -9,7 +9,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 
-from ..results import write_round_metrics
+from fedharmony.core.results import write_round_metrics
 
 ROUND_MARK = "[round]"  # the job scripts show the lines that carry it
 

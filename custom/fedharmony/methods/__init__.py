@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 from typing import Mapping, Optional, Type
 
-from .base import RoundNotes, SiteMethod
+from fedharmony.methods.base import RoundNotes, SiteMethod
 
 __all__ = ["METHODS", "site_method_class", "make_site_method", "recipe_class", "SiteMethod", "RoundNotes"]
 

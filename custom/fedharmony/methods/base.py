@@ -1,6 +1,6 @@
 """What a federated method does on a site, as one object the site runner calls (no NVFlare import).
 
-:class:`fedharmony.bundle_site.BundleSite` runs a MONAI bundle's trainer and evaluators; it
+:class:`fedharmony.bundle.site.BundleSite` runs a MONAI bundle's trainer and evaluators; it
 knows no method. Each round it calls the :class:`SiteMethod` chosen by the job, in this order::
 
     receive(weights, meta)        the server's answer (default: load the global weights)
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 import torch
 
 if TYPE_CHECKING:  # the site runner imports this module; no cycle at run time
-    from ..bundle_site import BundleSite
+    from fedharmony.bundle.site import BundleSite
 
 __all__ = ["SiteMethod", "RoundNotes", "PLAIN_TYPES"]
 

@@ -32,11 +32,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..classification_data import (DERMOSCOPY_CLASSES, DERMOSCOPY_CSV_COLUMNS, DERMOSCOPY_IMAGE_FOLDER,
+from fedharmony.data.classification import (DERMOSCOPY_CLASSES, DERMOSCOPY_CSV_COLUMNS, DERMOSCOPY_IMAGE_FOLDER,
                                    DERMOSCOPY_SPLIT_FILES, dermoscopy_csv_path, prepare_dermoscopy)
-from ..datalist import SPLITS
-from . import _common
-from ._common import check_fields, dot_mask, finish, rng_for, run_jobs, save_png, sigmoid, site_key, smooth_field
+from fedharmony.data.datalist import SPLITS
+from fedharmony.phantom import _common
+from fedharmony.phantom._common import check_fields, dot_mask, finish, rng_for, run_jobs, save_png, sigmoid, site_key, smooth_field
 
 DEFAULT_PROFILE_FILE = Path(__file__).with_name("dermoscopy_sites.json")
 DEFAULT_IMAGES_PER_SITE = 200
@@ -417,7 +417,7 @@ def write_dermoscopy_sites(out_dir: str | Path, profiles: Sequence[DermoscopyPro
                            workers: int = 1) -> List[Path]:
     """Phantom FedSkinLesion sources under ``out_dir`` (CSVs in ``out_dir/csv_folder``), then each
     client's ``datalist.json`` and ``out_dir/sites.json`` by the same
-    :func:`fedharmony.classification_data.prepare_dermoscopy` as real data. Returns the site folders."""
+    :func:`fedharmony.data.classification.prepare_dermoscopy` as real data. Returns the site folders."""
     out = Path(out_dir)
     csv_root = write_fedskinlesion(out, profiles, seed, images_per_site, size, workers=workers)
     return prepare_dermoscopy(out, csv_root, clients=[p.name for p in profiles])

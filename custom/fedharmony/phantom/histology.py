@@ -30,9 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..classification_data import CAMELYON_DIR, prepare_camelyon17
-from . import _common
-from ._common import check_fields, finish, rng_for, run_jobs, save_png, site_key, smooth_field
+from fedharmony.data.classification import CAMELYON_DIR, prepare_camelyon17
+from fedharmony.phantom import _common
+from fedharmony.phantom._common import check_fields, finish, rng_for, run_jobs, save_png, site_key, smooth_field
 
 DEFAULT_PROFILE_FILE = Path(__file__).with_name("histology_sites.json")
 DEFAULT_PATCHES_PER_HOSPITAL = 150
@@ -345,7 +345,7 @@ def write_histology_sites(out_dir: str | Path, profiles: Sequence[HistologyProfi
                           workers: int = 1) -> List[Path]:
     """Phantom Camelyon17-WILDS root ``out_dir/camelyon17_v1.0`` plus the per-hospital site folders
     ``out_dir/hospital_<center>`` and ``out_dir/sites.json``, made by the same
-    :func:`fedharmony.classification_data.prepare_camelyon17` as real data. Returns the site folders."""
+    :func:`fedharmony.data.classification.prepare_camelyon17` as real data. Returns the site folders."""
     out = Path(out_dir)
     root = write_camelyon17(out / CAMELYON_DIR, profiles, seed, patients, patches_per_patient,
                             patches_per_hospital, size, workers)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._common import load_profile_file
+from fedharmony.phantom._common import load_profile_file
 
 DEFAULT_PROFILE_FILE = Path(__file__).with_name("prostate_sites.json")
 

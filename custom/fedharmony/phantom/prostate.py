@@ -21,7 +21,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .profiles import SiteProfile
+from fedharmony.phantom.profiles import SiteProfile
 
 # tissue signal on T2 (before the scanner's contrast curve), brightest = 1
 T2_SIGNAL = {

@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..datalist import make_datalist, write_datalist
-from ._common import run_jobs
-from .profiles import SiteProfile
-from .prostate import make_case
+from fedharmony.data.datalist import make_datalist, write_datalist
+from fedharmony.phantom._common import run_jobs
+from fedharmony.phantom.profiles import SiteProfile
+from fedharmony.phantom.prostate import make_case
 
 logger = logging.getLogger(__name__)
-from ..files import write_site_map
+from fedharmony.core.files import write_site_map
 
 
 def _write_case(job) -> None:

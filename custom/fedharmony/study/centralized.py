@@ -6,7 +6,7 @@
   centralized reference) for the same number of epochs; an epoch therefore covers every
   site's data once.
 
-Both use the bundle's own trainer through :class:`fedharmony.bundle_site.BundleSite`, score
+Both use the bundle's own trainer through :class:`fedharmony.bundle.site.BundleSite`, score
 the model on the validation split at the start of every "round" (``local_epochs`` epochs),
 as a federated site does, and at the end score the final model on every site's test split.
 
@@ -36,9 +36,9 @@ def train_reference(mode: str, bundle_dir: str, config_files, overrides: dict, d
     """
     import torch
 
-    from ..bundle_site import BundleSite
-    from .data import StudyData, pooled_dataset
-    from .scoring import score_on_site
+    from fedharmony.bundle.site import BundleSite
+    from fedharmony.study.data import StudyData, pooled_dataset
+    from fedharmony.study.scoring import score_on_site
 
     if mode not in ("local", "pooled"):
         raise ValueError(f"mode must be 'local' or 'pooled', got {mode!r}")

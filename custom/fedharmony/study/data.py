@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
-from ..datalist import write_datalist
+from fedharmony.data.datalist import write_datalist
 
 __all__ = ["TEST_DRAW_OFFSET", "StudyData", "make_phantom_data", "real_data", "pooled_dataset", "site_map"]
 
@@ -63,23 +63,23 @@ def _write_draw(task: str, out: Path, seed: int, sites: Optional[int], data: dic
     """One phantom draw of ``task`` into ``out``; ``cases`` overrides the size (the test draw)."""
     data = dict(data)
     if task == "prostate":
-        from ..phantom import load_profiles
-        from ..phantom._common import default_workers
-        from ..phantom.sites import write_sites
+        from fedharmony.phantom import load_profiles
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.sites import write_sites
 
         profiles = list(load_profiles().values())[:sites]
         write_sites(out, profiles, seed=seed, cases=cases or data.get("cases"), size=data.get("size", 96),
                     slices=data.get("slices"), workers=default_workers())
     elif task == "dermoscopy":
-        from ..phantom._common import default_workers
-        from ..phantom.dermoscopy import load_dermoscopy_profiles, write_dermoscopy_sites
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.dermoscopy import load_dermoscopy_profiles, write_dermoscopy_sites
 
         profiles = list(load_dermoscopy_profiles().values())[:sites]
         write_dermoscopy_sites(out, profiles, seed=seed, images_per_site=cases or data.get("images_per_site", 200),
                                size=data.get("size", 128), workers=default_workers())
     elif task == "histology":
-        from ..phantom._common import default_workers
-        from ..phantom.histology import load_histology_profiles, write_histology_sites
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.histology import load_histology_profiles, write_histology_sites
 
         profiles = list(load_histology_profiles().values())[:sites]
         if cases:  # the test draw: this many patches per hospital, over the hospital's own patients

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .data import StudyData, make_phantom_data, real_data
-from .scoring import load_weights, score_on_site
-from ..methods import site_method_class
-from .tasks import FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
+from fedharmony.study.data import StudyData, make_phantom_data, real_data
+from fedharmony.study.scoring import load_weights, score_on_site
+from fedharmony.methods import site_method_class
+from fedharmony.study.tasks import FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
 
 __all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "validate_result"]
 
@@ -110,7 +110,7 @@ class Study:
     def settings(self) -> dict:
         """Everything a run's result depends on, the bundle's configs included (a changed bundle makes every
         cached run stale)."""
-        from ..job_policy import bundle_digest
+        from fedharmony.fl.job_policy import bundle_digest
 
         p = self.preset
         return {"task": self.task, "preset": self.preset_name, "rounds": p.rounds, "local_epochs": p.local_epochs,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from .. import methods as registry
+from fedharmony import methods as registry
 
 __all__ = ["FEDERATED", "REFERENCES", "METHODS", "PERSONALIZED", "TaskSpec", "Preset", "TASKS", "PRESETS",
            "preset_for", "check_methods", "scored_model"]

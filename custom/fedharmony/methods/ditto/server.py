@@ -2,8 +2,8 @@
 
 from typing import Optional
 
-from ...fl.recipe import BundleRecipe
-from .site import DEFAULT_EPOCHS, DEFAULT_LAMBDA, DittoSite
+from fedharmony.fl.recipe import BundleRecipe
+from fedharmony.methods.ditto.site import DEFAULT_EPOCHS, DEFAULT_LAMBDA, DittoSite
 
 
 class DittoRecipe(BundleRecipe):

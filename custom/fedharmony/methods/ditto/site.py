@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from ...losses import ProximalLoss
-from ...results import PERSONALIZED_SUFFIX
-from ..base import RoundNotes, SiteMethod
+from fedharmony.bundle.losses import ProximalLoss
+from fedharmony.core.results import PERSONALIZED_SUFFIX
+from fedharmony.methods.base import RoundNotes, SiteMethod
 
 DEFAULT_LAMBDA = 0.1  # NVFlare's PTDittoHelper default
 DEFAULT_EPOCHS = 1

@@ -1,6 +1,6 @@
 """fedavg's server: the sample-weighted mean of the site models."""
 
-from ...fl.recipe import BundleRecipe
+from fedharmony.fl.recipe import BundleRecipe
 
 
 class FedAvgRecipe(BundleRecipe):

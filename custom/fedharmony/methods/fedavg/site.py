@@ -1,6 +1,6 @@
 """FedAvg on a site: the base :class:`~fedharmony.methods.base.SiteMethod` as it is."""
 
-from ..base import SiteMethod
+from fedharmony.methods.base import SiteMethod
 
 
 class FedAvgSite(SiteMethod):

@@ -1,6 +1,6 @@
 """fedbn's server: the sample-weighted mean of the site models, norm layers excluded (they stay on the sites)."""
 
-from ...fl.recipe import BundleRecipe
+from fedharmony.fl.recipe import BundleRecipe
 
 
 class FedBNRecipe(BundleRecipe):

@@ -1,7 +1,7 @@
 """FedBN on a site: FedAvg with the normalization layers kept local."""
 
-from ...norm_layers import NORM_LAYER_KEYS
-from ..base import SiteMethod
+from fedharmony.core.norm_layers import NORM_LAYER_KEYS
+from fedharmony.methods.base import SiteMethod
 
 
 class FedBNSite(SiteMethod):

@@ -1,7 +1,7 @@
 """FedProx's server: FedAvg's mean; ``mu`` travels to the sites as the method's setting."""
 
-from ...fl.recipe import BundleRecipe
-from .site import DEFAULT_MU, check_mu
+from fedharmony.fl.recipe import BundleRecipe
+from fedharmony.methods.fedprox.site import DEFAULT_MU, check_mu
 
 
 class FedProxRecipe(BundleRecipe):

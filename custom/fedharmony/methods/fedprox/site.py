@@ -2,8 +2,8 @@
 
 import math
 
-from ...losses import ProximalLoss
-from ..base import SiteMethod
+from fedharmony.bundle.losses import ProximalLoss
+from fedharmony.methods.base import SiteMethod
 
 DEFAULT_MU = 0.01
 

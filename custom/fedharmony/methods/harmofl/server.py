@@ -2,10 +2,10 @@
 
 from typing import Optional
 
-from ...fl.recipe import BundleRecipe
-from ...harmonize import check_ratio
-from ...networks import MODES
-from ...perturbation import check_alpha
+from fedharmony.fl.recipe import BundleRecipe
+from fedharmony.methods.harmofl.harmonize import check_ratio
+from fedharmony.methods.harmofl.networks import MODES
+from fedharmony.methods.harmofl.perturbation import check_alpha
 
 
 class HarmoFLRecipe(BundleRecipe):

@@ -1,7 +1,7 @@
 """HarmoFL on a site: FedAvg, plus the amplitude target's bookkeeping (the rest is in the bundle overlay)."""
 
-from ...networks import layers_without_target, prime_targets, use_global_targets
-from ..base import SiteMethod
+from fedharmony.methods.harmofl.networks import layers_without_target, prime_targets, use_global_targets
+from fedharmony.methods.base import SiteMethod
 
 OVERLAY = "configs/harmofl.json"
 

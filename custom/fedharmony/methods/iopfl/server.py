@@ -2,10 +2,10 @@
 
 from typing import Optional
 
-from ...fl.pool import ModelPoolWriter
-from ...fl.recipe import BundleRecipe
-from ...personalization import check_personalization_alpha
-from .site import DEFAULT_ALPHA
+from fedharmony.fl.pool import ModelPoolWriter
+from fedharmony.fl.recipe import BundleRecipe
+from fedharmony.methods.iopfl.personalization import check_personalization_alpha
+from fedharmony.methods.iopfl.site import DEFAULT_ALPHA
 
 
 class IOPFLRecipe(BundleRecipe):

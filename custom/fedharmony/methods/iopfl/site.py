@@ -2,9 +2,9 @@
 
 import torch
 
-from ...personalization import check_personalization_alpha, ema_update
-from ...results import PERSONALIZED_SUFFIX
-from ..base import RoundNotes, SiteMethod
+from fedharmony.methods.iopfl.personalization import check_personalization_alpha, ema_update
+from fedharmony.core.results import PERSONALIZED_SUFFIX
+from fedharmony.methods.base import RoundNotes, SiteMethod
 
 DEFAULT_ALPHA = 0.1  # the released value
 

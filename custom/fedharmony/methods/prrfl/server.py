@@ -5,19 +5,19 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from ...aggregation import UpdateRejected
-from ...deputy import DEFAULT_ALPHA1, DEFAULT_ALPHA2, check_alphas
-from ...fl.aggregator import SiteUpdateAggregator
-from ...fl.recipe import BundleRecipe
-from ...fourier_aggregation import DEFAULT_R0, DEFAULT_R1, check_schedule, mean_amplitudes, ratio_schedule
-from .site import FOURIER_RATIO
+from fedharmony.core.aggregation import UpdateRejected
+from fedharmony.methods.prrfl.deputy import DEFAULT_ALPHA1, DEFAULT_ALPHA2, check_alphas
+from fedharmony.fl.aggregator import SiteUpdateAggregator
+from fedharmony.fl.recipe import BundleRecipe
+from fedharmony.methods.prrfl.fourier_aggregation import DEFAULT_R0, DEFAULT_R1, check_schedule, mean_amplitudes, ratio_schedule
+from fedharmony.methods.prrfl.site import FOURIER_RATIO
 
 
 class FourierAggregator(SiteUpdateAggregator):
     """PRR-FL's progressive Fourier aggregation of the sites' deputies.
 
     Each round the server computes, per convolution / linear weight, the mean amplitude
-    spectrum of the deputies (:func:`fedharmony.fourier_aggregation.mean_amplitudes`;
+    spectrum of the deputies (:func:`fedharmony.methods.prrfl.fourier_aggregation.mean_amplitudes`;
     other shared tensors: the plain mean) and broadcasts it with this round's shared
     ratio ``L_t`` (meta ``prrfl_fourier_ratio``); each site mixes it into its own deputy
     with its own phase (:meth:`fedharmony.methods.prrfl.site.PRRFLSite.receive`). The numbers equal the paper's "each site

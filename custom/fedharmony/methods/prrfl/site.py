@@ -2,11 +2,11 @@
 
 import torch
 
-from ...aggregation import is_local_key
-from ...deputy import STAGES, DeputyTransferIteration
-from ...fourier_aggregation import mix_amplitudes
-from ...norm_layers import NORM_LAYER_KEYS
-from ..base import RoundNotes, SiteMethod
+from fedharmony.core.aggregation import is_local_key
+from fedharmony.methods.prrfl.deputy import STAGES, DeputyTransferIteration
+from fedharmony.methods.prrfl.fourier_aggregation import mix_amplitudes
+from fedharmony.core.norm_layers import NORM_LAYER_KEYS
+from fedharmony.methods.base import RoundNotes, SiteMethod
 
 OVERLAY = "configs/prrfl.json"
 FOURIER_RATIO = "prrfl_fourier_ratio"  # meta key: the server's answer is mean amplitudes, mix them with this L
@@ -31,7 +31,7 @@ class PRRFLSite(SiteMethod):
         update = site.iteration_update
         if not isinstance(update, DeputyTransferIteration):
             raise ValueError(f"site {site.site_name!r}: PRR-FL needs the bundle's {OVERLAY} (its trainer's "
-                             f"iteration_update must be fedharmony.deputy.DeputyTransferIteration)")
+                             f"iteration_update must be fedharmony.methods.prrfl.deputy.DeputyTransferIteration)")
         self.transfer = update
 
     @property

@@ -4,10 +4,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ...aggregation import UpdateRejected
-from ...fl.aggregator import SiteUpdateAggregator
-from ...fl.recipe import BundleRecipe
-from .site import C_DIFF, C_GLOBAL
+from fedharmony.core.aggregation import UpdateRejected
+from fedharmony.fl.aggregator import SiteUpdateAggregator
+from fedharmony.fl.recipe import BundleRecipe
+from fedharmony.methods.scaffold.site import C_DIFF, C_GLOBAL
 
 
 def check_control_diff(diff, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 
-from ..base import SiteMethod
+from fedharmony.methods.base import SiteMethod
 
 C_GLOBAL = "scaffold_c_global"  # meta key of the server's control variate (NVFlare's AlgorithmConstants name)
 C_DIFF = "scaffold_c_diff"  # meta key of a site's control-variate change

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inferers import check_volume_size
-from .routing import (build_routed_network, last_routing_weights, routed_layers, train_keeping_statistics, train_only,
+from fedharmony.bundle.inferers import check_volume_size
+from fedharmony.methods.iopfl.routing import (build_routed_network, last_routing_weights, routed_layers, train_keeping_statistics, train_only,
                       use_batch_statistics)
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class UnsupervisedLoss(nn.Module):
 
 def _volume_slabs(volume: torch.Tensor, divisible_by: int) -> torch.Tensor:
     """(1, H, W, D) -> (D, 3, H', W') 2.5D inputs zero-padded to a multiple of ``divisible_by`` (as Slab25DInferer)."""
-    from .transforms import volume_to_slabs
+    from fedharmony.bundle.transforms import volume_to_slabs
 
     h, w = volume.shape[1:3]
     return F.pad(volume_to_slabs(volume), (0, (-w) % divisible_by, 0, (-h) % divisible_by))
@@ -209,7 +209,7 @@ def mean_state_dict(models: Sequence[nn.Module]) -> Dict[str, torch.Tensor]:
 
 
 def build_test_time_network(pool, method: str = "routing", device=None) -> nn.Module:
-    """The network each compared method scores with, from a :class:`fedharmony.model_pool.ModelPool`.
+    """The network each compared method scores with, from a :class:`fedharmony.methods.iopfl.model_pool.ModelPool`.
 
     * ``routing``: every convolution routed over all experts; gates + norm affine train.
     * ``routing_sigmoid``: the same with the released code's sigmoid gate (weights not summing to 1).

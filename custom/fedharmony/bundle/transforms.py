@@ -49,7 +49,7 @@ class AmplitudeNormalized(MapTransform):
 
     Each key holds a (C, H, W) image (e.g. a 2.5D slab after :class:`SlabToChannelsd`);
     it is harmonized to a fixed target amplitude (C, H, W), exactly as the network's
-    :class:`fedharmony.networks.AmplitudeNormalization` layer does in eval mode.
+    :class:`fedharmony.methods.harmofl.networks.AmplitudeNormalization` layer does in eval mode.
 
     Args:
         keys: image keys.
@@ -69,7 +69,7 @@ class AmplitudeNormalized(MapTransform):
         self.ratio = ratio
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        from .harmonize import amplitude_normalize
+        from fedharmony.methods.harmofl.harmonize import amplitude_normalize
 
         d = dict(data)
         for key in self.key_iterator(d):

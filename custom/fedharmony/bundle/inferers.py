@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from .transforms import volume_to_slabs
+from fedharmony.bundle.transforms import volume_to_slabs
 
 
 def check_volume_size(volumes: torch.Tensor, min_size: int):

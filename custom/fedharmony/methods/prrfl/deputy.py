@@ -3,7 +3,7 @@
 A site holds two models of one architecture: the personalized model p (the bundle's
 ``network``, never sent, never overwritten by the server) and its deputy d (sent to the
 server and replaced by the aggregation's answer). Before each local epoch both are scored
-on the site's training data (:func:`fedharmony.metrics.mean_f1`: macro-F1 for classification, foreground
+on the site's training data (:func:`fedharmony.core.metrics.mean_f1`: macro-F1 for classification, foreground
 Dice for segmentation), giving ``f_p`` and ``f_d``, and :func:`next_stage` picks how they
 teach each other that epoch:
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import confusion, mean_f1
+from fedharmony.core.metrics import confusion, mean_f1
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class DeputyTransferIteration:
     with a copy of ``optimizer``. Each bundle's ``configs/prrfl.json`` overlay (which
     ``FedHarmonyRecipe`` layers on ``train.json`` for ``prrfl``) sets::
 
-        "iteration_update": {"_target_": "fedharmony.deputy.DeputyTransferIteration",
+        "iteration_update": {"_target_": "fedharmony.methods.prrfl.deputy.DeputyTransferIteration",
                              "network": "@network", "optimizer": "@optimizer",
                              "alpha1": "@prrfl_alpha1", "alpha2": "@prrfl_alpha2"}
 

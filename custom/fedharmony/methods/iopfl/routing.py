@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm_layers import NORM_TYPES
+from fedharmony.core.norm_layers import NORM_TYPES
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -191,7 +191,7 @@ def build_routed_network(experts: Sequence[nn.Module], anchor: int = -1, hidden_
     Raises:
         ValueError: fewer than 2 experts, or experts whose state dicts differ in keys or shapes.
     """
-    from .model_pool import check_same_architecture
+    from fedharmony.methods.iopfl.model_pool import check_same_architecture
 
     if len(experts) < 2:
         raise ValueError(f"routing needs at least 2 experts, got {len(experts)}")

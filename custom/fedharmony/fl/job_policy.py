@@ -29,7 +29,7 @@ Example::
     >>> validate_overrides({"learning_rate": "$__import__('os').system('id')"}, tunables)
     Traceback (most recent call last):
     ...
-    fedharmony.job_policy.PolicyError: override 'learning_rate': ... starts with '$' (a MONAI expression) ...
+    fedharmony.fl.job_policy.PolicyError: override 'learning_rate': ... starts with '$' (a MONAI expression) ...
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def site_bundle_root() -> Path:
         if not root.is_dir():
             raise PolicyError(f"{BUNDLE_ROOT_ENV} is set but is not a folder")
         return root
-    beside_package = Path(__file__).resolve().parents[2] / "bundles"
+    beside_package = Path(__file__).resolve().parents[3] / "bundles"  # <checkout>/custom/fedharmony/fl/job_policy.py
     if beside_package.is_dir():
         return beside_package
     raise PolicyError(f"this site has no installed bundles: set {BUNDLE_ROOT_ENV} to the folder holding them")

@@ -30,10 +30,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from monai.bundle import ConfigWorkflow
 
-from .aggregation import is_local_key
-from .files import atomic_torch_save
-from .methods import SiteMethod, make_site_method
-from .results import AFTER_TRAINING_SUFFIX
+from fedharmony.core.aggregation import is_local_key
+from fedharmony.core.files import atomic_torch_save
+from fedharmony.methods import SiteMethod, make_site_method
+from fedharmony.core.results import AFTER_TRAINING_SUFFIX
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .harmonize import amplitude_normalize, batch_amplitude, check_ratio
+from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude, check_ratio
 
 MODES = ("paper", "released", "off")
 

@@ -7,7 +7,7 @@ Two public multi-site classification datasets, each kept in its released layout:
   ``<root>/patches/patient_{patient:03d}_node_{node}/patch_patient_{patient:03d}_node_{node}_x_{x}_y_{y}.png``.
   (``patient`` is written zero-padded, e.g. ``004``; the patches are opaque RGBA PNGs.)
   One site per hospital (``center`` 0..4), folder ``hospital_<center>``; 2 classes
-  (``normal`` = 0, ``tumor`` = 1); split by patient with :func:`fedharmony.datalist.split_cases`.
+  (``normal`` = 0, ``tumor`` = 1); split by patient with :func:`fedharmony.data.datalist.split_cases`.
 * Dermoscopy, the PRR-FL "FedSkinLesion" layout: ``<data_dir>/client{A,B,C,D}/img_resize128/<image_id>.png``
   and ``<csv_folder>/client{X}/{train,valid,test}_client{X}.csv`` (header
   ``image_id,label,label_binary,lesion_id,dx,dx_type,age,sex,localization,dataset``).
@@ -32,9 +32,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .datalist import DATALIST_NAME, SPLITS, SiteDataError, read_split, split_cases, write_datalist
+from fedharmony.data.datalist import DATALIST_NAME, SPLITS, SiteDataError, read_split, split_cases, write_datalist
 
-from .files import write_site_map
+from fedharmony.core.files import write_site_map
 
 HISTOLOGY_CLASSES = ("normal", "tumor")
 CAMELYON_DIR = "camelyon17_v1.0"

@@ -31,7 +31,7 @@ def check_alpha(alpha: float) -> float:
 def frozen_norm_statistics(network: nn.Module):
     """For the second (perturbed) pass: batch norm keeps normalizing with batch statistics but does not
     update its running ones, and HarmoFL's amplitude target does not count the batch a second time."""
-    from .networks import AmplitudeNormalization
+    from fedharmony.methods.harmofl.networks import AmplitudeNormalization
 
     norms = [m for m in network.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     amps = [m for m in network.modules() if isinstance(m, AmplitudeNormalization)]
@@ -85,7 +85,7 @@ class WeightPerturbedIteration:
 
     Bundle config::
 
-        "train#trainer#iteration_update": {"_target_": "fedharmony.perturbation.WeightPerturbedIteration",
+        "train#trainer#iteration_update": {"_target_": "fedharmony.methods.harmofl.perturbation.WeightPerturbedIteration",
                                            "alpha": 0.05}
 
     Cost: two forward and two backward passes per step (one of each when ``alpha = 0``).

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from .files import atomic_torch_save
+from fedharmony.core.files import atomic_torch_save
 
 import torch
 
@@ -136,7 +136,7 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
         PoolError: no manifest, a missing or unreadable expert file, NaN/Inf weights, or
             experts whose keys/shapes differ from each other or from the bundle's network.
     """
-    from .bundle_site import build_network
+    from fedharmony.bundle.site import build_network
 
     manifest = read_manifest(pool_dir)
     weights = {}

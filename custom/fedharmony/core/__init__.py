@@ -1,0 +1,1 @@
+"""Shared pieces with no NVFlare import: aggregation math, metrics, result tables, atomic files, norm layers."""

@@ -1,0 +1,1 @@
+"""Site datalists: preparing the real datasets' layouts and reading them back with checks (no NVFlare import)."""
