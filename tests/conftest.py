@@ -105,3 +105,62 @@ def tiny_histology(tmp_path_factory):
     profiles = list(load_histology_profiles().values())[:2]
     write_histology_sites(out, profiles, seed=0, patients=3, patches_per_patient=8, size=32)
     return out
+
+
+# ------------------------------------------------------------------------------ DICOM files written here
+CORONAL = (1, 0, 0, 0, 0, 1, 0, -1, 0)  # row-major: columns are the row (x), column (-z) and slice (y) directions
+
+
+def sitk_image(vol_zyx, spacing=(0.7, 1.3, 3.0), origin=(10.0, -20.0, 30.0), direction=CORONAL):
+    """A SimpleITK image of a (z, y, x) array with the given geometry (coronal slices by default)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(vol_zyx)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+def write_series(folder, img, series_uid=None, skip=(), description="T2 AX", prefix="IM"):
+    """Write ``img`` as one DICOM file per slice, ``<prefix>NNNN.dcm`` (as SimpleITK's DicomSeriesFromArray example)."""
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, study_uid = series_uid or generate_uid(), generate_uid()
+    d = img.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        if k in skip:
+            continue
+        s = img[:, :, k]
+        for tag, value in {
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": generate_uid(), "0008|0060": "MR",
+            "0008|103e": description, "0020|000d": study_uid, "0020|000e": series_uid,
+            "0020|0013": str(k + 1), "0018|0050": str(img.GetSpacing()[2]),
+            "0020|0032": "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7]))),
+            "0028|0030": f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}",
+        }.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def write_non_image_dicom(path, sop_class="1.2.840.10008.5.1.4.1.1.88.11", modality="SR"):
+    """A DICOM file with no pixel data (a structured report by default), written with pydicom."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, generate_uid(), generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return path

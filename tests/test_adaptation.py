@@ -150,20 +150,26 @@ def test_comparison_networks(tmp_path):
         build_test_time_network(pool, "site-9")
 
 
-def test_too_small_volume_and_empty_folder_are_refused(tmp_path):
+def test_a_too_small_volume_is_left_out_of_adaptation_and_named_by_the_routed_bundle(tmp_path):
     _write_tiny_pool(tmp_path / "pool")
     net = build_test_time_network(load_pool(tmp_path / "pool", BUNDLE), "routing")
     small = tmp_path / "small"
     small.mkdir()
     nib.save(nib.Nifti1Image(np.random.rand(20, 20, 4).astype(np.float32), np.eye(4)), str(small / "tiny.nii.gz"))
-    with pytest.raises(ValueError, match="tiny.nii.gz.*at least 32 x 32"):
-        TestTimeAdapter(net, _volume_loader_any(small), passes=1, min_size=32).run()
-    (tmp_path / "empty").mkdir()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    history = TestTimeAdapter(net, _volume_loader_any(small), passes=1, min_size=32).run()
+    assert history[0]["steps"] == 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing to adapt on: unchanged
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
-           "--pool_dir", str(tmp_path / "pool"), "--input_dir", str(tmp_path / "empty")]
+           "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(small), "--output_dir", str(tmp_path / "out")]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert res.returncode != 0 and "no NIfTI volumes" in res.stderr
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "processed 0, skipped 1" in res.stdout and "tiny.nii.gz" in res.stdout and "at least 32 x 32" in res.stdout
+    (tmp_path / "empty").mkdir()
+    res = subprocess.run(cmd[:-4] + ["--dataset_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o2")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 1 and "no input found in" in res.stdout, res.stdout[-1000:] + res.stderr[-1000:]
 
 
 def _volume_loader_any(folder):
@@ -178,7 +184,7 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path):
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
-           "--pool_dir", str(tmp_path / "pool"), "--input_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
+           "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
            "--adaptation#passes", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -49,7 +49,7 @@ def test_train_then_infer_with_monai_bundle_cli(tiny_sites, tmp_path):
     assert "Case" in per_volume  # foreground Dice per validation volume, by file name
 
     infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "inference.json"),
-             "--bundle_root", str(BUNDLE), "--input_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(pred),
+             "--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(pred),
              "--ckpt_path", str(ckpt / "model.pt"), "--base_features", str(TINY_OVERRIDES["base_features"])]
     subprocess.run(infer, cwd=tmp_path, check=True, capture_output=True)
     inputs = sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz"))
@@ -76,7 +76,7 @@ def test_harmofl_overlay_trains_and_the_target_reaches_inference(tiny_sites, tmp
     assert sd["harmonize.target"].shape == (3, 32, 32) and sd["harmonize.target"].abs().sum() > 0
     configs = f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'harmofl.json'}']"
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root",
-                    str(BUNDLE), "--input_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(pred), "--ckpt_path",
+                    str(BUNDLE), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(pred), "--ckpt_path",
                     str(ckpt / "model.pt"), "--base_features", str(TINY_OVERRIDES["base_features"]), *harmo],
                    cwd=tmp_path, check=True, capture_output=True)
     for vol in sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz")):
@@ -86,9 +86,9 @@ def test_harmofl_overlay_trains_and_the_target_reaches_inference(tiny_sites, tmp
 
 def test_inference_on_empty_folder_fails_clearly(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "inference.json"),
-           "--bundle_root", str(BUNDLE), "--input_dir", str(tmp_path)]
+           "--bundle_root", str(BUNDLE), "--dataset_dir", str(tmp_path)]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode != 0 and "no NIfTI volumes" in res.stderr + res.stdout
+    assert res.returncode == 1 and f"no input found in {tmp_path}" in res.stdout, res.stdout[-800:] + res.stderr[-800:]
 
 
 def test_slab_transform_and_inferer_keep_geometry():

@@ -44,7 +44,7 @@ def test_train_evaluate_and_infer_with_monai_bundle_cli(tiny_dermoscopy, tmp_pat
     images.mkdir()
     for p in sorted((site / "img_resize128").glob("*.png"))[:5]:
         shutil.copy(p, images / p.name)
-    res = _bundle_run("--config_file", str(CLS_BUNDLE / "configs" / "inference.json"), "--input_dir", str(images),
+    res = _bundle_run("--config_file", str(CLS_BUNDLE / "configs" / "inference.json"), "--dataset_dir", str(images),
                       "--output_dir", str(tmp_path / "pred"), "--ckpt_path", str(ckpt / "model.pt"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     table = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fedharmony.data.classification import (CAMELYON_DIR, DERMOSCOPY_CSV_COLUMNS, class_counts, class_counts_markdown,
-                                            list_images, load_classification_datalist, prepare_camelyon17,
+                                            find_images, load_classification_datalist, prepare_camelyon17,
                                             prepare_dermoscopy)
 from fedharmony.data.datalist import SPLITS, SiteDataError
 from fedharmony.phantom import (dermoscopy_markdown, histology_markdown, load_dermoscopy_profiles,
@@ -299,12 +299,22 @@ def test_loader_gives_absolute_paths_int_labels_and_class_counts_table(derm_site
     assert "| clientB | 24 |" in table
 
 
-def test_list_images_lists_a_folders_images_and_names_an_empty_one(derm_sites, tmp_path):
+def test_find_images_lists_a_folders_images_and_names_everything_else(derm_sites, tmp_path):
     out, _ = derm_sites
-    items = list_images(out / "clientB" / "img_resize128")
+    folder = out / "clientB" / "img_resize128"
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "predictions").mkdir()
+    (folder / "scans").mkdir()
+    (folder / ".hidden").write_text("")
+    items, problems = find_images(folder, exclude=[folder / "predictions"])
     assert len(items) == 24 and all(it["image"].endswith(".png") and Path(it["image"]).is_absolute() for it in items)
-    with pytest.raises(SiteDataError, match=f"no images .* in {re.escape(str(tmp_path))}"):
-        list_images(tmp_path)
+    assert {Path(p["input"]).name: p["reason"] for p in problems} == {
+        "notes.txt": "not an image file (.png, .jpg, .jpeg, .bmp, .tif, .tiff)",
+        "scans": "a folder: images are read from the top level only"}
+    (tmp_path / "empty").mkdir()
+    assert find_images(tmp_path / "empty") == ([], [])  # nothing to do is not an error; the summary says 0
+    with pytest.raises(SiteDataError, match="input folder not found"):
+        find_images(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -26,10 +26,15 @@ STUDY = [sys.executable, str(REPO / "tools" / "study.py")]
     (["--task", "prostate", "--methods", "fedavg"], "--out are required"),
     (["--report-only", "MISSING"], "no results.json"),
 ])
-def test_bad_requests_are_refused_before_anything_runs(tmp_path, argv, message):
+def test_bad_requests_are_refused_before_anything_runs(tmp_path, argv, message, capsys, monkeypatch):
+    import study as study_tool  # tools/study.py, in this process (tools/ is on sys.path): argparse's exit 2
+
+    monkeypatch.chdir(tmp_path)
     argv = [a.replace("OUT", str(tmp_path / "out")).replace("MISSING", str(tmp_path / "missing")) for a in argv]
-    res = subprocess.run(STUDY + argv, capture_output=True, text=True, cwd=tmp_path)
-    assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
+    with pytest.raises(SystemExit) as stop:
+        study_tool.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err, err[-1500:]
     assert not (tmp_path / "out").exists()
 
 
@@ -40,6 +45,23 @@ def test_a_task_refuses_a_method_it_does_not_support(monkeypatch):
                                                                  "val_macro_f1", "macro-F1", ("fedavg", "local")))
     with pytest.raises(ValueError, match="task 'histology' does not support \\['prrfl'\\]"):
         check_methods("histology", ["fedavg", "prrfl"])
+
+
+def test_an_arm_is_a_method_with_its_own_bundle_settings_run_and_cached_apart(tmp_path):
+    from fedharmony.study.runner import Study
+    from fedharmony.study.tasks import parse_arm
+
+    assert parse_arm("fedavg+pixdim=1.5+intensity=released") == ("fedavg", {"pixdim": 1.5, "intensity": "released"})
+    assert parse_arm("fedbn") == ("fedbn", {})
+    with pytest.raises(ValueError, match="'pixdim' is not key=value"):
+        parse_arm("fedavg+pixdim")
+    with pytest.raises(ValueError, match="unknown method.*fedavgg\\+pixdim=1"):
+        check_methods("prostate", ["fedavgg+pixdim=1"])
+    study = Study("prostate", ["fedavg", "fedavg+pixdim=1.5", "harmofl+pixdim=1.5"], 2, "smoke", tmp_path)
+    assert study.overrides(0, "fedavg+pixdim=1.5")["pixdim"] == 1.5 and "pixdim" not in study.overrides(0, "fedavg")
+    assert study.config_files("harmofl+pixdim=1.5") == study.config_files("harmofl") != study.config_files("fedavg")
+    assert study.settings_key("fedavg", 0) != study.settings_key("fedavg+pixdim=1.5", 0)
+    assert study.run_dir("fedavg+pixdim=1.5", 1).parts[-2:] == ("fedavg+pixdim=1.5", "seed1")
 
 
 def test_a_cached_run_is_used_only_when_complete_and_made_with_the_same_settings():

@@ -67,7 +67,7 @@ def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int)
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "routed_inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "input_dir": str(site_dir),
+    parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(site_dir),
                    "output_dir": str(out_dir), "method": method, "adaptation#passes": passes,
                    "postprocessing#transforms#2#print_log": False})
     parser.get_parsed_content("initialize")
@@ -105,7 +105,7 @@ def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int
     """The bundle CLI as a user runs it, in its own process: wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-c", _CLI_WITH_PEAK, "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE), "--pool_dir", str(pool),
-           "--input_dir", str(site_dir), "--output_dir", str(out_dir), "--method", method,
+           "--dataset_dir", str(site_dir), "--output_dir", str(out_dir), "--method", method,
            "--adaptation#passes", str(passes)]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -4,7 +4,12 @@
     python tools/prepare_prostate_data.py --root /data/ProstateMRI [--sites BIDMC HK ...] [--seed 0] [--check]
 
 ROOT holds one folder per site with CaseNN.nii.gz and CaseNN_segmentation.nii.gz (or
-_Segmentation). Each site gets ROOT/<site>/datalist.json split by case; ROOT/sites.json
+_Segmentation). A case (or its mask) may also be a folder holding one DICOM series, CaseNN/
+(CaseNN_segmentation/): it is converted once to CaseNN.nii.gz beside the folder, with the
+series' geometry (an existing NIfTI is kept unless --overwrite), and the datalist lists the
+NIfTI. Every conversion is printed; a bad series (several series in one folder, a missing
+slice, ...) is named and skipped, and the rest of the site goes on.
+Each site gets ROOT/<site>/datalist.json split by case; ROOT/sites.json
 maps simulator client names to sites. Every file that is not used is reported with the reason.
 With --check, every pair is opened and checked (readable, 3-D, finite, same shape); bad
 pairs are skipped and reported. An existing datalist.json that differs from the new split
@@ -16,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from fedharmony.data.datalist import DATALIST_NAME, SiteDataError, check_case, find_cases, make_datalist, write_datalist
+from fedharmony.data.datalist import (DATALIST_NAME, SiteDataError, check_case, convert_dicom_cases, find_cases,
+                                      make_datalist, write_datalist)
 from fedharmony.core.files import write_site_map
 
 
@@ -26,7 +32,8 @@ def main(argv=None):
     p.add_argument("--sites", nargs="+", help="site folders to use (default: every sub-folder with cases)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--check", action="store_true", help="open every volume and skip unreadable / mismatched pairs")
-    p.add_argument("--overwrite", action="store_true", help="replace existing datalist.json files that differ")
+    p.add_argument("--overwrite", action="store_true", help="replace existing datalist.json files that differ, "
+                   "and NIfTI files converted from DICOM series before")
     args = p.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
@@ -35,10 +42,14 @@ def main(argv=None):
     written, skipped_all = [], []
     for name in names:
         try:
+            converted, not_converted = convert_dicom_cases(root / name, overwrite=args.overwrite)
             cases, skipped = find_cases(root / name)
         except SiteDataError as e:
             skipped_all.append(str(e))
             continue
+        for line in converted:
+            print(f"converted: {line}")
+        skipped = not_converted + skipped
         if args.check:
             for case, (img, mask) in list(cases.items()):
                 try:

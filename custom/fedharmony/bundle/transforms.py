@@ -1,4 +1,5 @@
-"""MONAI transforms for 2.5D training: three adjacent axial slices become three channels."""
+"""MONAI transforms of the volumes' path to a 2.5D network: one geometry for every scan, one volume per
+input, and three adjacent axial slices as three channels."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, Orientationd, Resized, ResizeWithPadOrCropd, Spacingd
 
 
 class SlabToChannelsd(MapTransform):
@@ -80,4 +82,125 @@ class AmplitudeNormalized(MapTransform):
         return d
 
 
-__all__: Sequence[str] = ["SlabToChannelsd", "volume_to_slabs", "AmplitudeNormalized"]
+class VolumeGeometryd(Compose):
+    """One geometry for every scan before a 2.5D network, whatever the storage: RAS, in-plane spacing, in-plane size.
+
+    Steps (all invertible: ``Invertd`` over the preprocessing puts a prediction back on its input's
+    grid, shape, affine and orientation):
+
+    1. ``Orientationd(axcodes="RAS")``: a volume stored LPS, LAS or with its axes permuted reaches the
+       network as the RAS volume would, so it gets the same segmentation in world space; the slice
+       axis is the last one (superior).
+    2. with ``pixdim > 0``: ``Spacingd`` to ``pixdim`` mm in-plane, slice spacing kept (a 2.5D network
+       sees neighbouring slices as they were acquired); then, with ``image_size > 0``,
+       ``ResizeWithPadOrCropd`` to ``image_size`` x ``image_size`` around the centre: a fixed field of
+       view of ``image_size * pixdim`` mm, so the anatomy has one scale in pixels at every site.
+       With ``pixdim <= 0`` and ``image_size > 0``: ``Resized`` in-plane to ``image_size`` (each scan's
+       own field of view squeezed onto one grid: the scale follows the field of view).
+       With both off, the in-plane grid is the scan's own (the inferer pads it to the network's stride).
+
+    Args:
+        image_keys: image keys (resampled linearly; ``Resized`` uses area averaging).
+        label_keys: label keys (nearest neighbour).
+        pixdim: target in-plane spacing in mm; 0 or less keeps each scan's spacing.
+        image_size: in-plane size in pixels; -1 keeps the size the spacing step gives. A multiple of
+            ``divisible_by`` so that the network's pooling levels line up.
+        divisible_by: the network's total stride.
+        min_size: refuse (:class:`~fedharmony.bundle.folder_inference.InputRejected`) a scan whose
+            stored in-plane size, after orientation, is below ``min_size`` pixels: resampling would
+            invent the detail a network needs. 0 (default) checks nothing.
+
+    Example::
+
+        >>> geometry = VolumeGeometryd("image", "label", pixdim=1.0, image_size=160)
+        >>> out = geometry({"image": image, "label": label})   # (1, H, W, D) MetaTensors
+        >>> out["image"].shape[1:3]
+        torch.Size([160, 160])
+    """
+
+    def __init__(self, image_keys: KeysCollection, label_keys: KeysCollection = (), pixdim: float = 0.0,
+                 image_size: int = -1, divisible_by: int = 16, min_size: int = 0):
+        image_keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
+        label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+        keys = image_keys + label_keys
+        pixdim, image_size = float(pixdim), int(image_size)
+        if image_size > 0 and image_size % divisible_by:
+            raise ValueError(f"image_size {image_size} must be a multiple of {divisible_by} (the network's stride), "
+                             f"e.g. {image_size + (-image_size) % divisible_by}")
+        if not (pixdim == pixdim) or pixdim > 100:  # NaN, or metres given as millimetres
+            raise ValueError(f"pixdim must be an in-plane spacing in mm (0 = keep each scan's), got {pixdim}")
+        # the steps tolerate a missing key: Invertd inverts them on a dict holding only the prediction (MONAI's
+        # allow_missing_keys_mode does not reach inside a Compose subclass); a missing input still fails later
+        steps = [Orientationd(keys, axcodes="RAS", allow_missing_keys=True)]
+        if min_size > 0:
+            steps.append(_RequireInPlaneSize(image_keys, min_size, allow_missing_keys=True))
+        if pixdim > 0:
+            steps.append(Spacingd(keys, pixdim=(pixdim, pixdim, -1.0),
+                                  mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys),
+                                  allow_missing_keys=True))
+            if image_size > 0:
+                steps.append(ResizeWithPadOrCropd(keys, spatial_size=(image_size, image_size, -1),
+                                                  allow_missing_keys=True))
+        elif image_size > 0:
+            steps.append(Resized(keys, spatial_size=(image_size, image_size, -1),
+                                 mode=["area"] * len(image_keys) + ["nearest"] * len(label_keys),
+                                 allow_missing_keys=True))
+        super().__init__(steps)
+        self.pixdim, self.image_size = pixdim, image_size
+
+
+class _RequireInPlaneSize(MapTransform):
+    """Refuse a (C, H, W, D) scan smaller than ``min_size`` in-plane, naming its file (not invertible: checks only)."""
+
+    def __init__(self, keys: KeysCollection, min_size: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.min_size = int(min_size)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        from fedharmony.bundle.folder_inference import InputRejected
+
+        for key in self.key_iterator(data):
+            x = data[key]
+            h, w = x.shape[1:3]
+            if h < self.min_size or w < self.min_size:
+                name = x.meta.get("filename_or_obj", key) if isinstance(x, MetaTensor) else key
+                raise InputRejected(f"{name} is {h} x {w} in-plane; the network needs at least "
+                                    f"{self.min_size} x {self.min_size}")
+        return dict(data)
+
+
+class SelectVolumed(MapTransform):
+    """Keep one volume of a multi-volume (4-D) input, or refuse it by name.
+
+    After ``EnsureChannelFirstd`` a 4-D series (diffusion, dynamic, multi-echo) is (T, H, W, D). The
+    network takes one volume: with ``index`` set, that volume is kept as (1, H, W, D); with
+    ``index=None`` the input is refused with a message that says how many volumes it has and which
+    setting picks one. Single volumes pass unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, index: int | None = None, setting: str = "volume_index",
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.index, self.setting = index, setting
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        from fedharmony.bundle.folder_inference import InputRejected
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            n = x.shape[0]
+            if n == 1:
+                continue
+            name = x.meta.get("filename_or_obj", key) if isinstance(x, MetaTensor) else key
+            if self.index is None:
+                raise InputRejected(f"{name} holds {n} volumes (a 4-D series, shape {tuple(x.shape)}); "
+                                    f"set {self.setting} to the one to use (0 to {n - 1})")
+            if not -n <= self.index < n:
+                raise InputRejected(f"{name} holds {n} volumes; {self.setting}={self.index} is not one of them")
+            d[key] = x[self.index:self.index + 1] if self.index >= 0 else x[n + self.index:n + self.index + 1]
+        return d
+
+
+__all__: Sequence[str] = ["VolumeGeometryd", "SelectVolumed", "SlabToChannelsd", "volume_to_slabs",
+                          "AmplitudeNormalized"]

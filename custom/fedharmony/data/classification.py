@@ -28,7 +28,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -365,16 +365,34 @@ def load_classification_datalist(datalist: str | Path, split: str, base_dir: Opt
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def list_images(folder: str | Path) -> List[dict]:
-    """Every image file (png, jpg, jpeg, bmp, tif) in a folder, sorted, as ``[{"image": absolute path}]``
-    (for inference on unlabeled images). Raises :class:`SiteDataError` if there is none."""
+IGNORED_FILES = ("datalist.json", "sites.json")
+
+
+def find_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> Tuple[List[dict], List[dict]]:
+    """The images of a folder for inference, and every other entry named with the reason it is not used.
+
+    Returns ``(inputs, problems)``: ``inputs`` is ``[{"image": absolute path}]`` for each file with an
+    image suffix (png, jpg, jpeg, bmp, tif, tiff), sorted; ``problems`` is ``[{"input": path,
+    "reason": ...}]`` for any other file or sub-folder (hidden entries, ``datalist.json``,
+    ``sites.json`` and the folders in ``exclude``, e.g. the output folder, are passed over). Whether an
+    image file really opens is found out when it is loaded. Raises :class:`SiteDataError` if the
+    folder does not exist.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise SiteDataError(f"input folder not found: {folder}")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise SiteDataError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) in {folder}")
-    return [{"image": str(p.resolve())} for p in images]
+    skip = {Path(e).resolve() for e in exclude}
+    inputs, problems = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name in IGNORED_FILES or p.resolve() in skip:
+            continue
+        if p.is_dir():
+            problems.append({"input": str(p), "reason": "a folder: images are read from the top level only"})
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            inputs.append({"image": str(p.resolve())})
+        else:
+            problems.append({"input": str(p), "reason": f"not an image file ({', '.join(IMAGE_SUFFIXES)})"})
+    return inputs, problems
 
 
 def class_counts(datalist_path: str | Path) -> Dict[str, Dict[str, int]]:

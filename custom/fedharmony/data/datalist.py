@@ -3,7 +3,9 @@
 A site folder holds ``CaseNN.nii.gz`` volumes with ``CaseNN_segmentation.nii.gz`` (or
 ``_Segmentation``) masks beside them, and one MONAI decathlon-style ``datalist.json``
 with ``training`` / ``validation`` / ``testing`` lists of ``{"image", "label"}`` paths
-relative to the site folder. Splits are by case (patient), never by slice.
+relative to the site folder. Splits are by case (patient), never by slice. Cases (or masks)
+stored as DICOM series folders ``CaseNN/`` (``CaseNN_segmentation/``) are converted once to
+``CaseNN.nii.gz`` beside them by :func:`convert_dicom_cases`, so datalists only ever list NIfTI.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ SPLITS = ("training", "validation", "testing")
 DATALIST_NAME = "datalist.json"
 _CASE_RE = re.compile(r"^(Case\d+)\.nii(\.gz)?$", re.IGNORECASE)
 _MASK_SUFFIXES = ("_segmentation", "_Segmentation")
+_CASE_DIR_RE = re.compile(r"^Case\d+(_segmentation)?$", re.IGNORECASE)
 
 
 class SiteDataError(ValueError):
@@ -84,6 +87,55 @@ def find_cases(site_dir: str | Path) -> Tuple[Dict[str, Tuple[str, str]], List[s
     return cases, skipped
 
 
+def convert_dicom_cases(site_dir: str | Path, overwrite: bool = False) -> Tuple[List[str], List[str]]:
+    """Convert each DICOM series folder ``CaseNN/`` or ``CaseNN_segmentation/`` of a site to NIfTI beside it.
+
+    ``<site>/Case00/`` becomes ``<site>/Case00.nii.gz`` (``Case00_segmentation/`` becomes
+    ``Case00_segmentation.nii.gz``) with the series' voxels and geometry, written atomically, so
+    :func:`find_cases` then pairs them like any NIfTI case. An existing NIfTI is kept unless
+    ``overwrite``. A folder is converted when it holds exactly one usable DICOM series (see
+    :func:`fedharmony.data.images.find_inputs`); a bad series is named and skipped, the rest go on.
+
+    Returns:
+        converted: one line per NIfTI written, e.g. ``"BIDMC/Case00/ -> Case00.nii.gz"``.
+        skipped: human-readable reasons for every folder (or file in it) not converted.
+
+    Raises:
+        SiteDataError: the site folder does not exist.
+    """
+    from fedharmony.data.images import convert_to_nifti, find_inputs  # local: SimpleITK and MONAI are heavy
+
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise SiteDataError(f"site folder not found: {site_dir}")
+    converted, skipped = [], []
+    for folder in sorted(p for p in site_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        where = f"{site_dir.name}/{folder.name}/"
+        out = site_dir / (folder.name + ".nii.gz")
+        if not _CASE_DIR_RE.match(folder.name):
+            skipped.append(f"{where}: not a CaseNN or CaseNN_segmentation DICOM series folder")
+            continue
+        if out.exists() and not overwrite:
+            skipped.append(f"{where}: not converted, {out.name} exists and is used (--overwrite converts again)")
+            continue
+        inputs, problems = find_inputs(folder)
+        skipped.extend(f"{site_dir.name}/{Path(p['input']).relative_to(site_dir)}: {p['reason']}" for p in problems)
+        series = [i["image"] for i in inputs if Path(i["image"]).is_dir()]
+        if not inputs and problems:
+            continue  # the reasons are above
+        if len(inputs) != 1 or len(series) != 1:
+            found = ", ".join(str(Path(i["image"]).relative_to(site_dir)) for i in inputs) or "nothing usable"
+            skipped.append(f"{where}: expected one DICOM series, found {found}; not converted")
+            continue
+        try:
+            convert_to_nifti(series[0], out, overwrite=overwrite)
+        except Exception as e:  # SimpleITK raises RuntimeError for unreadable pixel data
+            skipped.append(f"{where}: cannot convert to {out.name}: {type(e).__name__}: {e}")
+            continue
+        converted.append(f"{where} -> {out.name}")
+    return converted, skipped
+
+
 def make_datalist(cases: Dict[str, Tuple[str, str]], seed: int, fractions=(0.6, 0.2, 0.2)) -> dict:
     """Decathlon-style datalist (relative paths) from :func:`find_cases` output."""
     split = split_cases(list(cases), seed, fractions)
@@ -139,7 +191,8 @@ def read_split(datalist: str | Path, split: str, site: str = "") -> Tuple[List, 
     datalist = Path(datalist)
     where = f"site {site!r}: " if site else ""
     if not datalist.is_file():
-        raise SiteDataError(f"{where}datalist not found: {datalist}")
+        missing = "" if datalist.parent.is_dir() else f" (the folder {datalist.parent} does not exist)"
+        raise SiteDataError(f"{where}datalist not found: {datalist}{missing}")
     try:
         content = json.loads(datalist.read_text())
     except json.JSONDecodeError as e:

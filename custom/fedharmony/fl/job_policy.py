@@ -54,7 +54,7 @@ METADATA_FILE = "configs/metadata.json"
 BUNDLE_ROOT_ENV = "FEDHARMONY_BUNDLE_ROOT"  # a site's folder of installed bundles
 # ids that locate files on the site's disk: never a job's to set when the site runs no job code
 PATH_IDS = ("bundle_root", "dataset_dir", "datalist", "ckpt_dir", "output_dir", "data_root", "pool_dir",
-            "input_dir", "output_postfix", "logging_file")
+            "output_postfix", "logging_file")
 EXPRESSION_PREFIXES = {"$": "a MONAI expression", "@": "a MONAI reference", "%": "a MONAI macro"}
 TYPES = ("number", "integer", "boolean", "string")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

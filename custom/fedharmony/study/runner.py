@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Optional
 from fedharmony.study.data import StudyData, make_phantom_data, real_data
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
-from fedharmony.study.tasks import FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, preset_for, scored_model
+from fedharmony.study.tasks import (FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, parse_arm, preset_for,
+                                   scored_model)
 
 __all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "validate_result"]
 
@@ -125,11 +126,13 @@ class Study:
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "runs" / method / f"seed{seed}"
 
-    def overrides(self, seed: int) -> dict:
+    def overrides(self, seed: int, method: str = "") -> dict:
+        """The bundle overrides of a run: the task's, the preset's, the arm's own settings, the seed."""
         extra = {"task": self.task} if self.spec.bundle == "image_classification" else {}
-        return {**extra, **self.preset.overrides, "seed": seed}
+        return {**extra, **self.preset.overrides, **parse_arm(method)[1], "seed": seed}
 
     def config_files(self, method: str) -> List[str]:
+        method = parse_arm(method)[0]
         overlay = site_method_class(method).overlay if method in FEDERATED else None
         return ["configs/train.json"] + ([overlay] if overlay else [])
 
@@ -159,11 +162,12 @@ class Study:
     def _run_federated(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
         ws_root = run_dir / "workspace"
         shutil.rmtree(ws_root, ignore_errors=True)
+        arm, method = method, parse_arm(method)[0]
         name = f"{self.task}_{method}_seed{seed}"
         cmd = [sys.executable, str(REPO / "jobs" / self.spec.job_script), "--algorithm", method,
                "--rounds", str(self.preset.rounds), "--local-epochs", str(self.preset.local_epochs),
                "--sites", str(len(data.sites)), "--data-root", str(data.train_root), "--workspace", str(ws_root),
-               "--name", name, "--override", json.dumps(self.overrides(seed)),
+               "--name", name, "--override", json.dumps(self.overrides(seed, arm)),
                "--torch-threads", str(self.preset.threads_per_site), "--verbose"]  # the full log into log.txt
         # cross-site evaluation only where the server collects site models that way (IOP-FL's pool); the
         # study scores the models itself, on the larger test draw
@@ -181,7 +185,7 @@ class Study:
             if not found:
                 raise FileNotFoundError(f"{method} seed {seed}: no model to score for {client} in {ws}")
             site_results[folder] = score_on_site(self.bundle_dir, data.test_root / folder, load_weights(found[0]),
-                                                 self.spec.metric, self.config_files(method), self.overrides(seed))
+                                                 self.spec.metric, self.config_files(method), self.overrides(seed, arm))
         curve = {data.sites.get(k, k): v for k, v in curve.items()}
         if not self.keep_workspaces:
             _keep_logs_only(ws_root)
@@ -189,8 +193,8 @@ class Study:
                 "curve": curve}
 
     def _run_reference(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
-        spec = {"mode": method, "bundle_dir": str(self.bundle_dir), "config_files": self.config_files(method),
-                "overrides": self.overrides(seed), "data": dict(data), "out_dir": str(run_dir / "workspace"),
+        spec = {"mode": parse_arm(method)[0], "bundle_dir": str(self.bundle_dir), "config_files": self.config_files(method),
+                "overrides": self.overrides(seed, method), "data": dict(data), "out_dir": str(run_dir / "workspace"),
                 "rounds": self.preset.rounds, "local_epochs": self.preset.local_epochs, "metric": self.spec.metric,
                 "threads": self.preset.threads_per_site}
         spec_path, out_path = run_dir / "reference_spec.json", run_dir / "reference_result.json"
@@ -215,7 +219,7 @@ class Study:
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(run_dir / "log.txt", "w") as log:
-            if method in ("local", "pooled"):
+            if parse_arm(method)[0] in ("local", "pooled"):
                 result = self._run_reference(method, seed, data, run_dir, log)
             else:
                 result = self._run_federated(method, seed, data, run_dir, log)

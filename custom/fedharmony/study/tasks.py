@@ -5,6 +5,10 @@ A *method* is a federated algorithm run as the task's real NVFlare job, or one o
 references every FL paper reports: ``local`` (each site trained alone) and ``pooled`` (one
 model trained on all sites' training data together).
 
+An *arm* is a method with bundle settings of its own, written ``METHOD+key=value[+key=value]``
+(``fedavg+pixdim=1.5``): the same job and data as the method, with those config values overridden.
+Arms compare one setting (spacing normalization, an intensity mode) paired over the same seeds.
+
 A *preset* sizes a study for a machine: ``smoke`` (2 sites, 2 rounds, tiny data: the CI
 test), ``standard`` (every site of the task, sized for a 2-core CPU), ``paper`` (the
 papers' sizes, for a GPU).
@@ -12,13 +16,15 @@ papers' sizes, for a GPU).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from fedharmony import methods as registry
 
 __all__ = ["FEDERATED", "REFERENCES", "METHODS", "PERSONALIZED", "TaskSpec", "Preset", "TASKS", "PRESETS",
-           "preset_for", "check_methods", "scored_model"]
+           "preset_for", "check_methods", "scored_model", "parse_arm"]
 
 FEDERATED = registry.METHODS
 REFERENCES = ("local", "pooled")
@@ -27,8 +33,34 @@ METHODS = FEDERATED + REFERENCES
 PERSONALIZED = tuple(m for m in FEDERATED if registry.site_method_class(m).personalized)
 
 
+_SETTING = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.+)$")
+
+
+def parse_arm(arm: str) -> Tuple[str, Dict[str, object]]:
+    """``"fedavg+pixdim=1.5+image_size=96"`` -> ``("fedavg", {"pixdim": 1.5, "image_size": 96})``.
+
+    Values are read as JSON (numbers, true/false, null) and otherwise kept as strings. A plain
+    method name is an arm without settings.
+    """
+    base, *parts = str(arm).split("+")
+    settings: Dict[str, object] = {}
+    for part in parts:
+        m = _SETTING.match(part)
+        if not m:
+            raise ValueError(f"arm {arm!r}: {part!r} is not key=value (write METHOD+key=value, e.g. fedavg+pixdim=1.5)")
+        key, raw = m.groups()
+        if key in settings:
+            raise ValueError(f"arm {arm!r} sets {key!r} twice")
+        try:
+            settings[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key] = raw
+    return base, settings
+
+
 def scored_model(method: str) -> str:
     """What a study scores on each site's test split for ``method`` (said in the report)."""
+    method = parse_arm(method)[0]
     if method in FEDERATED:
         return registry.site_method_class(method).result
     if method == "local":
@@ -110,10 +142,11 @@ def check_methods(task: str, methods) -> list:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    bases = {m: parse_arm(m)[0] for m in methods}
+    unknown = [m for m in methods if bases[m] not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    unsupported = [m for m in methods if m not in TASKS[task].methods]
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)} (an arm: METHOD+key=value)")
+    unsupported = [m for m in methods if bases[m] not in TASKS[task].methods]
     if unsupported:
         raise ValueError(f"task {task!r} does not support {unsupported} (it supports {list(TASKS[task].methods)})")
     if len(set(methods)) != len(methods):

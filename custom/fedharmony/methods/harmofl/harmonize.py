@@ -15,6 +15,13 @@ implementation gives (and whose imaginary part the released code throws away).
 Backends: ``torch.fft`` anywhere; ``cupy.fft`` for CUDA tensors when cupy is installed,
 zero-copy through DLPack. The choice is automatic (logged once), or forced with
 ``backend=`` / ``FEDHARMONY_FFT_BACKEND`` (``torch`` | ``cupy``).
+
+TorchScript: :func:`batch_amplitude` and :func:`amplitude_normalize` compile with
+``torch.jit.script`` (so does the layer that calls them,
+:class:`fedharmony.methods.harmofl.networks.AmplitudeNormalization`). A scripted model always
+uses the torch backend; the backend choice and cupy exist only in eager Python
+(``torch.jit.is_scripting()``). Both backends share the window arithmetic below, so a scripted
+model computes what the eager torch backend computes.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import math
 import os
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -43,25 +50,39 @@ def batch_amplitude(images: torch.Tensor) -> torch.Tensor:
     return torch.fft.fft2(images.to(torch.float64 if images.dtype == torch.float64 else torch.float32)).abs().mean(0)
 
 
+def shape_text(shape: List[int]) -> str:
+    """``(2, 3, 16, 16)``: a shape as Python prints a tuple, in eager and in TorchScript code alike."""
+    return "(" + ", ".join([str(d) for d in shape]) + ")"
+
+
 def _check_images(images: torch.Tensor):
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not torch.jit.is_scripting():
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {shape_text(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point, got {images.dtype}")
-    if not torch.isfinite(images).all():
+    if not bool(torch.isfinite(images).all()):
         raise ValueError("images contain NaN or Inf")
 
 
 def _check_inputs(images: torch.Tensor, target: torch.Tensor, ratio: float):
     _check_images(images)
-    if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(images.shape[1:]):
-        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise ValueError(f"target must be (C, H, W) = {tuple(images.shape[1:])} like the images, got {shape}")
-    if not torch.isfinite(target).all() or (target < 0).any():
+    if not torch.jit.is_scripting():
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(f"target must be (C, H, W) = {shape_text(images.shape[1:])} like the images, "
+                             f"got {type(target).__name__}")
+    if target.shape != images.shape[1:]:
+        raise ValueError(f"target must be (C, H, W) = {shape_text(images.shape[1:])} like the images, "
+                         f"got {shape_text(target.shape)}")
+    if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
         raise ValueError("target must be a finite, non-negative amplitude spectrum")
-    check_ratio(ratio)
+    if torch.jit.is_scripting():
+        if not 0.0 <= ratio <= 0.5:  # a float by its annotation
+            raise ValueError(f"ratio L must be in [0, 0.5], got {ratio}")
+    else:
+        check_ratio(ratio)
 
 
 def check_ratio(ratio: float) -> float:
@@ -102,27 +123,45 @@ def _cupy():
         return None
 
 
+def window_rows(height: int, b: int) -> List[Tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of the window on an rfft2 half spectrum of ``height`` rows.
+
+    On the half spectrum (..., H, W//2+1) the window |k_y|, |k_x| <= b is two corner blocks:
+    rows 0..b and H-b..H-1 (none when b = 0), columns 0..b.
+    """
+    rows = [(0, b + 1)]
+    if b > 0:
+        rows.append((height - b, height))
+    return rows
+
+
 def _replace_window(spectrum, target_half, b: int, where):
     """In place on an rfft2 half spectrum (..., H, W//2+1): inside the window |k_y|, |k_x| <= b set
     F <- T * F / |F| (the target's amplitude with F's own phase; phase 0 where |F| = 0).
 
-    On the half spectrum the window is two corner blocks: rows 0..b and H-b..H-1, columns
-    0..b. Only those (2b+1)(b+1) coefficients per image are touched: no trigonometry and
-    no pass over the rest of the spectrum. Works for torch tensors and cupy arrays alike.
+    Only the (2b+1)(b+1) coefficients per image in :func:`window_rows` are touched: no
+    trigonometry and no pass over the rest of the spectrum. For cupy arrays (``where`` =
+    ``cupy.where``); :func:`_replace_window_torch` is the same arithmetic for torch tensors.
     """
-    h = spectrum.shape[-2]
-    for rows in (slice(0, b + 1), slice(h - b, h) if b > 0 else None):
-        if rows is None:
-            continue
-        block = spectrum[..., rows, : b + 1]
+    for start, stop in window_rows(spectrum.shape[-2], b):
+        block = spectrum[..., start:stop, : b + 1]
         mag = abs(block)
         unit = where(mag > 0, block / where(mag > 0, mag, 1), 1)
-        spectrum[..., rows, : b + 1] = target_half[..., rows, : b + 1] * unit
+        spectrum[..., start:stop, : b + 1] = target_half[..., start:stop, : b + 1] * unit
 
 
-def _normalize_torch(images, target_half, b):
+def _replace_window_torch(spectrum: torch.Tensor, target_half: torch.Tensor, b: int):
+    """:func:`_replace_window` on a torch spectrum, in TorchScript-compilable form (same operations)."""
+    for start, stop in window_rows(spectrum.shape[-2], b):
+        block = spectrum[..., start:stop, : b + 1]
+        mag = block.abs()
+        unit = torch.where(mag > 0, block / torch.where(mag > 0, mag, 1), 1)
+        spectrum[..., start:stop, : b + 1] = target_half[..., start:stop, : b + 1] * unit
+
+
+def _normalize_torch(images: torch.Tensor, target_half: torch.Tensor, b: int) -> torch.Tensor:
     spectrum = torch.fft.rfft2(images)
-    _replace_window(spectrum, target_half, b, torch.where)
+    _replace_window_torch(spectrum, target_half, b)
     return torch.fft.irfft2(spectrum, s=images.shape[-2:])
 
 
@@ -133,6 +172,13 @@ def _normalize_cupy(images, target_half, b):
     _replace_window(spectrum, cp.from_dlpack(target_half.contiguous()).astype(spectrum.real.dtype), b, cp.where)
     out = cp.fft.irfft2(spectrum, s=images.shape[-2:]).astype(x.dtype, copy=False)
     return torch.from_dlpack(out)
+
+
+def _normalize_eager(images, target_half, b: int, backend: Optional[str]):
+    """The backend choice (eager Python only): cupy for CUDA tensors when available, else torch."""
+    if select_backend(images.device, backend) == "cupy":
+        return _normalize_cupy(images, target_half, b)
+    return _normalize_torch(images, target_half, b)
 
 
 def amplitude_normalize(images: torch.Tensor, target: torch.Tensor, ratio: float,
@@ -148,18 +194,19 @@ def amplitude_normalize(images: torch.Tensor, target: torch.Tensor, ratio: float
 
     Returns:
         (B, C, H, W) tensor of the input's dtype and device. No gradient flows through it.
+        Compiled with TorchScript, the torch backend is used whatever ``backend`` says.
     """
     _check_inputs(images, target, ratio)
-    h, w = images.shape[-2:]
+    h, w = images.shape[-2], images.shape[-1]
     dtype = images.dtype
-    work = images.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else images
+    work = images.to(torch.float32) if dtype == torch.float16 or dtype == torch.bfloat16 else images
     target_half = target[..., : w // 2 + 1].to(device=images.device, dtype=work.dtype)
     b = window_radius(h, w, ratio)
     with torch.no_grad():
-        if select_backend(images.device, backend) == "cupy":
-            out = _normalize_cupy(work.detach(), target_half, b)
-        else:
+        if torch.jit.is_scripting():
             out = _normalize_torch(work.detach(), target_half, b)
+        else:
+            out = _normalize_eager(work.detach(), target_half, b, backend)
     return out.to(dtype)
 
 

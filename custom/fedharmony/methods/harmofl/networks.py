@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude, check_ratio
+from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude, check_ratio, shape_text
 
 MODES = ("paper", "released", "off")
 
@@ -29,15 +29,22 @@ class AmplitudeNormalization(nn.Module):
       * ``off``: identity (the "perturbation only" ablation keeps the same state-dict keys).
     Evaluation and inference never change the target.
 
+    The layer compiles with ``torch.jit.script`` (MONAI's ``ckpt_export``); a scripted layer
+    always uses the torch FFT backend (see :mod:`fedharmony.methods.harmofl.harmonize`).
+
     Args:
         num_channels, spatial_size: shape of the inputs (and of the target).
         ratio: window ratio L in [0, 0.5] (``released`` forces 0).
         momentum: EMA momentum in (0, 1].
         mode: ``paper`` or ``released``.
+        target: a target (C, H, W) to start with instead of none, e.g. a checkpoint's
+            ``harmonize.target``, or any non-negative spectrum to try the network's shapes
+            without a checkpoint (``python -m monai.bundle verify_net_in_out``). Training treats
+            it as a target the layer computed itself (``paper``: moving average; ``released``: fixed).
     """
 
     def __init__(self, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.01, momentum: float = 0.1,
-                 mode: str = "paper"):
+                 mode: str = "paper", target: Optional[torch.Tensor] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"amplitude normalization mode must be one of {MODES}, got {mode!r}")
@@ -50,6 +57,15 @@ class AmplitudeNormalization(nn.Module):
         h, w = spatial_size
         self.register_buffer("target", torch.zeros(num_channels, h, w))
         self.frozen = False  # not in the state dict: a site re-derives it from what it receives
+        if target is not None:
+            target = torch.as_tensor(target)
+            if target.shape != self.target.shape:
+                raise ValueError(f"target must be (C, H, W) = {shape_text(self.target.shape)}, "
+                                 f"got {shape_text(target.shape)}")
+            if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
+                raise ValueError("target must be a finite, non-negative amplitude spectrum")
+            self.target.copy_(target)
+            self.frozen = mode == "released"
 
     @property
     def has_target(self) -> bool:
@@ -63,9 +79,9 @@ class AmplitudeNormalization(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
             return x
-        if tuple(x.shape[1:]) != tuple(self.target.shape):
-            raise ValueError(f"amplitude normalization expects inputs (B, {', '.join(map(str, self.target.shape))}), "
-                             f"got {tuple(x.shape)}; resize inputs to the network's spatial size")
+        if x.shape[1:] != self.target.shape:
+            raise ValueError(f"amplitude normalization expects inputs (B, {shape_text(self.target.shape)[1:]}, "
+                             f"got {shape_text(x.shape)}; resize inputs to the network's spatial size")
         if self.training and not self.frozen:
             with torch.no_grad():
                 amp = batch_amplitude(x).to(self.target.dtype)
@@ -85,13 +101,13 @@ class HarmonizedNetwork(nn.Module):
 
     Args:
         network: the bundle's network (e.g. a MONAI UNet).
-        num_channels, spatial_size, ratio, momentum, mode: see :class:`AmplitudeNormalization`.
+        num_channels, spatial_size, ratio, momentum, mode, target: see :class:`AmplitudeNormalization`.
     """
 
     def __init__(self, network: nn.Module, num_channels: int, spatial_size: Sequence[int], ratio: float = 0.01,
-                 momentum: float = 0.1, mode: str = "paper"):
+                 momentum: float = 0.1, mode: str = "paper", target: Optional[torch.Tensor] = None):
         super().__init__()
-        self.harmonize = AmplitudeNormalization(num_channels, spatial_size, ratio, momentum, mode)
+        self.harmonize = AmplitudeNormalization(num_channels, spatial_size, ratio, momentum, mode, target)
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -151,14 +151,20 @@ class TestTimeAdapter:
     def _chunks(self):
         n = 0
         for batch in self.dataloader:
+            if "image" not in batch:  # every input of the batch was unusable; the evaluator names them
+                continue
             images = batch["image"]
-            check_volume_size(images, self.min_size)
+            try:
+                check_volume_size(images, self.min_size)
+            except ValueError as e:  # adapt on the rest; inference refuses (and names) this input
+                logger.warning("adaptation: %s; not used", e)
+                continue
             for vol in torch.as_tensor(images):
                 slabs = _volume_slabs(vol, self.divisible_by).to(self.device)
                 n += 1
                 yield from torch.split(slabs, self.slices_per_batch)
-        if n == 0:
-            raise ValueError("no volume to adapt on (empty input folder or datalist)")
+        if n == 0:  # nothing usable: the network stays as built, and the inference summary says why
+            logger.warning("adaptation: no usable volume to adapt on")
 
     def run(self) -> List[dict]:
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -190,6 +196,8 @@ class TestTimeAdapter:
                 names = self.expert_names or [f"expert {i}" for i in range(len(mean))]
                 record["routing_weights"] = dict(zip(names, mean))
             self.history.append(record)
+            if not steps:
+                continue  # nothing usable to adapt on (said above)
             logger.info("adaptation pass %d/%d: loss %.4f (%s), %d steps, %.1f s%s", p + 1, self.passes,
                         record["loss"], ", ".join(f"{k} {record[k]:.4g}" for k in parts), steps, record["seconds"],
                         ("; routing weights " + ", ".join(f"{n} {w:.3f}" for n, w in record["routing_weights"].items())

@@ -107,6 +107,11 @@ class ModelPool:
         """The in-plane size the federation trained at (-1: each volume's own)."""
         return int(self.overrides.get("image_size", -1))
 
+    @property
+    def pixdim(self) -> float:
+        """The in-plane spacing in mm the federation resampled to (0: each volume's own)."""
+        return float(self.overrides.get("pixdim", 0.0))
+
 
 def read_manifest(pool_dir: str | Path) -> dict:
     path = Path(pool_dir) / MANIFEST
