@@ -87,6 +87,8 @@ def test_inference_segments_every_usable_scan_and_names_every_other_input(hospit
                             "report.dcm"}
     assert "2 volumes" in skipped["dwi_4d.nii.gz"] and "volume_index" in skipped["dwi_4d.nii.gz"]
     assert "4 x 5 in-plane" in skipped["tiny.nii.gz"]
+    assert skipped["truncated.nii.gz"].startswith("no reader could open it: ")
+    assert "not an image" in skipped["notes.txt"] and "2 DICOM series" in skipped["two_series"]
     for name in skipped:  # the terminal says it too, file by file
         assert name in res.stdout
     assert f"processed 3, skipped 7 (summary: {out / 'inference_summary.json'})" in res.stdout

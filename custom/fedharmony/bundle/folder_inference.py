@@ -71,10 +71,19 @@ def input_of(item: Mapping[Hashable, Any], key: str = "image") -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    """One readable line for a skipped input."""
     # MONAI wraps transform errors ("applying transform <...>"): the innermost message is the useful one
     while exc.__cause__ is not None and not isinstance(exc, InputRejected):
         exc = exc.__cause__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = str(exc).strip()
+    if "cannot find a suitable reader" in text:  # LoadImage tried every reader: give the first two readers' own words
+        words = []
+        for chunk in text.split("Traceback (most recent call last):")[1:]:
+            last = [line.strip() for line in chunk.strip().splitlines() if line.strip()][-1]
+            if last not in words:
+                words.append(last)
+        return "no reader could open it: " + "; ".join(w[:160] for w in words[:2])
+    text = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
