@@ -61,6 +61,7 @@ def write_models(work: Path, size: int) -> dict:
     plain = build_network(str(BUNDLE), "configs/train.json", overrides={"image_size": size})
     harmofl = build_network(str(BUNDLE), ["configs/train.json", "configs/harmofl.json"],
                             overrides={"image_size": size})
+    harmofl.harmonize.target.fill_(1.0)  # a trained HarmoFL model carries its federation's amplitude target
     torch.save(plain.state_dict(), work / "plain.pt")
     torch.save(harmofl.state_dict(), work / "harmofl.pt")
     experts = {f"site-{k}": build_network(str(BUNDLE), "configs/train.json", overrides={"image_size": size},
@@ -84,7 +85,7 @@ def run_config(args, data: Path, out: Path, threads: int) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[3:])} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     peak_kb = max(int(line.split()[1]) for line in res.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
     summary = json.loads((out / "inference_summary.json").read_text())
     seconds = [rec["seconds"] for rec in summary["inputs"]]

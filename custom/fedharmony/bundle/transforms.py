@@ -131,7 +131,8 @@ class VolumeGeometryd(Compose):
             raise ValueError(f"pixdim must be an in-plane spacing in mm (0 = keep each scan's), got {pixdim}")
         # the steps tolerate a missing key: Invertd inverts them on a dict holding only the prediction (MONAI's
         # allow_missing_keys_mode does not reach inside a Compose subclass); a missing input still fails later
-        steps = [Orientationd(keys, axcodes="RAS", allow_missing_keys=True)]
+        # labels spelled out: MONAI's default is to change to the meta-tensor's space; RAS means RAS here
+        steps = [Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True)]
         if min_size > 0:
             steps.append(_RequireInPlaneSize(image_keys, min_size, allow_missing_keys=True))
         if pixdim > 0:
