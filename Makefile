@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy scale bench bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing scale bench bench-inference bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ study-prostate: setup
 
 study-dermoscopy: setup
 	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn harmofl prrfl local pooled --seeds 5 --preset standard --out docs/studies/dermoscopy
+
+study-spacing: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+pixdim=1.5 --seeds 5 --preset standard --out docs/studies/prostate_spacing
+
+## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
+bench-inference: setup
+	$(BIN)/python tools/benchmark_inference.py
 
 ## scale: time and memory against the number of sites and the image size
 scale: setup
