@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedharmony.data.datalist import SiteDataError, find_cases, list_volumes, load_datalist, split_cases
+from fedharmony.data.datalist import SiteDataError, find_cases, load_datalist, split_cases
 
 
 def test_split_is_by_case_disjoint_complete_and_seeded():
@@ -107,13 +107,6 @@ def test_prepare_tool_on_phantom_output(tiny_sites, tmp_path, capsys):
     assert "HK/Case02.nii.gz" in out and "no datalist written" in out  # HK drops to 2 usable cases
     assert (root / "BIDMC" / "datalist.json").is_file() and not (root / "HK" / "datalist.json").exists()
     assert json.loads((root / "sites.json").read_text()) == {"site-1": "BIDMC"}
-
-
-def test_list_volumes_skips_masks(tiny_sites, tmp_path):
-    vols = list_volumes(tiny_sites / "HK")
-    assert len(vols) == 3 and not any("segmentation" in v["image"] for v in vols)
-    with pytest.raises(SiteDataError, match="no NIfTI"):
-        list_volumes(tmp_path)
 
 
 def test_prepare_tool_keeps_an_existing_different_split(tiny_sites, tmp_path, capsys):

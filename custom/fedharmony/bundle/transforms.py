@@ -10,6 +10,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Orientationd, Resized, ResizeWithPadOrCropd, Spacingd
 
+from fedharmony.bundle.folder_inference import InputRejected
+
 
 class SlabToChannelsd(MapTransform):
     """Turn a 3-slice crop into a 2.5D sample.
@@ -158,8 +160,6 @@ class _RequireInPlaneSize(MapTransform):
         self.min_size = int(min_size)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        from fedharmony.bundle.folder_inference import InputRejected
-
         for key in self.key_iterator(data):
             x = data[key]
             h, w = x.shape[1:3]
@@ -185,8 +185,6 @@ class SelectVolumed(MapTransform):
         self.index, self.setting = index, setting
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        from fedharmony.bundle.folder_inference import InputRejected
-
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]

@@ -240,16 +240,3 @@ def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Pat
             check_case(entry["image"], entry.get("label"), site)
         out.append(entry)
     return out
-
-
-def list_volumes(folder: str | Path) -> List[dict]:
-    """Every NIfTI volume in a folder that is not a mask, as ``[{"image": path}]`` (for inference)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SiteDataError(f"input folder not found: {folder}")
-    vols = sorted(p for p in folder.iterdir()
-                  if p.is_file() and re.search(r"\.nii(\.gz)?$", p.name)
-                  and not re.search(r"_(segmentation|seg)\.nii", p.name, re.IGNORECASE))
-    if not vols:
-        raise SiteDataError(f"no NIfTI volumes (*.nii, *.nii.gz) in {folder}")
-    return [{"image": str(p.resolve())} for p in vols]

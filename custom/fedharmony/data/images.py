@@ -49,7 +49,7 @@ PathLike = Union[str, Path]
 # DICOM files without any ending, and a folder is read as a DICOM series
 _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dicom", ".ima")
 _NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
-_MASK_RE = re.compile(r"_(segmentation|seg)(\.nii(\.gz)?)?$", re.IGNORECASE)  # as datalist.list_volumes
+_MASK_RE = re.compile(r"_(segmentation|seg)(\.nii(\.gz)?)?$", re.IGNORECASE)  # masks are not inputs
 _IGNORED_NAMES = {DATALIST_NAME, SITE_MAP_NAME}
 _SERIES_UID, _SERIES_DESCRIPTION = "0020|000e", "0008|103e"
 
@@ -210,7 +210,7 @@ def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[Path
     """Scan a folder as a hospital hands it over: what can be segmented, and why the rest cannot.
 
     Inputs are NIfTI files (``.nii``, ``.nii.gz``; masks named ``*_segmentation.nii*`` or
-    ``*_seg.nii*`` are not inputs, as in ``fedharmony.data.datalist.list_volumes``) and folders
+    ``*_seg.nii*`` are not inputs) and folders
     holding exactly one usable DICOM series (a sub-folder named like a mask, e.g.
     ``Case00_segmentation/``, is not an input either). Only names and file headers are read:
     a corrupt NIfTI is found when it is loaded.
