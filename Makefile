@@ -18,9 +18,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python tools/demo.py
 
-## test: the whole pytest suite (unit + bundle + NVFlare simulator runs)
+## test: the whole pytest suite (unit + bundle + NVFlare simulator runs), in 2 pytest-xdist workers: federations
+## spend much of their time waiting (heartbeats, schedulers, process starts), so two run side by side; the POC
+## tests form one group (xdist_group "poc") because every POC federation listens on port 8002
 test: setup
-	$(BIN)/python -m pytest -ra --durations=25
+	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadgroup
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration" --durations=10
