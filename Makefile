@@ -18,11 +18,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python tools/demo.py
 
-## test: the whole pytest suite (unit + bundle + NVFlare simulator runs), in 2 pytest-xdist workers: federations
-## spend much of their time waiting (heartbeats, schedulers, process starts), so two run side by side; the POC
-## tests form one group (xdist_group "poc") because every POC federation listens on port 8002
+## test: the whole pytest suite (unit + bundle + NVFlare simulator runs), in 2 pytest-xdist workers, one test file
+## at a time each: federations spend much of their time waiting (heartbeats, schedulers, process starts), so two
+## run side by side; POC federations (fixed ports) take turns through a lock file (tests/conftest.py)
 test: setup
-	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration" --durations=10

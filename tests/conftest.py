@@ -1,10 +1,12 @@
 """Shared fixtures: tiny phantom sites written once per test session."""
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -40,20 +42,27 @@ POC_TOOL = [sys.executable, str(REPO / "tools" / "poc.py")]
 @contextlib.contextmanager
 def poc_federation(base: Path, *up_flags: str):
     """Three tiny phantom sites (BIDMC, HK, UCL) under ``base/data`` and a POC federation serving
-    them (``tools/poc.py up --sites 3 <up_flags>``), stopped and deleted on exit."""
+    them (``tools/poc.py up --sites 3 <up_flags>``), stopped and deleted on exit.
+
+    A POC federation listens on fixed ports (8002, 8003), so one runs on this machine at a time: a lock file
+    makes a second one (the other pytest-xdist worker, another test run) wait for the first to end."""
     from fedharmony.phantom import load_profiles, select_profiles
     from fedharmony.phantom.sites import write_sites
 
     data = base / "data"
     write_sites(data, select_profiles(load_profiles(), ["BIDMC", "HK", "UCL"]), seed=0, **TINY)
     root = base / "federation"
-    try:
-        res = subprocess.run(POC_TOOL + ["--root", str(root), "up", "--sites", "3", "--data-root", str(data),
-                                         *up_flags], capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        yield {"root": root, "data": data, "base": base}
-    finally:
-        subprocess.run(POC_TOOL + ["--root", str(root), "down", "--clean"], capture_output=True, timeout=300)
+    with open(Path(tempfile.gettempdir()) / "fedharmony-poc.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after `down`
+        try:
+            # NVFlare prints non-ASCII characters; decode them as UTF-8 whatever the machine's locale
+            res = subprocess.run(POC_TOOL + ["--root", str(root), "up", "--sites", "3", "--data-root", str(data),
+                                             *up_flags], capture_output=True, text=True, encoding="utf-8",
+                                 errors="replace", timeout=300)
+            assert res.returncode == 0, res.stdout + res.stderr
+            yield {"root": root, "data": data, "base": base}
+        finally:
+            subprocess.run(POC_TOOL + ["--root", str(root), "down", "--clean"], capture_output=True, timeout=300)
 
 
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")  # the venv's NVFlare command line

@@ -199,3 +199,55 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path):
         assert seg.shape == src.shape
         np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def _useless(network):
+    """The network with every parameter zeroed: logits 0 for every pixel, p = 1/2 (the unsupervised loss's
+    entropy at its maximum, ln 2), whatever the input."""
+    import copy
+
+    net = copy.deepcopy(network)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    return net
+
+
+@pytest.mark.parametrize("useless", ["candidate", "global"])
+def test_the_safeguard_keeps_the_network_with_the_lower_held_out_loss(tiny_sites, tmp_path, useless):
+    from fedharmony.methods.iopfl.adaptation import FallbackNetwork
+
+    _write_tiny_pool(tmp_path / "pool")
+    pool = load_pool(tmp_path / "pool", BUNDLE)
+    from fedharmony.methods.iopfl.routing import build_routed_network
+
+    experts = [_useless(e) for e in pool.experts] if useless == "candidate" else pool.experts
+    glob = build_test_time_network(pool, "global")
+    # margin 0: these untrained experts are barely better than useless ones (their entropy is near ln 2 too)
+    guarded = FallbackNetwork(build_routed_network(experts), _useless(glob) if useless == "global" else glob,
+                              margin=0.0, holdout_every=2)
+    loader = _volume_loader(tiny_sites / "HK")
+    history = TestTimeAdapter(guarded, loader, passes=1, lr=1e-3, min_size=32,
+                              log_file=str(tmp_path / "log.json")).run()
+    decision = history[-1]["safeguard"]
+    assert decision["held_out_chunks"] >= 1 and decision["kept"] == ("global" if useless == "candidate" else "adapted")
+    assert guarded.use_fallback == (useless == "candidate")
+    x = next(TestTimeAdapter(guarded, loader, min_size=32)._chunks())
+    with torch.no_grad():  # the forward goes to the network kept
+        kept = guarded.fallback if guarded.use_fallback else guarded.candidate
+        torch.testing.assert_close(guarded(x), kept(x))
+    assert json.loads((tmp_path / "log.json").read_text())[-1]["safeguard"] == decision
+
+
+def test_routing_safe_falls_back_to_global_when_the_experts_are_made_useless(tiny_sites, tmp_path):
+    # a pool whose personalized experts predict nothing (output layer zeroed): the routed mix is worse than the
+    # global model on the held-out volumes, so the site gets the global model, unchanged
+    experts = _tiny_experts(3)
+    personalized = {f"site-{i + 1}": _useless(e).state_dict() for i, e in enumerate(experts[:-1])}
+    write_pool(tmp_path / "pool", experts[-1].state_dict(), personalized, overrides=TINY_OVERRIDES)
+    pool = load_pool(tmp_path / "pool", BUNDLE)
+    net = build_test_time_network(pool, "routing_safe")
+    history = TestTimeAdapter(net, _volume_loader(tiny_sites / "HK"), passes=1, lr=1e-3, min_size=32).run()
+    assert history[-1]["safeguard"]["kept"] == "global" and net.use_fallback
+    glob = pool.experts[-1].state_dict()
+    assert all(torch.equal(v, glob[k]) for k, v in net.fallback.state_dict().items())

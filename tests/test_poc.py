@@ -15,7 +15,7 @@ import torch
 
 from conftest import NVFLARE, POC_TOOL, REPO, export_job, poc_federation
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("poc")]  # one POC federation at a time (port 8002)
+pytestmark = pytest.mark.integration
 SITE_TIMEOUT = 30  # seconds of silence before the server drops a site (NVFlare's default is ~11 min)
 
 

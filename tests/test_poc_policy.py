@@ -14,7 +14,7 @@ import torch
 
 from conftest import BUNDLE, POC_TOOL, REPO, TINY_OVERRIDES, export_job, poc_federation
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("poc")]  # one POC federation at a time (port 8002)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,7 @@ class Study:
         self.echo = echo
         self.command = command
         self.bundle_dir = REPO / "bundles" / self.spec.bundle
+        self._scales: Dict[tuple, str] = {}
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
@@ -129,7 +130,23 @@ class Study:
     def overrides(self, seed: int, method: str = "") -> dict:
         """The bundle overrides of a run: the task's, the preset's, the arm's own settings, the seed."""
         extra = {"task": self.task} if self.spec.bundle == "image_classification" else {}
-        return {**extra, **self.preset.overrides, **parse_arm(method)[1], "seed": seed}
+        settings = parse_arm(method)[1]
+        if settings.get("histogram_scale") == "federated":
+            settings["histogram_scale"] = self.federated_histogram_scale(seed, bool(settings.get("bias_correction")))
+        return {**extra, **self.preset.overrides, **settings, "seed": seed}
+
+    def federated_histogram_scale(self, seed: int, bias_correction: bool = False) -> str:
+        """The arm setting ``histogram_scale=federated``: the scale the seed's sites agree on from their training
+        volumes' landmark summaries (what ``tools/histogram_landmarks.py`` does across real sites)."""
+        from fedharmony.bundle.classical_harmonization import dataset_landmarks, format_scale, standard_scale
+
+        key = (seed, bias_correction)
+        if key not in self._scales:
+            data = self.data(seed)
+            summaries = [dataset_landmarks(data.train_root / folder, "training", bias_correction)
+                         for folder in data.sites.values()]
+            self._scales[key] = format_scale(standard_scale(summaries))
+        return self._scales[key]
 
     def config_files(self, method: str) -> List[str]:
         method = parse_arm(method)[0]

@@ -112,6 +112,11 @@ class ModelPool:
         """The in-plane spacing in mm the federation resampled to (0: each volume's own)."""
         return float(self.overrides.get("pixdim", 0.0))
 
+    @property
+    def intensity(self) -> str:
+        """How the federation scaled intensities (``zscore``, ``released`` or ``raw``; see fedharmony.bundle.intensity)."""
+        return str(self.overrides.get("intensity", "zscore"))
+
 
 def read_manifest(pool_dir: str | Path) -> dict:
     path = Path(pool_dir) / MANIFEST

@@ -10,8 +10,8 @@ the layer's input picks mixing weights r (B, K + 1) and the layer convolves with
 * every expert enters every routed layer (the released code drops one site in most layers);
 * the gate ends in a softmax, so the weights sum to 1: a one-hot gate reproduces that
   expert's convolution exactly and identical experts reproduce the single model for any
-  gate; the released sigmoid gate rescales kernels instead (kept as ``gate="sigmoid"``
-  to measure the difference);
+  gate; the released gate's sigmoid rescales kernels instead (``gate="released"`` is that
+  gate, for the released protocol; ``gate="sigmoid"`` is ours with only the output changed);
 * the gate's last layer starts at zero, so routing starts as the uniform mean of the
   experts' kernels and adaptation moves away from it (the released gate starts random);
 * the gate has no dropout, and the network's own dropout layers are removed: scoring is
@@ -35,17 +35,21 @@ from fedharmony.core.norm_layers import NORM_TYPES
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-GATE_ACTIVATIONS = ("softmax", "sigmoid")
+GATE_ACTIVATIONS = ("softmax", "sigmoid", "released")
+RELEASED_GATE_DROPOUT = 0.2
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 class ExpertGate(nn.Module):
     """Per-sample expert weights from a feature map: (B, C, *spatial) -> (B, E), rows summing to 1.
 
-    Global average pool -> Linear(C, hidden_ratio * C) -> ReLU -> Linear(., E) -> softmax.
-    The last layer starts at zero (uniform weights). ``fixed`` (E,) overrides the gate
-    (e.g. one-hot to score one expert through the routed network). ``activation="sigmoid"``
-    is the released code's gate (independent weights in (0, 1), not summing to 1).
+    ``softmax`` (ours): global average pool -> Linear(C, hidden_ratio * C) -> ReLU -> Linear(., E)
+    -> softmax, the last layer starting at zero (uniform weights).
+    ``sigmoid``: the same with a sigmoid output (independent weights in (0, 1), not summing to 1).
+    ``released``: the released code's gate: pool -> Linear -> dropout 0.2 -> Linear -> sigmoid, no
+    ReLU between the two linear layers, both randomly initialized (PyTorch's default); the dropout
+    acts in training mode (adaptation), not when scoring.
+    ``fixed`` (E,) overrides the gate (e.g. one-hot to score one expert through the routed network).
     """
 
     def __init__(self, in_channels: int, num_experts: int, hidden_ratio: int = 2, activation: str = "softmax"):
@@ -58,8 +62,9 @@ class ExpertGate(nn.Module):
         hidden = max(1, hidden_ratio * in_channels)
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, num_experts)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
+        if activation != "released":
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
         self.num_experts = num_experts
         self.fixed: Optional[torch.Tensor] = None
 
@@ -67,6 +72,8 @@ class ExpertGate(nn.Module):
         if self.fixed is not None:
             return self.fixed.to(x.device, x.dtype).expand(x.shape[0], -1)
         pooled = x.mean(dim=tuple(range(2, x.ndim)))
+        if self.activation == "released":  # functional dropout: remove_dropout() leaves it in place
+            return torch.sigmoid(self.fc2(F.dropout(self.fc1(pooled), RELEASED_GATE_DROPOUT, self.training)))
         logits = self.fc2(torch.relu(self.fc1(pooled)))
         return torch.softmax(logits, dim=1) if self.activation == "softmax" else torch.sigmoid(logits)
 
@@ -179,7 +186,7 @@ def build_routed_network(experts: Sequence[nn.Module], anchor: int = -1, hidden_
         anchor: the expert whose non-convolution parts (normalization affine, buffers such
             as HarmoFL's amplitude target) the routed network starts from.
         hidden_ratio: gate hidden width as a multiple of the layer's input channels.
-        gate: ``softmax`` (weights sum to 1) or ``sigmoid`` (the released code's gate).
+        gate: ``softmax`` (weights sum to 1), ``sigmoid`` or ``released`` (see :class:`ExpertGate`).
         batch_stats: normalize with the batch's statistics (IOP-FL, TENT); False keeps the
             anchor's running statistics, which adaptation then never changes.
 
