@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing scale bench bench-inference bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity scale bench bench-inference bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ study-dermoscopy: setup
 
 study-spacing: setup
 	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+pixdim=1.5 --seeds 5 --preset standard --out docs/studies/prostate_spacing
+
+## study-intensity: FedAvg and HarmoFL under z-scored and released (0-255) intensities, and FedAvg with federated
+## histogram standardization (5 seeds, standard preset)
+study-intensity: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+intensity=released harmofl harmofl+intensity=released fedavg+histogram_scale=federated --seeds 5 --preset standard --out docs/studies/prostate_intensity
 
 ## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
 bench-inference: setup
