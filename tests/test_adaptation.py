@@ -178,20 +178,29 @@ def _volume_loader_any(folder):
                       batch_size=1)
 
 
-def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path):
-    """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing."""
+@pytest.mark.parametrize("method", ["routing", "routing_safe"])
+def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method):
+    """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing
+    (routing_safe with the released entropy scale: and the safeguard's decision)."""
     _write_tiny_pool(tmp_path / "pool")
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
            "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
-           "--adaptation#passes", "2"]
+           "--adaptation#passes", "2", "--method", method]
+    if method == "routing_safe":
+        cmd += ["--adaptation#entropy", "released"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
     assert "adaptation pass 2/2" in log and "routing weights site-1" in log
     history = json.loads((out / "adaptation.json").read_text())
-    assert len(history) == 2 and set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
+    assert set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
+    if method == "routing_safe":  # the first of the 3 volumes was held out, the decision logged and kept
+        assert len(history) == 3 and history[-1]["safeguard"]["held_out_chunks"] == 1
+        assert "adaptation safeguard: held-out loss" in log
+    else:
+        assert len(history) == 2
     inputs = sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz"))
     assert len(list(out.glob("*_seg.nii.gz"))) == len(inputs)
     for vol in inputs:
@@ -215,6 +224,8 @@ def _useless(network):
 
 @pytest.mark.parametrize("useless", ["candidate", "global"])
 def test_the_safeguard_keeps_the_network_with_the_lower_held_out_loss(tiny_sites, tmp_path, useless):
+    # "candidate": routing over a pool whose experts are made useless falls back to the (intact) global model;
+    # "global": a useless fallback leaves the adapted network in place
     from fedharmony.methods.iopfl.adaptation import FallbackNetwork
 
     _write_tiny_pool(tmp_path / "pool")
@@ -239,15 +250,15 @@ def test_the_safeguard_keeps_the_network_with_the_lower_held_out_loss(tiny_sites
     assert json.loads((tmp_path / "log.json").read_text())[-1]["safeguard"] == decision
 
 
-def test_routing_safe_falls_back_to_global_when_the_experts_are_made_useless(tiny_sites, tmp_path):
-    # a pool whose personalized experts predict nothing (output layer zeroed): the routed mix is worse than the
-    # global model on the held-out volumes, so the site gets the global model, unchanged
-    experts = _tiny_experts(3)
-    personalized = {f"site-{i + 1}": _useless(e).state_dict() for i, e in enumerate(experts[:-1])}
-    write_pool(tmp_path / "pool", experts[-1].state_dict(), personalized, overrides=TINY_OVERRIDES)
-    pool = load_pool(tmp_path / "pool", BUNDLE)
-    net = build_test_time_network(pool, "routing_safe")
-    history = TestTimeAdapter(net, _volume_loader(tiny_sites / "HK"), passes=1, lr=1e-3, min_size=32).run()
-    assert history[-1]["safeguard"]["kept"] == "global" and net.use_fallback
-    glob = pool.experts[-1].state_dict()
-    assert all(torch.equal(v, glob[k]) for k, v in net.fallback.state_dict().items())
+def test_the_released_entropy_scale_is_b_over_c_ln2_times_ours():
+    from fedharmony.methods.iopfl.adaptation import entropy_loss
+
+    # B = 5 slices, C = 2 classes, p = (0.8, 0.2) everywhere: per-pixel entropy -(0.8 ln 0.8 + 0.2 ln 0.2)
+    logits = torch.zeros(5, 2, 4, 4)
+    logits[:, 0] = math.log(0.8)
+    logits[:, 1] = math.log(0.2)
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    assert float(entropy_loss(logits)) == pytest.approx(h, rel=1e-6)
+    assert float(entropy_loss(logits, "released")) == pytest.approx(h * 5 / (2 * math.log(2)), rel=1e-6)  # 3.6 x
+    with pytest.raises(ValueError, match="entropy scale must be one of"):
+        entropy_loss(logits, "bits")

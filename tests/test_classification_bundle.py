@@ -193,7 +193,12 @@ def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermosco
 
 @pytest.mark.integration
 def test_prrfl_on_the_prostate_sites(tiny_sites, tmp_path):
-    ws, run = _simulate("prostate.py", "prrfl", tiny_sites, tmp_path, TINY_OVERRIDES, threads=2)
+    # with the released half-open box (the symmetric default runs on dermoscopy above and in the unit tests)
+    ws, run = _simulate("prostate.py", "prrfl", tiny_sites, tmp_path, TINY_OVERRIDES, "--prrfl-box", "half_open",
+                        threads=2)
+    assert "Fourier aggregation of 2 deputies" in (ws / "server" / "log.txt").read_text()
+    server = json.loads(next(ws.rglob("config_fed_server.json")).read_text())
+    assert '"box": "half_open"' in json.dumps(server)
     summary = json.loads((run / "results" / "summary.json").read_text())
     assert summary["tag"] == "val_mean_dice" and set(summary["per_site"]) == {"site-1", "site-2"}
     cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())

@@ -262,3 +262,20 @@ def test_fourier_aggregator_broadcasts_mean_amplitudes_and_the_round_ratio():
     agg.reset_stats()
     with pytest.raises(RuntimeError, match="no site update"):
         agg.aggregate_model()
+
+
+def test_the_released_half_open_box_shares_one_bin_fewer_per_axis_off_centre():
+    from fedharmony.methods.prrfl.fourier_aggregation import low_frequency_mask, mix_amplitude
+
+    # 8 x 8, ratio 0.5: b = floor(8 * 0.5 / 2) = 2 around DC at index 4 (centred spectrum)
+    sym = np.fft.fftshift(low_frequency_mask(8, 8, 0.5))
+    half = np.fft.fftshift(low_frequency_mask(8, 8, 0.5, box="half_open"))
+    assert sym.sum() == 25 and half.sum() == 16  # shared fraction 25/64 against 16/64
+    assert half[2:6, 2:6].all() and not half[6, 4] and not half[4, 6]  # [c-2, c+2): +b is out, -b in
+    assert sym[2:7, 2:7].all()
+    # the half-open box breaks conjugate symmetry: the mixed matrix differs from the symmetric one's
+    rng = np.random.default_rng(0)
+    own, other = rng.normal(size=(8, 8)), np.abs(np.fft.fft2(rng.normal(size=(8, 8))))
+    assert not np.allclose(mix_amplitude(own, other, 0.5), mix_amplitude(own, other, 0.5, box="half_open"))
+    with pytest.raises(ValueError, match=r"box must be one of \['symmetric', 'half_open'\], got 'open'"):
+        low_frequency_mask(8, 8, 0.5, box="open")

@@ -142,3 +142,24 @@ def test_released_sigmoid_gate_is_available_and_does_not_sum_to_one():
     assert w.sum(1).min() > 1.4  # 3 experts x 0.5: kernels are scaled, not mixed
     with pytest.raises(ValueError, match="gate activation"):
         build_routed_network(_experts(2), gate="relu")
+
+
+def test_the_released_gate_has_no_relu_dropout_while_adapting_and_a_random_start():
+    from fedharmony.methods.iopfl.routing import ExpertGate
+
+    torch.manual_seed(0)
+    gate = ExpertGate(4, 3, hidden_ratio=2, activation="released")
+    assert gate.fc2.weight.abs().sum() > 0  # random start (ours starts at zero: uniform weights)
+    x = torch.randn(6, 4, 5, 5)
+    pooled = x.mean(dim=(2, 3))
+    gate.eval()  # scoring: no dropout; sigmoid(fc2(fc1(pool))) with nothing between the two layers
+    expected = torch.sigmoid(gate.fc2(gate.fc1(pooled)))
+    torch.testing.assert_close(gate(x), expected)
+    assert not torch.allclose(expected, torch.sigmoid(gate.fc2(torch.relu(gate.fc1(pooled)))))  # a ReLU would differ
+    gate.train()  # adapting: dropout 0.2 on the hidden layer
+    torch.manual_seed(1)
+    out = gate(x)
+    torch.manual_seed(1)
+    hidden = torch.nn.functional.dropout(gate.fc1(pooled), 0.2, True)
+    torch.testing.assert_close(out, torch.sigmoid(gate.fc2(hidden)))
+    assert not torch.allclose(out, expected)

@@ -166,3 +166,21 @@ def test_corrupt_nifti_is_named_in_the_server_log(tiny_sites, tmp_path):
     # the site's own error, naming the file, is in the server's log (not only the site's return code)
     assert f"task 'train' failed: SiteDataError: site 'HK': cannot read NIfTI {corrupt}" in server_log
     assert (data / "BIDMC" / "Case00.nii.gz").stat().st_size > 100  # nothing else touched
+
+
+def test_classical_harmonization_and_released_intensity_run_in_a_federation(tiny_sites, tmp_path):
+    """FedAvg on 2 sites with every new intensity setting at once: N4, the federation's histogram scale, and
+    the released 0-255 input (the settings travel as bundle overrides)."""
+    from fedharmony.bundle.classical_harmonization import dataset_landmarks, format_scale, standard_scale
+
+    scale = format_scale(standard_scale([dataset_landmarks(tiny_sites / s, bias_correction=True)
+                                         for s in ("BIDMC", "HK")]))
+    overrides = {**TINY_OVERRIDES, "intensity": "released", "bias_correction": True, "histogram_scale": scale}
+    job = export_job(tmp_path, "harmonized", "--no-cross-site-eval", algorithm="fedavg", rounds=1, sites=2,
+                     overrides=overrides)
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert client["executors"][0]["executor"]["args"]["overrides"]["histogram_scale"] == scale
+    run = _simulate(job, tmp_path / "ws", tiny_sites, threads=2)
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    dice = [float(r["value"]) for r in rows if r["tag"] == "val_mean_dice"]
+    assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)

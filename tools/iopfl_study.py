@@ -11,9 +11,11 @@
    all its cases are unseen) is segmented with the bundle's ``configs/routed_inference.json``
    once per method: the global model, each personalized model alone, the expert mean
    (parameter average), BN statistics (global model, batch statistics), TENT (global model,
-   entropy on norm affine), routing with the released code's sigmoid gate, routing with the
-   global model's running statistics instead of the batch's, and routing (IOP-FL: softmax gate,
-   batch statistics). No method sees a label; the written NIfTI
+   entropy on norm affine), routing with the released code's gate, routing with our gate's output
+   made a sigmoid, routing with the global model's running statistics instead of the batch's,
+   routing (IOP-FL: softmax gate, batch statistics), and routing guarded by the global model
+   (routing_safe: kept only if it lowers the unsupervised loss on held-out volumes). No method
+   sees a label; the written NIfTI
    masks are scored against H's labels afterwards (foreground Dice per volume, native grid).
 3. Cost on the first held-out site: the bundle CLI (``python -m monai.bundle run``) run as
    a separate process for the global model and for routing: wall time and peak RSS.
@@ -38,7 +40,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from bench_common import ensure_phantom_sites, header  # noqa: E402
 SITES = ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
-ADAPTIVE = ("bn_stats", "tent", "routing_sigmoid", "routing_source_stats", "routing")
+ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe")
 
 
 def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args) -> Path:
@@ -219,7 +221,7 @@ def main(argv=None):
         (out / "iopfl_study.json").write_text(json.dumps(results, indent=2) + "\n")
 
     methods = ["global", "personalized (mean of 5)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
-               "routing_sigmoid", "routing_source_stats", "routing"]
+               "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe"]
     outside = results["outside"]
     with open(out / "outside.csv", "w", newline="") as f:
         w = csv.writer(f)

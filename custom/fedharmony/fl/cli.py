@@ -89,6 +89,8 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--prrfl-r1", type=float, help="PRR-FL: ratio the schedule grows towards (default 0.95)")
     p.add_argument("--prrfl-alpha1", type=float, help="PRR-FL: recover threshold (default 0.7)")
     p.add_argument("--prrfl-alpha2", type=float, help="PRR-FL: sublimate threshold (default 0.9)")
+    p.add_argument("--prrfl-box", choices=["symmetric", "half_open"],
+                   help="PRR-FL: shared low-frequency box (default symmetric; half_open is the released code's)")
     p.add_argument("--prrfl-weighted", action="store_true",
                    help="PRR-FL: weight the mean amplitude by training-set size (default uniform)")
     p.add_argument("--ditto-lambda", type=float, help="Ditto: pull of the personalized model (default 0.1)")
@@ -116,7 +118,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     method_flags = {"mu": args.mu, "amp_mode": args.amp_mode, "amp_ratio": args.amp_ratio, "wp_alpha": args.wp_alpha,
                     "image_size": args.image_size, "iop_alpha": args.iop_alpha, "prrfl_r0": args.prrfl_r0,
                     "prrfl_r1": args.prrfl_r1, "prrfl_alpha1": args.prrfl_alpha1, "prrfl_alpha2": args.prrfl_alpha2,
-                    "prrfl_weighted": args.prrfl_weighted or None, "ditto_lambda": args.ditto_lambda,
+                    "prrfl_weighted": args.prrfl_weighted or None, "prrfl_box": args.prrfl_box, "ditto_lambda": args.ditto_lambda,
                     "ditto_epochs": args.ditto_epochs}
     try:
         recipe = FedHarmonyRecipe(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -46,9 +47,21 @@ ROUTING_VARIANTS = {  # method -> build_routed_network options
 }
 
 
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over pixels of the entropy (nats) of the softmax over classes; logits (B, C, *spatial)."""
-    return -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum(1).mean()
+ENTROPY_SCALES = ("nats", "released")
+
+
+def entropy_loss(logits: torch.Tensor, scale: str = "nats") -> torch.Tensor:
+    """Entropy of the softmax over classes; logits (B, C, *spatial).
+
+    ``nats``: mean over pixels of the per-pixel entropy in nats. ``released``: the released code's
+    ``-sum_batch(p log2 p)`` averaged over (C, *spatial), which is ``B / (C ln 2)`` times ``nats``.
+    """
+    if scale not in ENTROPY_SCALES:
+        raise ValueError(f"entropy scale must be one of {list(ENTROPY_SCALES)}, got {scale!r}")
+    plogp = torch.softmax(logits, 1) * torch.log_softmax(logits, 1)
+    if scale == "released":
+        return -(plogp / math.log(2)).sum(0).mean()
+    return -plogp.sum(1).mean()
 
 
 def boundary_loss(logits: torch.Tensor, window: int = 21) -> torch.Tensor:
@@ -83,17 +96,20 @@ class UnsupervisedLoss(nn.Module):
     """The IOP-FL test-time loss (see the module docstring); returns (total, {component: value})."""
 
     def __init__(self, w_ent: float = 10.0, w_cons: float = 0.1, w_shape: float = 1e-6, window: int = 21,
-                 noise_std: float = 0.5, seed: int = 0):
+                 noise_std: float = 0.5, seed: int = 0, entropy: str = "nats"):
         super().__init__()
         if min(w_ent, w_cons, w_shape) < 0 or noise_std < 0:
             raise ValueError("loss weights and noise_std must be >= 0")
+        if entropy not in ENTROPY_SCALES:
+            raise ValueError(f"entropy scale must be one of {list(ENTROPY_SCALES)}, got {entropy!r}")
+        self.entropy = entropy
         self.w_ent, self.w_cons, self.w_shape = float(w_ent), float(w_cons), float(w_shape)
         self.window, self.noise_std = window, float(noise_std)
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, network: nn.Module, x: torch.Tensor):
         logits = network(x)
-        parts = {"entropy": entropy_loss(logits)}
+        parts = {"entropy": entropy_loss(logits, self.entropy)}
         total = self.w_ent * parts["entropy"]
         if self.w_cons:
             u, inverse = augment(x, self.generator, self.noise_std)
@@ -159,7 +175,8 @@ class TestTimeAdapter:
         expert_names: names of the routing experts, for the logs.
         log_file: optional JSON file for the history.
 
-    With a :class:`FallbackNetwork`, every ``holdout_every``-th usable volume is held out of adaptation,
+    With a :class:`FallbackNetwork`, the first usable volume and every ``holdout_every``-th after it are held
+    out of adaptation,
     and after the last pass the candidate and the fallback are scored on the held-out volumes; the
     decision (both losses, the network kept) is logged and stored in ``history`` and ``log_file``.
     """
@@ -185,7 +202,7 @@ class TestTimeAdapter:
 
     def _chunks(self, held_out: Optional[bool] = None):
         """The chunks of every usable volume; with ``held_out`` True / False only the held-out / the other
-        volumes (every ``holdout_every``-th usable volume is held out)."""
+        volumes (the first usable volume and every ``holdout_every``-th after it are held out)."""
         n = 0
         every = getattr(self.network, "holdout_every", 0)
         for batch in self.dataloader:
@@ -199,7 +216,7 @@ class TestTimeAdapter:
                 continue
             for vol in torch.as_tensor(images):
                 n += 1
-                if held_out is not None and (n % every == 0) != held_out:
+                if held_out is not None and ((n - 1) % every == 0) != held_out:
                     continue
                 slabs = _volume_slabs(vol, self.divisible_by).to(self.device)
                 yield from torch.split(slabs, self.slices_per_batch)
@@ -222,7 +239,7 @@ class TestTimeAdapter:
         candidate, n = self._criterion(guarded.candidate)
         fallback, _ = self._criterion(guarded.fallback)
         if n == 0:
-            keep, why = False, "no volume was held out (fewer than holdout_every usable volumes)"
+            keep, why = False, "no usable volume to judge the adaptation on"
         else:
             keep = candidate < fallback * (1.0 - guarded.margin)
             why = (f"held-out loss {candidate:.4f} vs the global model's {fallback:.4f} "
@@ -330,8 +347,9 @@ def build_test_time_network(pool, method: str = "routing", device=None) -> nn.Mo
 
 
 def loss_for(method: str, w_ent: float = 10.0, w_cons: float = 0.1, w_shape: float = 1e-6, window: int = 21,
-             noise_std: float = 0.5, seed: int = 0) -> UnsupervisedLoss:
-    """The unsupervised loss a method adapts with: TENT is entropy only; routing uses all three terms."""
+             noise_std: float = 0.5, seed: int = 0, entropy: str = "nats") -> UnsupervisedLoss:
+    """The unsupervised loss a method adapts with: TENT is entropy only; routing uses all three terms
+    (``entropy="released"``: the released code's entropy scale, see :func:`entropy_loss`)."""
     if method == "tent":
-        return UnsupervisedLoss(w_ent=1.0, w_cons=0.0, w_shape=0.0, seed=seed)
-    return UnsupervisedLoss(w_ent, w_cons, w_shape, window, noise_std, seed)
+        return UnsupervisedLoss(w_ent=1.0, w_cons=0.0, w_shape=0.0, seed=seed, entropy=entropy)
+    return UnsupervisedLoss(w_ent, w_cons, w_shape, window, noise_std, seed, entropy)

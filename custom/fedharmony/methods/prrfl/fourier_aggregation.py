@@ -28,7 +28,8 @@ Unlike the released code: any number of sites, weighted or uniform mean, layers 
 tensor rank rather than by name, and a rectangle that is symmetric about DC (``[c - b, c + b]``).
 The released half-open box ``[c - b, c + b)`` breaks the conjugate symmetry of a real
 matrix's spectrum, so its inverse transform is complex and the imaginary part is dropped;
-with the symmetric box the result is real up to rounding.
+with the symmetric box the result is real up to rounding. ``box="half_open"`` reproduces the
+released box (the released protocol).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 DEFAULT_R0, DEFAULT_R1 = 0.7, 0.95  # the released start / end ratios
+BOXES = ("symmetric", "half_open")
+
+
+def check_box(box: str) -> str:
+    if box not in BOXES:
+        raise ValueError(f"box must be one of {list(BOXES)}, got {box!r}")
+    return box
 
 
 def check_ratio(ratio: float, name: str = "ratio") -> float:
@@ -87,18 +95,22 @@ def matrix_to_weight(matrix: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.moveaxis(np.asarray(matrix).reshape(moved_shape), -1, 0)
 
 
-def low_frequency_mask(height: int, width: int, ratio: float) -> np.ndarray:
+def low_frequency_mask(height: int, width: int, ratio: float, box: str = "symmetric") -> np.ndarray:
     """Boolean ``(height, width)`` mask of the shared low frequencies, in *unshifted* FFT order.
 
     In the centred spectrum (DC at ``(h // 2, w // 2)``) it is the rectangle
     ``[c - b, c + b]`` on each axis with ``b = floor(side * ratio / 2)``: symmetric about
-    DC, so ``ratio = 1`` covers the whole spectrum.
+    DC, so ``ratio = 1`` covers the whole spectrum. ``box="half_open"``: ``[c - b, c + b)``,
+    the released code's slice (one bin fewer per axis, off-centre).
+
+    Example (8 x 8, ratio 0.5, b = 2): symmetric 5 x 5 = 25 bins, half-open 4 x 4 = 16.
     """
-    ratio = check_ratio(ratio)
+    ratio, box = check_ratio(ratio), check_box(box)
     centred = np.zeros((height, width), dtype=bool)
     ch, cw = height // 2, width // 2
     bh, bw = int(np.floor(height * ratio / 2)), int(np.floor(width * ratio / 2))
-    centred[max(ch - bh, 0):min(ch + bh + 1, height), max(cw - bw, 0):min(cw + bw + 1, width)] = True
+    end = 0 if box == "half_open" else 1
+    centred[max(ch - bh, 0):min(ch + bh + end, height), max(cw - bw, 0):min(cw + bw + end, width)] = True
     return np.fft.ifftshift(centred)
 
 
@@ -106,14 +118,14 @@ def amplitude(matrix: np.ndarray) -> np.ndarray:
     return np.abs(np.fft.fft2(np.asarray(matrix, dtype=np.float64)))
 
 
-def mix_amplitude(own: np.ndarray, mean_amplitude: np.ndarray, ratio: float) -> np.ndarray:
+def mix_amplitude(own: np.ndarray, mean_amplitude: np.ndarray, ratio: float, box: str = "symmetric") -> np.ndarray:
     """One matrix: the low-frequency amplitudes become ``mean_amplitude``; own high frequencies and phase stay."""
     own = np.asarray(own, dtype=np.float64)
     mean_amplitude = np.asarray(mean_amplitude, dtype=np.float64)
     if own.shape != mean_amplitude.shape:
         raise ValueError(f"mean amplitude has shape {mean_amplitude.shape}, the weight matrix {own.shape}")
     spectrum = np.fft.fft2(own)
-    mask = low_frequency_mask(*own.shape, ratio)
+    mask = low_frequency_mask(*own.shape, ratio, box)
     mixed = np.where(mask, mean_amplitude, np.abs(spectrum))
     return np.real(np.fft.ifft2(mixed * np.exp(1j * np.angle(spectrum))))
 
@@ -166,7 +178,8 @@ def mean_amplitudes(deputies: Sequence[Mapping[str, object]], weights: Optional[
     return out
 
 
-def mix_amplitudes(deputy: Mapping[str, object], aggregate: Mapping[str, object], ratio: float) -> Dict[str, np.ndarray]:
+def mix_amplitudes(deputy: Mapping[str, object], aggregate: Mapping[str, object], ratio: float,
+                   box: str = "symmetric") -> Dict[str, np.ndarray]:
     """The site's part: its deputy after aggregation, from the server's :func:`mean_amplitudes` and ``L``.
 
     Keys of ``aggregate`` that the deputy lacks, or with another shape, are an error; the
@@ -181,7 +194,7 @@ def mix_amplitudes(deputy: Mapping[str, object], aggregate: Mapping[str, object]
         if agg.shape != out[k].shape:
             raise ValueError(f"aggregate {k!r} has shape {agg.shape}, the deputy has {out[k].shape}")
         if is_fourier_weight(agg.shape):
-            mixed = mix_amplitude(weight_to_matrix(out[k]), weight_to_matrix(agg), ratio)
+            mixed = mix_amplitude(weight_to_matrix(out[k]), weight_to_matrix(agg), ratio, box)
             out[k] = matrix_to_weight(mixed, agg.shape).astype(out[k].dtype)
         else:
             out[k] = agg.astype(out[k].dtype)
@@ -190,8 +203,8 @@ def mix_amplitudes(deputy: Mapping[str, object], aggregate: Mapping[str, object]
 
 def fourier_aggregate(deputies: Sequence[Mapping[str, object]], ratio: float,
                       weights: Optional[Sequence[float]] = None,
-                      names: Optional[Sequence[str]] = None) -> List[Dict[str, np.ndarray]]:
+                      names: Optional[Sequence[str]] = None, box: str = "symmetric") -> List[Dict[str, np.ndarray]]:
     """All deputies in, each site's own aggregated deputy out (same order)."""
     check_ratio(ratio)
     aggregate = mean_amplitudes(deputies, weights, names)
-    return [mix_amplitudes(d, aggregate, ratio) for d in deputies]
+    return [mix_amplitudes(d, aggregate, ratio, box) for d in deputies]

@@ -9,8 +9,9 @@ from fedharmony.core.aggregation import UpdateRejected
 from fedharmony.methods.prrfl.deputy import DEFAULT_ALPHA1, DEFAULT_ALPHA2, check_alphas
 from fedharmony.fl.aggregator import SiteUpdateAggregator
 from fedharmony.fl.recipe import BundleRecipe
-from fedharmony.methods.prrfl.fourier_aggregation import DEFAULT_R0, DEFAULT_R1, check_schedule, mean_amplitudes, ratio_schedule
-from fedharmony.methods.prrfl.site import FOURIER_RATIO
+from fedharmony.methods.prrfl.fourier_aggregation import (DEFAULT_R0, DEFAULT_R1, check_box, check_schedule, mean_amplitudes,
+                                                          ratio_schedule)
+from fedharmony.methods.prrfl.site import FOURIER_BOX, FOURIER_RATIO
 
 
 class FourierAggregator(SiteUpdateAggregator):
@@ -32,12 +33,15 @@ class FourierAggregator(SiteUpdateAggregator):
         r0, r1: the shared ratio grows linearly from ``r0`` (round 0) towards ``r1``.
         weigh_by_samples: weight sites by training-set size (default False: the released
             uniform mean).
+        box: the shared low-frequency box, ``symmetric`` (ours) or ``half_open`` (released), sent to
+            the sites with the ratio (meta ``prrfl_fourier_box``).
     """
 
     def __init__(self, num_rounds: int, r0: float = DEFAULT_R0, r1: float = DEFAULT_R1, local_keys: str = "",
-                 persistor_id: str = "persistor", weigh_by_samples: bool = False):
+                 persistor_id: str = "persistor", weigh_by_samples: bool = False, box: str = "symmetric"):
         super().__init__(local_keys=local_keys, persistor_id=persistor_id, weigh_by_samples=weigh_by_samples)
         self.r0, self.r1 = check_schedule(r0, r1)
+        self.box = check_box(box)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         self.num_rounds = num_rounds
@@ -65,7 +69,7 @@ class FourierAggregator(SiteUpdateAggregator):
         sites = self._contributors()
         params = mean_amplitudes([self._deputies[s][0] for s in sites], [self._deputies[s][1] for s in sites], sites)
         self.info(f"round {round_index}: Fourier aggregation of {len(sites)} deputies, shared ratio L = {ratio:.4f}")
-        return params, {FOURIER_RATIO: ratio}
+        return params, {FOURIER_RATIO: ratio, FOURIER_BOX: self.box}
 
     def reset_stats(self):
         super().reset_stats()
@@ -82,19 +86,21 @@ class PRRFLRecipe(BundleRecipe):
             (released 0.7, 0.95); both in (0, 1], r0 <= r1.
         prrfl_alpha1, prrfl_alpha2: the stage thresholds (released 0.7, 0.9).
         prrfl_weighted: weight the mean amplitude by training-set size (default: uniform, as released).
+        prrfl_box: ``symmetric`` (default) or ``half_open``, the released code's box ``[c - b, c + b)``.
     """
 
     method = "prrfl"
 
     def __init__(self, *, prrfl_r0: Optional[float] = None, prrfl_r1: Optional[float] = None,
                  prrfl_alpha1: Optional[float] = None, prrfl_alpha2: Optional[float] = None,
-                 prrfl_weighted: bool = False, **kwargs):
+                 prrfl_weighted: bool = False, prrfl_box: Optional[str] = None, **kwargs):
         self.r0, self.r1 = check_schedule(DEFAULT_R0 if prrfl_r0 is None else prrfl_r0,
                                           DEFAULT_R1 if prrfl_r1 is None else prrfl_r1)
         check_alphas(DEFAULT_ALPHA1 if prrfl_alpha1 is None else prrfl_alpha1,
                      DEFAULT_ALPHA2 if prrfl_alpha2 is None else prrfl_alpha2)
         self.alphas = {"prrfl_alpha1": prrfl_alpha1, "prrfl_alpha2": prrfl_alpha2}
         self.weighted = bool(prrfl_weighted)
+        self.box = check_box(prrfl_box or "symmetric")
         super().__init__(**kwargs)
 
     def check(self):
@@ -110,7 +116,8 @@ class PRRFLRecipe(BundleRecipe):
 
     def aggregator(self):
         return FourierAggregator(num_rounds=self.start_round + self.num_rounds, r0=self.r0, r1=self.r1,
-                                 local_keys=self.local_keys, persistor_id="persistor", weigh_by_samples=self.weighted)
+                                 local_keys=self.local_keys, persistor_id="persistor", weigh_by_samples=self.weighted,
+                                 box=self.box)
 
     def has_global_model(self):
         return False

@@ -10,6 +10,7 @@ from fedharmony.methods.base import RoundNotes, SiteMethod
 
 OVERLAY = "configs/prrfl.json"
 FOURIER_RATIO = "prrfl_fourier_ratio"  # meta key: the server's answer is mean amplitudes, mix them with this L
+FOURIER_BOX = "prrfl_fourier_box"  # meta key: the shared box's shape (symmetric, or the released half-open one)
 
 
 class PRRFLSite(SiteMethod):
@@ -52,7 +53,7 @@ class PRRFLSite(SiteMethod):
         own = {k: v.detach().cpu().numpy() for k, v in deputy.state_dict().items()}
         shared = {k: torch.as_tensor(v).numpy() for k, v in weights.items() if not is_local_key(k, self.local_keys)}
         try:
-            mixed = mix_amplitudes(own, shared, float(ratio))
+            mixed = mix_amplitudes(own, shared, float(ratio), str(meta.get(FOURIER_BOX, "symmetric")))
         except ValueError as e:
             raise ValueError(f"site {site.site_name!r}: cannot apply the Fourier aggregate: {e}") from None
         site.load_weights({k: torch.from_numpy(mixed[k]) for k in shared}, network=deputy)
