@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity scale bench bench-inference bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,9 @@ demo: setup
 
 ## test: the whole pytest suite (unit + bundle + NVFlare simulator runs), in 2 pytest-xdist workers, one test file
 ## at a time each: federations spend much of their time waiting (heartbeats, schedulers, process starts), so two
-## run side by side; POC federations (fixed ports) take turns through a lock file (tests/conftest.py)
+## run side by side; the two POC files (fixed ports) are one work unit, started first (tests/conftest.py)
 test: setup
-	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadfile
+	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration" --durations=10
@@ -45,14 +45,23 @@ study-dermoscopy: setup
 study-spacing: setup
 	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+pixdim=1.5 --seeds 5 --preset standard --out docs/studies/prostate_spacing
 
-## study-intensity: FedAvg and HarmoFL under z-scored and released (0-255) intensities, and FedAvg with federated
-## histogram standardization (5 seeds, standard preset)
+## study-intensity: FedAvg, FedBN, HarmoFL and FedAvg with federated histogram standardization (z-scored input, 5 seeds,
+## standard preset)
 study-intensity: setup
-	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+intensity=released harmofl harmofl+intensity=released fedavg+histogram_scale=federated --seeds 5 --preset standard --out docs/studies/prostate_intensity
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedbn harmofl fedavg+histogram_scale=federated --seeds 5 --preset standard --out docs/studies/prostate_intensity
+
+## study-released-input: FedAvg and HarmoFL on the released 0-255 input at the released learning rate, 1e-4 (one seed:
+## neither learns; at the bundle's 2e-3, FedAvg collapsed to empty masks by round 5)
+study-released-input: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg+intensity=released+learning_rate=0.0001 harmofl+intensity=released+learning_rate=0.0001 --seeds 1 --preset standard --out docs/studies/prostate_released_input
 
 ## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
 bench-inference: setup
 	$(BIN)/python tools/benchmark_inference.py
+
+## bench-classical: seconds per volume of N4 and histogram standardization against the z-score, 96 and 384 in-plane
+bench-classical: setup
+	$(BIN)/python tools/benchmark_classical_harmonization.py
 
 ## scale: time and memory against the number of sites and the image size
 scale: setup

@@ -21,6 +21,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY = dict(size=32, slices=8, cases=3)
 
 
+POC_TEST_FILES = ("tests/test_poc.py", "tests/test_poc_policy.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` (``-n 2 --dist loadfile``): one work unit per test file, except that both POC files are
+    one unit, so they run one after the other on one worker instead of the second worker idling on the
+    POC lock (see :func:`poc_federation`)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class POCTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            scope = super()._split_scope(nodeid)
+            return "poc" if scope.endswith(POC_TEST_FILES) else scope
+
+    return POCTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The POC tests first (their work unit is the longest: with ``--no-loadscope-reorder`` it then starts first
+    and the other worker takes the rest); the order within each file is kept."""
+    items.sort(key=lambda item: not item.nodeid.split("::")[0].endswith(POC_TEST_FILES))
+
+
 @pytest.fixture(scope="session")
 def tiny_sites(tmp_path_factory):
     from fedharmony.phantom import load_profiles, select_profiles
