@@ -176,9 +176,9 @@ class TestTimeAdapter:
         log_file: optional JSON file for the history.
 
     With a :class:`FallbackNetwork`, the first usable volume and every ``holdout_every``-th after it are held
-    out of adaptation,
-    and after the last pass the candidate and the fallback are scored on the held-out volumes; the
-    decision (both losses, the network kept) is logged and stored in ``history`` and ``log_file``.
+    out of adaptation, and after the last pass the candidate and the fallback are scored on the held-out
+    volumes; the decision (both losses, the network kept) is logged and stored in ``history`` and
+    ``log_file``.
     """
 
     __test__ = False  # not a pytest class, despite the name
@@ -233,7 +233,7 @@ class TestTimeAdapter:
             for x in self._chunks(held_out=True):
                 total += float(self.loss(network, x)[0])
                 n += 1
-        return (total / n if n else float("nan")), n
+        return (total / n if n else None), n  # None, not NaN: the decision goes to a JSON log
 
     def _decide(self, guarded: FallbackNetwork) -> dict:
         candidate, n = self._criterion(guarded.candidate)
