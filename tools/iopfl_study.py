@@ -70,8 +70,7 @@ def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int)
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "routed_inference.json"))
     parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(site_dir),
-                   "output_dir": str(out_dir), "method": method, "adaptation#passes": passes,
-                   "postprocessing#transforms#2#print_log": False})
+                   "output_dir": str(out_dir), "method": method, "adaptation#passes": passes})
     parser.get_parsed_content("initialize")
     adapter, evaluator = parser.get_parsed_content("adapter"), parser.get_parsed_content("evaluator")
     t0 = time.time()
