@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                 summaries.append(json.loads(Path(path).read_text()))
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path}: not a landmark summary ({type(e).__name__}: {e})") from None
-            if not {"percentiles", "landmarks", "count"} <= set(summaries[-1]):
+            if not isinstance(summaries[-1], dict) or not {"percentiles", "landmarks", "count"} <= set(summaries[-1]):
                 raise ValueError(f"{path}: not a landmark summary (needs percentiles, landmarks and count)")
         if len({bool(s.get("bias_correction", False)) for s in summaries}) > 1:
             raise ValueError("some sites computed their landmarks after N4 and some without: use one setting")

@@ -33,13 +33,15 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Hashable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Transform
+
+from fedharmony.bundle.intensity import PerKeyd
 
 LANDMARK_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 STANDARD_RANGE = (0.0, 100.0)
@@ -109,6 +111,9 @@ def standard_scale(summaries: Sequence[Mapping]) -> np.ndarray:
     for s in summaries:
         if s["percentiles"] != percentiles:
             raise ValueError(f"sites used different landmark percentiles: {percentiles} and {s['percentiles']}")
+        if len(s["landmarks"]) != len(percentiles) or float(s["count"]) <= 0:
+            raise ValueError(f"a site summary holds {len(s['landmarks'])} landmarks for {len(percentiles)} percentiles "
+                             f"and count {s['count']!r}: it is not a site_landmarks() summary")
     counts = np.array([float(s["count"]) for s in summaries])
     scale = (np.array([s["landmarks"] for s in summaries], dtype=np.float64) * counts[:, None]).sum(0) / counts.sum()
     if not np.all(np.diff(scale) > 0):
@@ -154,9 +159,13 @@ def parse_scale(text: str) -> np.ndarray | None:
         scale = np.array([float(v) for v in str(text).split(",")])
     except ValueError:
         raise ValueError(f"histogram_scale must be {len(LANDMARK_PERCENTILES)} comma-separated numbers, got {text!r}") from None
-    if scale.size != len(LANDMARK_PERCENTILES) or not np.all(np.isfinite(scale)) or not np.all(np.diff(scale) > 0):
+    return _checked_scale(scale, text)
+
+
+def _checked_scale(scale: np.ndarray, shown) -> np.ndarray:
+    if scale.shape != (len(LANDMARK_PERCENTILES),) or not np.all(np.isfinite(scale)) or not np.all(np.diff(scale) > 0):
         raise ValueError(f"histogram_scale must be {len(LANDMARK_PERCENTILES)} increasing numbers (one per landmark "
-                         f"percentile {list(LANDMARK_PERCENTILES)}), got {text!r}")
+                         f"percentile {list(LANDMARK_PERCENTILES)}), got {shown!r}")
     return scale
 
 
@@ -170,9 +179,10 @@ class HistogramStandardize(Transform):
     """
 
     def __init__(self, scale: Sequence[float] | str = "", min_voxels: int = MIN_FOREGROUND_VOXELS):
-        self.scale = parse_scale(scale) if isinstance(scale, str) else np.asarray(scale, dtype=np.float64)
-        if self.scale is not None:
-            parse_scale(format_scale(self.scale))  # same checks for a sequence
+        if isinstance(scale, str):
+            self.scale = parse_scale(scale)
+        else:
+            self.scale = _checked_scale(np.asarray(scale, dtype=np.float64), list(scale))
         self.min_voxels = min_voxels
 
     def __call__(self, img):
@@ -238,40 +248,20 @@ class N4BiasCorrection(Transform):
         return _like(img, np.stack(channels))
 
 
-class N4BiasCorrectiond(MapTransform):
+class N4BiasCorrectiond(PerKeyd):
     """Dictionary version of :class:`N4BiasCorrection`; an error names the key and the file."""
 
     def __init__(self, keys: KeysCollection, shrink: int = 4, iterations: Sequence[int] = (50, 50, 50),
                  enabled: bool = True, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.n4 = N4BiasCorrection(shrink, iterations, enabled)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            try:
-                d[key] = self.n4(d[key])
-            except ValueError as e:
-                raise ValueError(f"N4BiasCorrectiond({key!r}) on {_source(d[key])}: {e}") from None
-        return d
+        super().__init__(keys, N4BiasCorrection(shrink, iterations, enabled), allow_missing_keys)
 
 
-class HistogramStandardized(MapTransform):
+class HistogramStandardized(PerKeyd):
     """Dictionary version of :class:`HistogramStandardize`; an error names the key and the file."""
 
     def __init__(self, keys: KeysCollection, scale: Sequence[float] | str = "",
                  min_voxels: int = MIN_FOREGROUND_VOXELS, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.standardize = HistogramStandardize(scale, min_voxels)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            try:
-                d[key] = self.standardize(d[key])
-            except ValueError as e:
-                raise ValueError(f"HistogramStandardized({key!r}) on {_source(d[key])}: {e}") from None
-        return d
+        super().__init__(keys, HistogramStandardize(scale, min_voxels), allow_missing_keys)
 
 
 def _like(img, values: np.ndarray) -> torch.Tensor:
@@ -280,11 +270,6 @@ def _like(img, values: np.ndarray) -> torch.Tensor:
     if isinstance(img, MetaTensor):
         return MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations))
     return out
-
-
-def _source(x) -> str:
-    meta = getattr(x, "meta", None) or {}
-    return str(meta.get("filename_or_obj", "an in-memory volume"))
 
 
 __all__: Sequence[str] = ["LANDMARK_PERCENTILES", "STANDARD_RANGE", "volume_landmarks", "site_landmarks",

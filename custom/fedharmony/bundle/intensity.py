@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
@@ -53,7 +53,7 @@ class VolumeIntensity(Transform):
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         x = img if isinstance(img, torch.Tensor) else torch.as_tensor(img)
-        if not torch.isfinite(torch.as_tensor(x)).all():
+        if not torch.isfinite(x).all():
             raise ValueError(f"the volume {tuple(x.shape)} holds NaN or Inf values")
         x = x.float() if not x.is_floating_point() else x
         if self.mode == "zscore":
@@ -63,21 +63,36 @@ class VolumeIntensity(Transform):
         return x
 
 
-class VolumeIntensityd(MapTransform):
-    """Dictionary version of :class:`VolumeIntensity`; an error names the key."""
+class PerKeyd(MapTransform):
+    """Dictionary version of an array transform: ``transform`` applied to each key. A ``ValueError`` it raises
+    comes back naming this transform (``label``), the key and the file the volume came from."""
 
-    def __init__(self, keys: KeysCollection, mode: str = "zscore", allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, transform: Callable, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.intensity = VolumeIntensity(mode)
+        self.transform = transform
+
+    def label(self, key: Hashable) -> str:
+        return f"{type(self).__name__}({key!r})"
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             try:
-                d[key] = self.intensity(d[key])
+                d[key] = self.transform(d[key])
             except ValueError as e:
-                raise ValueError(f"VolumeIntensityd({key!r}, mode={self.intensity.mode!r}): {e}") from None
+                source = (getattr(d[key], "meta", None) or {}).get("filename_or_obj", "an in-memory volume")
+                raise ValueError(f"{self.label(key)} on {source}: {e}") from None
         return d
 
 
-__all__: Sequence[str] = ["INTENSITY_MODES", "check_intensity_mode", "VolumeIntensity", "VolumeIntensityd"]
+class VolumeIntensityd(PerKeyd):
+    """Dictionary version of :class:`VolumeIntensity`; an error names the key, the mode and the file."""
+
+    def __init__(self, keys: KeysCollection, mode: str = "zscore", allow_missing_keys: bool = False):
+        super().__init__(keys, VolumeIntensity(mode), allow_missing_keys)
+
+    def label(self, key: Hashable) -> str:
+        return f"{type(self).__name__}({key!r}, mode={self.transform.mode!r})"
+
+
+__all__: Sequence[str] = ["INTENSITY_MODES", "check_intensity_mode", "VolumeIntensity", "VolumeIntensityd", "PerKeyd"]
