@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-iopfl-unseen scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,17 @@ study-intensity: setup
 ## neither learns; at the bundle's 2e-3, FedAvg collapsed to empty masks by round 5)
 study-released-input: setup
 	$(BIN)/python tools/study.py --task prostate --methods fedavg+intensity=released+learning_rate=0.0001 harmofl+intensity=released+learning_rate=0.0001 --seeds 1 --preset standard --out docs/studies/prostate_released_input
+
+## study-released-protocol: HarmoFL's released protocol against FedAvg on the same released input and network (5 seeds)
+study-released-protocol: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg+intensity=released+norm=batch_stats_only+num_res_units=0 harmofl+protocol=released --seeds 5 --preset standard --out docs/studies/prostate_released_protocol
+
+## study-iopfl-unseen: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds, with the routing sweep;
+## the report is copied to docs/studies/iopfl_unseen/
+study-iopfl-unseen: setup
+	$(BIN)/python tools/iopfl_study.py --seeds 3 --unseen --holdout --sweep --out workspace/iopfl_unseen
+	mkdir -p docs/studies/iopfl_unseen
+	cp workspace/iopfl_unseen/report.md workspace/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/outside.csv workspace/iopfl_unseen/outside_dice.png docs/studies/iopfl_unseen/
 
 ## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
 bench-inference: setup

@@ -1,5 +1,6 @@
 """IOP-FL test-time adaptation: losses, the adaptation loop, the model pool and the routed bundle config."""
 
+import copy
 import json
 import math
 import subprocess
@@ -178,21 +179,30 @@ def _volume_loader_any(folder):
                       batch_size=1)
 
 
-@pytest.mark.parametrize("method", ["routing", "routing_safe"])
+@pytest.mark.parametrize("method", ["routing", "routing_safe", "routing_online"])
 def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method):
     """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing
-    (routing_safe with the released entropy scale: and the safeguard's decision)."""
+    (routing_safe with the released entropy scale: and the safeguard's decision; routing_online: the released
+    schedule, one step per batch of 5 slices during inference, no pass before)."""
     _write_tiny_pool(tmp_path / "pool")
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
            "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
-           "--adaptation#passes", "2", "--method", method]
+           "--adaptation#passes", "2", "--method", method.replace("_online", "")]
     if method == "routing_safe":
         cmd += ["--adaptation#entropy", "released"]
+    if method == "routing_online":
+        cmd += ["--adaptation#schedule", "online"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
+    inputs = sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz"))
+    if method == "routing_online":  # tiny volumes have 8 slices: 2 batches (5 + 3) per volume, one step each
+        assert "adaptation pass" not in log and "online adaptation: one step per batch of 5 slices" in log
+        assert f"online adaptation: {2 * len(inputs)} steps" in log
+        assert len(list(out.glob("*_seg.nii.gz"))) == len(inputs)
+        return
     assert "adaptation pass 2/2" in log and "routing weights site-1" in log
     history = json.loads((out / "adaptation.json").read_text())
     assert set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
@@ -201,7 +211,6 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method
         assert "adaptation safeguard: held-out loss" in log
     else:
         assert len(history) == 2
-    inputs = sorted((tiny_sites / "BIDMC").glob("Case??.nii.gz"))
     assert len(list(out.glob("*_seg.nii.gz"))) == len(inputs)
     for vol in inputs:
         src, seg = nib.load(str(vol)), nib.load(str(out / vol.name.replace(".nii.gz", "_seg.nii.gz")))
@@ -262,3 +271,29 @@ def test_the_released_entropy_scale_is_b_over_c_ln2_times_ours():
     assert float(entropy_loss(logits, "released")) == pytest.approx(h * 5 / (2 * math.log(2)), rel=1e-6)  # 3.6 x
     with pytest.raises(ValueError, match="entropy scale must be one of"):
         entropy_loss(logits, "bits")
+
+
+def test_the_online_schedule_steps_on_each_batch_then_segments_it_with_the_updated_network():
+    """The released schedule: under the evaluator's no_grad, each call takes one step and the returned logits
+    are those of the network after that step."""
+    from fedharmony.methods.iopfl.adaptation import OnlineAdaptation, UnsupervisedLoss, with_schedule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                              torch.nn.Conv2d(4, 2, 1))
+    before = copy.deepcopy(net.state_dict())
+    online = with_schedule(net, "online", UnsupervisedLoss(w_cons=0.0, w_shape=0.0), lr=1e-2)
+    assert isinstance(online, OnlineAdaptation)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():  # as MONAI's evaluator calls the inferer
+        out = online(x)
+        assert len(online.history) == 1
+        assert not torch.equal(net[0].weight, before["0.weight"])  # it stepped
+        torch.testing.assert_close(out, net(x))  # and segmented with the stepped network
+        online(x)
+    assert len(online.history) == 2
+    assert with_schedule(net, "passes", UnsupervisedLoss(), 1e-3) is net
+    with pytest.raises(ValueError, match="adaptation schedule must be one of \\('passes', 'online'\\), got 'batch'"):
+        with_schedule(net, "batch", UnsupervisedLoss(), 1e-3)
+    with pytest.raises(ValueError, match="routing_safe judges the adapted network"):
+        with_schedule(net, "online", UnsupervisedLoss(), 1e-3, method="routing_safe")

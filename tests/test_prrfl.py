@@ -279,3 +279,21 @@ def test_the_released_half_open_box_shares_one_bin_fewer_per_axis_off_centre():
     assert not np.allclose(mix_amplitude(own, other, 0.5), mix_amplitude(own, other, 0.5, box="half_open"))
     with pytest.raises(ValueError, match=r"box must be one of \['symmetric', 'half_open'\], got 'open'"):
         low_frequency_mask(8, 8, 0.5, box="open")
+
+
+def test_the_released_batchmean_kl_is_hw_times_ours_for_segmentation_and_equal_for_classification():
+    torch.manual_seed(0)
+    seg_s, seg_t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    # by hand: the per-pixel KL summed over all pixels of the batch, divided by the batch size
+    p = torch.softmax(seg_t, 1)
+    by_hand = (p * (torch.log_softmax(seg_t, 1) - torch.log_softmax(seg_s, 1))).sum() / 2
+    assert float(distillation_kl(seg_s, seg_t, "batchmean")) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(distillation_kl(seg_s, seg_t, "batchmean")) == pytest.approx(
+        20 * float(distillation_kl(seg_s, seg_t)), rel=1e-6)
+    cls_s, cls_t = torch.randn(4, 3), torch.randn(4, 3)
+    assert float(distillation_kl(cls_s, cls_t, "batchmean")) == pytest.approx(float(distillation_kl(cls_s, cls_t)))
+    # PyTorch's own batchmean agrees
+    ref = torch.nn.functional.kl_div(torch.log_softmax(seg_s, 1), torch.softmax(seg_t, 1), reduction="batchmean")
+    assert float(distillation_kl(seg_s, seg_t, "batchmean")) == pytest.approx(float(ref), rel=1e-6)
+    with pytest.raises(ValueError, match=r"KL reduction must be one of \('mean', 'batchmean'\), got 'sum'"):
+        distillation_kl(cls_s, cls_t, "sum")

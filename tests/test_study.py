@@ -64,6 +64,26 @@ def test_an_arm_is_a_method_with_its_own_bundle_settings_run_and_cached_apart(tm
     assert study.run_dir("fedavg+pixdim=1.5", 1).parts[-2:] == ("fedavg+pixdim=1.5", "seed1")
 
 
+def test_a_protocol_arm_becomes_the_protocols_bundle_settings_sized_on_the_seeds_data(tmp_path):
+    from fedharmony.data.datalist import smallest_split
+    from fedharmony.methods.protocols import released_bundle_overrides
+    from fedharmony.study.runner import Study
+
+    study = Study("prostate", ["harmofl+protocol=released", "prrfl+protocol=released"], 1, "smoke", tmp_path)
+    data = study.data(0)
+    smallest = smallest_split(data.train_root, num_sites=len(data.sites))[0]
+    overrides = study.overrides(0, "harmofl+protocol=released")
+    assert "protocol" not in overrides  # a job flag, not a bundle id
+    assert overrides == {**study.overrides(0, "harmofl"),
+                         **released_bundle_overrides("harmofl", max_train_cases=smallest)}
+    assert study.overrides(0, "prrfl+protocol=released") == {**study.overrides(0, "prrfl"),
+                                                             "prrfl_kl_reduction": "batchmean"}
+    with pytest.raises(ValueError, match="arm 'fedbn\\+protocol=released': fedbn has no released protocol"):
+        check_methods("prostate", ["fedbn+protocol=released"])
+    with pytest.raises(ValueError, match="protocol 'released' sets intensity='released' \\(given 'zscore'\\)"):
+        study.overrides(0, "harmofl+protocol=released+intensity=zscore")
+
+
 def test_a_cached_run_is_used_only_when_complete_and_made_with_the_same_settings():
     good = {"settings_key": "k", "site_scores": {"A": 0.7, "B": 0.6}}
     assert validate_result(good, "k", ["A", "B"]) is None

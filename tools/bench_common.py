@@ -11,11 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ensure_phantom_sites(data: Path, cases: int) -> Path:
-    """Write the 6 phantom prostate sites to ``data`` unless a ``sites.json`` is already there."""
+def ensure_phantom_sites(data: Path, cases: int, seed: int = 0) -> Path:
+    """Write the 6 phantom prostate sites (drawn with ``seed``) to ``data`` unless a ``sites.json`` is already there."""
     if not (data / "sites.json").is_file():
         subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out", str(data),
-                        "--cases", str(cases)], check=True, capture_output=True)
+                        "--cases", str(cases), "--seed", str(seed)], check=True, capture_output=True)
     return data
 
 

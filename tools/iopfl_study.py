@@ -1,27 +1,37 @@
 #!/usr/bin/env python
-"""IOP-FL on the 6 phantom prostate sites: inside (personalized vs global) and leave-one-site-out outside.
+"""IOP-FL on the phantom prostate sites: inside (personalized vs global), outside on scanners no
+site has, and leave-one-site-out, over several seeds.
 
-    python tools/iopfl_study.py [--rounds 20] [--local-epochs 2] [--cases 10] [--passes 2]
-                                [--holdout BIDMC HK ...] [--no-inside] [--out workspace/iopfl]
+    python tools/iopfl_study.py [--seeds 3] [--rounds 20] [--local-epochs 2] [--cases 10] [--passes 2]
+                                [--unseen] [--holdout BIDMC HK ...] [--no-inside] [--sweep]
+                                [--out workspace/iopfl]
 
-1. Inside: one IOP-FL federation on all 6 sites (NVFlare simulator); each site's test split
-   scored with the global model and with the site's own personalized model (cross-site matrix).
-2. Outside, for each held-out site H: an IOP-FL federation on the other 5 sites gives the
-   model pool (global + 5 personalized models); then every volume of H (it never trained,
-   all its cases are unseen) is segmented with the bundle's ``configs/routed_inference.json``
-   once per method: the global model, each personalized model alone, the expert mean
-   (parameter average), BN statistics (global model, batch statistics), TENT (global model,
-   entropy on norm affine), routing with the released code's gate, routing with our gate's output
-   made a sigmoid, routing with the global model's running statistics instead of the batch's,
-   routing (IOP-FL: softmax gate, batch statistics), and routing guarded by the global model
-   (routing_safe: kept only if it lowers the unsupervised loss on held-out volumes). No method
-   sees a label; the written NIfTI
-   masks are scored against H's labels afterwards (foreground Dice per volume, native grid).
-3. Cost on the first held-out site: the bundle CLI (``python -m monai.bundle run``) run as
-   a separate process for the global model and for routing: wall time and peak RSS.
+Seed k draws the phantom data with seed k and trains with the bundle's ``seed`` = k; seeds are the
+replicates, so every CI below is over seeds (per seed: the mean over the sites it scores).
 
-Writes OUT/iopfl_study.json, OUT/outside.csv, OUT/outside_dice.png and prints Markdown tables
-(machine, versions and command first).
+1. Inside: one IOP-FL federation on all 6 sites (NVFlare simulator) per seed; each site's test
+   split scored with the global model and with the site's own personalized model (cross-site matrix).
+2. Outside, unseen scanners (``--unseen``): the inside federation's model pool segments every volume
+   of each scanner in ``--unseen-profiles`` (default: ``fedharmony/phantom/prostate_unseen_scanners.json``,
+   profiles none of the six sites has), drawn with the seed.
+3. Outside, leave-one-site-out (``--holdout``): for each held-out site H, an IOP-FL federation on the
+   other 5 sites gives the model pool, which segments every volume of H.
+
+Each outside site is segmented with the bundle's ``configs/routed_inference.json`` once per method:
+the global model, each personalized model alone, the expert mean (parameter average), BN statistics,
+TENT, routing with the released gate, routing with our gate made a sigmoid, routing with the global
+model's running statistics, routing (IOP-FL), and routing guarded by the global model (routing_safe).
+For routing_safe the adapted candidate is also scored on its own, so the table shows whether the
+safeguard's unsupervised criterion picked the network with the better Dice. ``--sweep`` adds routing
+with 10x the learning rate and with 4x the passes (does the routing move away from the experts' mean
+with more or larger steps, and does it help?). No method sees a label; the written NIfTI masks are
+scored against the site's labels afterwards (foreground Dice per volume, native grid).
+
+4. Cost on the first outside site: the bundle CLI (``python -m monai.bundle run``) run as a
+   separate process for the global model and for routing: wall time and peak RSS.
+
+Writes OUT/iopfl_study.json (resumable: a finished (site, seed) is not rerun), OUT/outside.csv,
+OUT/outside_dice.png and OUT/report.md, the Markdown tables it prints (machine, versions and command first).
 """
 
 import argparse
@@ -39,20 +49,31 @@ BUNDLE = REPO / "bundles" / "prostate_mri_seg"
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_common import ensure_phantom_sites, header  # noqa: E402
+
 SITES = ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
+UNSEEN_PROFILES = REPO / "custom" / "fedharmony" / "phantom" / "prostate_unseen_scanners.json"
 ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe")
+# --sweep: routing with larger or more steps; name -> (bundle method, adaptation overrides, passes factor)
+SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
+         "routing passes x4": ("routing", {}, 4)}
+SAFE_CANDIDATE = "routing_safe (adapted, always)"
+TIE = 0.005  # a Dice gap the safeguard may get either way
+MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
+TABLE = ["global", "personalized (mean)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
+         "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe", SAFE_CANDIDATE]
 
 
-def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args) -> Path:
-    """One IOP-FL federation in the simulator; returns the server's run folder."""
+def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args, seed: int) -> Path:
+    """One IOP-FL federation in the simulator (bundle seed = ``seed``); returns the server's run folder."""
     ws_root = out / "sim"
     run = ws_root / name / "server" / "simulate_job"
-    if args.reuse and (run / "model_pool" / "manifest.json").is_file():
+    if (run / "model_pool" / "manifest.json").is_file():
         print(f"  {name}: reused {run}", file=sys.stderr, flush=True)
         return run
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "iopfl", "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", str(n_sites), "--data-root", str(data_root),
-           "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(args.iop_alpha), "--verbose"]
+           "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(args.iop_alpha),
+           "--override", json.dumps({"seed": seed}), "--verbose"]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -63,19 +84,37 @@ def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args) -> Path
     return run
 
 
-def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int) -> dict:
-    """Run the bundle's routed inference config in this process for one method; returns timings."""
+def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int, seed: int,
+            extra: dict | None = None, candidate_dir: Path | None = None) -> dict:
+    """Run the bundle's routed inference config in this process for one method; returns timings.
+
+    For ``routing_safe`` with ``candidate_dir``, the adapted candidate is also written there, whatever the
+    safeguard decided, so its Dice can be set against the decision.
+    """
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "routed_inference.json"))
     parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(site_dir),
-                   "output_dir": str(out_dir), "method": method, "adaptation#passes": passes})
+                   "output_dir": str(out_dir), "method": method, "adaptation#passes": passes,
+                   "adaptation#seed": seed, **(extra or {})})
     parser.get_parsed_content("initialize")
     adapter, evaluator = parser.get_parsed_content("adapter"), parser.get_parsed_content("evaluator")
     t0 = time.time()
     adapter.run()
     t1 = time.time()
+    if candidate_dir is not None:
+        network = parser.get_parsed_content("network")
+        decided = network.use_fallback
+        network.use_fallback = False
+        evaluator.run()
+        if candidate_dir.exists():
+            import shutil
+
+            shutil.rmtree(candidate_dir)
+        Path(out_dir).rename(candidate_dir)
+        network.use_fallback = decided
+        t1 = time.time()
     evaluator.run()
     return {"adapt_s": t1 - t0, "infer_s": time.time() - t1, "history": adapter.history}
 
@@ -117,133 +156,314 @@ def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int
     return {"wall_s": wall, "peak_rss_mib": int(peak[-1]) / 1024}
 
 
-def plot(outside: dict, methods: list, path: Path):
+def site_means(runs: dict, methods: list) -> dict:
+    """{site: {method: mean over seeds}} of one kind of outside result ({site: {seed: result}})."""
+    return {site: {m: sum(r["mean"][m] for r in by_seed.values()) / len(by_seed) for m in methods}
+            for site, by_seed in runs.items()}
+
+
+def plot(panels: dict, methods: list, path: Path):
+    """One bar panel per kind of outside result: each site's Dice (mean over seeds) and the mean over sites."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    sites = list(outside)
-    x = np.arange(len(sites) + 1)
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(x)), 4.5))
-    for i, m in enumerate(methods):
-        vals = [outside[s]["mean"][m] for s in sites]
-        ax.bar(x + (i - len(methods) / 2 + 0.5) * width, vals + [sum(vals) / len(vals)], width, label=m)
-    ax.set_xticks(x, [*sites, "mean"])
-    ax.set_ylabel("foreground Dice (held-out site, all volumes)")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=3)
-    ax.set_title("IOP-FL outside personalization: leave-one-site-out on the phantom sites", fontsize=10)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4.2 * len(panels)), squeeze=False)
+    for ax, (title, runs) in zip(axes[:, 0], panels.items()):
+        means = site_means(runs, methods)
+        sites = list(means)
+        x = np.arange(len(sites) + 1)
+        width = 0.85 / len(methods)
+        for i, m in enumerate(methods):
+            vals = [means[s][m] for s in sites]
+            ax.bar(x + (i - len(methods) / 2 + 0.5) * width, vals + [sum(vals) / len(vals)], width, label=m,
+                   color=plt.cm.tab20(i % 20))  # more methods than the default cycle's 10 colours
+        ax.set_xticks(x, [*sites, "mean"])
+        ax.set_ylabel("foreground Dice (mean over seeds)")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(title, fontsize=10)
+    axes[0, 0].legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def difference_rows(runs: dict, methods: list, baseline: str = "global") -> list:
+    """Markdown rows: each method minus the baseline on the mean over sites (per seed, then a CI over seeds),
+    and on the worst site (the site whose mean-over-seeds difference is lowest)."""
+    from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval
+
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed}, key=int)
+    complete = [s for s in seeds if all(s in by_seed for by_seed in runs.values())]
+    rows = []
+    for m in methods:
+        if m == baseline:
+            continue
+        diffs = [sum(runs[site][s]["mean"][m] - runs[site][s]["mean"][baseline] for site in runs) / len(runs)
+                 for s in complete]
+        mean, lo, hi = t_interval(diffs)
+        _, blo, bhi = bootstrap_ci(diffs) if len(diffs) > 1 else (0.0, float("nan"), float("nan"))
+        per_site = {site: sum(r["mean"][m] - r["mean"][baseline] for r in by_seed.values()) / len(by_seed)
+                    for site, by_seed in runs.items()}
+        worst = min(per_site, key=per_site.get)
+        if len(diffs) < MIN_SEEDS_FOR_VERDICT:
+            verdict = f"none (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"
+        elif excludes_zero(lo, hi) and excludes_zero(blo, bhi):  # the product's rule: both CIs exclude zero
+            verdict = "better" if lo > 0 else "worse"
+        else:
+            verdict = "no difference shown"
+        rows.append(f"| {m} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | [{blo:+.3f}, {bhi:+.3f}] | {verdict} | "
+                    f"{worst} {per_site[worst]:+.3f} | {sum(v < -0.01 for v in per_site.values())} of {len(per_site)} |")
+    return [f"difference from {baseline} ({len(complete)} seeds; per seed the mean over {len(runs)} sites; "
+            f"t and bootstrap 95% CI over seeds)\n",
+            f"| method | difference | t CI | bootstrap CI | verdict | worst site | sites > 1 point worse |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
+def safeguard_rows(runs: dict) -> list:
+    """Does the safeguard's unsupervised criterion pick the better network? One row per (site, seed): the decision
+    as made (5 % margin) and what the bare comparison of the two held-out losses (no margin) would have picked."""
+    rows = ["| site | seed | held-out loss: adapted / global | kept (5 % margin) | lower loss | "
+            "Dice adapted - global | decision right | lower loss right |", "|---|---|---|---|---|---|---|---|"]
+    right = {"decision": [0, 0], "loss": [0, 0]}
+    for site, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            d = r["timings"]["routing_safe"].get("history", [{}])[-1].get("safeguard")
+            if not d or d.get("candidate_loss") is None:
+                continue
+            gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
+            lower = "adapted" if d["candidate_loss"] < d["global_loss"] else "global"
+            verdicts = []
+            for key, pick in (("decision", d["kept"]), ("loss", lower)):
+                if abs(gain) < TIE:
+                    verdicts.append("either (tie)")
+                    continue
+                call = (pick == "adapted") == (gain > 0)
+                right[key][0] += call
+                right[key][1] += 1
+                verdicts.append("yes" if call else "no")
+            rows.append(f"| {site} | {seed} | {d['candidate_loss']:.3f} / {d['global_loss']:.3f} | {d['kept']} | "
+                        f"{lower} | {gain:+.3f} | {verdicts[0]} | {verdicts[1]} |")
+    rows.append(f"\nthe safeguard's decision picked the network with the higher Dice in {right['decision'][0]} of "
+                f"{right['decision'][1]} cases, the lower held-out loss alone in {right['loss'][0]} of "
+                f"{right['loss'][1]} (Dice gaps under {TIE} counted as ties, left out)\n")
+    return rows
+
+
+def routing_rows(runs: dict) -> list:
+    """How far routing moved: the unsupervised loss per pass and the largest routing weight, per (site, seed)."""
+    rows = ["| site | seed | method | loss per pass | routing weights, last pass (min .. max) |", "|---|---|---|---|---|"]
+    for site, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            for m, t in r["timings"].items():
+                hist = [h for h in t.get("history", []) if "routing_weights" in h]
+                if not hist:
+                    continue
+                w = list(hist[-1]["routing_weights"].values())
+                losses = " -> ".join(f"{h['loss']:.3f}" for h in hist)
+                rows.append(f"| {site} | {seed} | {m} | {losses} | {min(w):.3f} .. {max(w):.3f} |")
+    return rows
+
+
+def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args, seed: int) -> dict:
+    """Segment every volume of one outside site with every method; Dice per volume and per method."""
+    experts = [e["name"] for e in json.loads((pool / "manifest.json").read_text())["experts"]
+               if e["kind"] == "personalized"]
+    runs = [(m, m, {}, args.passes if m in ADAPTIVE else 0) for m in ["global", *experts, "expert_mean", *ADAPTIVE]]
+    if args.sweep:
+        runs += [(name, m, extra, args.passes * k) for name, (m, extra, k) in SWEEP.items()]
+    per_method, timings = {}, {}
+    for name, method, extra, passes in runs:
+        pred = pred_root / name.replace(" ", "_")
+        cand = pred_root / "routing_safe_candidate" if method == "routing_safe" else None
+        t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
+        key = f"personalized {label[name]}" if name in experts else name
+        per_method[key] = score(site_dir, pred)
+        if cand is not None:
+            per_method[SAFE_CANDIDATE] = score(site_dir, cand)
+        timings[key] = {k: v for k, v in t.items() if k != "history"}
+        if t["history"]:
+            timings[key]["history"] = t["history"]
+    mean = {m: sum(v.values()) / len(v) for m, v in per_method.items()}
+    alone = [mean[f"personalized {label[e]}"] for e in experts]
+    mean["personalized (mean)"] = sum(alone) / len(alone)
+    mean["personalized (best, oracle)"] = max(alone)
+    return {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": len(per_method["global"])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 (data and training)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cases", type=int, default=10, help="cases per phantom site")
     p.add_argument("--iop-alpha", type=float, default=0.1)
-    p.add_argument("--passes", type=int, default=2, help="adaptation passes over the held-out site")
-    p.add_argument("--holdout", nargs="+", choices=SITES, default=SITES)
-    p.add_argument("--no-inside", action="store_true", help="skip the 6-site inside run")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse federations already in OUT (their model pools and cross-site results)")
+    p.add_argument("--passes", type=int, default=2, help="adaptation passes over an outside site")
+    p.add_argument("--unseen", action="store_true", help="score the 6-site pool on scanners none of the sites has")
+    p.add_argument("--unseen-profiles", default=str(UNSEEN_PROFILES), help="profile file of those scanners")
+    p.add_argument("--holdout", nargs="*", choices=SITES, default=SITES,
+                   help="leave-one-site-out sites (give the flag alone for none)")
+    p.add_argument("--no-inside", action="store_true", help="skip the 6-site federation (and so --unseen)")
+    p.add_argument("--sweep", action="store_true", help="add routing with 10x lr and with 4x passes")
     p.add_argument("--out", default=str(REPO / "workspace" / "iopfl"))
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.unseen and args.no_inside:
+        p.error("--unseen scores the 6-site federation's pool; it cannot go with --no-inside")
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out).resolve()
-    data = out / "data"
-    ensure_phantom_sites(data, args.cases)
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    lines = header("iopfl_study.py", argv) + [
-        f"setting: phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs, "
-        f"a = {args.iop_alpha}, {args.passes} adaptation passes"]
+    setting = (f"phantom sites x {args.cases} cases, {args.rounds} rounds x {args.local_epochs} local epochs, "
+               f"a = {args.iop_alpha}, {args.passes} adaptation passes")
+    lines = header("iopfl_study.py", argv) + [f"setting: {setting}, seeds 0..{args.seeds - 1}"]
     print("\n".join(lines) + "\n", flush=True)
-    results = {"header": lines, "inside": {}, "outside": {}, "cost": {}}
+    store = out / "iopfl_study.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    if results.get("setting") != setting:
+        results = {}  # another setting: start over (federations are still reused from OUT/sim)
+    results.update({"header": lines, "setting": setting})  # more seeds later: the finished ones are kept
+    for key in ("inside", "unseen", "loso", "cost"):
+        results.setdefault(key, {})
 
-    if not args.no_inside:
-        print("inside: IOP-FL on 6 sites ...", file=sys.stderr, flush=True)
-        run = run_iopfl(data, 6, "iopfl_inside", out, args)
-        from fedharmony.core.results import load_cross_site
+    def save():
+        store.write_text(json.dumps(results, indent=2) + "\n")
 
-        matrix = load_cross_site(run / "cross_site_val" / "cross_val_results.json")
-        names = json.loads((data / "sites.json").read_text())
-        results["inside"] = {names[s]: {"global": row["SRV_FL_global_model.pt"], "personalized": row[s]}
-                             for s, row in sorted(matrix.items())}
-        print("| site (test split) | global | personalized | difference |\n|---|---|---|---|")
-        for site, r in results["inside"].items():
-            print(f"| {site} | {r['global']:.3f} | {r['personalized']:.3f} | {r['personalized'] - r['global']:+.3f} |")
-        g = [r["global"] for r in results["inside"].values()]
-        pz = [r["personalized"] for r in results["inside"].values()]
-        print(f"| **mean** | {sum(g) / len(g):.3f} | {sum(pz) / len(pz):.3f} | {(sum(pz) - sum(g)) / len(g):+.3f} |\n",
-              flush=True)
+    for seed in range(args.seeds):
+        data = out / f"seed{seed}" / "data"
+        ensure_phantom_sites(data, args.cases, seed)
+        if not args.no_inside:
+            print(f"seed {seed}: IOP-FL on 6 sites ...", file=sys.stderr, flush=True)
+            run = run_iopfl(data, 6, f"iopfl_inside_seed{seed}", out, args, seed)
+            from fedharmony.core.results import load_cross_site
 
-    for held in args.holdout:
-        print(f"outside: held-out {held} ...", file=sys.stderr, flush=True)
-        root = out / "loso" / held
-        root.mkdir(parents=True, exist_ok=True)
-        sources = [s for s in SITES if s != held]
-        (root / "sites.json").write_text(json.dumps({f"site-{i + 1}": str(data / s) for i, s in enumerate(sources)},
-                                                    indent=2))
-        pool = run_iopfl(root, len(sources), f"iopfl_without_{held}", out, args) / "model_pool"
-        experts = [e["name"] for e in json.loads((pool / "manifest.json").read_text())["experts"]
-                   if e["kind"] == "personalized"]
-        label = {f"site-{i + 1}": s for i, s in enumerate(sources)}
-        per_method, timings = {}, {}
-        for method in ["global", *experts, "expert_mean", *ADAPTIVE]:
-            pred = out / "predictions" / held / method
-            t = segment(method, pool, data / held, pred, args.passes if method in ADAPTIVE else 0)
-            name = f"personalized {label[method]}" if method in experts else method
-            per_method[name] = score(data / held, pred)
-            timings[name] = {k: v for k, v in t.items() if k != "history"}
-            if t["history"]:
-                timings[name]["history"] = t["history"]
-        n_vol = len(per_method["global"])
-        mean = {m: sum(v.values()) / len(v) for m, v in per_method.items()}
-        alone = [mean[f"personalized {s}"] for s in sources]
-        mean["personalized (mean of 5)"] = sum(alone) / len(alone)
-        mean["personalized (best, oracle)"] = max(alone)
-        results["outside"][held] = {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": n_vol}
-        if not results["cost"]:
+            matrix = load_cross_site(run / "cross_site_val" / "cross_val_results.json")
+            names = json.loads((data / "sites.json").read_text())
+            results["inside"][str(seed)] = {names[s]: {"global": row["SRV_FL_global_model.pt"], "personalized": row[s]}
+                                            for s, row in sorted(matrix.items())}
+            save()
+        if args.unseen:
+            unseen_data = out / f"seed{seed}" / "unseen"
+            if not (unseen_data / "sites.json").is_file():
+                subprocess.run([sys.executable, str(REPO / "tools" / "make_phantom_sites.py"), "--out",
+                                str(unseen_data), "--profiles", args.unseen_profiles, "--cases", str(args.cases),
+                                "--seed", str(seed)], check=True, capture_output=True)
+            pool = run / "model_pool"
+            label = {f"site-{i + 1}": s for i, s in enumerate(SITES)}
+            for site in json.loads((unseen_data / "sites.json").read_text()).values():
+                site = unseen_data / site  # relative to sites.json (an absolute path stays as it is)
+                name = site.name
+                if str(seed) in results["unseen"].get(name, {}):
+                    continue
+                print(f"seed {seed}: unseen scanner {name} ...", file=sys.stderr, flush=True)
+                results["unseen"].setdefault(name, {})[str(seed)] = outside_site(
+                    pool, site, out / "predictions" / f"seed{seed}" / "unseen" / name, label, args, seed)
+                save()
+        for held in args.holdout:
+            if str(seed) in results["loso"].get(held, {}):
+                continue
+            print(f"seed {seed}: held-out {held} ...", file=sys.stderr, flush=True)
+            root = out / f"seed{seed}" / "loso" / held
+            root.mkdir(parents=True, exist_ok=True)
+            sources = [s for s in SITES if s != held]
+            (root / "sites.json").write_text(json.dumps({f"site-{i + 1}": str(data / s)
+                                                         for i, s in enumerate(sources)}, indent=2))
+            pool = run_iopfl(root, len(sources), f"iopfl_without_{held}_seed{seed}", out, args, seed) / "model_pool"
+            label = {f"site-{i + 1}": s for i, s in enumerate(sources)}
+            results["loso"].setdefault(held, {})[str(seed)] = outside_site(
+                pool, data / held, out / "predictions" / f"seed{seed}" / "loso" / held, label, args, seed)
+            save()
+        first = next(((k, site, by_seed[str(seed)]) for k in ("unseen", "loso")
+                      for site, by_seed in results[k].items() if str(seed) in by_seed), None)
+        if first and not results["cost"]:
+            kind, site, r = first
+            site_dir = (out / f"seed{seed}" / "unseen" / site) if kind == "unseen" else data / site
+            run_name = f"iopfl_inside_seed{seed}" if kind == "unseen" else f"iopfl_without_{site}_seed{seed}"
+            pool = out / "sim" / run_name / "server" / "simulate_job" / "model_pool"
             for method in ("global", "routing"):
-                c = cli_cost(method, pool, data / held, out / "cost" / method, args.passes if method in ADAPTIVE else 0)
-                results["cost"][method] = {**c, "volumes": n_vol, "s_per_volume": c["wall_s"] / n_vol,
-                                           "in_process_s_per_volume": (timings[method]["adapt_s"]
-                                                                       + timings[method]["infer_s"]) / n_vol}
-        (out / "iopfl_study.json").write_text(json.dumps(results, indent=2) + "\n")
+                c = cli_cost(method, pool, site_dir, out / "cost" / method, args.passes if method in ADAPTIVE else 0)
+                t = r["timings"][method]
+                results["cost"][method] = {**c, "site": site, "volumes": r["volumes"],
+                                           "s_per_volume": c["wall_s"] / r["volumes"],
+                                           "in_process_s_per_volume": (t["adapt_s"] + t["infer_s"]) / r["volumes"]}
+            save()
 
-    methods = ["global", "personalized (mean of 5)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
-               "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe"]
-    outside = results["outside"]
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        print("\n".join("- " + line for line in results["header"]) + "\n")
+        report(results, args, out)
+    print(text.getvalue().split("\n", 3)[-1], end="")  # the header was printed at the start
+    (out / "report.md").write_text("# IOP-FL study (tools/iopfl_study.py)\n\nGenerated from `iopfl_study.json`; "
+                                   "do not edit by hand.\n\n" + text.getvalue())
+    return 0
+
+
+def report(results: dict, args, out: Path):
+    """Markdown tables, the CSV and the plot from the stored results."""
+    from fedharmony.study.stats import t_interval
+
+    if results["inside"]:
+        seeds = sorted(results["inside"], key=int)
+        sites = list(results["inside"][seeds[0]])
+        print(f"inside: personalized - global on each site's test split ({len(seeds)} seeds; t 95% CI over seeds)\n")
+        print("| site | global | personalized | difference | t CI |\n|---|---|---|---|---|")
+        for site in [*sites, "mean"]:
+            def val(seed, key):
+                rows = results["inside"][seed]
+                return (sum(r[key] for r in rows.values()) / len(rows)) if site == "mean" else rows[site][key]
+            g = [val(s, "global") for s in seeds]
+            d = [val(s, "personalized") - val(s, "global") for s in seeds]
+            m, lo, hi = t_interval(d)
+            print(f"| {'**mean**' if site == 'mean' else site} | {sum(g) / len(g):.3f} | {sum(g) / len(g) + m:.3f} | "
+                  f"{m:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+        print()
+    methods = list(TABLE) + (list(SWEEP) if args.sweep else [])
+    panels = {}
     with open(out / "outside.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["held_out_site", *methods, "volumes"])
-        for s, r in outside.items():
-            w.writerow([s, *(f"{r['mean'][m]:.4f}" for m in methods), r["volumes"]])
-    print("| held-out site | " + " | ".join(methods) + " | routing - global |")
-    print("|" + "---|" * (len(methods) + 2))
-    for s, r in outside.items():
-        print(f"| {s} | " + " | ".join(f"{r['mean'][m]:.3f}" for m in methods)
-              + f" | {r['mean']['routing'] - r['mean']['global']:+.3f} |")
-    means = {m: sum(r["mean"][m] for r in outside.values()) / len(outside) for m in methods}
-    print("| **mean** | " + " | ".join(f"{means[m]:.3f}" for m in methods)
-          + f" | {means['routing'] - means['global']:+.3f} |\n")
+        w.writerow(["kind", "site", "seed", *methods, "volumes"])
+        for kind, title in (("unseen", "new scanners (pool of the 6-site federation)"),
+                            ("loso", "leave-one-site-out (pool of the other 5 sites)")):
+            runs = {site: by_seed for site, by_seed in results[kind].items() if by_seed}
+            if not runs:
+                continue
+            methods_here = [m for m in methods if all(m in r["mean"] for bs in runs.values() for r in bs.values())]
+            panels[f"IOP-FL outside: {title}"] = runs
+            for site, by_seed in runs.items():
+                for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+                    w.writerow([kind, site, seed, *(f"{r['mean'].get(m, float('nan')):.4f}" for m in methods),
+                                r["volumes"]])
+            means = site_means(runs, methods_here)
+            print(f"outside, {title}: foreground Dice per site, mean over seeds\n")
+            print("| site | " + " | ".join(methods_here) + " |\n|" + "---|" * (len(methods_here) + 1))
+            for site, row in means.items():
+                print(f"| {site} | " + " | ".join(f"{row[m]:.3f}" for m in methods_here) + " |")
+            print("| **mean** | " + " | ".join(f"{sum(r[m] for r in means.values()) / len(means):.3f}"
+                                             for m in methods_here) + " |\n")
+            print("\n".join(difference_rows(runs, methods_here)) + "\n")
+            print("safeguard: did the unsupervised criterion on held-out volumes pick the better network?\n")
+            print("\n".join(safeguard_rows(runs)))
+            print("routing: the unsupervised loss per adaptation pass and the spread of the routing weights\n")
+            print("\n".join(routing_rows(runs)) + "\n")
     if results["cost"]:
-        print("| method (bundle CLI, own process) | volumes | wall s | s / volume | in-process s / volume | "
-              "peak RSS MiB |\n|---|---|---|---|---|---|")
+        print("| method (bundle CLI, own process) | site | volumes | wall s | s / volume | in-process s / volume | "
+              "peak RSS MiB |\n|---|---|---|---|---|---|---|")
         for m, c in results["cost"].items():
-            print(f"| {m} | {c['volumes']} | {c['wall_s']:.1f} | {c['s_per_volume']:.2f} | "
+            print(f"| {m} | {c['site']} | {c['volumes']} | {c['wall_s']:.1f} | {c['s_per_volume']:.2f} | "
                   f"{c['in_process_s_per_volume']:.2f} | {c['peak_rss_mib']:.0f} |")
-    plot(outside, methods, out / "outside_dice.png")
-    print(f"\nwritten: {out / 'iopfl_study.json'}, {out / 'outside.csv'}, {out / 'outside_dice.png'}")
-    return 0
+    if panels:
+        plot(panels, [m for m in methods if m != SAFE_CANDIDATE], out / "outside_dice.png")
+    print(f"\nwritten: {out / 'iopfl_study.json'}, {out / 'outside.csv'}, {out / 'outside_dice.png'}, "
+          f"{out / 'report.md'}")
+
 
 
 if __name__ == "__main__":

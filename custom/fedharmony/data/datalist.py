@@ -11,11 +11,14 @@ stored as DICOM series folders ``CaseNN/`` (``CaseNN_segmentation/``) are conver
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("training", "validation", "testing")
 DATALIST_NAME = "datalist.json"
@@ -206,8 +209,28 @@ def read_split(datalist: str | Path, split: str, site: str = "") -> Tuple[List, 
     return items, content
 
 
+def smallest_split(data_root: str | Path, split: str = "training", num_sites: Optional[int] = None) -> Tuple[int, str]:
+    """``(size, site folder)``: the fewest items any site of a federation's data folder has in ``split``.
+
+    The sites are those of ``<data_root>/sites.json`` (simulator name -> folder, each folder with
+    its ``datalist.json``); with ``num_sites``, only ``site-1`` .. ``site-<num_sites>`` (the simulator's).
+    """
+    from fedharmony.core.files import read_site_map
+
+    root = Path(data_root)
+    site_map = read_site_map(str(root))
+    if num_sites is not None:
+        site_map = {k: v for k, v in site_map.items() if k in {f"site-{i}" for i in range(1, num_sites + 1)}}
+    if not site_map:
+        raise SiteDataError(f"{root}: no site listed in sites.json (simulator name -> site folder)")
+    sizes = {Path(folder).name: len(read_split(root / folder / DATALIST_NAME, split, Path(folder).name)[0])
+             for folder in site_map.values()}
+    site = min(sizes, key=sizes.get)
+    return sizes[site], site
+
+
 def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Path] = None,
-                  site: str = "", check: bool = True, require_labels: bool = True) -> List[dict]:
+                  site: str = "", check: bool = True, require_labels: bool = True, max_cases: int = 0) -> List[dict]:
     """Read one split of a site datalist into MONAI data dicts with absolute paths.
 
     Args:
@@ -217,6 +240,8 @@ def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Pat
         site: site name, only for error messages.
         check: open every listed file (see :func:`check_case`).
         require_labels: every item needs a ``label``.
+        max_cases: > 0: only the split's first ``max_cases`` items (a federation that cuts every
+            site to the smallest site's size); 0: all.
 
     Raises:
         SiteDataError: datalist missing/unreadable, split missing or empty, a listed
@@ -225,7 +250,12 @@ def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Pat
     """
     datalist = Path(datalist)
     where = f"site {site!r}: " if site else ""
+    if isinstance(max_cases, bool) or not isinstance(max_cases, int) or max_cases < 0:
+        raise ValueError(f"{where}max_cases must be an integer >= 0 (0 = all), got {max_cases!r}")
     items = read_split(datalist, split, site)[0]
+    if max_cases and len(items) > max_cases:
+        logger.info("%s%s: using the first %d of %d cases (max_cases)", where, split, max_cases, len(items))
+        items = items[:max_cases]
     base = Path(base_dir) if base_dir else datalist.parent
     out = []
     for i, item in enumerate(items):

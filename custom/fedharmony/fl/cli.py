@@ -26,8 +26,10 @@ from typing import Dict, List, Optional
 from nvflare.recipe import SimEnv  # consumes NVFlare's own --export / --export-dir flags
 
 from fedharmony.core.files import read_site_map
+from fedharmony.data.datalist import smallest_split
 from fedharmony.fl.job import ALGORITHMS, FedHarmonyRecipe
 from fedharmony.fl.summary import ROUND_MARK
+from fedharmony.methods.protocols import PROTOCOLS, check_protocol, needs_smallest_site
 
 CHILD_ENV = "FEDHARMONY_JOB_CHILD"  # set in the process that runs the simulator for a quiet parent
 
@@ -97,6 +99,9 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--ditto-epochs", type=int, help="Ditto: epochs of the personalized model per round (default 1)")
     p.add_argument("--tracking", choices=["tensorboard", "mlflow", "wandb"], default="tensorboard",
                    help="experiment tracking on the server (NVFlare's receivers; default tensorboard)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="paper",
+                   help="paper (default) or released: the released code's choices where they differ "
+                        "(harmofl, prrfl; see fedharmony.methods.protocols)")
     p.add_argument("--verbose", action="store_true", help="show NVFlare's log on the terminal (default: a file)")
     p.add_argument("--score-after-training", action="store_true",
                    help="sites also score their model after local training (the retrogress curve)")
@@ -114,6 +119,20 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
         if args.initial_model:
             print(f"resuming from {args.initial_model} (saved after round {start_round - 1}): "
                   f"rounds {start_round} .. {start_round + args.rounds - 1}")
+    try:
+        check_protocol(args.protocol, args.algorithm)
+    except ValueError as e:
+        p.error(f"--protocol: {e}")
+    protocol_flags = {}
+    if args.protocol != "paper":
+        protocol_flags["protocol"] = args.protocol
+        if needs_smallest_site(args.algorithm) and args.data_root and "max_train_cases" not in overrides:
+            try:  # the simulator's sites: site-1 .. site-N of the data root
+                protocol_flags["max_train_cases"], smallest = smallest_split(args.data_root, num_sites=args.sites)
+            except (OSError, ValueError) as e:
+                p.error(f"--protocol {args.protocol}: cannot size the smallest site's training set: {e}")
+            print(f"protocol {args.protocol}: every site trains on {protocol_flags['max_train_cases']} cases "
+                  f"(the smallest site, {smallest})", flush=True)
     # a method's own flags go to its recipe only when given: the recipe refuses another method's
     method_flags = {"mu": args.mu, "amp_mode": args.amp_mode, "amp_ratio": args.amp_ratio, "wp_alpha": args.wp_alpha,
                     "image_size": args.image_size, "iop_alpha": args.iop_alpha, "prrfl_r0": args.prrfl_r0,
@@ -132,7 +151,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
             privacy_gamma=args.privacy_gamma, ship_code=not args.no_custom_code,
             memory_gc_rounds=args.memory_gc_rounds, cross_site_timeout=args.cross_site_timeout,
             score_after_training=args.score_after_training, tracking=args.tracking,
-            **{k: v for k, v in method_flags.items() if v is not None})
+            **protocol_flags, **{k: v for k, v in method_flags.items() if v is not None})
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
     script = os.path.abspath(sys.argv[0])

@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from fedharmony.data.datalist import smallest_split
+from fedharmony.methods.protocols import (check_protocol, merge_protocol_overrides, needs_smallest_site,
+                                          released_bundle_overrides)
 from fedharmony.study.data import StudyData, make_phantom_data, real_data
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
@@ -130,10 +133,16 @@ class Study:
     def overrides(self, seed: int, method: str = "") -> dict:
         """The bundle overrides of a run: the task's, the preset's, the arm's own settings, the seed."""
         extra = {"task": self.task} if self.spec.bundle == "image_classification" else {}
-        settings = parse_arm(method)[1]
+        base, settings = parse_arm(method)
         if settings.get("histogram_scale") == "federated":
             settings["histogram_scale"] = self.federated_histogram_scale(seed, bool(settings.get("bias_correction")))
-        return {**extra, **self.preset.overrides, **settings, "seed": seed}
+        protocol = settings.pop("protocol", "paper")  # a job flag, expanded here into its bundle settings
+        overrides = {**extra, **self.preset.overrides, **settings, "seed": seed}
+        if check_protocol(protocol, base) == "released":
+            data = self.data(seed)
+            smallest = smallest_split(data.train_root, num_sites=len(data.sites))[0] if needs_smallest_site(base) else 0
+            overrides = merge_protocol_overrides(overrides, released_bundle_overrides(base, max_train_cases=smallest))
+        return overrides
 
     def federated_histogram_scale(self, seed: int, bias_correction: bool = False) -> str:
         """The arm setting ``histogram_scale=federated``: the scale the seed's sites agree on from their training
@@ -185,6 +194,7 @@ class Study:
                "--rounds", str(self.preset.rounds), "--local-epochs", str(self.preset.local_epochs),
                "--sites", str(len(data.sites)), "--data-root", str(data.train_root), "--workspace", str(ws_root),
                "--name", name, "--override", json.dumps(self.overrides(seed, arm)),
+               "--protocol", str(parse_arm(arm)[1].get("protocol", "paper")),
                "--torch-threads", str(self.preset.threads_per_site), "--verbose"]  # the full log into log.txt
         # cross-site evaluation only where the server collects site models that way (IOP-FL's pool); the
         # study scores the models itself, on the larger test draw

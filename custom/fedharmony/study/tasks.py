@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
+from fedharmony.methods.protocols import check_protocol
 from fedharmony import methods as registry
 
 __all__ = ["FEDERATED", "REFERENCES", "METHODS", "PERSONALIZED", "TaskSpec", "Preset", "TASKS", "PRESETS",
@@ -149,6 +150,13 @@ def check_methods(task: str, methods) -> list:
     unsupported = [m for m in methods if bases[m] not in TASKS[task].methods]
     if unsupported:
         raise ValueError(f"task {task!r} does not support {unsupported} (it supports {list(TASKS[task].methods)})")
+    for m in methods:  # protocol=released: only the methods that have one (fedharmony.methods.protocols)
+        protocol = parse_arm(m)[1].get("protocol")
+        if protocol is not None:
+            try:
+                check_protocol(str(protocol), bases[m])
+            except ValueError as e:
+                raise ValueError(f"arm {m!r}: {e}") from None
     if len(set(methods)) != len(methods):
         raise ValueError(f"a method is listed twice: {methods}")
     if not methods:

@@ -300,6 +300,80 @@ class TestTimeAdapter:
         return self.history
 
 
+SCHEDULES = ("passes", "online")
+
+
+class OnlineAdaptation(nn.Module):
+    """The released IOP-FL schedule: every batch the inferer passes takes one adaptation step on that
+    batch, and is then segmented by the network just updated; the network carries over to the next batch.
+
+    Wrap the test-time network with it and give the inferer the released batch size (5 slices): the
+    adaptation happens during inference (``TestTimeAdapter`` runs no pass first), in the order the
+    inferer sees the slices. It runs under the evaluator's ``torch.no_grad`` (gradients are switched
+    back on for the step). ``history`` keeps the loss of every step.
+
+    Args:
+        network: the test-time network (its parameters with ``requires_grad`` adapt; none = no step).
+        loss: the :class:`UnsupervisedLoss` to step on.
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, network: nn.Module, loss: "UnsupervisedLoss", lr: float = 1e-3):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.network, self.loss = network, loss
+        params = [p for p in network.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
+        self.history: List[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.optimizer is not None:
+            if not self.history:
+                logger.info("online adaptation: one step per batch of %d slices, each batch then segmented by the "
+                            "network just updated", x.shape[0])
+            with torch.enable_grad():
+                train_keeping_statistics(self.network)
+                total, _ = self.loss(self.network, x)
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+            self.history.append(float(total.detach()))
+        self.network.eval()
+        with torch.no_grad():
+            return self.network(x)
+
+
+def finish_schedule(network: nn.Module, log_file: Optional[str] = None) -> Optional[dict]:
+    """After inference: for an :class:`OnlineAdaptation` network, log its steps and write them to ``log_file``
+    (``{"schedule": "online", "steps", "loss"}``); nothing for the ``passes`` schedule (the adapter logged it)."""
+    if not isinstance(network, OnlineAdaptation):
+        return None
+    record = {"schedule": "online", "steps": len(network.history), "loss": network.history}
+    if network.history:
+        logger.info("online adaptation: %d steps, loss %.4f (first) -> %.4f (last)", len(network.history),
+                    network.history[0], network.history[-1])
+    else:
+        logger.info("online adaptation: 0 steps (no trainable parameter or no input)")
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_file).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def with_schedule(network: nn.Module, schedule: str, loss: "UnsupervisedLoss", lr: float, method: str = "") -> nn.Module:
+    """``network`` for the ``passes`` schedule (:class:`TestTimeAdapter` adapts before inference), or wrapped in
+    :class:`OnlineAdaptation` for ``online`` (the released schedule)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"adaptation schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "passes":
+        return network
+    if isinstance(network, FallbackNetwork) or method == "routing_safe":
+        raise ValueError("routing_safe judges the adapted network on held-out volumes before inference; the online "
+                         "schedule adapts during inference: use the passes schedule with it")
+    return OnlineAdaptation(network, loss, lr)
+
+
 def mean_state_dict(models: Sequence[nn.Module]) -> Dict[str, torch.Tensor]:
     """Parameter-wise mean of the models' state dicts (integer buffers from the last model)."""
     sds = [m.state_dict() for m in models]

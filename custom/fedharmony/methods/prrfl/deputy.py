@@ -68,28 +68,37 @@ def next_stage(previous: Optional[str], f_personal: float, f_deputy: float,
     return EXCHANGE if f_deputy < alpha2 * f_personal else SUBLIMATE
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+KL_REDUCTIONS = ("mean", "batchmean")
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """``KL(softmax(teacher) || softmax(student))`` over the class axis (dim 1), teacher detached.
 
-    Summed over classes and averaged over everything else: per image for ``(N, C)``
-    logits (PyTorch's ``batchmean``), per pixel for ``(N, C, H, W)``.
+    ``mean`` (ours): summed over classes and averaged over everything else, so per image for
+    ``(N, C)`` logits and per pixel for ``(N, C, H, W)``. ``batchmean`` (the released code's
+    ``F.kl_div(..., reduction="batchmean")``): summed over everything but the batch, divided by N;
+    the same for ``(N, C)``, but ``H * W`` times larger for segmentation, where it then outweighs
+    the supervised loss.
     """
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"KL reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
     log_student = F.log_softmax(student_logits, dim=1)
     log_teacher = F.log_softmax(teacher_logits.detach(), dim=1)
-    return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
+    pointwise = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
+    return pointwise.mean() if reduction == "mean" else pointwise.sum() / student_logits.shape[0]
 
 
 def stage_losses(stage: str, loss_fn: Callable, logits_personal: torch.Tensor, logits_deputy: torch.Tensor,
-                 target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                 target: torch.Tensor, kl_reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(loss of p, loss of d)`` for one batch in ``stage`` (see the module table)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
     loss_p = loss_fn(logits_personal, target)
     loss_d = loss_fn(logits_deputy, target)
     if stage in (EXCHANGE, SUBLIMATE):
-        loss_p = loss_p + distillation_kl(logits_personal, logits_deputy)
+        loss_p = loss_p + distillation_kl(logits_personal, logits_deputy, kl_reduction)
     if stage in (RECOVER, EXCHANGE):
-        loss_d = loss_d + distillation_kl(logits_deputy, logits_personal)
+        loss_d = loss_d + distillation_kl(logits_deputy, logits_personal, kl_reduction)
     return loss_p, loss_d
 
 
@@ -121,11 +130,16 @@ class DeputyTransferIteration:
         alpha1, alpha2: the stage thresholds (released: 0.7, 0.9).
         include_background: count class 0 in the stage score (default: yes for
             classification, i.e. ``(N, C)`` outputs; no for segmentation).
+        kl_reduction: ``mean`` (default) or ``batchmean`` (released), see :func:`distillation_kl`.
     """
 
     def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer, alpha1: float = DEFAULT_ALPHA1,
-                 alpha2: float = DEFAULT_ALPHA2, include_background: Optional[bool] = None):
+                 alpha2: float = DEFAULT_ALPHA2, include_background: Optional[bool] = None,
+                 kl_reduction: str = "mean"):
         self.alpha1, self.alpha2 = check_alphas(alpha1, alpha2)
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+        self.kl_reduction = kl_reduction
         self.deputy = copy.deepcopy(network)
         self.deputy_optimizer = copy_optimizer(optimizer, self.deputy)
         self.include_background = include_background
@@ -176,7 +190,8 @@ class DeputyTransferIteration:
         self.deputy.train()
         logits_p = engine.inferer(inputs, engine.network)
         logits_d = engine.inferer(inputs, self.deputy)
-        loss_p, loss_d = stage_losses(self.stage, engine.loss_function, logits_p, logits_d, targets)
+        loss_p, loss_d = stage_losses(self.stage, engine.loss_function, logits_p, logits_d, targets,
+                                      self.kl_reduction)
         engine.optimizer.zero_grad(set_to_none=True)
         self.deputy_optimizer.zero_grad(set_to_none=True)
         # the teacher side of each KL term is detached, so one backward gives each model its own gradient
