@@ -231,3 +231,45 @@ def test_a_seed_draws_training_data_and_a_separate_test_draw(tmp_path):
 
     real = real_data(data.train_root)  # prepared data: its own splits, train and test from the same folders
     assert real.train_root == real.test_root == data.train_root.resolve() and real.sites == data.sites
+
+
+def test_a_run_that_stops_writing_is_stopped_with_its_children_and_a_failing_one_names_its_status(tmp_path):
+    """The watchdog behind every study run: a job whose log stops growing (a simulator waiting forever for a
+    dead site) is killed as a process group; a job that fails reports its exit status."""
+    import os
+    import time
+
+    from fedharmony.study.runner import RunStalled, run_watched
+
+    pid_file = tmp_path / "child.pid"
+    stuck = [sys.executable, "-c", "import subprocess, sys, time; "
+             f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(120)"]
+    t0 = time.time()
+    with open(tmp_path / "log.txt", "w") as log, pytest.raises(RunStalled, match="no output for 1 s: stopped"):
+        run_watched(stuck, log, dict(os.environ), stall_s=1, poll_s=0.2)
+    assert time.time() - t0 < 60
+    assert "started" in (tmp_path / "log.txt").read_text()
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the grandchild went with the group
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the job's child process {child} survived")
+    with open(tmp_path / "log2.txt", "w") as log, pytest.raises(RuntimeError, match="exit status 3"):
+        run_watched([sys.executable, "-c", "import sys; sys.exit(3)"], log, dict(os.environ), stall_s=30, poll_s=0.1)
+
+
+def test_a_study_without_fedavg_compares_its_arms_with_the_first_listed(tmp_path):
+    import json as json_mod
+
+    results = _results([[0.05, 0.06, 0.07], [0.04, 0.05, 0.06], [0.05, 0.05, 0.05]])
+    for run in results["runs"]:
+        run["method"] = {"fedavg": "fedavg+norm=batch_stats_only", "x": "harmofl+protocol=released"}[run["method"]]
+    results["methods"] = ["fedavg+norm=batch_stats_only", "harmofl+protocol=released"]
+    (tmp_path / "results.json").write_text(json_mod.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "| harmofl+protocol=released - fedavg+norm=batch_stats_only | +0.053 |" in text

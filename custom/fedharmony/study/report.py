@@ -122,8 +122,10 @@ def paired_difference(results: dict, method: str, baseline: str = BASELINE) -> O
 def _comparisons(results: dict) -> List[dict]:
     methods = results.get("methods") or sorted(_scores(results))
     out = []
-    if BASELINE in methods:
-        out += [d for m in methods if m != BASELINE and (d := paired_difference(results, m, BASELINE))]
+    # the baseline is FedAvg; a study without it (arms of one setting) compares with its first listed method
+    baseline = BASELINE if BASELINE in methods else (methods[0] if methods else None)
+    if baseline is not None:
+        out += [d for m in methods if m != baseline and (d := paired_difference(results, m, baseline))]
     for m, base in COMPARISONS:
         if m in methods and base in methods and (d := paired_difference(results, m, base)):
             out.append(d)

@@ -68,6 +68,37 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+STALL_S = 900.0  # a run whose log has not grown for this long is stuck (a round here logs every few seconds)
+
+
+class RunStalled(RuntimeError):
+    """A run's process wrote nothing for ``stall_s`` seconds and was stopped."""
+
+
+def run_watched(cmd, log, env: dict, stall_s: float, poll_s: float = 5.0) -> None:
+    """Run ``cmd`` with its output into ``log``; stop its whole process group if ``log`` stops growing for
+    ``stall_s`` seconds (raises :class:`RunStalled`), raise RuntimeError on a non-zero exit status.
+
+    The NVFlare simulator waits for every site's answer with no deadline, so a site process that dies before
+    its first log line (seen here under load: "Connection reset by peer" at the first task) hangs the job.
+    """
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True)
+    size, last_change = -1, time.time()
+    while proc.poll() is None:
+        time.sleep(poll_s)
+        now_size = os.path.getsize(log.name)
+        if now_size != size:
+            size, last_change = now_size, time.time()
+        elif time.time() - last_change > stall_s:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RunStalled(f"no output for {stall_s:.0f} s: stopped (see {log.name})")
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit status {proc.returncode}; see {log.name}")
+
+
 class Study:
     """One task, several methods and seeds.
 
@@ -87,7 +118,8 @@ class Study:
 
     def __init__(self, task: str, methods, seeds: int, preset: str, out, test_cases: Optional[int] = None,
                  data_root: Optional[str] = None, rounds: Optional[int] = None, local_epochs: Optional[int] = None,
-                 keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = ""):
+                 keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = "",
+                 stall_s: float = STALL_S):
         self.spec = TASKS.get(task)
         self.methods = check_methods(task, methods)
         if seeds < 1:
@@ -106,6 +138,9 @@ class Study:
         if self.data_root:
             real_data(self.data_root)  # refuse a folder that is not prepared data before anything runs
         self.keep_workspaces = keep_workspaces
+        if stall_s <= 0:
+            raise ValueError(f"stall_s must be > 0, got {stall_s}")
+        self.stall_s = float(stall_s)
         self.echo = echo
         self.command = command
         self.bundle_dir = REPO / "bundles" / self.spec.bundle
@@ -236,9 +271,7 @@ class Study:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.preset.threads_per_site), "PYTHONHASHSEED": "0"}
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-        if res.returncode != 0:
-            raise RuntimeError(f"exit status {res.returncode}; see {log.name}")
+        run_watched(cmd, log, env, self.stall_s)
 
     def run_one(self, method: str, seed: int) -> dict:
         data = self.data(seed)
@@ -302,7 +335,11 @@ class Study:
             self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: running{eta} (log {self.run_dir(method, seed)}/log.txt)")
             t0 = time.time()
             try:
-                entry = self.run_one(method, seed)
+                try:
+                    entry = self.run_one(method, seed)
+                except RunStalled as e:  # e.g. a simulator site process that died at start: the job waits forever
+                    self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: {e}; running it once more")
+                    entry = self.run_one(method, seed)
             except Exception as e:  # one failed run must not lose the others: report it, go on
                 failed.append({"method": method, "seed": seed, "error": f"{type(e).__name__}: {e}"})
                 self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: FAILED ({type(e).__name__}: {e})")

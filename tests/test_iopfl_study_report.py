@@ -1,0 +1,40 @@
+"""tools/iopfl_study.py's report: the safeguard's calls and the differences from the global model, on a
+hand-made results dict (the federations and segmentations it summarizes are tested elsewhere)."""
+
+import pytest
+
+import iopfl_study  # tools/ is on sys.path (conftest)
+
+
+def _site(seed_means: dict, candidate_loss: float, global_loss: float, kept: str) -> dict:
+    mean = {"global": 0.5, iopfl_study.SAFE_CANDIDATE: 0.5, "routing": 0.5, **seed_means}
+    return {"mean": mean, "timings": {"routing_safe": {"history": [
+        {"pass": 1, "loss": 1.0}, {"safeguard": {"candidate_loss": candidate_loss, "global_loss": global_loss,
+                                                 "kept": kept}}]}}}
+
+
+def test_the_safeguard_table_tells_the_margins_call_from_the_bare_loss_comparison():
+    runs = {
+        # adapted much better, its loss lower but within the margin: the decision is wrong, the loss right
+        "A": {"0": _site({iopfl_study.SAFE_CANDIDATE: 0.9}, 0.98, 1.0, "global")},
+        # adapted worse and its loss higher: both right
+        "B": {"0": _site({iopfl_study.SAFE_CANDIDATE: 0.3}, 1.2, 1.0, "global")},
+        # a Dice gap under the tie threshold: counted for neither
+        "C": {"0": _site({iopfl_study.SAFE_CANDIDATE: 0.502}, 0.5, 1.0, "adapted")},
+    }
+    rows = iopfl_study.safeguard_rows(runs)
+    assert "| A | 0 | 0.980 / 1.000 | global | adapted | +0.400 | no | yes |" in rows
+    assert "| B | 0 | 1.200 / 1.000 | global | global | -0.200 | yes | yes |" in rows
+    assert "| C | 0 | 0.500 / 1.000 | adapted | adapted | +0.002 | either (tie) | either (tie) |" in rows
+    assert any("decision picked the network with the higher Dice in 1 of 2 cases, the lower held-out loss "
+               "alone in 2 of 2" in r for r in rows)
+
+
+@pytest.mark.parametrize("seeds, verdict", [(2, "none (fewer than 3 seeds)"), (4, "better")])
+def test_differences_from_global_give_a_verdict_only_from_three_seeds(seeds, verdict):
+    runs = {site: {str(s): _site({"routing": 0.6 + 0.01 * s}, 1, 1, "global") for s in range(seeds)}
+            for site in ("A", "B")}
+    rows = iopfl_study.difference_rows(runs, ["global", "routing"])
+    row = next(r for r in rows if r.startswith("| routing |"))
+    assert f"| {verdict} |" in row and "+0.1" in row.split("|")[2]
+    assert row.endswith("| 0 of 2 |")  # no site more than one point below global
