@@ -24,7 +24,8 @@ model's running statistics, routing (IOP-FL), and routing guarded by the global 
 For routing_safe the adapted candidate is also scored on its own, so the table shows whether the
 safeguard's unsupervised criterion picked the network with the better Dice. ``--sweep`` adds routing
 with 10x the learning rate and with 4x the passes (does the routing move away from the experts' mean
-with more or larger steps, and does it help?). No method sees a label; the written NIfTI masks are
+with more or larger steps, and does it help?) and with the released online schedule (one step per
+batch of 5 slices, each batch segmented right after its step). No method sees a label; the written NIfTI masks are
 scored against the site's labels afterwards (foreground Dice per volume, native grid).
 
 4. Cost on the first outside site: the bundle CLI (``python -m monai.bundle run``) run as a
@@ -55,7 +56,8 @@ UNSEEN_PROFILES = REPO / "custom" / "fedharmony" / "phantom" / "prostate_unseen_
 ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe")
 # --sweep: routing with larger or more steps; name -> (bundle method, adaptation overrides, passes factor)
 SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
-         "routing passes x4": ("routing", {}, 4)}
+         "routing passes x4": ("routing", {}, 4),
+         "routing, online schedule": ("routing", {"adaptation#schedule": "online"}, 0)}  # the released schedule
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
 TIE = 0.005  # a Dice gap the safeguard may get either way
 MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
@@ -268,16 +270,21 @@ def routing_rows(runs: dict) -> list:
     return rows
 
 
-def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args, seed: int) -> dict:
-    """Segment every volume of one outside site with every method; Dice per volume and per method."""
+def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args, seed: int,
+                 done: dict | None = None) -> dict:
+    """Segment every volume of one outside site with every method; Dice per volume and per method. With ``done``
+    (this site's stored result), only the methods it lacks run (a sweep variant added later)."""
     experts = [e["name"] for e in json.loads((pool / "manifest.json").read_text())["experts"]
                if e["kind"] == "personalized"]
     runs = [(m, m, {}, args.passes if m in ADAPTIVE else 0) for m in ["global", *experts, "expert_mean", *ADAPTIVE]]
     if args.sweep:
         runs += [(name, m, extra, args.passes * k) for name, (m, extra, k) in SWEEP.items()]
-    per_method, timings = {}, {}
+    per_method = dict((done or {}).get("per_volume", {}))
+    timings = dict((done or {}).get("timings", {}))
     for name, method, extra, passes in runs:
-        pred = pred_root / name.replace(" ", "_")
+        if (f"personalized {label[name]}" if name in experts else name) in per_method:
+            continue
+        pred = pred_root / name.replace(",", "").replace(" ", "_")
         cand = pred_root / "routing_safe_candidate" if method == "routing_safe" else None
         t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
         key = f"personalized {label[name]}" if name in experts else name
@@ -294,6 +301,11 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
     return {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": len(per_method["global"])}
 
 
+def missing_methods(done: dict, args) -> list:
+    """The sweep variants a stored (site, seed) result lacks (added to the tool after it ran)."""
+    return [name for name in SWEEP if args.sweep and name not in done["mean"]]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 (data and training)")
@@ -307,7 +319,7 @@ def main(argv=None):
     p.add_argument("--holdout", nargs="*", choices=SITES, default=SITES,
                    help="leave-one-site-out sites (give the flag alone for none)")
     p.add_argument("--no-inside", action="store_true", help="skip the 6-site federation (and so --unseen)")
-    p.add_argument("--sweep", action="store_true", help="add routing with 10x lr and with 4x passes")
+    p.add_argument("--sweep", action="store_true", help="add routing with 10x lr, with 4x passes and with the released online schedule")
     p.add_argument("--out", default=str(REPO / "workspace" / "iopfl"))
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -358,14 +370,16 @@ def main(argv=None):
             for site in json.loads((unseen_data / "sites.json").read_text()).values():
                 site = unseen_data / site  # relative to sites.json (an absolute path stays as it is)
                 name = site.name
-                if str(seed) in results["unseen"].get(name, {}):
+                done = results["unseen"].get(name, {}).get(str(seed))
+                if done and not missing_methods(done, args):
                     continue
                 print(f"seed {seed}: unseen scanner {name} ...", file=sys.stderr, flush=True)
                 results["unseen"].setdefault(name, {})[str(seed)] = outside_site(
-                    pool, site, out / "predictions" / f"seed{seed}" / "unseen" / name, label, args, seed)
+                    pool, site, out / "predictions" / f"seed{seed}" / "unseen" / name, label, args, seed, done)
                 save()
         for held in args.holdout:
-            if str(seed) in results["loso"].get(held, {}):
+            done = results["loso"].get(held, {}).get(str(seed))
+            if done and not missing_methods(done, args):
                 continue
             print(f"seed {seed}: held-out {held} ...", file=sys.stderr, flush=True)
             root = out / f"seed{seed}" / "loso" / held
@@ -376,7 +390,7 @@ def main(argv=None):
             pool = run_iopfl(root, len(sources), f"iopfl_without_{held}_seed{seed}", out, args, seed) / "model_pool"
             label = {f"site-{i + 1}": s for i, s in enumerate(sources)}
             results["loso"].setdefault(held, {})[str(seed)] = outside_site(
-                pool, data / held, out / "predictions" / f"seed{seed}" / "loso" / held, label, args, seed)
+                pool, data / held, out / "predictions" / f"seed{seed}" / "loso" / held, label, args, seed, done)
             save()
         first = next(((k, site, by_seed[str(seed)]) for k in ("unseen", "loso")
                       for site, by_seed in results[k].items() if str(seed) in by_seed), None)
