@@ -73,23 +73,67 @@ def test_max_train_cases_keeps_the_first_cases_and_the_smallest_site_is_found(ti
         load_datalist(hk, "training", site="HK", max_cases=-1)
 
 
-def test_the_harmofl_recipe_sizes_the_cut_from_the_data_and_averages_uniformly(tiny_sites):
+def test_each_method_states_its_released_protocol_and_the_registry_reads_it():
+    from fedharmony.methods import site_method_class
+    from fedharmony.methods.protocols import released_methods
+
+    assert released_methods() == ("harmofl", "prrfl")
+    assert site_method_class("harmofl").released_cuts_to_smallest_site
+    assert released_bundle_overrides("prrfl", max_train_cases=None) == dict(site_method_class("prrfl").released_settings)
+    for method in ("fedavg", "fedbn", "iopfl"):
+        assert site_method_class(method).released_settings is None
+
+
+def test_the_recipe_merges_the_protocol_once_for_every_method_and_keeps_the_server_choices(tiny_sites):
     from fedharmony.fl.job import FedHarmonyRecipe
 
     smallest, _ = smallest_split(tiny_sites)
     recipe = FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, data_root=str(tiny_sites),
-                              overrides=dict(TINY_OVERRIDES), protocol="released")
+                              overrides=dict(TINY_OVERRIDES), protocol="released", max_train_cases=smallest)
+    assert recipe.protocol == "released"
     assert recipe.overrides == {**TINY_OVERRIDES, **released_bundle_overrides("harmofl", max_train_cases=smallest)}
     assert recipe.aggregator().weigh_by_samples is False
+    # the size may come as an override too (an exported job's), and a different keyword value clashes with it
+    given = FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released",
+                             overrides={**TINY_OVERRIDES, "max_train_cases": 3})
+    assert given.overrides["max_train_cases"] == 3
+    with pytest.raises(ValueError, match=r"sets max_train_cases=2 \(given 3\)"):
+        FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released", max_train_cases=2,
+                         overrides={"max_train_cases": 3})
     paper = FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, overrides=dict(TINY_OVERRIDES))
     assert paper.aggregator().weigh_by_samples is True and "norm" not in paper.overrides
-    with pytest.raises(ValueError, match="give max_train_cases"):
-        FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released")
+    # the recipe does not read the sites' data: without the size it is refused, naming what to give
+    with pytest.raises(ValueError, match="max_train_cases must be an integer >= 1, got None .*smallest_split"):
+        FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, data_root=str(tiny_sites),
+                         protocol="released")
     with pytest.raises(ValueError, match=r"sets amp_mode='released' \(given 'paper'\)"):
         FedHarmonyRecipe("harmofl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released", max_train_cases=2,
                          amp_mode="paper")
     prrfl = FedHarmonyRecipe("prrfl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released")
     assert prrfl.aggregator().box == "half_open" and prrfl.overrides["prrfl_kl_reduction"] == "batchmean"
+    assert FedHarmonyRecipe("prrfl", bundle_dir=str(BUNDLE), num_rounds=1).aggregator().box == "symmetric"
+    with pytest.raises(ValueError, match=r"sets prrfl_box='half_open' \(given 'symmetric'\)"):
+        FedHarmonyRecipe("prrfl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released", prrfl_box="symmetric")
+    with pytest.raises(ValueError, match="fedbn has no released protocol"):
+        FedHarmonyRecipe("fedbn", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released")
+
+
+def test_the_job_script_counts_the_smallest_site_for_the_recipe(tiny_sites, tmp_path):
+    """The job script is where the sites' data is visible: it sizes the cut (over site-1 .. site-N) and says so."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "harmofl", "--protocol",
+                          "released", "--sites", "1", "--data-root", str(tiny_sites), "--override",
+                          json.dumps(TINY_OVERRIDES), "--export", "--export-dir", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    size, site = smallest_split(tiny_sites, num_sites=1)
+    assert f"every site trains on {size} cases (the smallest site, {site})" in res.stdout
+    client = json.loads(next(tmp_path.rglob("config_fed_client.json")).read_text())
+    assert client["executors"][0]["executor"]["args"]["overrides"]["max_train_cases"] == size
 
 
 def test_the_job_script_refuses_a_protocol_the_method_does_not_have(tmp_path):
@@ -105,8 +149,10 @@ def test_the_job_script_refuses_a_protocol_the_method_does_not_have(tmp_path):
 
 @pytest.mark.integration
 def test_harmofl_released_protocol_runs_in_the_simulator(tiny_sites, tmp_path):
-    """The whole released protocol on 2 tiny sites: the settings travel to the sites, the server averages
-    uniformly, and the global model has the released network (no norm parameters or statistics)."""
+    """The whole released protocol on 2 tiny sites: the settings travel to the sites, the server is set for the
+    uniform mean and accepts both sites, and the global model has the released network (no norm parameters or
+    statistics). (Both tiny sites train on 1 case, so the log cannot tell the uniform mean from the case-weighted
+    one; the recipe test checks the aggregator.)"""
     overrides = {**TINY_OVERRIDES, "max_train_cases": 1}  # an exported job does not see the data: size given
     job = export_job(tmp_path, "harmofl_released", "--protocol", "released", "--no-cross-site-eval",
                      algorithm="harmofl", rounds=2, sites=2, overrides=overrides)
@@ -121,4 +167,4 @@ def test_harmofl_released_protocol_runs_in_the_simulator(tiny_sites, tmp_path):
     target = np.asarray(model["harmonize.target"])
     assert np.isfinite(target).all() and target.max() > 0  # the averaged amplitude target travelled
     log = (tmp_path / "ws" / "server" / "log.txt").read_text()
-    assert "accepted site-1 (weight 1)" in log and "accepted site-2 (weight 1)" in log
+    assert "accepted site-1" in log and "accepted site-2" in log

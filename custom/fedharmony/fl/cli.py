@@ -29,7 +29,7 @@ from fedharmony.core.files import read_site_map
 from fedharmony.data.datalist import smallest_split
 from fedharmony.fl.job import ALGORITHMS, FedHarmonyRecipe
 from fedharmony.fl.summary import ROUND_MARK
-from fedharmony.methods.protocols import PROTOCOLS, check_protocol, needs_smallest_site
+from fedharmony.methods.protocols import PROTOCOLS, check_protocol, needs_smallest_site, released_methods
 
 CHILD_ENV = "FEDHARMONY_JOB_CHILD"  # set in the process that runs the simulator for a quiet parent
 
@@ -101,7 +101,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
                    help="experiment tracking on the server (NVFlare's receivers; default tensorboard)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="paper",
                    help="paper (default) or released: the released code's choices where they differ "
-                        "(harmofl, prrfl; see fedharmony.methods.protocols)")
+                        f"({', '.join(released_methods())}; see fedharmony.methods.protocols)")
     p.add_argument("--verbose", action="store_true", help="show NVFlare's log on the terminal (default: a file)")
     p.add_argument("--score-after-training", action="store_true",
                    help="sites also score their model after local training (the retrogress curve)")

@@ -45,6 +45,7 @@ import fedharmony
 
 from fedharmony.fl import job_policy
 from fedharmony.methods import site_method_class
+from fedharmony.methods.protocols import check_protocol, protocol_overrides
 from fedharmony.fl.aggregator import SiteUpdateAggregator
 from fedharmony.fl.executor import BundleExecutor
 from fedharmony.fl.persistor import BundleModelPersistor
@@ -91,6 +92,14 @@ class BundleRecipe(Recipe):
         tracking: experiment tracking on the server, through NVFlare's ``add_experiment_tracking``:
             ``tensorboard`` (default), ``mlflow`` or ``wandb`` (the package must be installed;
             credentials come from the server's environment, never from the job).
+        protocol: ``paper`` (default) or ``released``: the authors' released code's choices, for the
+            methods that have them (:mod:`fedharmony.methods.protocols`). Its bundle settings are
+            merged into ``overrides`` here (an override that contradicts one is refused); a
+            method's recipe makes its server-side choices from ``self.protocol``.
+        max_train_cases: the smallest site's training-set size, for a released protocol that cuts
+            every site to it (HarmoFL's). The sites' data is not visible where a job is built, so
+            it is given (the job scripts count it: ``fedharmony.data.datalist.smallest_split``), here
+            or as the ``max_train_cases`` override.
     """
 
     method = "fedavg"  # the registry name; each method's recipe sets its own
@@ -100,8 +109,10 @@ class BundleRecipe(Recipe):
                  cross_site_eval: bool = True, cross_site_timeout: Optional[int] = None, name: Optional[str] = None,
                  task_request_interval: float = 0.25, initial_model: Optional[str] = None, start_round: int = 0,
                  privacy_percentile: Optional[float] = None, privacy_gamma: float = 0.01, ship_code: bool = True,
-                 memory_gc_rounds: int = 0, score_after_training: bool = False, tracking: str = "tensorboard"):
+                 memory_gc_rounds: int = 0, score_after_training: bool = False, tracking: str = "tensorboard",
+                 protocol: str = "paper", max_train_cases: Optional[int] = None):
         site_cls = site_method_class(self.method)
+        self.protocol = check_protocol(protocol, self.method)
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
             raise FileNotFoundError(f"{bundle_dir} is not a bundle with configs/train.json")
         if num_rounds < 1 or min_clients < 1 or local_epochs < 1:
@@ -127,7 +138,8 @@ class BundleRecipe(Recipe):
                 raise FileNotFoundError(f"{bundle_dir} has no {site_cls.overlay} (needed by {self.method})")
             config_files.append(site_cls.overlay)
         self.check()
-        overrides = {**(overrides or {}), **self.bundle_overrides()}
+        overrides = protocol_overrides(self.method, self.protocol, {**(overrides or {}), **self.bundle_overrides()},
+                                       max_train_cases)
         site_settings = self.site_settings()
         site_cls.from_settings(site_settings)  # the sites will refuse what fails here: fail now instead
         _check_override_ids(bundle_dir, config_files, overrides)

@@ -69,6 +69,13 @@ class SiteMethod:
       score (``_personalized`` for IOP-FL and Ditto).
     * ``result``: what each site ends with, in words (for study reports).
     * ``needs_cross_site_eval``: the server collects the sites' models through cross-site evaluation.
+    * ``released_settings``: the bundle settings of the authors' released code where it differs from
+      the paper (``protocol="released"``, :mod:`fedharmony.methods.protocols`); None: the method has no
+      released protocol. Server-side choices of that protocol stay in the method's recipe.
+    * ``released_cuts_to_smallest_site``: the released protocol also trains every site on the smallest
+      site's number of training cases (bundle setting ``max_train_cases``).
+    * ``released_elsewhere``: where the released choices live instead, when they are not a training
+      protocol (IOP-FL's are test-time options), for the error a ``protocol="released"`` job gets.
 
     Settings are the method's keyword arguments; they come from the job, so a subclass checks
     each (type and range) in ``__init__``: for a site that runs no job code they are the only
@@ -86,6 +93,9 @@ class SiteMethod:
     result_tag = ""
     result = "the final global model"
     needs_cross_site_eval = False
+    released_settings: Optional[Mapping[str, object]] = None
+    released_cuts_to_smallest_site = False
+    released_elsewhere = ""
 
     def __init__(self):
         self.site: Optional["BundleSite"] = None

@@ -2,28 +2,36 @@
 
 ``protocol="paper"`` (the default everywhere) is what the papers describe and what this
 package does by default. ``protocol="released"`` reproduces the choices the authors' released
-code makes where it differs, so a result can be set against theirs:
+code makes where it differs, so a result can be set against theirs.
+
+Each method states its own released protocol, next to the rest of its definition:
+
+* the bundle settings, on its site class (:class:`fedharmony.methods.base.SiteMethod`):
+  ``released_settings`` and ``released_cuts_to_smallest_site``;
+* the server-side choices, in its recipe (``fedharmony/methods/<name>/server.py``), which reads
+  ``self.protocol`` (set by :class:`fedharmony.fl.recipe.BundleRecipe`).
 
 =========  ===========================================================================
 method     ``released`` sets
 =========  ===========================================================================
-harmofl    amplitude normalization ``released`` (DC only, target frozen at the first
-           batch); every site's training set cut to the smallest site's size; uniform
-           averaging of all weights and of the amplitude target; the released input
-           scaling (``intensity=released``: 99th-percentile clip, 0-255); the released
-           network normalization (``norm=batch_stats_only``: batch norm without affine,
-           batch statistics in evaluation) and plain conv blocks (``num_res_units=0``).
-           The optimizer, learning rate and rounds stay the bundle's / the job's.
-prrfl      the half-open low-frequency box ``[c - b, c + b)`` (``prrfl_box=half_open``) and
-           the distillation KL with ``batchmean`` reduction (``prrfl_kl_reduction``: summed
-           over pixels, divided by the batch size; the same as ours for classification).
-           Not built: the released SGD schedule (lr 1e-2, halved every 5 rounds).
-iopfl      nothing at training time: the released choices are test-time ones, methods of
-           the bundle's ``configs/routed_inference.json`` (``method=routing_released``,
-           ``adaptation#entropy=released``).
+harmofl    site: amplitude normalization ``released`` (DC only, target frozen at the
+           first batch), the 0-255 input (``intensity=released``), batch norm without
+           affine or running statistics (``norm=batch_stats_only``), plain conv blocks
+           (``num_res_units=0``), every site cut to the smallest site's training-set
+           size (``max_train_cases``). Server: the uniform mean of every weight and of
+           the amplitude target. The optimizer, learning rate and rounds stay the
+           bundle's / the job's.
+prrfl      site: the distillation KL with ``batchmean`` reduction
+           (``prrfl_kl_reduction``: summed over pixels, divided by the batch size; the
+           same as ours for classification). Server: the half-open low-frequency box
+           ``[c - b, c + b)``. Not built: the released SGD schedule (lr 1e-2, halved
+           every 5 rounds).
+iopfl      nothing at training time (``released_elsewhere``): its released choices are
+           test-time options of the bundle's ``configs/routed_inference.json``.
 =========  ===========================================================================
 
-Example::
+This module only reads those attributes (through the registry) and merges them with a job's
+overrides. Example::
 
     >>> released_bundle_overrides("harmofl", max_train_cases=7)["max_train_cases"]
     7
@@ -33,53 +41,57 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
-__all__ = ["PROTOCOLS", "RELEASED_METHODS", "check_protocol", "released_bundle_overrides", "needs_smallest_site",
-           "merge_protocol_overrides"]
+__all__ = ["PROTOCOLS", "released_methods", "check_protocol", "released_bundle_overrides", "needs_smallest_site",
+           "merge_protocol_overrides", "protocol_overrides"]
 
 PROTOCOLS = ("paper", "released")
 
-# the bundle settings of each method's released protocol (the recipe adds its own server-side choices)
-_RELEASED_BUNDLE: Dict[str, Dict[str, object]] = {
-    "harmofl": {"amp_mode": "released", "intensity": "released", "norm": "batch_stats_only", "num_res_units": 0},
-    "prrfl": {"prrfl_kl_reduction": "batchmean"},
-}
-RELEASED_METHODS = tuple(_RELEASED_BUNDLE)
-_CUT_TO_SMALLEST = ("harmofl",)
-_ELSEWHERE = {
-    "iopfl": "IOP-FL's released choices are test-time ones: configs/routed_inference.json with "
-             "method=routing_released and adaptation#entropy=released",
-}
+
+def _site_class(method: str):
+    from fedharmony.methods import site_method_class  # the registry imports this package: import late
+
+    return site_method_class(method)
+
+
+def released_methods() -> Tuple[str, ...]:
+    """The registry's methods that have a released protocol."""
+    from fedharmony.methods import METHODS
+
+    return tuple(m for m in METHODS if _site_class(m).released_settings is not None)
 
 
 def check_protocol(protocol: str, method: str) -> str:
     """``protocol`` if ``method`` has it; a ValueError naming what exists otherwise."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
-    if protocol == "released" and method not in _RELEASED_BUNDLE:
-        raise ValueError(f"{method} has no released protocol"
-                         + (f" ({_ELSEWHERE[method]})" if method in _ELSEWHERE else "")
-                         + f"; methods with one: {', '.join(RELEASED_METHODS)}")
+    if protocol == "released":
+        site_cls = _site_class(method)
+        if site_cls.released_settings is None:
+            raise ValueError(f"{method} has no released protocol"
+                             + (f" ({site_cls.released_elsewhere})" if site_cls.released_elsewhere else "")
+                             + f"; methods with one: {', '.join(released_methods())}")
     return protocol
-
-
-def released_bundle_overrides(method: str, *, max_train_cases: int) -> Dict[str, object]:
-    """The bundle overrides of ``method``'s released protocol; ``max_train_cases`` is the smallest site's
-    training-set size (used by the methods whose released code cuts every site to it)."""
-    check_protocol("released", method)
-    out = dict(_RELEASED_BUNDLE[method])
-    if method in _CUT_TO_SMALLEST:
-        if isinstance(max_train_cases, bool) or not isinstance(max_train_cases, int) or max_train_cases < 1:
-            raise ValueError(f"{method}'s released protocol cuts every site's training set to the smallest site's "
-                             f"size: max_train_cases must be an integer >= 1, got {max_train_cases!r}")
-        out["max_train_cases"] = max_train_cases
-    return out
 
 
 def needs_smallest_site(method: str) -> bool:
     """Whether ``method``'s released protocol needs the smallest site's training-set size."""
-    return method in _CUT_TO_SMALLEST
+    return bool(_site_class(method).released_cuts_to_smallest_site)
+
+
+def released_bundle_overrides(method: str, *, max_train_cases: Optional[int]) -> Dict[str, object]:
+    """The bundle overrides of ``method``'s released protocol; ``max_train_cases`` is the smallest site's
+    training-set size (used by the methods whose released code cuts every site to it; ignored otherwise)."""
+    check_protocol("released", method)
+    out = dict(_site_class(method).released_settings)
+    if needs_smallest_site(method):
+        if isinstance(max_train_cases, bool) or not isinstance(max_train_cases, int) or max_train_cases < 1:
+            raise ValueError(f"{method}'s released protocol cuts every site's training set to the smallest site's "
+                             f"size: max_train_cases must be an integer >= 1, got {max_train_cases!r} (a job script "
+                             f"counts it from the sites' data; fedharmony.data.datalist.smallest_split does that)")
+        out["max_train_cases"] = max_train_cases
+    return out
 
 
 def merge_protocol_overrides(overrides: Dict[str, object], protocol_overrides: Dict[str, object],
@@ -90,3 +102,17 @@ def merge_protocol_overrides(overrides: Dict[str, object], protocol_overrides: D
         raise ValueError(f"protocol {protocol!r} sets " + ", ".join(f"{k}={v!r} (given {u!r})"
                                                                      for k, (u, v) in sorted(clash.items())))
     return {**overrides, **protocol_overrides}
+
+
+def protocol_overrides(method: str, protocol: str, overrides: Dict[str, object],
+                       max_train_cases: Optional[int] = None) -> Dict[str, object]:
+    """A job's bundle overrides under ``protocol``: ``overrides`` unchanged for ``paper``; for ``released``, merged
+    with the method's released settings (a contradicting value is refused). The smallest site's size is
+    ``max_train_cases``, else the ``max_train_cases`` already in ``overrides`` (an exported job's sites' data
+    is not visible where the job is built, so it is given)."""
+    if check_protocol(protocol, method) == "paper":
+        return dict(overrides)
+    if max_train_cases is None:
+        max_train_cases = overrides.get("max_train_cases")
+    return merge_protocol_overrides(overrides, released_bundle_overrides(method, max_train_cases=max_train_cases),
+                                    protocol)

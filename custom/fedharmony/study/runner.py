@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from fedharmony.data.datalist import smallest_split
-from fedharmony.methods.protocols import (check_protocol, merge_protocol_overrides, needs_smallest_site,
-                                          released_bundle_overrides)
+from fedharmony.methods.protocols import check_protocol, needs_smallest_site, protocol_overrides
 from fedharmony.study.data import StudyData, make_phantom_data, real_data
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
@@ -173,11 +172,11 @@ class Study:
             settings["histogram_scale"] = self.federated_histogram_scale(seed, bool(settings.get("bias_correction")))
         protocol = settings.pop("protocol", "paper")  # a job flag, expanded here into its bundle settings
         overrides = {**extra, **self.preset.overrides, **settings, "seed": seed}
-        if check_protocol(protocol, base) == "released":
+        smallest = None
+        if check_protocol(protocol, base) == "released" and needs_smallest_site(base):
             data = self.data(seed)
-            smallest = smallest_split(data.train_root, num_sites=len(data.sites))[0] if needs_smallest_site(base) else 0
-            overrides = merge_protocol_overrides(overrides, released_bundle_overrides(base, max_train_cases=smallest))
-        return overrides
+            smallest = smallest_split(data.train_root, num_sites=len(data.sites))[0]
+        return protocol_overrides(base, protocol, overrides, smallest)
 
     def federated_histogram_scale(self, seed: int, bias_correction: bool = False) -> str:
         """The arm setting ``histogram_scale=federated``: the scale the seed's sites agree on from their training

@@ -1,17 +1,12 @@
 """HarmoFL's server: FedAvg's mean, which also averages the amplitude target (a buffer of the model)."""
 
-import logging
 from typing import Optional
 
-from fedharmony.data.datalist import smallest_split
 from fedharmony.fl.aggregator import SiteUpdateAggregator
 from fedharmony.fl.recipe import BundleRecipe
-from fedharmony.methods.protocols import check_protocol, merge_protocol_overrides, released_bundle_overrides
 from fedharmony.methods.harmofl.harmonize import check_ratio
 from fedharmony.methods.harmofl.networks import MODES
 from fedharmony.methods.harmofl.perturbation import check_alpha
-
-logger = logging.getLogger(__name__)
 
 
 class HarmoFLRecipe(BundleRecipe):
@@ -23,20 +18,17 @@ class HarmoFLRecipe(BundleRecipe):
         amp_ratio: the window ratio L in [0, 0.5].
         wp_alpha: weight perturbation strength (0 = off).
         image_size: the common in-plane size (a multiple of 16).
-        protocol: ``paper`` (default) or ``released``: the released code's choices
-            (:mod:`fedharmony.methods.protocols`): amplitude normalization ``released``, the
-            0-255 input, batch norm without affine or running statistics, plain conv blocks,
-            every site cut to ``max_train_cases`` training cases and a uniform mean.
-        max_train_cases: the smallest site's training-set size, for ``released`` (default: read
-            from ``data_root``'s sites, or the ``max_train_cases`` override).
+
+    With ``protocol="released"`` (a :class:`~fedharmony.fl.recipe.BundleRecipe` setting) the sites
+    get the released code's settings (:attr:`fedharmony.methods.harmofl.site.HarmoFLSite.released_settings`,
+    every site cut to ``max_train_cases``) and the server takes the uniform mean (1/K) of every
+    weight and of the amplitude target, as the released code does.
     """
 
     method = "harmofl"
 
     def __init__(self, *, amp_mode: Optional[str] = None, amp_ratio: Optional[float] = None,
-                 wp_alpha: Optional[float] = None, image_size: Optional[int] = None, protocol: str = "paper",
-                 max_train_cases: Optional[int] = None, **kwargs):
-        self.protocol = check_protocol(protocol, self.method)
+                 wp_alpha: Optional[float] = None, image_size: Optional[int] = None, **kwargs):
         if amp_mode is not None and amp_mode not in MODES:
             raise ValueError(f"amp_mode must be one of {MODES}, got {amp_mode!r}")
         try:
@@ -49,19 +41,6 @@ class HarmoFLRecipe(BundleRecipe):
         if image_size is not None and (image_size < 16 or image_size % 16):
             raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
         self.harmofl = {"amp_mode": amp_mode, "amp_ratio": amp_ratio, "wp_alpha": wp_alpha, "image_size": image_size}
-        if self.protocol == "released":
-            given = {**(kwargs.get("overrides") or {}), **{k: v for k, v in self.harmofl.items() if v is not None}}
-            if max_train_cases is None:
-                max_train_cases = given.get("max_train_cases")
-            if max_train_cases is None and kwargs.get("data_root"):
-                max_train_cases, site = smallest_split(kwargs["data_root"])
-                logger.info("protocol released: every site cut to %d training cases (the smallest site, %s)",
-                            max_train_cases, site)
-            if max_train_cases is None:
-                raise ValueError("protocol 'released' cuts every site's training set to the smallest site's size: "
-                                 "give max_train_cases (the sites' data is not visible here)")
-            self.harmofl = merge_protocol_overrides(
-                given, released_bundle_overrides(self.method, max_train_cases=max_train_cases))
         super().__init__(**kwargs)
 
     def bundle_overrides(self):

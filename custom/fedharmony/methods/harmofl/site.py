@@ -9,6 +9,11 @@ OVERLAY = "configs/harmofl.json"
 class HarmoFLSite(SiteMethod):
     name = "harmofl"
     overlay = OVERLAY
+    # the released code: DC-only amplitude target frozen at the first batch, 0-255 input, batch norm
+    # without affine or running statistics, plain conv blocks (its uniform mean is the recipe's)
+    released_settings = {"amp_mode": "released", "intensity": "released", "norm": "batch_stats_only",
+                         "num_res_units": 0}
+    released_cuts_to_smallest_site = True
 
     def receive(self, weights, meta):
         super().receive(weights, meta)

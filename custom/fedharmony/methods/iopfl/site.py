@@ -16,6 +16,8 @@ class IOPFLSite(SiteMethod):
     name = "iopfl"
     personalized = True
     result = "the site's personalized model phi, best on its validation split"
+    released_elsewhere = ("IOP-FL's released choices are test-time ones: configs/routed_inference.json with "
+                          "method=routing_released, adaptation#entropy=released and adaptation#schedule=online")
     result_tag = PERSONALIZED_SUFFIX
     needs_cross_site_eval = True  # the model pool is collected that way
     best_at_round_start = False  # the site's result is phi, scored after each update

@@ -9,7 +9,6 @@ from fedharmony.core.aggregation import UpdateRejected
 from fedharmony.methods.prrfl.deputy import DEFAULT_ALPHA1, DEFAULT_ALPHA2, check_alphas
 from fedharmony.fl.aggregator import SiteUpdateAggregator
 from fedharmony.fl.recipe import BundleRecipe
-from fedharmony.methods.protocols import check_protocol, merge_protocol_overrides, released_bundle_overrides
 from fedharmony.methods.prrfl.fourier_aggregation import (DEFAULT_R0, DEFAULT_R1, check_box, check_schedule, mean_amplitudes,
                                                           ratio_schedule)
 from fedharmony.methods.prrfl.site import FOURIER_BOX, FOURIER_RATIO
@@ -88,33 +87,31 @@ class PRRFLRecipe(BundleRecipe):
         prrfl_alpha1, prrfl_alpha2: the stage thresholds (released 0.7, 0.9).
         prrfl_weighted: weight the mean amplitude by training-set size (default: uniform, as released).
         prrfl_box: ``symmetric`` (default) or ``half_open``, the released code's box ``[c - b, c + b)``.
-        protocol: ``paper`` (default) or ``released`` (:mod:`fedharmony.methods.protocols`): the
-            half-open box and the ``batchmean`` distillation KL. (The released SGD schedule is not
-            reproduced.)
+
+    With ``protocol="released"`` (a :class:`~fedharmony.fl.recipe.BundleRecipe` setting) the server
+    shares the half-open box and the sites distil with the ``batchmean`` KL
+    (:attr:`fedharmony.methods.prrfl.site.PRRFLSite.released_settings`). The released SGD schedule
+    is not reproduced.
     """
 
     method = "prrfl"
 
     def __init__(self, *, prrfl_r0: Optional[float] = None, prrfl_r1: Optional[float] = None,
                  prrfl_alpha1: Optional[float] = None, prrfl_alpha2: Optional[float] = None,
-                 prrfl_weighted: bool = False, prrfl_box: Optional[str] = None, protocol: str = "paper", **kwargs):
-        self.protocol_overrides = {}
-        if check_protocol(protocol, self.method) == "released":
-            if prrfl_box not in (None, "half_open"):
-                raise ValueError(f"protocol 'released' sets prrfl_box='half_open' (given {prrfl_box!r})")
-            prrfl_box = "half_open"
-            self.protocol_overrides = merge_protocol_overrides(
-                kwargs.get("overrides") or {}, released_bundle_overrides(self.method, max_train_cases=0))
+                 prrfl_weighted: bool = False, prrfl_box: Optional[str] = None, **kwargs):
         self.r0, self.r1 = check_schedule(DEFAULT_R0 if prrfl_r0 is None else prrfl_r0,
                                           DEFAULT_R1 if prrfl_r1 is None else prrfl_r1)
         check_alphas(DEFAULT_ALPHA1 if prrfl_alpha1 is None else prrfl_alpha1,
                      DEFAULT_ALPHA2 if prrfl_alpha2 is None else prrfl_alpha2)
         self.alphas = {"prrfl_alpha1": prrfl_alpha1, "prrfl_alpha2": prrfl_alpha2}
         self.weighted = bool(prrfl_weighted)
-        self.box = check_box(prrfl_box or "symmetric")
+        self.box_given = None if prrfl_box is None else check_box(prrfl_box)
         super().__init__(**kwargs)
 
     def check(self):
+        if self.protocol == "released" and self.box_given not in (None, "half_open"):
+            raise ValueError(f"protocol 'released' sets prrfl_box='half_open' (given {self.box_given!r})")
+        self.box = "half_open" if self.protocol == "released" else (self.box_given or "symmetric")
         if self.privacy_percentile is not None:
             raise ValueError("PRR-FL's server needs each site's full deputy (Fourier aggregation is not a "
                              "mean of differences); drop privacy_percentile")
@@ -123,7 +120,7 @@ class PRRFLRecipe(BundleRecipe):
                              "and the personalized models live in the sites' run folders of the old job")
 
     def bundle_overrides(self):
-        return {**self.protocol_overrides, **{k: v for k, v in self.alphas.items() if v is not None}}
+        return {k: v for k, v in self.alphas.items() if v is not None}
 
     def aggregator(self):
         return FourierAggregator(num_rounds=self.start_round + self.num_rounds, r0=self.r0, r1=self.r1,

@@ -19,6 +19,9 @@ class PRRFLSite(SiteMethod):
     local_keys = NORM_LAYER_KEYS
     personalized = True
     result = "the site's personalized model, best on its validation split"
+    # the released code's distillation KL: summed over pixels, divided by the batch size (its
+    # half-open Fourier box is the recipe's)
+    released_settings = {"prrfl_kl_reduction": "batchmean"}
     best_after_training = True  # the personalized model after local training is the site's result
     scores_after_training = True
     scored_model = "personalized"
