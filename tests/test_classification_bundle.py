@@ -192,13 +192,24 @@ def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermosco
 
 
 @pytest.mark.integration
-def test_prrfl_on_the_prostate_sites(tiny_sites, tmp_path):
-    # with the released half-open box (the symmetric default runs on dermoscopy above and in the unit tests)
-    ws, run = _simulate("prostate.py", "prrfl", tiny_sites, tmp_path, TINY_OVERRIDES, "--prrfl-box", "half_open",
+def test_prrfl_released_protocol_on_the_prostate_sites(tiny_sites, tmp_path):
+    # --protocol released: the half-open box on the server; on the sites the batchmean KL and the released
+    # optimizer (SGD, lr 1e-2 for rounds 0-4, both optimizers built anew each round). The paper default runs
+    # on dermoscopy above and in the unit tests.
+    ws, run = _simulate("prostate.py", "prrfl", tiny_sites, tmp_path, TINY_OVERRIDES, "--protocol", "released",
                         threads=2)
     assert "Fourier aggregation of 2 deputies" in (ws / "server" / "log.txt").read_text()
     server = json.loads(next(ws.rglob("config_fed_server.json")).read_text())
     assert '"box": "half_open"' in json.dumps(server)
+    client = json.loads(next(ws.rglob("config_fed_client.json")).read_text())
+    sent = client["executors"][0]["executor"]["args"]["overrides"]
+    assert sent["optimizer_name"] == "sgd" and sent["prrfl_kl_reduction"] == "batchmean"
+    for site in ("site-1", "site-2"):
+        log = (ws / site / "log.txt").read_text()
+        assert "round 0 trains at learning rate 0.01 (optimizers reset)" in log
+        assert "round 1 trains at learning rate 0.01 (optimizers reset)" in log
+        state = torch.load(ws / site / "simulate_job" / "fedharmony" / site / "site_state.pt", weights_only=True)
+        assert state["optimizer"]["param_groups"][0]["momentum"] == 0  # the released plain SGD
     summary = json.loads((run / "results" / "summary.json").read_text())
     assert summary["tag"] == "val_mean_dice" and set(summary["per_site"]) == {"site-1", "site-2"}
     cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
+from fedharmony.bundle.optim import RoundSchedule
 from fedharmony.methods import METHODS, make_site_method, recipe_class, site_method_class
 from fedharmony.methods.scaffold.site import C_DIFF, C_GLOBAL, control_update, corrected_step
 
@@ -28,6 +29,7 @@ class StandInSite:
         self.site_name = "stand-in"
         self.network = torch.nn.Linear(1, 1, bias=False)
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=lr)
+        self.round_schedule = RoundSchedule(lr)  # the bundle default: a constant rate
         self.base_loss = torch.nn.MSELoss(reduction="sum")
         self.batches = batches
         self.loss = self.base_loss

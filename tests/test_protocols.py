@@ -18,7 +18,9 @@ def test_released_overrides_per_method_and_the_errors_name_what_exists():
     assert released_bundle_overrides("harmofl", max_train_cases=5) == {
         "amp_mode": "released", "intensity": "released", "norm": "batch_stats_only", "num_res_units": 0,
         "max_train_cases": 5}
-    assert released_bundle_overrides("prrfl", max_train_cases=5) == {"prrfl_kl_reduction": "batchmean"}
+    assert released_bundle_overrides("prrfl", max_train_cases=5) == {
+        "prrfl_kl_reduction": "batchmean", "optimizer_name": "sgd", "learning_rate": 0.01, "weight_decay": 1e-6,
+        "lr_round_gamma": 0.5, "lr_round_step": 5, "optimizer_reset_each_round": True}
     assert needs_smallest_site("harmofl") and not needs_smallest_site("prrfl")
     assert check_protocol("paper", "fedavg") == "paper"  # every method has the paper protocol
     with pytest.raises(ValueError, match=r"unknown protocol 'publication'; choose one of \('paper', 'released'\)"):
@@ -111,6 +113,7 @@ def test_the_recipe_merges_the_protocol_once_for_every_method_and_keeps_the_serv
                          amp_mode="paper")
     prrfl = FedHarmonyRecipe("prrfl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released")
     assert prrfl.aggregator().box == "half_open" and prrfl.overrides["prrfl_kl_reduction"] == "batchmean"
+    assert prrfl.overrides["optimizer_name"] == "sgd" and prrfl.overrides["lr_round_gamma"] == 0.5
     assert FedHarmonyRecipe("prrfl", bundle_dir=str(BUNDLE), num_rounds=1).aggregator().box == "symmetric"
     with pytest.raises(ValueError, match=r"sets prrfl_box='half_open' \(given 'symmetric'\)"):
         FedHarmonyRecipe("prrfl", bundle_dir=str(BUNDLE), num_rounds=1, protocol="released", prrfl_box="symmetric")

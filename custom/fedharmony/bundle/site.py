@@ -34,6 +34,7 @@ from fedharmony.core.aggregation import is_local_key
 from fedharmony.core.files import atomic_torch_save
 from fedharmony.methods import SiteMethod, make_site_method
 from fedharmony.core.results import AFTER_TRAINING_SUFFIX
+from fedharmony.bundle.optim import RoundSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,15 @@ class BundleSite:
         self._evaluators = {}
         parser = self.workflow.parser
         self.iteration_update = parser.get_parsed_content("iteration_update") if "iteration_update" in parser else None
+
+        def setting(name, default):
+            return parser.get_parsed_content(name) if name in parser else default
+
+        try:  # the learning rate by round (fedharmony.bundle.optim); the bundles' defaults change nothing
+            self.round_schedule = RoundSchedule(self.optimizer.defaults["lr"], setting("lr_round_gamma", 1.0),
+                                                setting("lr_round_step", 1), setting("optimizer_reset_each_round", False))
+        except ValueError as e:
+            raise ValueError(f"site {site_name!r}: {e}") from None
         self.round = 0
         self.last_local_epochs = 0
         self.best_metric = float("-inf")
@@ -274,6 +284,10 @@ class BundleSite:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
         if global_weights is not None:
             self.load_weights(global_weights)
+        lr = self.round_schedule.apply(self.method.optimizers(), self.round)
+        if self.round_schedule.active:
+            logger.info("site %s: round %d trains at learning rate %g%s", self.site_name, self.round, lr,
+                        " (optimizers reset)" if self.round_schedule.reset_each_round else "")
         loss = self.method.training_loss(self.base_loss)
         self.method.before_training()
         steps = self.run_epochs(local_epochs, loss)

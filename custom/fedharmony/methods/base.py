@@ -131,6 +131,11 @@ class SiteMethod:
         """Take the server's answer: the global weights replace the model's shared keys."""
         self.site.load_weights(weights)
 
+    def optimizers(self) -> List[torch.optim.Optimizer]:
+        """Every optimizer local training steps (the round's learning rate is set on each; PRR-FL adds its
+        deputy's)."""
+        return [self.site.optimizer]
+
     def prepare(self):
         """Work before the round-start score (nothing for FedAvg)."""
 

@@ -23,9 +23,11 @@ harmofl    site: amplitude normalization ``released`` (DC only, target frozen at
            bundle's / the job's.
 prrfl      site: the distillation KL with ``batchmean`` reduction
            (``prrfl_kl_reduction``: summed over pixels, divided by the batch size; the
-           same as ours for classification). Server: the half-open low-frequency box
-           ``[c - b, c + b)``. Not built: the released SGD schedule (lr 1e-2, halved
-           every 5 rounds).
+           same as ours for classification); the released optimizer: SGD without
+           momentum, lr 1e-2, weight decay 1e-6, halved every 5 rounds, built anew each
+           round (``optimizer_name``, ``lr_round_gamma``, ``lr_round_step``,
+           ``optimizer_reset_each_round``; :mod:`fedharmony.bundle.optim`). Server: the
+           half-open low-frequency box ``[c - b, c + b)``.
 iopfl      nothing at training time (``released_elsewhere``): its released choices are
            test-time options of the bundle's ``configs/routed_inference.json``.
 =========  ===========================================================================
@@ -35,8 +37,8 @@ overrides. Example::
 
     >>> released_bundle_overrides("harmofl", max_train_cases=7)["max_train_cases"]
     7
-    >>> released_bundle_overrides("prrfl", max_train_cases=7)
-    {'prrfl_kl_reduction': 'batchmean'}
+    >>> released_bundle_overrides("prrfl", max_train_cases=7)["optimizer_name"]
+    'sgd'
 """
 
 from __future__ import annotations

@@ -56,7 +56,11 @@ class DittoSite(SiteMethod):
         trained_global = site.state_dict()  # what FedAvg sends; put back once v_k has trained
         global_optimizer = copy.deepcopy(site.optimizer.state_dict())
         site.load_weights(self.personal, keep_local=False)
-        site.optimizer.load_state_dict(self.personal_optimizer or self._fresh_optimizer)
+        round_lrs = [g["lr"] for g in site.optimizer.param_groups]  # this round's (fedharmony.bundle.optim)
+        fresh = self.personal_optimizer is None or site.round_schedule.reset_each_round
+        site.optimizer.load_state_dict(self._fresh_optimizer if fresh else self.personal_optimizer)
+        for group, lr in zip(site.optimizer.param_groups, round_lrs):
+            group["lr"] = lr
         loss = ProximalLoss(site.base_loss, site.network, self.lam)
         loss.set_reference(self._global)
         try:

@@ -19,9 +19,12 @@ class PRRFLSite(SiteMethod):
     local_keys = NORM_LAYER_KEYS
     personalized = True
     result = "the site's personalized model, best on its validation split"
-    # the released code's distillation KL: summed over pixels, divided by the batch size (its
-    # half-open Fourier box is the recipe's)
-    released_settings = {"prrfl_kl_reduction": "batchmean"}
+    # the released code's distillation KL (summed over pixels, divided by the batch size) and optimizer
+    # (SGD without momentum, lr 1e-2, weight decay 1e-6, halved every 5 rounds, both optimizers built
+    # anew each round: fedharmony.bundle.optim); its half-open Fourier box is the recipe's
+    released_settings = {"prrfl_kl_reduction": "batchmean", "optimizer_name": "sgd", "learning_rate": 0.01,
+                         "weight_decay": 1e-6, "lr_round_gamma": 0.5, "lr_round_step": 5,
+                         "optimizer_reset_each_round": True}
     best_after_training = True  # the personalized model after local training is the site's result
     scores_after_training = True
     scored_model = "personalized"
@@ -41,6 +44,9 @@ class PRRFLSite(SiteMethod):
     @property
     def exchanged_network(self):
         return self.transfer.deputy
+
+    def optimizers(self):
+        return [self.site.optimizer, self.transfer.deputy_optimizer]
 
     def receive(self, weights, meta):
         """The answer goes to the deputy. With a ratio it is the mean amplitudes, mixed into the deputy's own
