@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-iopfl-unseen scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-iopfl-unseen scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,14 @@ study-released-input: setup
 ## study-released-protocol: HarmoFL's released protocol against FedAvg on the same released input and network (5 seeds)
 study-released-protocol: setup
 	$(BIN)/python tools/study.py --task prostate --methods fedavg+intensity=released+norm=batch_stats_only+num_res_units=0 harmofl+protocol=released --seeds 5 --preset standard --out docs/studies/prostate_released_protocol
+
+## study-n4: FedAvg with and without N4 bias-field correction (z-scored input, 5 seeds, standard preset)
+study-n4: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+bias_correction=true --seeds 5 --preset standard --out docs/studies/prostate_n4
+
+## study-prrfl-protocols: PRR-FL paper and released protocols against FedAvg and FedBN on dermoscopy (5 seeds)
+study-prrfl-protocols: setup
+	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn prrfl prrfl+protocol=released --seeds 5 --preset standard --out docs/studies/dermoscopy_prrfl_protocols
 
 ## study-iopfl-unseen: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds, with the routing sweep;
 ## the report is copied to docs/studies/iopfl_unseen/

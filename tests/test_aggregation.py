@@ -93,6 +93,24 @@ def test_nvflare_aggregator_weights_by_cases_and_rejects_bad_sites():
         agg.aggregate_model()
 
 
+def test_the_released_harmofl_uniform_mean_ignores_the_case_counts():
+    """weigh_by_samples=False (HarmoFL's released protocol): 1/K for each site, whatever its training-set size,
+    for weights and buffers alike (the amplitude target is a buffer)."""
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    from fedharmony.fl.aggregator import SiteUpdateAggregator
+
+    ref = {"conv.weight": np.zeros((2, 3)), "harmonize.target": np.zeros(4)}
+    agg = SiteUpdateAggregator(weigh_by_samples=False)
+    agg._expected = expected_shapes(ref, "")
+    for site, value, cases in (("site-1", 1.0, 1), ("site-2", 4.0, 3), ("site-3", 10.0, 6)):
+        agg.accept_model(FLModel(params={"conv.weight": np.full((2, 3), value), "harmonize.target": np.full(4, value)},
+                                 params_type=ParamsType.FULL, meta={"client_name": site, "num_samples": cases}))
+    out = agg.aggregate_model()
+    np.testing.assert_allclose(out.params["conv.weight"], (1 + 4 + 10) / 3)  # case-weighted: (1 + 12 + 60) / 10
+    np.testing.assert_allclose(out.params["harmonize.target"], 5.0)
+
+
 def test_nvflare_aggregator_keeps_the_kind_of_update_and_refuses_a_mixed_round():
     """Sites that send differences (for NVFlare's privacy filters) get a mean difference back,
     which NVFlare's FedAvg adds to the global model; a round does not mix the two kinds."""
