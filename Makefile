@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-iopfl-unseen scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-iopfl-unseen study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,13 @@ study-iopfl-unseen: setup
 	$(BIN)/python tools/iopfl_study.py --seeds 3 --unseen --holdout --sweep --out workspace/iopfl_unseen
 	mkdir -p docs/studies/iopfl_unseen
 	cp workspace/iopfl_unseen/report.md workspace/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/outside.csv workspace/iopfl_unseen/outside_dice.png docs/studies/iopfl_unseen/
+
+## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable);
+## the report is copied to docs/studies/iopfl_loso/
+study-iopfl-loso: setup
+	$(BIN)/python tools/iopfl_study.py --seeds 5 --no-inside --out workspace/iopfl_loso
+	mkdir -p docs/studies/iopfl_loso
+	cp workspace/iopfl_loso/report.md workspace/iopfl_loso/iopfl_study.json workspace/iopfl_loso/outside.csv workspace/iopfl_loso/outside_dice.png docs/studies/iopfl_loso/
 
 ## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
 bench-inference: setup
