@@ -273,3 +273,22 @@ def test_a_study_without_fedavg_compares_its_arms_with_the_first_listed(tmp_path
     (tmp_path / "results.json").write_text(json_mod.dumps(results))
     text = write_report(tmp_path).read_text()
     assert "| harmofl+protocol=released - fedavg+norm=batch_stats_only | +0.053 |" in text
+
+
+def test_prrfl_arms_are_compared_with_fedbn_and_an_arm_with_its_plain_method(tmp_path):
+    import json as json_mod
+
+    offsets = {"fedavg": 0.0, "fedbn": 0.05, "prrfl": 0.02, "prrfl+protocol=released": 0.04}
+    runs = [{"method": m, "seed": seed, "site_scores": {s: 0.6 + off + 0.01 * i + 0.003 * seed
+                                                         for i, s in enumerate(("A", "B"))}}
+            for seed in range(3) for m, off in offsets.items()]
+    (tmp_path / "results.json").write_text(json_mod.dumps(
+        {"task": "dermoscopy", "metric": "val_macro_f1", "metric_label": "macro-F1", "methods": list(offsets),
+         "seeds": [0, 1, 2], "runs": runs}))
+    text = write_report(tmp_path).read_text()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines()
+            if " - " in line.split(" | ")[0] and not line.startswith("| method - baseline")]
+    assert sorted(rows) == sorted(["fedbn - fedavg", "prrfl - fedavg", "prrfl+protocol=released - fedavg",
+                                   "prrfl - fedbn", "prrfl+protocol=released - fedbn",
+                                   "prrfl+protocol=released - prrfl"])
+    assert "| prrfl+protocol=released - prrfl | +0.020 |" in text and "| prrfl - fedbn | -0.030 |" in text

@@ -7,7 +7,8 @@ What the report says, and how:
 
 * per site and method: the mean over seeds and its 95% Student-t CI;
 * the mean over sites and the worst site (per seed, the lowest site score), each with its CI;
-* each method's paired difference to FedAvg (and PRR-FL's to FedBN): for every seed, the
+* each method's paired difference to FedAvg (and PRR-FL's to FedBN, for every PRR-FL arm; and an
+  arm with settings to its plain method, e.g. ``prrfl+protocol=released`` - ``prrfl``): for every seed, the
   method's mean over sites minus FedAvg's on the same data; the mean of those, a percentile
   bootstrap CI over seeds (seeds are the independent replicates; fixed resampling seed), the
   t CI over seeds, and a Wilcoxon signed-rank p-value over all (site, seed) pairs. The same for
@@ -124,10 +125,16 @@ def _comparisons(results: dict) -> List[dict]:
     out = []
     # the baseline is FedAvg; a study without it (arms of one setting) compares with its first listed method
     baseline = BASELINE if BASELINE in methods else (methods[0] if methods else None)
-    if baseline is not None:
-        out += [d for m in methods if m != baseline and (d := paired_difference(results, m, baseline))]
-    for m, base in COMPARISONS:
-        if m in methods and base in methods and (d := paired_difference(results, m, base)):
+    pairs = [(m, baseline) for m in methods if baseline is not None and m != baseline]
+    for m in methods:
+        plain = m.split("+", 1)[0]  # an arm's method (fedharmony.study.tasks.parse_arm)
+        pairs += [(m, base) for method, base in COMPARISONS if plain == method]
+        if plain != m:  # an arm with settings against the same method without them
+            pairs.append((m, plain))
+    out, seen = [], set()
+    for m, base in pairs:
+        if base in methods and (m, base) not in seen and (d := paired_difference(results, m, base)):
+            seen.add((m, base))
             out.append(d)
     return out
 
