@@ -77,7 +77,8 @@ def test_a_protocol_arm_becomes_the_protocols_bundle_settings_sized_on_the_seeds
     assert overrides == {**study.overrides(0, "harmofl"),
                          **released_bundle_overrides("harmofl", max_train_cases=smallest)}
     assert study.overrides(0, "prrfl+protocol=released") == {**study.overrides(0, "prrfl"),
-                                                             "prrfl_kl_reduction": "batchmean"}
+                                                             **released_bundle_overrides("prrfl", max_train_cases=None)}
+    assert study.overrides(0, "prrfl+protocol=released")["optimizer_name"] == "sgd"
     with pytest.raises(ValueError, match="arm 'fedbn\\+protocol=released': fedbn has no released protocol"):
         check_methods("prostate", ["fedbn+protocol=released"])
     with pytest.raises(ValueError, match="protocol 'released' sets intensity='released' \\(given 'zscore'\\)"):
