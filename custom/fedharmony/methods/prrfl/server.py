@@ -89,9 +89,9 @@ class PRRFLRecipe(BundleRecipe):
         prrfl_box: ``symmetric`` (default) or ``half_open``, the released code's box ``[c - b, c + b)``.
 
     With ``protocol="released"`` (a :class:`~fedharmony.fl.recipe.BundleRecipe` setting) the server
-    shares the half-open box and the sites distil with the ``batchmean`` KL
-    (:attr:`fedharmony.methods.prrfl.site.PRRFLSite.released_settings`). The released SGD schedule
-    is not reproduced.
+    shares the half-open box, and the sites distil with the ``batchmean`` KL and train with the
+    released optimizer: SGD, lr 1e-2 halved every 5 rounds, built anew each round
+    (:attr:`fedharmony.methods.prrfl.site.PRRFLSite.released_settings`, :mod:`fedharmony.bundle.optim`).
     """
 
     method = "prrfl"
