@@ -282,12 +282,12 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
     per_method = dict((done or {}).get("per_volume", {}))
     timings = dict((done or {}).get("timings", {}))
     for name, method, extra, passes in runs:
-        if (f"personalized {label[name]}" if name in experts else name) in per_method:
+        key = f"personalized {label[name]}" if name in experts else name
+        if key in per_method:
             continue
         pred = pred_root / name.replace(",", "").replace(" ", "_")
         cand = pred_root / "routing_safe_candidate" if method == "routing_safe" else None
         t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
-        key = f"personalized {label[name]}" if name in experts else name
         per_method[key] = score(site_dir, pred)
         if cand is not None:
             per_method[SAFE_CANDIDATE] = score(site_dir, cand)

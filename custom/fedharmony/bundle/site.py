@@ -143,13 +143,11 @@ class BundleSite:
         self._evaluators = {}
         parser = self.workflow.parser
         self.iteration_update = parser.get_parsed_content("iteration_update") if "iteration_update" in parser else None
-
-        def setting(name, default):
-            return parser.get_parsed_content(name) if name in parser else default
-
         try:  # the learning rate by round (fedharmony.bundle.optim); the bundles' defaults change nothing
-            self.round_schedule = RoundSchedule(self.optimizer.defaults["lr"], setting("lr_round_gamma", 1.0),
-                                                setting("lr_round_step", 1), setting("optimizer_reset_each_round", False))
+            self.round_schedule = RoundSchedule(
+                self.optimizer.defaults["lr"], parser.get_parsed_content("lr_round_gamma", default=1.0),
+                parser.get_parsed_content("lr_round_step", default=1),
+                parser.get_parsed_content("optimizer_reset_each_round", default=False))
         except ValueError as e:
             raise ValueError(f"site {site_name!r}: {e}") from None
         self.round = 0

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from fedharmony.study.tasks import parse_arm
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
@@ -127,7 +128,7 @@ def _comparisons(results: dict) -> List[dict]:
     baseline = BASELINE if BASELINE in methods else (methods[0] if methods else None)
     pairs = [(m, baseline) for m in methods if baseline is not None and m != baseline]
     for m in methods:
-        plain = m.split("+", 1)[0]  # an arm's method (fedharmony.study.tasks.parse_arm)
+        plain = parse_arm(m)[0]
         pairs += [(m, base) for method, base in COMPARISONS if plain == method]
         if plain != m:  # an arm with settings against the same method without them
             pairs.append((m, plain))
