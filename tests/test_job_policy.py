@@ -11,8 +11,8 @@ import pytest
 
 from conftest import BUNDLE, REPO, TINY_OVERRIDES
 from fedharmony.fl.job_policy import (PolicyError, Tunable, bundle_digest, bundle_version, check_config_files,
-                                   check_job_copy, load_tunables, redact_paths, resolve_installed_bundle,
-                                   validate_overrides)
+                                   check_job_copy, check_tunable_values, load_tunables, redact_paths,
+                                   resolve_installed_bundle, validate_overrides)
 
 CLS_BUNDLE = REPO / "bundles" / "image_classification"
 TUNABLES = {
@@ -66,6 +66,17 @@ def test_each_forbidden_override_is_refused_naming_the_id_and_the_reason(overrid
 ])
 def test_plain_values_of_tunable_ids_are_accepted_unchanged(overrides):
     assert validate_overrides(overrides, TUNABLES) == overrides
+
+
+def test_a_code_shipping_job_has_only_its_plain_values_on_tunable_ids_checked():
+    # what the list can judge is judged: every bad plain value named in one message
+    with pytest.raises(PolicyError) as e:
+        check_tunable_values({"amp_mode": "fast", "batch_size": 0, "learning_rate": 1e-3}, TUNABLES)
+    assert "override 'amp_mode': must be one of" in str(e.value) and "override 'batch_size': must be >= 1" in str(e.value)
+    assert "learning_rate" not in str(e.value)
+    # a job that ships code may use expressions, references, nested configs and ids off the list
+    check_tunable_values({"learning_rate": "$0.001 * 2", "amp_mode": "@other", "batch_size": {"_target_": "int"},
+                          "train#trainer#max_epochs": 0, "dataset_dir": "/data"}, TUNABLES)
 
 
 def test_every_refused_id_is_named_in_one_message():
@@ -188,6 +199,9 @@ def test_the_job_builder_refuses_what_a_site_would_refuse(tmp_path):
         FedHarmonyRecipe(bundle_dir=str(BUNDLE), ship_code=False, data_root=str(tmp_path))
     # research mode (the job ships its code anyway) keeps accepting expressions
     FedHarmonyRecipe(bundle_dir=str(BUNDLE), ship_code=True, overrides={"learning_rate": "$0.001 * 2"})
+    # ... but a plain value on a tunable id is still checked when the job is built, not first on the sites
+    with pytest.raises(PolicyError, match="override 'optimizer_name': must be one of"):
+        FedHarmonyRecipe(bundle_dir=str(BUNDLE), ship_code=True, overrides={"optimizer_name": "sgdd"})
 
 
 def test_the_job_script_refuses_a_code_override_for_a_no_code_job(tmp_path):

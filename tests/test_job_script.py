@@ -52,6 +52,8 @@ def test_job_script_refuses_unknown_overrides_and_bad_method_flags(tmp_path, mon
              (["--algorithm", "prrfl", "--initial-model", str(tmp_path / "x.pt"), "--start-round", "3"],
               "cannot resume"),
              (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "['prrfl_r0'] is not a setting of fedavg"),
+             (["--override", '{"optimizer_name": "sgdd"}'], "override 'optimizer_name': must be one of ['adam', 'sgd']"),
+             (["--override", '{"lr_round_step": 0}'], "override 'lr_round_step': must be >= 1, got 0"),
              (["--bogus-flag"], "unrecognized arguments"))
     for extra, message in cases:
         with pytest.raises(SystemExit) as stop:

@@ -29,7 +29,7 @@ Example::
     >>> validate_overrides({"learning_rate": "$__import__('os').system('id')"}, tunables)
     Traceback (most recent call last):
     ...
-    fedharmony.fl.job_policy.PolicyError: override 'learning_rate': ... starts with '$' (a MONAI expression) ...
+    fedharmony.fl.job_policy.PolicyError: override 'learning_rate': ... starts with '$' (a MONAI expression)...
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 __all__ = [
     "PolicyError", "Tunable", "TUNABLES_FILE", "BUNDLE_ROOT_ENV", "PATH_IDS", "load_tunables",
-    "validate_overrides", "bundle_digest", "bundle_version", "site_bundle_root", "resolve_installed_bundle",
+    "validate_overrides", "check_tunable_values", "bundle_digest", "bundle_version", "site_bundle_root", "resolve_installed_bundle",
     "check_config_files", "check_job_copy", "redact_paths",
 ]
 
@@ -174,6 +174,37 @@ def validate_overrides(overrides, tunables: Mapping[str, Tunable]) -> dict:
     if problems:
         raise PolicyError("; ".join(problems))
     return dict(overrides)
+
+
+def check_tunable_values(overrides: Mapping, tunables: Mapping[str, Tunable]) -> None:
+    """Check the plain values a code-shipping job sets on tunable ids against the bundle's list.
+
+    A job that ships its code may override any id, with expressions and nested configs too, so
+    only what the list can judge is checked: a plain number, boolean or string on a listed id.
+    Without this a typo such as ``optimizer_name: "sgdd"`` or ``lr_round_step: 0`` is found only
+    when every site refuses the job at start.
+
+    Example::
+
+        >>> check_tunable_values({"lr_round_step": "$2 * 5"}, {"lr_round_step": Tunable("integer", minimum=1)})
+        >>> check_tunable_values({"lr_round_step": 0}, {"lr_round_step": Tunable("integer", minimum=1)})
+        Traceback (most recent call last):
+        ...
+        fedharmony.fl.job_policy.PolicyError: override 'lr_round_step': must be >= 1, got 0
+
+    Raises:
+        PolicyError: naming every refused id and the reason.
+    """
+    problems = []
+    for key, value in overrides.items():
+        plain = isinstance(value, (bool, int, float, str))
+        if key not in tunables or not plain or (isinstance(value, str) and value.lstrip()[:1] in EXPRESSION_PREFIXES):
+            continue
+        why = tunables[key].check(value)
+        if why:
+            problems.append(f"override {key!r}: {why}")
+    if problems:
+        raise PolicyError("; ".join(problems))
 
 
 def bundle_digest(bundle_dir) -> str:

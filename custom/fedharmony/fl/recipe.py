@@ -83,7 +83,8 @@ class BundleRecipe(Recipe):
             result a site sends: of the update (site model - global model), only the values above
             this percentile are shared, each clipped to +-gamma per local step. Off when None.
         ship_code: True: the package and the bundle travel in the job; overrides may be MONAI
-            expressions. False: no code and no configs in the job (sites that forbid custom
+            expressions and any config id, and a plain value on a tunable id is checked against
+            the bundle's ``configs/tunables.json`` here (a typo fails now, not on every site). False: no code and no configs in the job (sites that forbid custom
             code run their installed package and bundle, which must match ``bundle_dir``'s
             version and ``configs/`` digest); overrides must be plain values of tunable ids;
             ``data_root`` must be empty.
@@ -146,6 +147,8 @@ class BundleRecipe(Recipe):
         key_metric = bundle_key_metric(bundle_dir, config_files)
         bundle_name = os.path.basename(os.path.normpath(bundle_dir))
         if ship_code:  # the job's own copy of the bundle, inside each app
+            if os.path.isfile(os.path.join(bundle_dir, job_policy.TUNABLES_FILE)):
+                job_policy.check_tunable_values(overrides, job_policy.load_tunables(bundle_dir))
             bundle_args = {"bundle_root": f"config/{bundle_name}"}
         else:  # the participants' installed bundle, named and pinned
             if data_root:
