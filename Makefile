@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-iopfl-unseen study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ study-n4: setup
 ## study-prrfl-protocols: PRR-FL paper and released protocols against FedAvg and FedBN on dermoscopy (5 seeds)
 study-prrfl-protocols: setup
 	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn prrfl prrfl+protocol=released --seeds 5 --preset standard --out docs/studies/dermoscopy_prrfl_protocols
+
+## study-prrfl-retrogress: the same 4 arms with --retrogress: what each communication costs the model a site uses
+## (and PRR-FL's deputy), with CIs over seeds and a figure
+study-prrfl-retrogress: setup
+	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn prrfl prrfl+protocol=released --seeds 5 --preset standard --retrogress --out docs/studies/dermoscopy_prrfl_retrogress
 
 ## study-iopfl-unseen: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds, with the routing sweep;
 ## the report is copied to docs/studies/iopfl_unseen/

@@ -99,6 +99,23 @@ def test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models(tiny_
     for k in got:
         np.testing.assert_allclose(got[k].numpy(), expected[k], rtol=1e-5, atol=1e-6)
     assert all(torch.equal(personal[k], v) for k, v in site.state_dict().items())  # p untouched
+
+    # the retrogress view scores the deputy whole (its own norm layers too) in the site's network, then puts
+    # the personalized model back and leaves the training RNG stream where it was
+    deputy_state = {k: v.clone() for k, v in site.method.transfer.deputy.state_dict().items()}
+    assert any(not torch.equal(personal[k], deputy_state[k]) for k in deputy_state if "adn.N" in k)
+    scored, real_evaluate = {}, site.evaluate
+
+    def spy(weights=None, split="validation"):
+        scored.update({k: v.clone() for k, v in site.network.state_dict().items()})
+        return real_evaluate(weights, split)
+
+    site.evaluate, rng = spy, torch.get_rng_state()
+    score = site.score_exchanged()
+    site.evaluate = real_evaluate
+    assert all(torch.equal(scored[k], deputy_state[k]) for k in deputy_state) and 0.0 <= score <= 1.0
+    assert all(torch.equal(personal[k], v) for k, v in site.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
     site.save_state()
 
     restored = make_site()  # a new process: both models, both optimizers and the stages come back
@@ -156,11 +173,16 @@ def test_prrfl_dermoscopy_two_sites_personalized_and_deputy_models(tiny_dermosco
     # -t 2: one process per site (both models and optimizers coming back from disk after a restart is
     # test_prrfl_site_receives_into_the_deputy_only_and_restores_both_models; -t 1 restarts: the IOP-FL run)
     ws, run = _simulate("dermoscopy.py", "prrfl", tiny_dermoscopy, tmp_path, TINY_CLS_OVERRIDES,
-                        "--local-epochs", "2", threads=2)
+                        "--local-epochs", "2", "--score-after-training", threads=2)
     rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
-    for tag in ("val_macro_f1", "val_macro_f1_after_training"):
+    tags = ("val_macro_f1", "val_macro_f1_after_training", "val_macro_f1_exchanged",
+            "val_macro_f1_exchanged_after_training")  # the last two: the deputy (--score-after-training)
+    for tag in tags:
         assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
             {(s, t) for s in ("site-1", "site-2") for t in (0, 1)}, tag
+    value = {(r["tag"], r["site"], int(r["round"])): float(r["value"]) for r in rows}
+    for s in ("site-1", "site-2"):  # the answer goes to the deputy: the personalized model has no retrogress
+        assert value[("val_macro_f1", s, 1)] == value[("val_macro_f1_after_training", s, 0)]
     stages = {(r["site"], int(r["round"])): float(r["value"]) for r in rows if r["tag"] == "prrfl_stage"}
     assert {stages[(s, e)] for s in ("site-1", "site-2") for e in (0, 2)} == {1.0}  # each round starts in recover
 

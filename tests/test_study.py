@@ -174,7 +174,7 @@ def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(
     out = tmp_path / "study"
     # fedavg and pooled: a federation and a centralized reference (local runs the same centralized code per site)
     argv = ["--task", "prostate", "--methods", "fedavg", "pooled", "--seeds", "2", "--preset", "smoke",
-            "--out", str(out)]
+            "--retrogress", "--out", str(out)]
     res = subprocess.run(STUDY + argv, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "[4/4] pooled seed 1: done" in res.stdout and "left" in res.stdout  # progress with a time estimate
@@ -189,8 +189,15 @@ def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(
         assert run["curve"] and all(len(c) == 2 for c in run["curve"].values())  # 2 rounds
     fedavg = {r["seed"]: r["site_scores"] for r in results["runs"] if r["method"] == "fedavg"}
     assert fedavg[0] != fedavg[1]  # the seed changes the data and the training
+    for run in results["runs"]:  # --retrogress: each site's model at round start and after training, by round
+        if run["method"] == "fedavg":
+            assert sorted(run["retrogress_curves"]) == ["", "_after_training"]  # FedAvg exchanges what it uses
+            assert all(sorted(c) == ["0", "1"] for v in run["retrogress_curves"].values() for c in v.values())
+        else:
+            assert "retrogress_curves" not in run  # pooled: no communication
     report = (out / "report.md").read_text()
     assert "| pooled - fedavg |" in report and (out / "curves.png").stat().st_size > 0
+    assert "| fedavg | 2 |" in report and (out / "retrogress.png").stat().st_size > 0
     log = (out / "runs" / "fedavg" / "seed0" / "log.txt").read_text()
     assert "Round 1 started" in log or "round 1" in log  # NVFlare's output went to the run's log
 
@@ -293,3 +300,46 @@ def test_prrfl_arms_are_compared_with_fedbn_and_an_arm_with_its_plain_method(tmp
                                    "prrfl - fedbn", "prrfl+protocol=released - fedbn",
                                    "prrfl+protocol=released - prrfl"])
     assert "| prrfl+protocol=released - prrfl | +0.020 |" in text and "| prrfl - fedbn | -0.030 |" in text
+
+
+def test_retrogress_by_hand_and_a_retrogress_study_is_cached_apart(tmp_path):
+    from fedharmony.study.report import communication_drops, retrogress_summary
+    from fedharmony.study.runner import Study
+
+    # FedAvg: each site gains 0.2 in local training and the answer takes 0.1 of it back (drop 0.1 every round);
+    # PRR-FL: the personalized model keeps its score over the answer (drop 0), its deputy loses 0.15
+    def curves(drop, exchanged_drop=None, seed=0):
+        start = {t: 0.5 + 0.1 * t + 0.01 * seed for t in range(4)}
+        after = {t: v + 0.1 + drop for t, v in start.items()}
+        out = {"": start, "_after_training": after}
+        if exchanged_drop is not None:
+            out["_exchanged"] = {t: v - 0.2 for t, v in start.items()}
+            out["_exchanged_after_training"] = {t: v - 0.2 + 0.1 + exchanged_drop for t, v in start.items()}
+        return {kind: {site: {str(t): v + 0.02 * i for t, v in c.items()} for i, site in enumerate("AB")}
+                for kind, c in out.items()}
+
+    assert communication_drops({0: 0.5, 1: 0.6, 2: 0.8}, {0: 0.7, 1: 0.75}) == pytest.approx([0.1, -0.05])
+    runs = [{"method": m, "seed": seed, "site_scores": {"A": 0.7, "B": 0.7},
+             "retrogress_curves": curves(0.1) if m == "fedavg" else curves(0.0, 0.15, seed)}
+            for seed in range(3) for m in ("fedavg", "prrfl")]
+    results = {"task": "dermoscopy", "metric": "val_macro_f1", "metric_label": "macro-F1",
+               "methods": ["fedavg", "prrfl"], "seeds": [0, 1, 2], "runs": runs}
+    summary = retrogress_summary(results)
+    assert summary["fedavg"]["mean_drop"][0] == pytest.approx(0.1) and summary["fedavg"]["exchanged_mean_drop"] is None
+    assert summary["prrfl"]["mean_drop"][0] == pytest.approx(0.0, abs=1e-12)
+    assert summary["prrfl"]["exchanged_mean_drop"][0] == pytest.approx(0.15)
+    assert summary["prrfl"]["largest_drop"] == pytest.approx(0.0, abs=1e-12) and summary["prrfl"]["seeds"] == [0, 1, 2]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "## Retrogress" in text and "| fedavg | 3 | +0.100 [+0.100, +0.100] | +0.100 | - |" in text
+    assert "| prrfl | 3 | +0.000 [+0.000, +0.000] | +0.000 | +0.150 [+0.150, +0.150] |" in text
+    assert (tmp_path / "retrogress.png").stat().st_size > 0
+    # without retrogress curves there is no such section, and a retrogress study never reuses a plain one's runs
+    for run in runs:
+        del run["retrogress_curves"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "## Retrogress" not in write_report(tmp_path).read_text()
+    plain = Study("dermoscopy", ["fedavg"], 1, "smoke", tmp_path / "s")
+    retro = Study("dermoscopy", ["fedavg"], 1, "smoke", tmp_path / "s", retrogress=True)
+    assert "retrogress" not in plain.settings() and retro.settings()["retrogress"] is True
+    assert plain.settings_key("fedavg", 0) != retro.settings_key("fedavg", 0)

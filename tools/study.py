@@ -17,7 +17,9 @@ a corrupt entry is named and run again); NVFlare's output goes to each run's ``l
 
 Writes ``DIR/results.json`` (every run's per-site scores, curves, timings), ``results.csv``,
 ``report.md`` (means and 95% CIs, paired differences to FedAvg with bootstrap CIs and
-Wilcoxon p-values, curves, forest plot) and the figures. See docs/studies.md.
+Wilcoxon p-values, curves, forest plot) and the figures. ``--retrogress`` adds what each
+communication costs the model a site uses (PRR-FL's "retrogress", its deputy's too), with CIs
+over seeds and a figure. See docs/studies.md.
 """
 
 import argparse
@@ -43,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--local-epochs", type=int, help="change the preset's local epochs")
     p.add_argument("--out", help="study folder")
     p.add_argument("--keep-workspaces", action="store_true", help="keep each run's simulator workspace")
+    p.add_argument("--retrogress", action="store_true",
+                   help="sites also score their model after local training (and PRR-FL's deputy): the report adds "
+                        "what each communication costs (a setting of the runs: they are not shared with a study "
+                        "without it)")
     p.add_argument("--report-only", metavar="DIR", help="rebuild the report of a finished study from results.json")
     p.add_argument("--collect-only", action="store_true",
                    help="write results.json and the report from the cached runs; run nothing")
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
         study = Study(args.task, args.methods, args.seeds, args.preset, args.out, test_cases=args.test_cases,
                       data_root=args.data_root, rounds=args.rounds, local_epochs=args.local_epochs,
                       keep_workspaces=args.keep_workspaces, echo=lambda line: print(line, flush=True),
-                      command=command)
+                      command=command, retrogress=args.retrogress)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     results = study.collect() if args.collect_only else study.run()

@@ -33,7 +33,7 @@ from monai.bundle import ConfigWorkflow
 from fedharmony.core.aggregation import is_local_key
 from fedharmony.core.files import atomic_torch_save
 from fedharmony.methods import SiteMethod, make_site_method
-from fedharmony.core.results import AFTER_TRAINING_SUFFIX
+from fedharmony.core.results import AFTER_TRAINING_SUFFIX, EXCHANGED_SUFFIX
 from fedharmony.bundle.optim import RoundSchedule
 
 logger = logging.getLogger(__name__)
@@ -209,14 +209,15 @@ class BundleSite:
         self.method.receive(weights, dict(meta or {}))
 
     @contextlib.contextmanager
-    def weights_applied(self, weights: Optional[Mapping[str, object]]):
-        """Temporarily score other weights (cross-site evaluation) without touching the site's model."""
+    def weights_applied(self, weights: Optional[Mapping[str, object]], keep_local: bool = True):
+        """Temporarily score other weights (cross-site evaluation) without touching the site's model
+        (``keep_local=False``: the weights' own local keys too, e.g. another network's norm layers)."""
         if weights is None:
             yield
             return
         saved = self.state_dict()
         try:
-            self.load_weights(weights)
+            self.load_weights(weights, keep_local=keep_local)
             yield
         finally:
             self.load_weights(saved, keep_local=False)
@@ -231,7 +232,10 @@ class BundleSite:
             meta: what came with it (the method reads its own keys).
             local_epochs: epochs of local training.
             score_after_training: also score the site's model after local training
-                (tracked as ``<key metric>_after_training``).
+                (tracked as ``<key metric>_after_training``); where the method exchanges another
+                network than the one the site uses (PRR-FL's deputy), score that one too, right
+                after it took the answer and after local training (``<key metric>_exchanged``,
+                ``<key metric>_exchanged_after_training``): where the communication's cost goes.
         """
         t0 = time.time()
         method = self.method
@@ -241,10 +245,12 @@ class BundleSite:
         metrics = self.evaluate(None, "validation")  # the model the site now uses (with its local keys)
         if method.best_at_round_start:
             self.record_metric(metrics[key])
+        score_exchanged = score_after_training and method.exchanged_network is not self.network
+        exchanged = {key + EXCHANGED_SUFFIX: self.score_exchanged()} if score_exchanged else {}
         t_eval = time.time() - t0
         steps = self.train(None, local_epochs)
         notes = method.after_round(key)
-        tracked = {key: metrics[key], **notes.tracked}
+        tracked = {key: metrics[key], **exchanged, **notes.tracked}
         note = notes.note
         if score_after_training or method.scores_after_training:
             with torch.random.fork_rng():  # leaves the training RNG stream untouched
@@ -253,6 +259,8 @@ class BundleSite:
             note = f", after training {after:.4f}" + note
             if method.best_after_training:
                 self.record_metric(after)
+        if score_exchanged:
+            tracked[key + EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX] = self.score_exchanged()
         self.save_state()  # the method's state and the best score, for a site process that restarts
         out_weights, out_meta = method.outgoing()
         return RoundReport(key_metric=key, metrics=metrics, tracked=tracked, per_epoch=notes.per_epoch, note=note,
@@ -310,6 +318,13 @@ class BundleSite:
         with self.weights_applied(weights):
             evaluator.run()
         return {k: float(v) for k, v in evaluator.state.metrics.items()}
+
+    def score_exchanged(self) -> float:
+        """The key metric on the validation split of the network the method exchanges, with its own norm
+        layers (PRR-FL: the deputy), scored in the site's network and put back; the RNG stream is untouched."""
+        exchanged = {k: v.detach().cpu().clone() for k, v in self.method.exchanged_network.state_dict().items()}
+        with torch.random.fork_rng(), self.weights_applied(exchanged, keep_local=False):
+            return self.evaluate(None, "validation")[self.key_metric]
 
     def record_metric(self, metric: float, weights: Optional[Mapping[str, torch.Tensor]] = None):
         """Keep the best model seen by this site (scored on its validation split) on disk.

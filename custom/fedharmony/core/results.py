@@ -41,6 +41,12 @@ def write_round_metrics(records: Sequence[dict], out_dir: str | Path, tag: str =
 
 PERSONALIZED_SUFFIX = "_personalized"  # IOP-FL: the personalized model's score, next to the global one
 AFTER_TRAINING_SUFFIX = "_after_training"  # the site's model scored after local training (before communication)
+# the network that takes the server's answer, where the site uses another one (PRR-FL's deputy); scored
+# only with score_after_training, at round start (right after the answer) and after local training
+EXCHANGED_SUFFIX = "_exchanged"
+# the tracked scores a retrogress view reads, by suffix of the key metric: the model the site uses at round
+# start and after local training, and the exchanged network's (where it is another one) at the same points
+RETROGRESS_SUFFIXES = ("", AFTER_TRAINING_SUFFIX, EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)
 
 
 def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: str,

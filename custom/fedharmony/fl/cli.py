@@ -104,7 +104,8 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
                         f"({', '.join(released_methods())}; see fedharmony.methods.protocols)")
     p.add_argument("--verbose", action="store_true", help="show NVFlare's log on the terminal (default: a file)")
     p.add_argument("--score-after-training", action="store_true",
-                   help="sites also score their model after local training (the retrogress curve)")
+                   help="sites also score their model after local training (the retrogress curve), and PRR-FL's "
+                        "deputy after it takes the server's answer and after training")
     args = p.parse_args(argv)
     try:
         overrides = json.loads(args.override)

@@ -15,7 +15,13 @@ What the report says, and how:
   the worst site. A difference is called *better* or *worse* only when both CIs exclude zero
   on the same side; otherwise the report says *no difference shown*;
 * per-round validation curves (mean over sites; line: mean over seeds; band: min to max over
-  seeds), and a forest plot of the differences.
+  seeds), and a forest plot of the differences;
+* with ``--retrogress`` runs, what a communication costs the model a site uses (the "retrogress"
+  of PRR-FL's paper): per run, the mean over rounds t >= 1 of (validation score after local
+  training in round t-1) - (score at the start of round t, right after the server's answer),
+  each the mean over sites; per arm the mean over seeds with its t CI, the largest single drop,
+  the same for the network that takes the answer where the site uses another one (PRR-FL's
+  deputy), and a figure of both scores by round.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from fedharmony.core.results import AFTER_TRAINING_SUFFIX, EXCHANGED_SUFFIX
 from fedharmony.study.tasks import parse_arm
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
-           "COMPARISONS"]
+           "COMPARISONS", "communication_drops", "retrogress_summary"]
 
 BASELINE = "fedavg"
 COMPARISONS = (("prrfl", "fedbn"),)  # extra pairs the methods' papers argue about
@@ -71,6 +78,14 @@ def _fmt(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     if math.isnan(lo):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 3) + 0.0:+.3f}"  # + 0.0: a rounding noise of -1e-17 prints as +0.000, not -0.000
+
+
+def _fmt_signed(mean: float, lo: float = math.nan, hi: float = math.nan) -> str:
+    return _signed(mean) if math.isnan(lo) else f"{_signed(mean)} [{_signed(lo)}, {_signed(hi)}]"
 
 
 def verdict(intervals) -> str:
@@ -189,6 +204,96 @@ def _curve_plot(results: dict, path: Path) -> Optional[Path]:
     return path
 
 
+def _mean_over_sites(curve: Optional[dict]) -> Dict[int, float]:
+    """``{site: {round: score}}`` -> ``{round: mean over the sites that have the round}`` (JSON keys are strings)."""
+    by_round = defaultdict(list)
+    for site_curve in (curve or {}).values():
+        for r, v in site_curve.items():
+            by_round[int(r)].append(float(v))
+    return {r: float(np.mean(v)) for r, v in sorted(by_round.items())}
+
+
+def communication_drops(start: Dict[int, float], after: Dict[int, float]) -> List[float]:
+    """What each communication cost: ``after[t - 1] - start[t]`` for every round t >= 1 that has both.
+
+    ``start[t]``: the validation score of the model the site uses right after the server's answer of round t;
+    ``after[t]``: the same model's score after round t's local training. A positive drop is a retrogress.
+
+    Example::
+
+        >>> communication_drops({0: 0.5, 1: 0.5, 2: 0.75}, {0: 0.75, 1: 0.5})
+        [0.25, -0.25]
+    """
+    return [after[t - 1] - start[t] for t in sorted(start) if t >= 1 and t - 1 in after]
+
+
+def retrogress_summary(results: dict) -> Dict[str, dict]:
+    """Per arm with retrogress curves: ``{"seeds", "mean_drop": (mean, lo, hi), "largest_drop",
+    "exchanged_mean_drop": (mean, lo, hi) or None}``; CIs are Student-t over seeds (per seed: the mean drop
+    over rounds, each round's scores averaged over sites)."""
+    per_arm = defaultdict(lambda: {"seeds": [], "mean": [], "largest": [], "exchanged": []})
+    for run in results["runs"]:
+        curves = run.get("retrogress_curves")
+        if not curves:
+            continue
+        drops = communication_drops(_mean_over_sites(curves.get("")),
+                                    _mean_over_sites(curves.get(AFTER_TRAINING_SUFFIX)))
+        if not drops:
+            continue
+        arm = per_arm[run["method"]]
+        arm["seeds"].append(run["seed"])
+        arm["mean"].append(float(np.mean(drops)))
+        arm["largest"].append(float(np.max(drops)))
+        exchanged = communication_drops(_mean_over_sites(curves.get(EXCHANGED_SUFFIX)),
+                                        _mean_over_sites(curves.get(EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)))
+        if exchanged:
+            arm["exchanged"].append(float(np.mean(exchanged)))
+    return {m: {"seeds": sorted(a["seeds"]), "mean_drop": t_interval(a["mean"]),
+                "largest_drop": float(np.mean(a["largest"])),
+                "exchanged_mean_drop": t_interval(a["exchanged"]) if a["exchanged"] else None}
+            for m, a in per_arm.items()}
+
+
+def _retrogress_plot(results: dict, path: Path) -> Optional[Path]:
+    """The model each site uses, by round: at round start (integer x) and after local training (x + 0.9);
+    mean over sites, line: mean over seeds, band: min to max over seeds; dotted: the exchanged network."""
+    series = defaultdict(lambda: defaultdict(dict))  # (arm, which) -> seed -> {x: score}
+    for run in results["runs"]:
+        curves = run.get("retrogress_curves") or {}
+        for which, (start_key, after_key) in (("uses", ("", AFTER_TRAINING_SUFFIX)),
+                                              ("exchanged", (EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX))):
+            points = {float(t): v for t, v in _mean_over_sites(curves.get(start_key)).items()}
+            points.update({t + 0.9: v for t, v in _mean_over_sites(curves.get(after_key)).items()})
+            if points:
+                series[(run["method"], which)][run["seed"]] = points
+    if not any(which == "uses" for _, which in series):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = {}
+    for (arm, which), by_seed in series.items():
+        xs = sorted(set.intersection(*[set(c) for c in by_seed.values()]))
+        values = np.array([[by_seed[k][x] for x in xs] for k in sorted(by_seed)])
+        color = colors.setdefault(arm, f"C{len(colors) % 10}")
+        label = arm if which == "uses" else f"{arm}: exchanged network (deputy)"
+        ax.plot(xs, values.mean(axis=0), "-" if which == "uses" else ":", color=color, lw=1.2, label=label)
+        ax.fill_between(xs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.12)
+    ax.set_xlabel("round (integer: right after the server's answer; +0.9: after local training)")
+    ax.set_ylabel(f"validation {results.get('metric_label', results['metric'])}, mean over sites")
+    ax.set_title(f"{results['task']}: what a communication does to the model a site uses "
+                 f"(line: mean over seeds; band: min to max)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _forest_plot(results: dict, comparisons: List[dict], path: Path) -> Optional[Path]:
     if not comparisons:
         return None
@@ -235,6 +340,8 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
     _write_csv(results, study_dir / "results.csv")
     curves = _curve_plot(results, study_dir / "curves.png")
     forest = _forest_plot(results, comparisons, study_dir / "forest.png")
+    retrogress = retrogress_summary(results)
+    retrogress_png = _retrogress_plot(results, study_dir / "retrogress.png") if retrogress else None
     settings = results.get("settings", {})
     lines = [f"# Study: {results['task']} ({metric})", ""]
     lines += ["Generated by `python tools/study.py --report-only` from `results.json`; do not edit by hand.", ""]
@@ -289,7 +396,21 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
             p = d["wilcoxon_p"]
             row.append(f"{p:.3g} ({d['wilcoxon_n']})" if not math.isnan(p) else "-")
             lines.append("| " + " | ".join(row) + " |")
-    figures = [(curves, "Validation by round"), (forest, "Paired differences (forest plot)")]
+    if retrogress:
+        lines += ["", "## Retrogress: what a communication costs the model a site uses", "",
+                  f"Per run: the mean over rounds t >= 1 of (validation {metric} after local training in round t-1) "
+                  f"- (validation {metric} at the start of round t, right after the server's answer), each the mean "
+                  "over sites; positive = the answer made the site's model worse. Mean over seeds with its 95% t CI; "
+                  "largest drop: the largest single round's drop, mean over seeds. Exchanged network: the same for "
+                  "the network that takes the server's answer where the site uses another one (PRR-FL's deputy).",
+                  "", "| method | seeds | mean drop [t CI] | largest drop | exchanged network: mean drop [t CI] |",
+                  "|---|---|---|---|---|"]
+        for m, r in retrogress.items():
+            ex = r["exchanged_mean_drop"]
+            lines.append(f"| {m} | {len(r['seeds'])} | {_fmt_signed(*r['mean_drop'])} | {_signed(r['largest_drop'])} | "
+                         f"{_fmt_signed(*ex) if ex else '-'} |")
+    figures = [(curves, "Validation by round"), (forest, "Paired differences (forest plot)"),
+               (retrogress_png, "Retrogress by round")]
     for path, title in figures:
         if path is not None:
             lines += ["", f"## {title}", "", f"![{title}]({path.name})"]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from fedharmony.core.results import RETROGRESS_SUFFIXES
 from fedharmony.data.datalist import smallest_split
 from fedharmony.methods.protocols import check_protocol, needs_smallest_site, protocol_overrides
 from fedharmony.study.data import StudyData, make_phantom_data, real_data
@@ -113,12 +114,16 @@ class Study:
         rounds, local_epochs: change the preset's.
         keep_workspaces: keep each run's simulator workspace (default: only logs and results).
         echo: where progress lines go.
+        retrogress: every federated run also scores each site's model after local training, and the
+            network that takes the server's answer where the site uses another (PRR-FL's deputy), so the
+            report can show what a communication costs (the retrogress of PRR-FL's paper). A setting of
+            the runs: the cache of a study without it is not reused.
     """
 
     def __init__(self, task: str, methods, seeds: int, preset: str, out, test_cases: Optional[int] = None,
                  data_root: Optional[str] = None, rounds: Optional[int] = None, local_epochs: Optional[int] = None,
                  keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = "",
-                 stall_s: float = STALL_S):
+                 stall_s: float = STALL_S, retrogress: bool = False):
         self.spec = TASKS.get(task)
         self.methods = check_methods(task, methods)
         if seeds < 1:
@@ -137,6 +142,7 @@ class Study:
         if self.data_root:
             real_data(self.data_root)  # refuse a folder that is not prepared data before anything runs
         self.keep_workspaces = keep_workspaces
+        self.retrogress = bool(retrogress)
         if stall_s <= 0:
             raise ValueError(f"stall_s must be > 0, got {stall_s}")
         self.stall_s = float(stall_s)
@@ -155,7 +161,8 @@ class Study:
         return {"task": self.task, "preset": self.preset_name, "rounds": p.rounds, "local_epochs": p.local_epochs,
                 "sites": p.sites, "data": p.data, "test_cases": None if self.data_root else p.test_cases,
                 "overrides": p.overrides, "data_root": self.data_root, "threads_per_site": p.threads_per_site,
-                "bundle": self.spec.bundle, "bundle_digest": bundle_digest(self.bundle_dir)}
+                "bundle": self.spec.bundle, "bundle_digest": bundle_digest(self.bundle_dir),
+                **({"retrogress": True} if self.retrogress else {})}  # absent when off: older caches stay valid
 
     def settings_key(self, method: str, seed: int) -> str:
         blob = json.dumps({**self.settings(), "method": method, "seed": seed}, sort_keys=True)
@@ -234,9 +241,16 @@ class Study:
         # study scores the models itself, on the larger test draw
         site_cls = site_method_class(method)
         cmd += ["--cross-site-timeout", "300"] if site_cls.needs_cross_site_eval else ["--no-cross-site-eval"]
+        cmd += ["--score-after-training"] if self.retrogress else []
         self._subprocess(cmd, log)
         ws = ws_root / name
         curve = _curves(ws, self.spec.metric + site_cls.result_tag)
+        retrogress = {}
+        if self.retrogress:  # suffix -> site -> round -> score ("": the model the site uses, at round start)
+            for suffix in RETROGRESS_SUFFIXES:
+                found = _curves(ws, self.spec.metric + suffix)
+                if found:
+                    retrogress[suffix] = {data.sites.get(k, k): v for k, v in found.items()}
         site_results = {}
         for client, folder in data.sites.items():
             if method in PERSONALIZED:
@@ -251,7 +265,7 @@ class Study:
         if not self.keep_workspaces:
             _keep_logs_only(ws_root)
         return {"site_scores": {s: r["score"] for s, r in site_results.items()}, "site_results": site_results,
-                "curve": curve}
+                "curve": curve, **({"retrogress_curves": retrogress} if self.retrogress else {})}
 
     def _run_reference(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
         spec = {"mode": parse_arm(method)[0], "bundle_dir": str(self.bundle_dir), "config_files": self.config_files(method),
