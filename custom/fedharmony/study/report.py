@@ -176,13 +176,9 @@ def _curve_plot(results: dict, path: Path) -> Optional[Path]:
 
     series = defaultdict(dict)  # method -> seed -> {round: mean over sites}
     for run in results["runs"]:
-        curve = run.get("curve") or {}
-        by_round = defaultdict(list)
-        for site_curve in curve.values():
-            for r, v in site_curve.items():
-                by_round[int(r)].append(float(v))
+        by_round = _mean_over_sites(run.get("curve"))
         if by_round:
-            series[run["method"]][run["seed"]] = {r: float(np.mean(v)) for r, v in by_round.items()}
+            series[run["method"]][run["seed"]] = by_round
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
