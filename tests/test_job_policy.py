@@ -72,7 +72,8 @@ def test_a_code_shipping_job_has_only_its_plain_values_on_tunable_ids_checked():
     # what the list can judge is judged: every bad plain value named in one message
     with pytest.raises(PolicyError) as e:
         check_tunable_values({"amp_mode": "fast", "batch_size": 0, "learning_rate": 1e-3}, TUNABLES)
-    assert "override 'amp_mode': must be one of" in str(e.value) and "override 'batch_size': must be >= 1" in str(e.value)
+    assert "override 'amp_mode': must be one of" in str(e.value)
+    assert "override 'batch_size': must be >= 1" in str(e.value)
     assert "learning_rate" not in str(e.value)
     # a job that ships code may use expressions, references, nested configs and ids off the list
     check_tunable_values({"learning_rate": "$0.001 * 2", "amp_mode": "@other", "batch_size": {"_target_": "int"},

@@ -45,8 +45,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 __all__ = [
     "PolicyError", "Tunable", "TUNABLES_FILE", "BUNDLE_ROOT_ENV", "PATH_IDS", "load_tunables",
-    "validate_overrides", "check_tunable_values", "bundle_digest", "bundle_version", "site_bundle_root", "resolve_installed_bundle",
-    "check_config_files", "check_job_copy", "redact_paths",
+    "validate_overrides", "check_tunable_values", "bundle_digest", "bundle_version", "site_bundle_root",
+    "resolve_installed_bundle", "check_config_files", "check_job_copy", "redact_paths",
 ]
 
 TUNABLES_FILE = "configs/tunables.json"

@@ -84,7 +84,8 @@ class BundleRecipe(Recipe):
             this percentile are shared, each clipped to +-gamma per local step. Off when None.
         ship_code: True: the package and the bundle travel in the job; overrides may be MONAI
             expressions and any config id, and a plain value on a tunable id is checked against
-            the bundle's ``configs/tunables.json`` here (a typo fails now, not on every site). False: no code and no configs in the job (sites that forbid custom
+            the bundle's ``configs/tunables.json`` here (a typo fails now, not on every site).
+            False: no code and no configs in the job (sites that forbid custom
             code run their installed package and bundle, which must match ``bundle_dir``'s
             version and ``configs/`` digest); overrides must be plain values of tunable ids;
             ``data_root`` must be empty.

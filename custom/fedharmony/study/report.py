@@ -256,8 +256,9 @@ def _retrogress_plot(results: dict, path: Path) -> Optional[Path]:
     series = defaultdict(lambda: defaultdict(dict))  # (arm, which) -> seed -> {x: score}
     for run in results["runs"]:
         curves = run.get("retrogress_curves") or {}
-        for which, (start_key, after_key) in (("uses", ("", AFTER_TRAINING_SUFFIX)),
-                                              ("exchanged", (EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX))):
+        pairs = (("uses", ("", AFTER_TRAINING_SUFFIX)),
+                 ("exchanged", (EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)))
+        for which, (start_key, after_key) in pairs:
             points = {float(t): v for t, v in _mean_over_sites(curves.get(start_key)).items()}
             points.update({t + 0.9: v for t, v in _mean_over_sites(curves.get(after_key)).items()})
             if points:
