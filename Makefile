@@ -79,9 +79,13 @@ study-iopfl-unseen: setup
 	mkdir -p docs/studies/iopfl_unseen
 	cp workspace/iopfl_unseen/report.md workspace/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/outside.csv workspace/iopfl_unseen/outside_dice.png docs/studies/iopfl_unseen/
 
-## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable);
+## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable,
+## also from the committed results: a fresh checkout starts from docs/studies/iopfl_loso/iopfl_study.json);
 ## the report is copied to docs/studies/iopfl_loso/
 study-iopfl-loso: setup
+	mkdir -p workspace/iopfl_loso
+	[ -f workspace/iopfl_loso/iopfl_study.json ] || [ ! -f docs/studies/iopfl_loso/iopfl_study.json ] || \
+		cp docs/studies/iopfl_loso/iopfl_study.json workspace/iopfl_loso/
 	$(BIN)/python tools/iopfl_study.py --seeds 5 --no-inside --out workspace/iopfl_loso
 	mkdir -p docs/studies/iopfl_loso
 	cp workspace/iopfl_loso/report.md workspace/iopfl_loso/iopfl_study.json workspace/iopfl_loso/outside.csv workspace/iopfl_loso/outside_dice.png docs/studies/iopfl_loso/
