@@ -44,9 +44,11 @@ AFTER_TRAINING_SUFFIX = "_after_training"  # the site's model scored after local
 # the network that takes the server's answer, where the site uses another one (PRR-FL's deputy); scored
 # only with score_after_training, at round start (right after the answer) and after local training
 EXCHANGED_SUFFIX = "_exchanged"
-# the tracked scores a retrogress view reads, by suffix of the key metric: the model the site uses at round
-# start and after local training, and the exchanged network's (where it is another one) at the same points
-RETROGRESS_SUFFIXES = ("", AFTER_TRAINING_SUFFIX, EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)
+# the tracked scores a retrogress view reads, as (round start, after local training) suffixes of the key metric:
+# the model the site uses, and the exchanged network (where it is another one)
+RETROGRESS_CURVES = {"uses": ("", AFTER_TRAINING_SUFFIX),
+                     "exchanged": (EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)}
+RETROGRESS_SUFFIXES = tuple(suffix for pair in RETROGRESS_CURVES.values() for suffix in pair)
 
 
 def plot_by_round(series: Dict[str, Dict[int, float]], path: str | Path, tag: str,

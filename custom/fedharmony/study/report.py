@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from fedharmony.core.results import AFTER_TRAINING_SUFFIX, EXCHANGED_SUFFIX
+from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
@@ -190,14 +190,8 @@ def _curve_plot(results: dict, path: Path) -> Optional[Path]:
         # coincide (FedBN's round-start score can equal FedAvg's for rounds) stay visible
         ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"validation {results.get('metric_label', results['metric'])}, mean over sites")
     ax.set_title(f"{results['task']}: validation by round (band: min to max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_by_round_plot(fig, ax, results, path, legend_size=8)
 
 
 def _mean_over_sites(curve: Optional[dict]) -> Dict[int, float]:
@@ -207,6 +201,26 @@ def _mean_over_sites(curve: Optional[dict]) -> Dict[int, float]:
         for r, v in site_curve.items():
             by_round[int(r)].append(float(v))
     return {r: float(np.mean(v)) for r, v in sorted(by_round.items())}
+
+
+def _start_and_after(curves: dict, which: str):
+    """A run's ``retrogress_curves`` -> (round-start, after-training) scores by round, mean over sites, of the
+    model the site uses (``which="uses"``) or of the exchanged network (``"exchanged"``)."""
+    start, after = RETROGRESS_CURVES[which]
+    return _mean_over_sites(curves.get(start)), _mean_over_sites(curves.get(after))
+
+
+def _finish_by_round_plot(fig, ax, results: dict, path: Path, legend_size: int) -> Path:
+    """The y label, grid and legend the by-round figures share; writes ``path``."""
+    ax.set_ylabel(f"validation {results.get('metric_label', results['metric'])}, mean over sites")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def communication_drops(start: Dict[int, float], after: Dict[int, float]) -> List[float]:
@@ -232,16 +246,14 @@ def retrogress_summary(results: dict) -> Dict[str, dict]:
         curves = run.get("retrogress_curves")
         if not curves:
             continue
-        drops = communication_drops(_mean_over_sites(curves.get("")),
-                                    _mean_over_sites(curves.get(AFTER_TRAINING_SUFFIX)))
+        drops = communication_drops(*_start_and_after(curves, "uses"))
         if not drops:
             continue
         arm = per_arm[run["method"]]
         arm["seeds"].append(run["seed"])
         arm["mean"].append(float(np.mean(drops)))
         arm["largest"].append(float(np.max(drops)))
-        exchanged = communication_drops(_mean_over_sites(curves.get(EXCHANGED_SUFFIX)),
-                                        _mean_over_sites(curves.get(EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)))
+        exchanged = communication_drops(*_start_and_after(curves, "exchanged"))
         if exchanged:
             arm["exchanged"].append(float(np.mean(exchanged)))
     return {m: {"seeds": sorted(a["seeds"]), "mean_drop": t_interval(a["mean"]),
@@ -256,11 +268,10 @@ def _retrogress_plot(results: dict, path: Path) -> Optional[Path]:
     series = defaultdict(lambda: defaultdict(dict))  # (arm, which) -> seed -> {x: score}
     for run in results["runs"]:
         curves = run.get("retrogress_curves") or {}
-        pairs = (("uses", ("", AFTER_TRAINING_SUFFIX)),
-                 ("exchanged", (EXCHANGED_SUFFIX, EXCHANGED_SUFFIX + AFTER_TRAINING_SUFFIX)))
-        for which, (start_key, after_key) in pairs:
-            points = {float(t): v for t, v in _mean_over_sites(curves.get(start_key)).items()}
-            points.update({t + 0.9: v for t, v in _mean_over_sites(curves.get(after_key)).items()})
+        for which in RETROGRESS_CURVES:
+            start, after = _start_and_after(curves, which)
+            points = {float(t): v for t, v in start.items()}
+            points.update({t + 0.9: v for t, v in after.items()})
             if points:
                 series[(run["method"], which)][run["seed"]] = points
     if not any(which == "uses" for _, which in series):
@@ -280,15 +291,9 @@ def _retrogress_plot(results: dict, path: Path) -> Optional[Path]:
         ax.plot(xs, values.mean(axis=0), "-" if which == "uses" else ":", color=color, lw=1.2, label=label)
         ax.fill_between(xs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.12)
     ax.set_xlabel("round (integer: right after the server's answer; +0.9: after local training)")
-    ax.set_ylabel(f"validation {results.get('metric_label', results['metric'])}, mean over sites")
     ax.set_title(f"{results['task']}: what a communication does to the model a site uses "
                  f"(line: mean over seeds; band: min to max)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_by_round_plot(fig, ax, results, path, legend_size=7)
 
 
 def _forest_plot(results: dict, comparisons: List[dict], path: Path) -> Optional[Path]:

@@ -244,13 +244,13 @@ class Study:
         cmd += ["--score-after-training"] if self.retrogress else []
         self._subprocess(cmd, log)
         ws = ws_root / name
-        curve = _curves(ws, self.spec.metric + site_cls.result_tag)
-        retrogress = {}
-        if self.retrogress:  # suffix -> site -> round -> score ("": the model the site uses, at round start)
-            for suffix in RETROGRESS_SUFFIXES:
-                found = _curves(ws, self.spec.metric + suffix)
-                if found:
-                    retrogress[suffix] = {data.sites.get(k, k): v for k, v in found.items()}
+        result_tag = self.spec.metric + site_cls.result_tag
+        suffixes = RETROGRESS_SUFFIXES if self.retrogress else ()
+        curves = _curves(ws, [result_tag, *(self.spec.metric + suffix for suffix in suffixes)])
+        curve = curves[result_tag]
+        # suffix -> site -> round -> score ("": the model the site uses, at round start)
+        retrogress = {suffix: {data.sites.get(k, k): v for k, v in curves[self.spec.metric + suffix].items()}
+                      for suffix in suffixes if curves[self.spec.metric + suffix]}
         site_results = {}
         for client, folder in data.sites.items():
             if method in PERSONALIZED:
@@ -387,19 +387,20 @@ class Study:
         }
 
 
-def _curves(ws: Path, tag: str) -> Dict[str, Dict[int, float]]:
-    """Per-site validation score (tracked as ``tag``) by round from the server's ``metrics_by_round.csv``."""
+def _curves(ws: Path, tags) -> Dict[str, Dict[str, Dict[int, float]]]:
+    """``{tag: {site: {round: score}}}`` for each of ``tags`` (empty where not tracked), from the server's
+    ``metrics_by_round.csv``, read once."""
     import csv
 
+    curves: Dict[str, Dict[str, Dict[int, float]]] = {tag: {} for tag in tags}
     found = sorted(ws.rglob("results/metrics_by_round.csv"))
     if not found:
-        return {}
-    curve: Dict[str, Dict[int, float]] = {}
+        return curves
     with open(found[0]) as f:
         for row in csv.DictReader(f):
-            if row["tag"] == tag:
-                curve.setdefault(row["site"], {})[int(row["round"])] = float(row["value"])
-    return curve
+            if row["tag"] in curves:
+                curves[row["tag"]].setdefault(row["site"], {})[int(row["round"])] = float(row["value"])
+    return curves
 
 
 def _keep_logs_only(ws_root: Path) -> None:
