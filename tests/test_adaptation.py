@@ -179,19 +179,22 @@ def _volume_loader_any(folder):
                       batch_size=1)
 
 
-@pytest.mark.parametrize("method", ["routing", "routing_safe", "routing_online"])
+@pytest.mark.parametrize("method", ["routing", "routing_safe", "routing_safe_consensus", "routing_online"])
 def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method):
     """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing
-    (routing_safe with the released entropy scale: and the safeguard's decision; routing_online: the released
-    schedule, one step per batch of 5 slices during inference, no pass before)."""
+    (routing_safe with the released entropy scale: and the safeguard's decision; routing_safe_consensus: the
+    consensus criterion; routing_online: the released schedule, one step per batch of 5 slices during inference,
+    no pass before)."""
     _write_tiny_pool(tmp_path / "pool")
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
            "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
-           "--adaptation#passes", "2", "--method", method.replace("_online", "")]
+           "--adaptation#passes", "2", "--method", method.replace("_online", "").replace("_consensus", "")]
     if method == "routing_safe":
         cmd += ["--adaptation#entropy", "released"]
+    if method == "routing_safe_consensus":
+        cmd += ["--adaptation#safeguard", "consensus"]
     if method == "routing_online":
         cmd += ["--adaptation#schedule", "online"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
@@ -206,9 +209,12 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method
     assert "adaptation pass 2/2" in log and "routing weights site-1" in log
     history = json.loads((out / "adaptation.json").read_text())
     assert set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
-    if method == "routing_safe":  # the first of the 3 volumes was held out, the decision logged and kept
+    if method.startswith("routing_safe"):  # the first of the 3 volumes was held out, the decision logged and kept
         assert len(history) == 3 and history[-1]["safeguard"]["held_out_chunks"] == 1
-        assert "adaptation safeguard: held-out loss" in log
+        criterion = "consensus" if method.endswith("consensus") else "loss"
+        assert history[-1]["safeguard"]["criterion"] == criterion
+        assert ("adaptation safeguard: held-out " + ("agreement with the pool's consensus" if criterion == "consensus"
+                                                     else "loss")) in log
     else:
         assert len(history) == 2
     assert len(list(out.glob("*_seg.nii.gz"))) == len(inputs)
@@ -257,6 +263,74 @@ def test_the_safeguard_keeps_the_network_with_the_lower_held_out_loss(tiny_sites
         kept = guarded.fallback if guarded.use_fallback else guarded.candidate
         torch.testing.assert_close(guarded(x), kept(x))
     assert json.loads((tmp_path / "log.json").read_text())[-1]["safeguard"] == decision
+
+
+def test_pooled_dice_of_two_label_maps_by_hand():
+    from fedharmony.methods.iopfl.adaptation import mask_agreement, pooled_dice
+
+    a, b = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 0])
+    counts = mask_agreement(a, b, 2)
+    assert counts.tolist() == [[1, 3]] and pooled_dice(counts) == pytest.approx(2 / 3)
+    # summed over chunks: a second chunk where both agree on 2 pixels -> (2 * 3) / (3 + 4) pooled, not a mean of Dice
+    both = mask_agreement(torch.tensor([1, 1]), torch.tensor([1, 1]), 2)
+    assert pooled_dice(counts + both) == pytest.approx(6 / 7)
+    # 3 classes, class 2 in neither map: it counts as full agreement
+    assert pooled_dice(mask_agreement(a, b, 3)) == pytest.approx((2 / 3 + 1.0) / 2)
+    with pytest.raises(ValueError, match="label maps of different shapes"):
+        mask_agreement(a, b[:3], 2)
+
+
+class _Threshold(torch.nn.Module):
+    """Foreground where the middle input channel is above ``t``: a network with a known mask and no parameter
+    (logits steep enough that the softmax is 0 or 1, so the mean softmax of several is their majority vote)."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+
+    def forward(self, x):
+        z = 1e4 * (x[:, 1:2] - self.t)
+        return torch.cat([-z, z], 1)
+
+
+@pytest.mark.parametrize("candidate_t, fallback_t, kept", [
+    (0.5, 1e9, "adapted"),   # the global model finds nothing, the candidate matches the pool's consensus
+    (1e9, 0.5, "global"),    # the adapted network collapsed to empty masks: fall back
+    (0.5, 0.5, "global"),    # a tie goes to the global model
+])
+def test_the_consensus_safeguard_keeps_the_network_that_agrees_more_with_the_pool(tiny_sites, candidate_t,
+                                                                                  fallback_t, kept):
+    from fedharmony.methods.iopfl.adaptation import FallbackNetwork
+
+    reference = [_Threshold(0.5), _Threshold(0.5), _Threshold(1e9)]  # a majority of 2 of 3 sets the reference
+    guarded = FallbackNetwork(_Threshold(candidate_t), _Threshold(fallback_t), criterion="consensus",
+                              reference=reference, holdout_every=2)
+    history = TestTimeAdapter(guarded, _volume_loader(tiny_sites / "HK"), passes=1, min_size=32).run()
+    decision = history[-1]["safeguard"]
+    assert decision["criterion"] == "consensus" and decision["kept"] == kept and decision["held_out_chunks"] >= 1
+    assert decision["reference_networks"] == 3 and "agreement with the pool's consensus" in decision["reason"]
+    agreement = {0.5: 1.0, 1e9: 0.0}  # with the majority's mask: identical, or no foreground at all
+    assert decision["candidate_agreement"] == pytest.approx(agreement[candidate_t])
+    assert decision["global_agreement"] == pytest.approx(agreement[fallback_t])
+    assert guarded.use_fallback == (kept == "global")
+
+
+def test_the_consensus_safeguard_on_a_pool_uses_every_network_on_batch_statistics(tmp_path):
+    from fedharmony.methods.iopfl.adaptation import FallbackNetwork
+
+    _write_tiny_pool(tmp_path / "pool")
+    pool = load_pool(tmp_path / "pool", BUNDLE)
+    net = build_test_time_network(pool, "routing_safe", safeguard="consensus")
+    assert isinstance(net, FallbackNetwork) and net.criterion == "consensus"
+    assert len(net.reference) == len(pool.experts)
+    norms = [m for r in net.reference for m in r.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(m.running_mean is None and not m.track_running_stats for m in norms)
+    assert not any(p.requires_grad for p in net.reference.parameters())
+    assert build_test_time_network(pool, "routing_safe").criterion == "loss"  # the default is unchanged
+    with pytest.raises(ValueError, match="safeguard criterion must be one of \\['loss', 'consensus'\\], got 'dice'"):
+        build_test_time_network(pool, "routing_safe", safeguard="dice")
+    with pytest.raises(ValueError, match="consensus safeguard needs the pool's networks"):
+        FallbackNetwork(net.candidate, net.fallback, criterion="consensus")
 
 
 def test_the_released_entropy_scale_is_b_over_c_ln2_times_ours():

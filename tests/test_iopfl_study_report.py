@@ -38,3 +38,24 @@ def test_differences_from_global_give_a_verdict_only_from_three_seeds(seeds, ver
     row = next(r for r in rows if r.startswith("| routing |"))
     assert f"| {verdict} |" in row and "+0.1" in row.split("|")[2]
     assert row.endswith("| 0 of 2 |")  # no site more than one point below global
+
+
+def _consensus_site(candidate_dice: float, kept: str, variant_dice: float) -> dict:
+    site = _site({iopfl_study.SAFE_CANDIDATE: candidate_dice, "routing_safe (consensus)": variant_dice}, 1, 1, "global")
+    site["timings"]["routing_safe (consensus)"] = {"history": [{"safeguard": {
+        "criterion": "consensus", "candidate_agreement": 0.8, "global_agreement": 0.6, "kept": kept}}]}
+    return site
+
+
+def test_the_consensus_table_scores_each_call_and_checks_the_masks_are_the_kept_networks():
+    runs = {
+        "A": {"0": _consensus_site(0.9, "adapted", 0.9)},   # kept the better adapted network: right, paired
+        "B": {"0": _consensus_site(0.3, "adapted", 0.3)},   # kept a worse adapted network: wrong
+        "C": {"0": _consensus_site(0.3, "global", 0.45)},   # kept global, but its masks are neither network's
+    }
+    rows = iopfl_study.consensus_rows(runs)
+    assert "| A | 0 | 0.800 / 0.600 | adapted | +0.400 | yes |" in rows
+    assert "| B | 0 | 0.800 / 0.600 | adapted | -0.200 | no |" in rows
+    assert "| C | 0 | 0.800 / 0.600 | global | -0.200 | yes |" in rows
+    assert any("picked the network with the higher Dice in 2 of 3 cases" in r and "except C seed 0" in r
+               for r in rows)

@@ -20,9 +20,11 @@ replicates, so every CI below is over seeds (per seed: the mean over the sites i
 Each outside site is segmented with the bundle's ``configs/routed_inference.json`` once per method:
 the global model, each personalized model alone, the expert mean (parameter average), BN statistics,
 TENT, routing with the released gate, routing with our gate made a sigmoid, routing with the global
-model's running statistics, routing (IOP-FL), and routing guarded by the global model (routing_safe).
-For routing_safe the adapted candidate is also scored on its own, so the table shows whether the
-safeguard's unsupervised criterion picked the network with the better Dice. ``--sweep`` adds routing
+model's running statistics, routing (IOP-FL), and routing guarded by the global model (routing_safe)
+with each of its criteria: the held-out unsupervised loss (the default) and agreement with the pool's
+consensus (``routing_safe (consensus)``; filled into stored results that lack it). For routing_safe the
+adapted candidate is also scored on its own, so the tables show whether each criterion picked the
+network with the better Dice. ``--sweep`` adds routing
 with 10x the learning rate and with 4x the passes (does the routing move away from the experts' mean
 with more or larger steps, and does it help?) and with the released online schedule (one step per
 batch of 5 slices, each batch segmented right after its step). No method sees a label; the written NIfTI masks are
@@ -58,11 +60,16 @@ ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_
 SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
          "routing passes x4": ("routing", {}, 4),
          "routing, online schedule": ("routing", {"adaptation#schedule": "online"}, 0)}  # the released schedule
+# the safeguard with the other criterion: name -> (bundle method, overrides, passes factor); it adapts exactly as
+# routing_safe does (same seed, same held-out volumes), so its masks are those of routing_safe's candidate or of
+# the global model, whichever its criterion kept
+SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1)}
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
 TIE = 0.005  # a Dice gap the safeguard may get either way
 MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
 TABLE = ["global", "personalized (mean)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
-         "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe", SAFE_CANDIDATE]
+         "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe", *SAFEGUARDS,
+         SAFE_CANDIDATE]
 
 
 def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args, seed: int) -> Path:
@@ -225,6 +232,15 @@ def difference_rows(runs: dict, methods: list, baseline: str = "global") -> list
             "|---|---|---|---|---|---|---|", *rows]
 
 
+def _right_call(kept: str, gain: float):
+    """Did keeping ``kept`` pick the network with the higher Dice (``gain``: adapted - global)? None for a tie."""
+    return None if abs(gain) < TIE else (kept == "adapted") == (gain > 0)
+
+
+def _call_text(call) -> str:
+    return "either (tie)" if call is None else ("yes" if call else "no")
+
+
 def safeguard_rows(runs: dict) -> list:
     """Does the safeguard's unsupervised criterion pick the better network? One row per (site, seed): the decision
     as made (5 % margin) and what the bare comparison of the two held-out losses (no margin) would have picked."""
@@ -240,18 +256,44 @@ def safeguard_rows(runs: dict) -> list:
             lower = "adapted" if d["candidate_loss"] < d["global_loss"] else "global"
             verdicts = []
             for key, pick in (("decision", d["kept"]), ("loss", lower)):
-                if abs(gain) < TIE:
-                    verdicts.append("either (tie)")
-                    continue
-                call = (pick == "adapted") == (gain > 0)
-                right[key][0] += call
-                right[key][1] += 1
-                verdicts.append("yes" if call else "no")
+                call = _right_call(pick, gain)
+                if call is not None:
+                    right[key][0] += call
+                    right[key][1] += 1
+                verdicts.append(_call_text(call))
             rows.append(f"| {site} | {seed} | {d['candidate_loss']:.3f} / {d['global_loss']:.3f} | {d['kept']} | "
                         f"{lower} | {gain:+.3f} | {verdicts[0]} | {verdicts[1]} |")
     rows.append(f"\nthe safeguard's decision picked the network with the higher Dice in {right['decision'][0]} of "
                 f"{right['decision'][1]} cases, the lower held-out loss alone in {right['loss'][0]} of "
                 f"{right['loss'][1]} (Dice gaps under {TIE} counted as ties, left out)\n")
+    return rows
+
+
+def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
+    """The consensus safeguard's calls, one row per (site, seed): both networks' held-out agreement with the pool's
+    consensus, the network kept, and whether it had the higher Dice. Its masks must be those of the network it
+    kept (routing_safe's candidate or the global model): a row that is not says so."""
+    rows = ["| site | seed | held-out agreement: adapted / global | kept | Dice adapted - global | decision right |",
+            "|---|---|---|---|---|---|"]
+    right, unpaired = [0, 0], []
+    for site, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
+            if not d or d.get("candidate_agreement") is None:
+                continue
+            gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
+            call = _right_call(d["kept"], gain)
+            if call is not None:
+                right[0] += call
+                right[1] += 1
+            expected = r["mean"][SAFE_CANDIDATE if d["kept"] == "adapted" else "global"]
+            if abs(r["mean"][name] - expected) > 1e-6:
+                unpaired.append(f"{site} seed {seed}")
+            rows.append(f"| {site} | {seed} | {d['candidate_agreement']:.3f} / {d['global_agreement']:.3f} | "
+                        f"{d['kept']} | {gain:+.3f} | {_call_text(call)} |")
+    rows.append(f"\nthe consensus safeguard picked the network with the higher Dice in {right[0]} of {right[1]} "
+                f"cases (Dice gaps under {TIE} counted as ties, left out); its masks were those of the network it "
+                f"kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "") + "\n")
     return rows
 
 
@@ -261,6 +303,8 @@ def routing_rows(runs: dict) -> list:
     for site, by_seed in runs.items():
         for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
             for m, t in r["timings"].items():
+                if m in SAFEGUARDS:  # adapted exactly as routing_safe: the same rows again
+                    continue
                 hist = [h for h in t.get("history", []) if "routing_weights" in h]
                 if not hist:
                     continue
@@ -277,6 +321,7 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
     experts = [e["name"] for e in json.loads((pool / "manifest.json").read_text())["experts"]
                if e["kind"] == "personalized"]
     runs = [(m, m, {}, args.passes if m in ADAPTIVE else 0) for m in ["global", *experts, "expert_mean", *ADAPTIVE]]
+    runs += [(name, m, extra, args.passes * k) for name, (m, extra, k) in SAFEGUARDS.items()]
     if args.sweep:
         runs += [(name, m, extra, args.passes * k) for name, (m, extra, k) in SWEEP.items()]
     per_method = dict((done or {}).get("per_volume", {}))
@@ -286,7 +331,7 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
         if key in per_method:
             continue
         pred = pred_root / name.replace(",", "").replace(" ", "_")
-        cand = pred_root / "routing_safe_candidate" if method == "routing_safe" else None
+        cand = pred_root / "routing_safe_candidate" if name == "routing_safe" else None
         t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
         per_method[key] = score(site_dir, pred)
         if cand is not None:
@@ -302,8 +347,8 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
 
 
 def missing_methods(done: dict, args) -> list:
-    """The sweep variants a stored (site, seed) result lacks (added to the tool after it ran)."""
-    return [name for name in SWEEP if args.sweep and name not in done["mean"]]
+    """The safeguard and sweep variants a stored (site, seed) result lacks (added to the tool after it ran)."""
+    return [name for name in [*SAFEGUARDS, *(SWEEP if args.sweep else [])] if name not in done["mean"]]
 
 
 def main(argv=None):
@@ -465,6 +510,10 @@ def report(results: dict, args, out: Path):
             print("\n".join(difference_rows(runs, methods_here)) + "\n")
             print("safeguard: did the unsupervised criterion on held-out volumes pick the better network?\n")
             print("\n".join(safeguard_rows(runs)))
+            if any(SAFEGUARDS.keys() & r["mean"].keys() for bs in runs.values() for r in bs.values()):
+                print("consensus safeguard: did agreement with the pool's consensus on held-out volumes pick the "
+                      "better network?\n")
+                print("\n".join(consensus_rows(runs)))
             print("routing: the unsupervised loss per adaptation pass and the spread of the routing weights\n")
             print("\n".join(routing_rows(runs)) + "\n")
     if results["cost"]:

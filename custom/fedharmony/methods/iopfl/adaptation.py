@@ -129,26 +129,72 @@ def _volume_slabs(volume: torch.Tensor, divisible_by: int) -> torch.Tensor:
     return F.pad(volume_to_slabs(volume), (0, (-w) % divisible_by, 0, (-h) % divisible_by))
 
 
+SAFEGUARD_CRITERIA = ("loss", "consensus")
+
+
+def mask_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts for a pooled Dice of two label maps of one shape: a (num_classes - 1, 2) int64 tensor whose row
+    c - 1 is [|a = c and b = c|, |a = c| + |b = c|] for foreground class c. Summed over chunks, the rows give a
+    Dice pooled over a whole held-out set (:func:`pooled_dice`)."""
+    if a.shape != b.shape:
+        raise ValueError(f"label maps of different shapes: {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.tensor([[int(((a == c) & (b == c)).sum()), int((a == c).sum() + (b == c).sum())]
+                         for c in range(1, num_classes)], dtype=torch.int64).reshape(-1, 2)
+
+
+def pooled_dice(counts: torch.Tensor) -> float:
+    """Mean over foreground classes of 2 |A and B| / (|A| + |B|) from :func:`mask_agreement` counts; a class
+    neither map has counts as full agreement (1.0).
+
+    Example: a = [0, 1, 1, 0], b = [0, 1, 0, 0] (one foreground class) -> counts [[1, 3]] -> 2 / 3.
+    """
+    if counts.numel() == 0:
+        raise ValueError("no foreground class to compare")
+    return sum(2.0 * int(inter) / int(total) if total else 1.0 for inter, total in counts.tolist()) / len(counts)
+
+
 class FallbackNetwork(nn.Module):
     """A test-time candidate (the routed network, adapted) guarded by a fallback (the global model as trained).
 
-    :class:`TestTimeAdapter` adapts ``candidate`` on most of the site's volumes, then scores both networks'
-    unsupervised loss on the volumes it held out from adaptation, with the same augmentation draws. The
-    candidate is kept only if its loss is lower than the fallback's by more than ``margin`` (relative);
-    otherwise every forward goes to the fallback. So a site where adaptation does not help by the
-    method's own criterion gets the global model, not a routed network that drifted.
+    :class:`TestTimeAdapter` adapts ``candidate`` on most of the site's volumes, then judges it against
+    ``fallback`` on the volumes it held out from adaptation; if the candidate is not kept, every forward goes to
+    the fallback. Two criteria, neither sees a label:
 
-    ``margin`` 0.05 was set before any measurement (a clear improvement, not noise), not tuned.
+    * ``loss`` (the default): both networks' unsupervised loss (the adaptation loss, same augmentation draws).
+      The candidate is kept only if its loss is lower than the fallback's by more than ``margin`` (relative).
+      ``margin`` 0.05 was set before any measurement (a clear improvement, not noise), not tuned.
+    * ``consensus``: agreement with the pool. The reference segmentation of a held-out batch is the argmax of
+      the mean softmax of ``reference`` (every network of the pool, each normalizing with the batch's own
+      statistics, nothing trained); agreement is the foreground Dice with it, pooled over the held-out
+      volumes. The candidate is kept only if it agrees with the reference more than the fallback does
+      (ties go to the fallback). No parameter: nothing to tune. It catches an adaptation that leaves the
+      pool (a collapse to empty or fragmented masks) and a global model whose running statistics do not fit
+      the site; it trusts the pool's majority, so a pool of mostly useless experts defeats it (``loss`` does
+      not have that weakness, and has others: a lower entropy is not a better mask).
+
+    Args:
+        candidate: the network to judge (adapted by :class:`TestTimeAdapter`).
+        fallback: the network to fall back to; frozen.
+        margin: ``loss`` only, in [0, 1).
+        holdout_every: the first usable volume and every ``holdout_every``-th after it are held out (>= 2).
+        criterion: one of ``SAFEGUARD_CRITERIA``.
+        reference: ``consensus`` only: the pool's networks (frozen, batch statistics), at least one.
     """
 
-    def __init__(self, candidate: nn.Module, fallback: nn.Module, margin: float = 0.05, holdout_every: int = 4):
+    def __init__(self, candidate: nn.Module, fallback: nn.Module, margin: float = 0.05, holdout_every: int = 4,
+                 criterion: str = "loss", reference: Optional[Sequence[nn.Module]] = None):
         super().__init__()
         if not 0.0 <= margin < 1.0 or holdout_every < 2:
             raise ValueError(f"margin must be in [0, 1) and holdout_every >= 2, got {margin}, {holdout_every}")
+        if criterion not in SAFEGUARD_CRITERIA:
+            raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {criterion!r}")
+        if criterion == "consensus" and not reference:
+            raise ValueError("the consensus safeguard needs the pool's networks as its reference")
         self.candidate, self.fallback = candidate, fallback
-        for p in self.fallback.parameters():
+        self.reference = nn.ModuleList(reference or [])
+        for p in [*self.fallback.parameters(), *self.reference.parameters()]:
             p.requires_grad_(False)
-        self.margin, self.holdout_every = float(margin), int(holdout_every)
+        self.margin, self.holdout_every, self.criterion = float(margin), int(holdout_every), criterion
         self.use_fallback = False
         self.decision: Dict[str, object] = {}
 
@@ -196,7 +242,7 @@ class TestTimeAdapter:
         self.loss = loss or UnsupervisedLoss(seed=seed)
         self.expert_names = list(expert_names) if expert_names else None
         self.log_file = log_file
-        self.device = device or next(network.parameters()).device
+        self.device = device or next((p.device for p in network.parameters()), torch.device("cpu"))
         self.history: List[dict] = []
         self.seed = seed
 
@@ -235,18 +281,44 @@ class TestTimeAdapter:
                 n += 1
         return (total / n if n else None), n  # None, not NaN: the decision goes to a JSON log
 
+    def _agreements(self, guarded: FallbackNetwork) -> tuple:
+        """(candidate's, fallback's) foreground Dice with the pool's consensus on the held-out volumes, and the
+        number of held-out chunks ((None, None, 0) when nothing was held out)."""
+        guarded.eval()
+        counts: Dict[str, torch.Tensor] = {}
+        n = 0
+        with torch.no_grad():
+            for x in self._chunks(held_out=True):
+                probs = torch.stack([torch.softmax(r(x), 1) for r in guarded.reference]).mean(0)
+                reference, classes = probs.argmax(1), probs.shape[1]
+                for key, net in (("candidate", guarded.candidate), ("fallback", guarded.fallback)):
+                    counts[key] = counts.get(key, 0) + mask_agreement(net(x).argmax(1), reference, classes)
+                n += 1
+        if not n:
+            return None, None, 0
+        return pooled_dice(counts["candidate"]), pooled_dice(counts["fallback"]), n
+
     def _decide(self, guarded: FallbackNetwork) -> dict:
-        candidate, n = self._criterion(guarded.candidate)
-        fallback, _ = self._criterion(guarded.fallback)
-        if n == 0:
-            keep, why = False, "no usable volume to judge the adaptation on"
+        if guarded.criterion == "consensus":
+            candidate, fallback, n = self._agreements(guarded)
+            keep = n > 0 and candidate > fallback
+            what = ("agreement with the pool's consensus", "candidate_agreement", "global_agreement")
+            rule = f"{'higher' if keep else 'not higher'} than the global model's"
         else:
-            keep = candidate < fallback * (1.0 - guarded.margin)
-            why = (f"held-out loss {candidate:.4f} vs the global model's {fallback:.4f} "
-                   f"({'more' if keep else 'not more'} than {guarded.margin:.0%} lower)")
+            candidate, n = self._criterion(guarded.candidate)
+            fallback, _ = self._criterion(guarded.fallback)
+            keep = n > 0 and candidate < fallback * (1.0 - guarded.margin)
+            what = ("loss", "candidate_loss", "global_loss")
+            rule = f"{'more' if keep else 'not more'} than {guarded.margin:.0%} lower"
+        if n == 0:
+            why = "no usable volume to judge the adaptation on"
+        else:
+            why = f"held-out {what[0]} {candidate:.4f} vs the global model's {fallback:.4f} ({rule})"
         guarded.use_fallback = not keep
-        guarded.decision = {"kept": "adapted" if keep else "global", "candidate_loss": candidate,
-                            "global_loss": fallback, "held_out_chunks": n, "margin": guarded.margin, "reason": why}
+        guarded.decision = {"kept": "adapted" if keep else "global", "criterion": guarded.criterion,
+                            what[1]: candidate, what[2]: fallback, "held_out_chunks": n, "reason": why,
+                            **({"margin": guarded.margin} if guarded.criterion == "loss" else
+                               {"reference_networks": len(guarded.reference)})}
         logger.info("adaptation safeguard: %s; using the %s network", why, "adapted" if keep else "global")
         return guarded.decision
 
@@ -381,12 +453,13 @@ def mean_state_dict(models: Sequence[nn.Module]) -> Dict[str, torch.Tensor]:
             for k, v in sds[-1].items()}
 
 
-def build_test_time_network(pool, method: str = "routing", device=None) -> nn.Module:
+def build_test_time_network(pool, method: str = "routing", device=None, safeguard: str = "loss") -> nn.Module:
     """The network each compared method scores with, from a :class:`fedharmony.methods.iopfl.model_pool.ModelPool`.
 
     * ``routing``: every convolution routed over all experts; gates + norm affine train.
-    * ``routing_safe``: ``routing`` guarded by the global model (:class:`FallbackNetwork`): kept only if
-      adaptation lowers the unsupervised loss on volumes held out from it.
+    * ``routing_safe``: ``routing`` guarded by the global model (:class:`FallbackNetwork`) with the
+      ``safeguard`` criterion: kept only if adaptation lowers the unsupervised loss on volumes held out from
+      it (``loss``), or if it agrees more than the global model with the pool's consensus there (``consensus``).
     * ``routing_released``: the same with the released code's gate (no ReLU, dropout 0.2 while adapting,
       random start, sigmoid weights not summing to 1).
     * ``routing_sigmoid``: our gate with a sigmoid output instead of the softmax (an ablation; not the
@@ -399,10 +472,15 @@ def build_test_time_network(pool, method: str = "routing", device=None) -> nn.Mo
     * ``global`` or an expert's name: that model as trained, nothing trains.
     """
     names = list(pool.names)
+    if safeguard not in SAFEGUARD_CRITERIA:
+        raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {safeguard!r}")
     if method == "routing_safe":
         fallback = copy.deepcopy(pool.experts[-1])
         train_only(fallback, gates=False, norm_affine=False)
-        net = FallbackNetwork(build_routed_network(pool.experts), fallback)
+        reference = None
+        if safeguard == "consensus":  # every network of the pool on the site's batch statistics, as bn_stats
+            reference = [use_batch_statistics(copy.deepcopy(e)) for e in pool.experts]
+        net = FallbackNetwork(build_routed_network(pool.experts), fallback, criterion=safeguard, reference=reference)
     elif method in ROUTING_VARIANTS:
         net = build_routed_network(pool.experts, **ROUTING_VARIANTS[method])
     elif method in ("tent", "bn_stats"):
