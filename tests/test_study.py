@@ -149,6 +149,19 @@ def test_report_only_rebuilds_the_report_from_results_json(tmp_path):
         load_results(tmp_path)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"site_scores": {"A": "0.5"}}, r"runs\[0\] \(fedavg, seed 0\) site_scores\['A'\] is not a number: '0.5'"),
+    ({"retrogress_curves": {"": {"A": {"0": "high"}}}},
+     r"runs\[0\] \(fedavg, seed 0\) retrogress_curves\[''\]\['A'\]\['0'\] is not a number: 'high'"),
+    ({"retrogress_curves": [0.5]}, r"retrogress_curves must map a curve to its sites, got list"),
+])
+def test_a_malformed_score_in_results_json_is_named_with_its_run(tmp_path, bad, message):
+    run = {"method": "fedavg", "seed": 0, "site_scores": {"A": 0.5}, **bad}
+    (tmp_path / "results.json").write_text(json.dumps({"task": "prostate", "metric": "dice", "runs": [run]}))
+    with pytest.raises(ValueError, match=message):
+        load_results(tmp_path)
+
+
 def test_collect_only_reports_the_cached_runs_and_names_the_pending_ones(tmp_path):
     from fedharmony.study.runner import Study
 

@@ -63,7 +63,27 @@ def load_results(path) -> dict:
     for i, run in enumerate(results["runs"]):
         if not {"method", "seed", "site_scores"} <= set(run):
             raise ValueError(f"{path}: runs[{i}] needs method, seed and site_scores")
+        where = f"{path}: runs[{i}] ({run['method']}, seed {run['seed']})"
+        _check_scores(run["site_scores"], f"{where} site_scores")
+        curves = run.get("retrogress_curves")
+        if curves is not None:
+            if not isinstance(curves, dict):
+                raise ValueError(f"{where} retrogress_curves must map a curve to its sites, got {type(curves).__name__}")
+            for tag, by_site in curves.items():
+                if not isinstance(by_site, dict):
+                    raise ValueError(f"{where} retrogress_curves[{tag!r}] must map a site to its rounds")
+                for site, by_round in by_site.items():
+                    _check_scores(by_round, f"{where} retrogress_curves[{tag!r}][{site!r}]")
     return results
+
+
+def _check_scores(values, where: str):
+    """``values`` must map names (sites, rounds) to finite-or-NaN numbers; a clear error naming ``where`` if not."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must map names to scores, got {type(values).__name__}")
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}[{key!r}] is not a number: {value!r}")
 
 
 def _scores(results: dict) -> Dict[str, Dict[int, Dict[str, float]]]:
