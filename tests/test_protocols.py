@@ -63,6 +63,22 @@ def test_batch_stats_only_norm_has_no_affine_and_evaluates_with_the_batchs_stati
         norm_layer("group")
 
 
+def test_fedbn_keeps_nothing_local_on_the_released_network_so_it_is_fedavg_there():
+    """With norm=batch_stats_only no normalization layer has a parameter or buffer: FedBN's (and PRR-FL's) local
+    keys select nothing, so under the released network FedBN exchanges what FedAvg exchanges."""
+    import re
+
+    from monai.networks.nets import UNet
+
+    from fedharmony.core.norm_layers import NORM_LAYER_KEYS, norm_layer_keys
+
+    released = UNet(2, 3, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0, norm=norm_layer("batch_stats_only"))
+    assert norm_layer_keys(released) == []
+    assert not [k for k in released.state_dict() if re.search(NORM_LAYER_KEYS, k)]
+    default = UNet(2, 3, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0, norm=norm_layer("batch"))
+    assert norm_layer_keys(default)  # the default network has norm keys: there FedBN differs from FedAvg
+
+
 def test_max_train_cases_keeps_the_first_cases_and_the_smallest_site_is_found(tiny_sites):
     hk = tiny_sites / "HK" / "datalist.json"
     all_cases = load_datalist(hk, "training", check=False)
