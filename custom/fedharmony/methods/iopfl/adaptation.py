@@ -167,10 +167,10 @@ class FallbackNetwork(nn.Module):
       the mean softmax of ``reference`` (every network of the pool, each normalizing with the batch's own
       statistics, nothing trained); agreement is the foreground Dice with it, pooled over the held-out
       volumes. The candidate is kept only if it agrees with the reference more than the fallback does
-      (ties go to the fallback). No parameter: nothing to tune. It catches an adaptation that leaves the
-      pool (a collapse to empty or fragmented masks) and a global model whose running statistics do not fit
-      the site; it trusts the pool's majority, so a pool of mostly useless experts defeats it (``loss`` does
-      not have that weakness, and has others: a lower entropy is not a better mask).
+      (ties go to the fallback). No parameter: nothing to tune. It is meant to catch an adaptation that
+      leaves the pool (a collapse to empty or fragmented masks) and a global model whose running statistics
+      do not fit the site; it trusts the pool's majority, so a pool of mostly useless experts defeats it
+      (``loss`` does not have that weakness, and has others: a lower entropy is not a better mask).
 
     Args:
         candidate: the network to judge (adapted by :class:`TestTimeAdapter`).
