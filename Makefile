@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,11 +73,25 @@ study-prrfl-retrogress: setup
 	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn prrfl prrfl+protocol=released --seeds 5 --preset standard --retrogress --out docs/studies/dermoscopy_prrfl_retrogress
 
 ## study-iopfl-unseen: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds, with the routing sweep;
-## the report is copied to docs/studies/iopfl_unseen/
+## resumable, also from the committed results; the report is copied to docs/studies/iopfl_unseen/
 study-iopfl-unseen: setup
+	mkdir -p workspace/iopfl_unseen
+	[ -f workspace/iopfl_unseen/iopfl_study.json ] || [ ! -f docs/studies/iopfl_unseen/iopfl_study.json ] || \
+		cp docs/studies/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/
 	$(BIN)/python tools/iopfl_study.py --seeds 3 --unseen --holdout --sweep --out workspace/iopfl_unseen
 	mkdir -p docs/studies/iopfl_unseen
 	cp workspace/iopfl_unseen/report.md workspace/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/outside.csv workspace/iopfl_unseen/outside_dice.png docs/studies/iopfl_unseen/
+
+## study-iopfl-unseen-2: the same on a second set of 3 new scanners (prostate_unseen_scanners_2.json), fixed after the
+## consensus safeguard was built, so its test there is on scanners it was not designed on; no sweep
+study-iopfl-unseen-2: setup
+	mkdir -p workspace/iopfl_unseen_2
+	[ -f workspace/iopfl_unseen_2/iopfl_study.json ] || [ ! -f docs/studies/iopfl_unseen_2/iopfl_study.json ] || \
+		cp docs/studies/iopfl_unseen_2/iopfl_study.json workspace/iopfl_unseen_2/
+	$(BIN)/python tools/iopfl_study.py --seeds 3 --unseen --holdout \
+		--unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_2.json --out workspace/iopfl_unseen_2
+	mkdir -p docs/studies/iopfl_unseen_2
+	cp workspace/iopfl_unseen_2/report.md workspace/iopfl_unseen_2/iopfl_study.json workspace/iopfl_unseen_2/outside.csv workspace/iopfl_unseen_2/outside_dice.png docs/studies/iopfl_unseen_2/
 
 ## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable,
 ## also from the committed results: a fresh checkout starts from docs/studies/iopfl_loso/iopfl_study.json);

@@ -12,6 +12,28 @@ def test_default_profiles_are_the_six_real_sites():
     assert list(load_profiles()) == ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
 
 
+@pytest.mark.parametrize("name", ["prostate_unseen_scanners.json", "prostate_unseen_scanners_2.json"])
+def test_unseen_scanner_profiles_are_none_of_the_training_sites_and_differ_in_at_least_two_ways(name):
+    """The scanner sets for testing a model on a new site: new names, and each profile differs from every
+    training site (and from the other set's profiles) in at least two of the fields its _doc lists."""
+    from pathlib import Path
+
+    import fedharmony.phantom
+
+    folder = Path(fedharmony.phantom.__file__).parent
+    training = load_profiles()
+    unseen = load_profiles(folder / name)
+    other = load_profiles(folder / ({"prostate_unseen_scanners.json": "prostate_unseen_scanners_2.json"}.get(
+        name, "prostate_unseen_scanners.json")))
+    assert len(unseen) == 3 and not set(unseen) & (set(training) | set(other))
+    fields = ("gamma", "scale", "offset", "bias", "bias_center", "noise", "blur_mm", "fov_mm", "matrix_scale",
+              "slice_mm", "ringing")
+    for profile in unseen.values():
+        for known in [*training.values(), *other.values()]:
+            differing = [f for f in fields if getattr(profile, f) != getattr(known, f)]
+            assert len(differing) >= 2, (profile.name, known.name, differing)
+
+
 def test_same_seed_same_volume_different_seed_different_volume():
     p = load_profiles()["HK"]
     a_img, a_lab, a_aff = make_case(p, seed=3, case_index=1, size=32, slices=8)
