@@ -72,37 +72,32 @@ study-prrfl-protocols: setup
 study-prrfl-retrogress: setup
 	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn prrfl prrfl+protocol=released --seeds 5 --preset standard --retrogress --out docs/studies/dermoscopy_prrfl_retrogress
 
+# $(call iopfl_study,NAME,ARGS): tools/iopfl_study.py ARGS --out workspace/NAME, resumed from the committed
+# docs/studies/NAME/iopfl_study.json when the workspace has none (a fresh checkout); the report is copied back there
+define iopfl_study
+mkdir -p workspace/$(1)
+[ -f workspace/$(1)/iopfl_study.json ] || [ ! -f docs/studies/$(1)/iopfl_study.json ] || \
+	cp docs/studies/$(1)/iopfl_study.json workspace/$(1)/
+$(BIN)/python tools/iopfl_study.py $(2) --out workspace/$(1)
+mkdir -p docs/studies/$(1)
+cp workspace/$(1)/report.md workspace/$(1)/iopfl_study.json workspace/$(1)/outside.csv workspace/$(1)/outside_dice.png docs/studies/$(1)/
+endef
+
 ## study-iopfl-unseen: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds, with the routing sweep;
 ## resumable, also from the committed results; the report is copied to docs/studies/iopfl_unseen/
 study-iopfl-unseen: setup
-	mkdir -p workspace/iopfl_unseen
-	[ -f workspace/iopfl_unseen/iopfl_study.json ] || [ ! -f docs/studies/iopfl_unseen/iopfl_study.json ] || \
-		cp docs/studies/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/
-	$(BIN)/python tools/iopfl_study.py --seeds 3 --unseen --holdout --sweep --out workspace/iopfl_unseen
-	mkdir -p docs/studies/iopfl_unseen
-	cp workspace/iopfl_unseen/report.md workspace/iopfl_unseen/iopfl_study.json workspace/iopfl_unseen/outside.csv workspace/iopfl_unseen/outside_dice.png docs/studies/iopfl_unseen/
+	$(call iopfl_study,iopfl_unseen,--seeds 3 --unseen --holdout --sweep)
 
 ## study-iopfl-unseen-2: the same on a second set of 3 new scanners (prostate_unseen_scanners_2.json), fixed after the
 ## consensus safeguard was built, so its test there is on scanners it was not designed on; no sweep
 study-iopfl-unseen-2: setup
-	mkdir -p workspace/iopfl_unseen_2
-	[ -f workspace/iopfl_unseen_2/iopfl_study.json ] || [ ! -f docs/studies/iopfl_unseen_2/iopfl_study.json ] || \
-		cp docs/studies/iopfl_unseen_2/iopfl_study.json workspace/iopfl_unseen_2/
-	$(BIN)/python tools/iopfl_study.py --seeds 3 --unseen --holdout \
-		--unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_2.json --out workspace/iopfl_unseen_2
-	mkdir -p docs/studies/iopfl_unseen_2
-	cp workspace/iopfl_unseen_2/report.md workspace/iopfl_unseen_2/iopfl_study.json workspace/iopfl_unseen_2/outside.csv workspace/iopfl_unseen_2/outside_dice.png docs/studies/iopfl_unseen_2/
+	$(call iopfl_study,iopfl_unseen_2,--seeds 3 --unseen --holdout --unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_2.json)
 
 ## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable,
 ## also from the committed results: a fresh checkout starts from docs/studies/iopfl_loso/iopfl_study.json);
 ## the report is copied to docs/studies/iopfl_loso/
 study-iopfl-loso: setup
-	mkdir -p workspace/iopfl_loso
-	[ -f workspace/iopfl_loso/iopfl_study.json ] || [ ! -f docs/studies/iopfl_loso/iopfl_study.json ] || \
-		cp docs/studies/iopfl_loso/iopfl_study.json workspace/iopfl_loso/
-	$(BIN)/python tools/iopfl_study.py --seeds 5 --no-inside --out workspace/iopfl_loso
-	mkdir -p docs/studies/iopfl_loso
-	cp workspace/iopfl_loso/report.md workspace/iopfl_loso/iopfl_study.json workspace/iopfl_loso/outside.csv workspace/iopfl_loso/outside_dice.png docs/studies/iopfl_loso/
+	$(call iopfl_study,iopfl_loso,--seeds 5 --no-inside)
 
 ## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
 bench-inference: setup
