@@ -78,7 +78,7 @@ def load_results(path) -> dict:
 
 
 def _check_scores(values, where: str):
-    """``values`` must map names (sites, rounds) to finite-or-NaN numbers; a clear error naming ``where`` if not."""
+    """``values`` must map names (sites, rounds) to numbers (NaN included); a clear error naming ``where`` if not."""
     if not isinstance(values, dict):
         raise ValueError(f"{where} must map names to scores, got {type(values).__name__}")
     for key, value in values.items():
