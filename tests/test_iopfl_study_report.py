@@ -59,3 +59,25 @@ def test_the_consensus_table_scores_each_call_and_checks_the_masks_are_the_kept_
     assert "| C | 0 | 0.800 / 0.600 | global | -0.200 | yes |" in rows
     assert any("picked the network with the higher Dice in 2 of 3 cases" in r and "except C seed 0" in r
                for r in rows)
+
+
+def test_report_only_rebuilds_the_committed_report_from_its_json_and_runs_nothing(tmp_path, capsys):
+    from conftest import REPO
+
+    study = REPO / "docs" / "studies" / "iopfl_unseen_2"
+    (tmp_path / "iopfl_study.json").write_text((study / "iopfl_study.json").read_text())
+    args = ["--seeds", "3", "--unseen", "--holdout", "--unseen-profiles",
+            "custom/fedharmony/phantom/prostate_unseen_scanners_2.json", "--report-only", "--out", str(tmp_path)]
+    assert iopfl_study.main(args) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report == (study / "report.md").read_text()  # the committed report is the json's, nothing by hand
+    assert str(tmp_path) not in report  # the checkout's path is printed, not written into the report
+    assert f"written: {tmp_path / 'iopfl_study.json'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iopfl_study.json", "outside.csv", "outside_dice.png",
+                                                          "report.md"]  # no data, no federation
+
+
+def test_report_only_without_stored_results_names_the_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        iopfl_study.main(["--report-only", "--out", str(tmp_path)])
+    assert f"no stored results at {tmp_path / 'iopfl_study.json'}" in capsys.readouterr().err

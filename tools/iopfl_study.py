@@ -35,6 +35,8 @@ scored against the site's labels afterwards (foreground Dice per volume, native 
 
 Writes OUT/iopfl_study.json (resumable: a finished (site, seed) is not rerun), OUT/outside.csv,
 OUT/outside_dice.png and OUT/report.md, the Markdown tables it prints (machine, versions and command first).
+``--report-only`` rewrites the last three from OUT/iopfl_study.json and runs nothing (give the flags of the run,
+e.g. ``--sweep``, so the same tables are made).
 """
 
 import argparse
@@ -379,6 +381,8 @@ def main(argv=None):
     p.add_argument("--no-inside", action="store_true", help="skip the 6-site federation (and so --unseen)")
     p.add_argument("--sweep", action="store_true", help="add routing with 10x lr, with 4x passes and with the released online schedule")
     p.add_argument("--out", default=str(REPO / "workspace" / "iopfl"))
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite OUT/report.md, outside.csv and outside_dice.png from OUT/iopfl_study.json; run nothing")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -386,6 +390,11 @@ def main(argv=None):
         p.error("--unseen scores the 6-site federation's pool; it cannot go with --no-inside")
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out).resolve()
+    store = out / "iopfl_study.json"
+    if args.report_only:
+        if not store.is_file():
+            p.error(f"--report-only: no stored results at {store}")
+        return write_report(json.loads(store.read_text()), args, out)  # the header of the run that made them
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -393,7 +402,6 @@ def main(argv=None):
                f"a = {args.iop_alpha}, {args.passes} adaptation passes")
     lines = header("iopfl_study.py", argv) + [f"setting: {setting}, seeds 0..{args.seeds - 1}"]
     print("\n".join(lines) + "\n", flush=True)
-    store = out / "iopfl_study.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     if results.get("setting") != setting:
         results = {}  # another setting: start over (federations are still reused from OUT/sim)
@@ -464,7 +472,12 @@ def main(argv=None):
                                            "s_per_volume": c["wall_s"] / r["volumes"],
                                            "in_process_s_per_volume": (t["adapt_s"] + t["infer_s"]) / r["volumes"]}
             save()
+    return write_report(results, args, out, header_printed=True)
 
+
+def write_report(results: dict, args, out: Path, header_printed: bool = False) -> int:
+    """OUT/report.md (the stored header, then :func:`report`'s tables), printed too (less the header when it
+    was printed at the start of the run); the CSV and the plot."""
     import contextlib
     import io
 
@@ -472,9 +485,12 @@ def main(argv=None):
     with contextlib.redirect_stdout(text):
         print("\n".join("- " + line for line in results["header"]) + "\n")
         report(results, args, out)
-    print(text.getvalue().split("\n", 3)[-1], end="")  # the header was printed at the start
+    print(text.getvalue().split("\n", len(results["header"]))[-1] if header_printed else text.getvalue(), end="")
     (out / "report.md").write_text("# IOP-FL study (tools/iopfl_study.py)\n\nGenerated from `iopfl_study.json`; "
                                    "do not edit by hand.\n\n" + text.getvalue())
+    # after the report, not in it: the path names this checkout, which the committed report should not
+    print(f"\nwritten: {out / 'iopfl_study.json'}, {out / 'outside.csv'}, {out / 'outside_dice.png'}, "
+          f"{out / 'report.md'}")
     return 0
 
 
@@ -537,8 +553,6 @@ def report(results: dict, args, out: Path):
                   f"{c['in_process_s_per_volume']:.2f} | {c['peak_rss_mib']:.0f} |")
     if panels:
         plot(panels, [m for m in methods if m != SAFE_CANDIDATE], out / "outside_dice.png")
-    print(f"\nwritten: {out / 'iopfl_study.json'}, {out / 'outside.csv'}, {out / 'outside_dice.png'}, "
-          f"{out / 'report.md'}")
 
 
 
