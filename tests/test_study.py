@@ -284,6 +284,35 @@ def test_a_run_that_stops_writing_is_stopped_with_its_children_and_a_failing_one
         run_watched([sys.executable, "-c", "import sys; sys.exit(3)"], log, dict(os.environ), stall_s=30, poll_s=0.1)
 
 
+def test_a_stalled_run_is_run_once_more_and_a_failed_one_is_not():
+    """The retry rule shared by the study tool and tools/iopfl_study.py."""
+    from fedharmony.study.runner import RunStalled, once_more_if_stalled
+
+    def flaky(outcomes):
+        calls = []
+
+        def attempt():
+            calls.append(1)
+            outcome = outcomes[len(calls) - 1]
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        return attempt, calls
+
+    told = []
+    attempt, calls = flaky([RunStalled("no output for 900 s: stopped"), "result"])
+    assert once_more_if_stalled(attempt, told.append) == "result" and len(calls) == 2
+    assert told == ["no output for 900 s: stopped; running it once more"]
+    attempt, calls = flaky([RunStalled("first"), RunStalled("second"), "never"])
+    with pytest.raises(RunStalled, match="second"):
+        once_more_if_stalled(attempt, told.append)
+    assert len(calls) == 2
+    attempt, calls = flaky([RuntimeError("exit status 3"), "never"])
+    with pytest.raises(RuntimeError, match="exit status 3"):
+        once_more_if_stalled(attempt, told.append)
+    assert len(calls) == 1
+
+
 def test_a_study_without_fedavg_compares_its_arms_with_the_first_listed(tmp_path):
     import json as json_mod
 

@@ -85,23 +85,26 @@ def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args, seed: i
            "--local-epochs", str(args.local_epochs), "--sites", str(n_sites), "--data-root", str(data_root),
            "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(args.iop_alpha),
            "--override", json.dumps({"seed": seed}), "--verbose"]
-    from fedharmony.study.runner import STALL_S, RunStalled, run_watched
+    from fedharmony.study.runner import STALL_S, RunStalled, once_more_if_stalled, run_watched
 
     t0 = time.time()
     ws_root.mkdir(parents=True, exist_ok=True)
     log_path = ws_root / f"{name}.log"
-    for attempt in (1, 2):  # the study tool's rule: a run silent for STALL_S is stopped and run once more
+
+    def attempt():
         with open(log_path, "w") as log:
             try:
                 run_watched(cmd, log, dict(os.environ), STALL_S)
-                break
-            except RunStalled as e:
-                if attempt == 2:
-                    raise RuntimeError(f"federation {name}: {e}, twice") from None
-                print(f"  {name}: {e}; running it once more", file=sys.stderr, flush=True)
+            except RunStalled:
+                raise
             except RuntimeError as e:
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"federation {name} failed ({e}):\n{tail}") from None
+
+    try:  # the study tool's rule: a run silent for STALL_S is stopped and run once more
+        once_more_if_stalled(attempt, lambda why: print(f"  {name}: {why}", file=sys.stderr, flush=True))
+    except RunStalled as e:
+        raise RuntimeError(f"federation {name}: {e}, twice") from None
     if not (run / "model_pool" / "manifest.json").is_file():
         raise RuntimeError(f"federation {name} wrote no model pool under {run}")
     print(f"  {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -99,6 +99,17 @@ def run_watched(cmd, log, env: dict, stall_s: float, poll_s: float = 5.0) -> Non
         raise RuntimeError(f"exit status {proc.returncode}; see {log.name}")
 
 
+def once_more_if_stalled(attempt, tell):
+    """``attempt()``, and once more if it raised :class:`RunStalled` (``tell`` gets the reason first); a second
+    stall, or any other error, propagates. The one rule for every watched run: a stall is the simulator
+    waiting for a site that died at start, which a fresh start usually avoids; a failure is not retried."""
+    try:
+        return attempt()
+    except RunStalled as e:
+        tell(f"{e}; running it once more")
+        return attempt()
+
+
 class Study:
     """One task, several methods and seeds.
 
@@ -348,11 +359,8 @@ class Study:
             self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: running{eta} (log {self.run_dir(method, seed)}/log.txt)")
             t0 = time.time()
             try:
-                try:
-                    entry = self.run_one(method, seed)
-                except RunStalled as e:  # e.g. a simulator site process that died at start: the job waits forever
-                    self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: {e}; running it once more")
-                    entry = self.run_one(method, seed)
+                entry = once_more_if_stalled(lambda: self.run_one(method, seed),
+                                             lambda why: self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: {why}"))
             except Exception as e:  # one failed run must not lose the others: report it, go on
                 failed.append({"method": method, "seed": seed, "error": f"{type(e).__name__}: {e}"})
                 self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: FAILED ({type(e).__name__}: {e})")
