@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from fedharmony.study.report import load_results, paired_difference, summarize, verdict, write_report
+from fedharmony.study.report import (load_results, paired_difference, sites_beyond_zero, summarize, verdict,
+                                     write_report)
 from fedharmony.study.runner import validate_result
 from fedharmony.study.tasks import check_methods
 
@@ -123,6 +124,24 @@ def test_paired_differences_by_hand():
     assert mixed["mean"]["verdict"] == "no difference shown"
     assert verdict([(-0.02, -0.01), (-0.03, -0.001)]) == "worse"
     assert verdict([(0.01, 0.02), (-0.01, 0.02)]) == "no difference shown"
+
+
+def test_per_site_differences_count_a_site_only_where_its_ci_excludes_zero(tmp_path):
+    # site A: +0.05, +0.04, +0.06 (above); B: changes sign (neither); C: -0.03, -0.02, -0.04 (below)
+    results = _results([(0.05, 0.02, -0.03), (0.04, -0.02, -0.02), (0.06, 0.01, -0.04)])
+    d = paired_difference(results, "x")
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t(0.975, 2 df) x sd 0.01 / sqrt(3 seeds)
+    assert d["per_site_t_ci"]["A"] == pytest.approx((0.05 - half, 0.05 + half))
+    assert d["per_site_t_ci"]["C"] == pytest.approx((-0.03 - half, -0.03 + half))
+    assert sites_beyond_zero(d) == (["C"], ["A"])
+    write_report(tmp_path, results)
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Paired differences per site")[1]
+    assert f"| x - fedavg | +0.050 [{0.05 - half:+.3f}, {0.05 + half:+.3f}] |" in section
+    assert section.split("\n| x - fedavg |")[1].split("\n")[0].endswith("| 1 / 1 of 3 |")
+    write_report(tmp_path, _results([(0.05, 0.02, -0.03)]))  # one seed: no CI, nothing counted
+    one_seed = (tmp_path / "report.md").read_text().split("## Paired differences per site")[1]
+    assert "| x - fedavg | +0.050 | +0.020 | -0.030 | - |" in one_seed
 
 
 def test_summary_by_hand():
@@ -335,7 +354,7 @@ def test_prrfl_arms_are_compared_with_fedbn_and_an_arm_with_its_plain_method(tmp
     (tmp_path / "results.json").write_text(json_mod.dumps(
         {"task": "dermoscopy", "metric": "val_macro_f1", "metric_label": "macro-F1", "methods": list(offsets),
          "seeds": [0, 1, 2], "runs": runs}))
-    text = write_report(tmp_path).read_text()
+    text = write_report(tmp_path).read_text().split("## Paired differences per site")[0]  # the first table
     rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines()
             if " - " in line.split(" | ")[0] and not line.startswith("| method - baseline")]
     assert sorted(rows) == sorted(["fedbn - fedavg", "prrfl - fedavg", "prrfl+protocol=released - fedavg",

@@ -40,7 +40,7 @@ from fedharmony.study.tasks import parse_arm
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
-           "COMPARISONS", "communication_drops", "retrogress_summary"]
+           "COMPARISONS", "communication_drops", "retrogress_summary", "sites_beyond_zero"]
 
 BASELINE = "fedavg"
 COMPARISONS = (("prrfl", "fedbn"),)  # extra pairs the methods' papers argue about
@@ -153,7 +153,16 @@ def paired_difference(results: dict, method: str, baseline: str = BASELINE) -> O
     w = wilcoxon_signed_rank(pairs)
     out["wilcoxon_p"], out["wilcoxon_n"] = w.p_value, w.n
     out["per_site"] = {s: float(np.mean([a[k][s] - b[k][s] for k in seeds])) for s in sites}
+    out["per_site_t_ci"] = {s: t_interval([a[k][s] - b[k][s] for k in seeds])[1:] for s in sites}
     return out
+
+
+def sites_beyond_zero(difference: dict) -> tuple:
+    """(sites whose t CI of the difference lies below zero, sites whose lies above) for one
+    :func:`paired_difference`; a site's CI is over seeds, with no correction for the number of sites."""
+    cis = difference["per_site_t_ci"].items()
+    return ([s for s, (lo, hi) in cis if excludes_zero(lo, hi) and hi < 0],
+            [s for s, (lo, hi) in cis if excludes_zero(lo, hi) and lo > 0])
 
 
 def _comparisons(results: dict) -> List[dict]:
@@ -418,6 +427,20 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
             p = d["wilcoxon_p"]
             row.append(f"{p:.3g} ({d['wilcoxon_n']})" if not math.isnan(p) else "-")
             lines.append("| " + " | ".join(row) + " |")
+    if comparisons:
+        sites = sorted(comparisons[0]["per_site"])
+        lines += ["", "## Paired differences per site", "",
+                  "The same differences site by site: mean over seeds and Student-t 95% CI over seeds. A site is "
+                  "counted below or above the baseline only where its CI excludes zero (no correction for the "
+                  "number of sites).", "",
+                  "| method - baseline | " + " | ".join(sites) + " | below / above (of sites) |",
+                  "|---" * (len(sites) + 2) + "|"]
+        for d in comparisons:
+            below, above = sites_beyond_zero(d)
+            cells = [_fmt_signed(d["per_site"][site], *d["per_site_t_ci"][site]) for site in sites]
+            counted = len(d["seeds"]) >= 2  # one seed has no CI: no site can be counted either way
+            lines.append(f"| {d['method']} - {d['baseline']} | " + " | ".join(cells)
+                         + (f" | {len(below)} / {len(above)} of {len(sites)} |" if counted else " | - |"))
     if retrogress:
         lines += ["", "## Retrogress: what a communication costs the model a site uses", "",
                   f"Per run: the mean over rounds t >= 1 of (validation {metric} after local training in round t-1) "
