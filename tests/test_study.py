@@ -344,6 +344,20 @@ def test_a_study_without_fedavg_compares_its_arms_with_the_first_listed(tmp_path
     assert "| harmofl+protocol=released - fedavg+norm=batch_stats_only | +0.053 |" in text
 
 
+def test_harmofl_arms_are_compared_with_each_classical_harmonization_arm(tmp_path):
+    offsets = {"fedavg": 0.0, "harmofl": 0.01, "fedavg+bias_correction=true": 0.03,
+               "fedavg+histogram_scale=federated": -0.02, "fedavg+bias_correction=false": 0.0}
+    runs = [{"method": m, "seed": seed, "site_scores": {s: 0.6 + off + 0.01 * i + 0.003 * seed
+                                                         for i, s in enumerate(("A", "B"))}}
+            for seed in range(3) for m, off in offsets.items()]
+    results = {"task": "prostate", "metric": "val_mean_dice", "metric_label": "Dice", "methods": list(offsets),
+               "seeds": [0, 1, 2], "runs": runs}
+    text = write_report(tmp_path, results).read_text().split("## Paired differences per site")[0]
+    assert "| harmofl - fedavg+bias_correction=true | -0.020 |" in text
+    assert "| harmofl - fedavg+histogram_scale=federated | +0.030 |" in text
+    assert "harmofl - fedavg+bias_correction=false" not in text  # that arm turns N4 off: not a baseline of it
+
+
 def test_prrfl_arms_are_compared_with_fedbn_and_an_arm_with_its_plain_method(tmp_path):
     import json as json_mod
 

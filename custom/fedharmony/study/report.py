@@ -40,10 +40,20 @@ from fedharmony.study.tasks import parse_arm
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
-           "COMPARISONS", "communication_drops", "retrogress_summary", "sites_beyond_zero"]
+           "COMPARISONS", "CLASSICAL_HARMONIZATION", "communication_drops", "harmonizes_classically",
+           "retrogress_summary", "sites_beyond_zero"]
 
 BASELINE = "fedavg"
 COMPARISONS = (("prrfl", "fedbn"),)  # extra pairs the methods' papers argue about
+# bundle settings that make an arm a classical harmonization baseline; every HarmoFL arm is also compared
+# with each such arm of its study (does the method beat N4 / histogram standardization?)
+CLASSICAL_HARMONIZATION = ("bias_correction", "histogram_scale")
+
+
+def harmonizes_classically(arm: str) -> bool:
+    """Whether ``arm`` turns on one of ``CLASSICAL_HARMONIZATION`` (e.g. ``fedavg+bias_correction=true``)."""
+    settings = parse_arm(arm)[1]
+    return any(settings.get(key) not in (None, False, "") for key in CLASSICAL_HARMONIZATION)
 
 
 def load_results(path) -> dict:
@@ -176,6 +186,8 @@ def _comparisons(results: dict) -> List[dict]:
         pairs += [(m, base) for method, base in COMPARISONS if plain == method]
         if plain != m:  # an arm with settings against the same method without them
             pairs.append((m, plain))
+        if plain == "harmofl":
+            pairs += [(m, base) for base in methods if harmonizes_classically(base) and parse_arm(base)[0] != plain]
     out, seen = [], set()
     for m, base in pairs:
         if base in methods and (m, base) not in seen and (d := paired_difference(results, m, base)):
