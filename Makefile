@@ -55,13 +55,15 @@ study-intensity: setup
 study-released-input: setup
 	$(BIN)/python tools/study.py --task prostate --methods fedavg+intensity=released+learning_rate=0.0001 harmofl+intensity=released+learning_rate=0.0001 --seeds 1 --preset standard --out docs/studies/prostate_released_input
 
-## study-released-protocol: HarmoFL's released protocol against FedAvg on the same released input and network (5 seeds)
+## study-released-protocol: on the released input and network (0-255, batch-statistics norm, plain conv blocks), 5 seeds:
+## FedAvg, HarmoFL's released protocol, HarmoFL's paper mode, FedAvg + federated histogram standardization, FedAvg + N4
+RELEASED := intensity=released+norm=batch_stats_only+num_res_units=0
 study-released-protocol: setup
-	$(BIN)/python tools/study.py --task prostate --methods fedavg+intensity=released+norm=batch_stats_only+num_res_units=0 harmofl+protocol=released --seeds 5 --preset standard --out docs/studies/prostate_released_protocol
+	$(BIN)/python tools/study.py --task prostate --methods fedavg+$(RELEASED) harmofl+protocol=released harmofl+$(RELEASED) fedavg+$(RELEASED)+histogram_scale=federated fedavg+$(RELEASED)+bias_correction=true --seeds 5 --preset standard --out docs/studies/prostate_released_protocol
 
-## study-n4: FedAvg with and without N4 bias-field correction (z-scored input, 5 seeds, standard preset)
+## study-n4: FedAvg with and without N4 bias-field correction, and HarmoFL against both (z-scored input, 5 seeds)
 study-n4: setup
-	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+bias_correction=true --seeds 5 --preset standard --out docs/studies/prostate_n4
+	$(BIN)/python tools/study.py --task prostate --methods fedavg fedavg+bias_correction=true harmofl --seeds 5 --preset standard --out docs/studies/prostate_n4
 
 ## study-prrfl-protocols: PRR-FL paper and released protocols against FedAvg and FedBN on dermoscopy (5 seeds)
 study-prrfl-protocols: setup
