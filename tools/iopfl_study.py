@@ -95,7 +95,7 @@ def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args, seed: i
         with open(log_path, "w") as log:
             try:
                 run_watched(cmd, log, dict(os.environ), STALL_S)
-            except RunStalled:
+            except RunStalled:  # a RuntimeError too, but retried by the caller, not a failure
                 raise
             except RuntimeError as e:
                 tail = log_path.read_text(errors="replace")[-3000:]
