@@ -229,6 +229,9 @@ def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(
             assert "retrogress_curves" not in run  # pooled: no communication
     report = (out / "report.md").read_text()
     assert "| pooled - fedavg |" in report and (out / "curves.png").stat().st_size > 0
+    from fedharmony.study.provenance import code_digest
+    assert all(run["made_on"]["code"] == code_digest() for run in results["runs"])  # what each run was made on
+    assert "Every run: code " + code_digest() in report
     assert "| fedavg | 2 |" in report and (out / "retrogress.png").stat().st_size > 0
     log = (out / "runs" / "fedavg" / "seed0" / "log.txt").read_text()
     assert "Round 1 started" in log or "round 1" in log  # NVFlare's output went to the run's log
@@ -237,7 +240,7 @@ def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(
     (out / "runs" / "fedavg" / "seed0" / "result.json").write_text("{truncated")
     res = subprocess.run(STUDY + argv, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.count(": cached") == 3
+    assert res.stdout.count(": cached") == 3 and "made on other code" not in res.stdout
     assert f"cache entry {out / 'runs' / 'fedavg' / 'seed0' / 'result.json'} is corrupt" in res.stdout
     again = json.loads((out / "results.json").read_text())
     rerun = next(r for r in again["runs"] if r["method"] == "fedavg" and r["seed"] == 0)

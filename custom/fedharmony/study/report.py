@@ -37,6 +37,7 @@ import numpy as np
 
 from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
+from fedharmony.study.provenance import differing
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
@@ -44,9 +45,7 @@ __all__ = ["load_results", "summarize", "paired_difference", "write_report", "ve
            "retrogress_summary", "sites_beyond_zero"]
 
 BASELINE = "fedavg"
-COMPARISONS = (("prrfl", "fedbn"),)  # extra pairs the methods' papers argue about
-# bundle settings that make an arm a classical harmonization baseline; every HarmoFL arm is also compared
-# with each such arm of its study (does the method beat N4 / histogram standardization?)
+# bundle settings that make an arm a classical harmonization baseline (FedAvg + N4, + histogram standardization)
 CLASSICAL_HARMONIZATION = ("bias_correction", "histogram_scale")
 
 
@@ -54,6 +53,15 @@ def harmonizes_classically(arm: str) -> bool:
     """Whether ``arm`` turns on one of ``CLASSICAL_HARMONIZATION`` (e.g. ``fedavg+bias_correction=true``)."""
     settings = parse_arm(arm)[1]
     return any(settings.get(key) not in (None, False, "") for key in CLASSICAL_HARMONIZATION)
+
+
+# Extra comparisons the methods' papers and their reviewers argue about, besides "against FedAvg":
+# (method, which arms of the study each of its arms is compared with: an arm's name or a test on it).
+# A method is never compared here with its own arms (an arm with settings meets its plain method anyway).
+COMPARISONS = (
+    ("prrfl", "fedbn"),                     # PRR-FL's paper claims to beat FedBN
+    ("harmofl", harmonizes_classically),    # does HarmoFL beat N4 / histogram standardization?
+)
 
 
 def load_results(path) -> dict:
@@ -183,11 +191,12 @@ def _comparisons(results: dict) -> List[dict]:
     pairs = [(m, baseline) for m in methods if baseline is not None and m != baseline]
     for m in methods:
         plain = parse_arm(m)[0]
-        pairs += [(m, base) for method, base in COMPARISONS if plain == method]
+        for method, against in COMPARISONS:
+            if plain == method:
+                pairs += [(m, base) for base in methods if parse_arm(base)[0] != method
+                          and (against(base) if callable(against) else base == against)]
         if plain != m:  # an arm with settings against the same method without them
             pairs.append((m, plain))
-        if plain == "harmofl":
-            pairs += [(m, base) for base in methods if harmonizes_classically(base) and parse_arm(base)[0] != plain]
     out, seen = [], set()
     for m, base in pairs:
         if base in methods and (m, base) not in seen and (d := paired_difference(results, m, base)):
@@ -373,6 +382,25 @@ def _forest_plot(results: dict, comparisons: List[dict], path: Path) -> Optional
     return path
 
 
+def _made_on_lines(results: dict) -> List[str]:
+    """The section saying what each arm's runs were made on (code, commit, CPU), with a warning where the
+    runs differ: the cache keys settings, not code, and a CPU with other kernels rounds differently."""
+    runs = results["runs"]
+    everywhere = differing(runs)
+    if len(everywhere) <= 1:
+        return ["## What the runs were made on", "", f"Every run: {everywhere[0] if everywhere else '-'}.", ""]
+    lines = ["## What the runs were made on", "",
+             f"**The runs were made on {len(everywhere)} different code versions or CPUs (or do not record it).** "
+             "The study's cache keys the settings and the bundle's configs, not the package's code, and the last "
+             "bits of a training run depend on the CPU's kernels: a difference between arms made on different "
+             "code may be partly the code's. Runs per arm:", ""]
+    for method in results.get("methods") or sorted({r["method"] for r in runs}):
+        mine = [r for r in runs if r["method"] == method]
+        counts = [(line, sum(differing([r]) == [line] for r in mine)) for line in differing(mine)]
+        lines.append(f"- {method}: " + "; ".join(f"{line} ({n} of {len(mine)})" for line, n in counts))
+    return lines + [""]
+
+
 def write_report(study_dir, results: Optional[dict] = None) -> Path:
     """Write ``report.md``, ``results.csv`` and the figures into ``study_dir``; returns the report's path."""
     study_dir = Path(study_dir)
@@ -407,6 +435,7 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
     if results.get("failed"):
         lines += ["**Failed runs (not in the tables):** "
                   + "; ".join(f"{f['method']} seed {f['seed']}: {f['error']}" for f in results["failed"]), ""]
+    lines += _made_on_lines(results)
     lines += ["## What is scored", ""]
     for m in summary:
         lines.append(f"- {m}: {results.get('scored_models', {}).get(m, '?')}")

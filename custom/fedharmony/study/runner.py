@@ -6,7 +6,10 @@ simulator, in its own process, its output in ``<out>/runs/<method>/seed<k>/log.t
 After a run the study scores the model each site would use (:func:`fedharmony.study.tasks.scored_model`)
 on that site's test split and writes ``result.json`` beside the log (atomically). A run
 whose ``result.json`` is complete and was made with the same settings is not run again; one
-that is unreadable or incomplete is named and run again.
+that is unreadable or incomplete is named and run again. The settings include the bundle's
+configs but not the package's code, so each run also records what it was made on
+(:mod:`fedharmony.study.provenance`): a cached run made on other code is named when reused, and
+the report lists what every arm's runs were made on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from fedharmony.core.results import RETROGRESS_SUFFIXES
 from fedharmony.data.datalist import smallest_split
 from fedharmony.methods.protocols import check_protocol, needs_smallest_site, protocol_overrides
 from fedharmony.study.data import StudyData, make_phantom_data, real_data
+from fedharmony.study.provenance import code_digest, cpu_description, describe, made_on
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
 from fedharmony.study.tasks import (FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, parse_arm, preset_for,
@@ -161,6 +165,7 @@ class Study:
         self.command = command
         self.bundle_dir = REPO / "bundles" / self.spec.bundle
         self._scales: Dict[tuple, str] = {}
+        self._code: Optional[str] = None  # this checkout's code digest, read when a cached run is met
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
@@ -308,7 +313,7 @@ class Study:
             else:
                 result = self._run_federated(method, seed, data, run_dir, log)
         entry = {"method": method, "seed": seed, "scored_model": scored_model(method), **result,
-                 "wall_s": time.time() - t0, "settings_key": self.settings_key(method, seed)}
+                 "wall_s": time.time() - t0, "settings_key": self.settings_key(method, seed), "made_on": made_on()}
         _atomic_json(run_dir / RESULT_FILE, entry)
         return entry
 
@@ -331,6 +336,16 @@ class Study:
         _atomic_json(self.out / RESULTS_FILE, results)
         return results
 
+    def _made_elsewhere(self, entry: dict) -> str:
+        """What to add to "cached" when the cached run was not made on this code (the cache keys settings, not
+        code: the report lists what each arm's runs were made on)."""
+        if self._code is None:
+            self._code = code_digest()
+        info = entry.get("made_on")
+        if not info:
+            return " (made on code it does not record)"
+        return "" if info.get("code") == self._code else f" (made on other code: {describe(info)})"
+
     def _sites_without_drawing(self, seed: int) -> Optional[list]:
         """The site folders of seed ``seed``'s data if it exists (None: not drawn yet)."""
         if self.data_root:
@@ -351,7 +366,7 @@ class Study:
             data = self.data(seed)
             entry = self.cached(method, seed, list(data.sites.values()))
             if entry is not None:
-                self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: cached")
+                self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: cached{self._made_elsewhere(entry)}")
                 runs.append(entry)
                 continue
             left = len(plan) - i + 1
@@ -388,7 +403,8 @@ class Study:
             "scored_models": {m: scored_model(m) for m in self.methods},
             "runs": [{k: v for k, v in r.items() if k != "settings_key"} for r in runs], "failed": failed,
             "pending": list(pending),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_description()}), "
+                       f"Python {platform.python_version()}",
             "versions": {"torch": torch.__version__, "monai": monai.__version__, "nvflare": nvflare.__version__},
             "command": self.command, "wall_s": wall_s,
             "run_wall_s": sum(r.get("wall_s", 0.0) for r in runs),
