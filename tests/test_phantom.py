@@ -12,10 +12,13 @@ def test_default_profiles_are_the_six_real_sites():
     assert list(load_profiles()) == ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
 
 
-@pytest.mark.parametrize("name", ["prostate_unseen_scanners.json", "prostate_unseen_scanners_2.json"])
+UNSEEN_SETS = ["prostate_unseen_scanners.json", "prostate_unseen_scanners_2.json", "prostate_unseen_scanners_3.json"]
+
+
+@pytest.mark.parametrize("name", UNSEEN_SETS)
 def test_unseen_scanner_profiles_are_none_of_the_training_sites_and_differ_in_at_least_two_ways(name):
     """The scanner sets for testing a model on a new site: new names, and each profile differs from every
-    training site (and from the other set's profiles) in at least two of the fields its _doc lists."""
+    training site (and from the other sets' profiles) in at least two of the fields its _doc lists."""
     from pathlib import Path
 
     import fedharmony.phantom
@@ -23,8 +26,7 @@ def test_unseen_scanner_profiles_are_none_of_the_training_sites_and_differ_in_at
     folder = Path(fedharmony.phantom.__file__).parent
     training = load_profiles()
     unseen = load_profiles(folder / name)
-    other = load_profiles(folder / ({"prostate_unseen_scanners.json": "prostate_unseen_scanners_2.json"}.get(
-        name, "prostate_unseen_scanners.json")))
+    other = {k: v for other_set in UNSEEN_SETS if other_set != name for k, v in load_profiles(folder / other_set).items()}
     assert len(unseen) == 3 and not set(unseen) & (set(training) | set(other))
     fields = ("gamma", "scale", "offset", "bias", "bias_center", "noise", "blur_mm", "fov_mm", "matrix_scale",
               "slice_mm", "ringing")

@@ -99,7 +99,8 @@ def describe(info: Optional[dict]) -> str:
 
 def differing(runs: Iterable[dict]) -> List[str]:
     """The ``made_on`` descriptions of ``runs`` (study result entries), each once, in first-seen order;
-    more than one means the runs were not all made on the same code and CPU."""
+    more than one means the runs were not all made on the same code and CPU. (The versions are recorded
+    but not compared: ``requirements.txt`` pins them, and the study's ``results.json`` names them.)"""
     seen: List[str] = []
     for run in runs:
         info = run.get("made_on")

@@ -307,13 +307,14 @@ class Study:
         run_dir = self.run_dir(method, seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        made = made_on()  # before the run: the code it starts with, even if edited while it runs
         with open(run_dir / "log.txt", "w") as log:
             if parse_arm(method)[0] in ("local", "pooled"):
                 result = self._run_reference(method, seed, data, run_dir, log)
             else:
                 result = self._run_federated(method, seed, data, run_dir, log)
         entry = {"method": method, "seed": seed, "scored_model": scored_model(method), **result,
-                 "wall_s": time.time() - t0, "settings_key": self.settings_key(method, seed), "made_on": made_on()}
+                 "wall_s": time.time() - t0, "settings_key": self.settings_key(method, seed), "made_on": made}
         _atomic_json(run_dir / RESULT_FILE, entry)
         return entry
 
