@@ -179,22 +179,23 @@ def _volume_loader_any(folder):
                       batch_size=1)
 
 
-@pytest.mark.parametrize("method", ["routing", "routing_safe", "routing_safe_consensus", "routing_online"])
+@pytest.mark.parametrize("method", ["routing", "routing_safe", "routing_safe_consensus", "routing_safe_departure",
+                                    "routing_online"])
 def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method):
     """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing
     (routing_safe with the released entropy scale: and the safeguard's decision; routing_safe_consensus: the
-    consensus criterion; routing_online: the released schedule, one step per batch of 5 slices during inference,
-    no pass before)."""
+    consensus criterion; routing_safe_departure: the departure criterion; routing_online: the released schedule,
+    one step per batch of 5 slices during inference, no pass before)."""
     _write_tiny_pool(tmp_path / "pool")
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
            "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
-           "--adaptation#passes", "2", "--method", method.replace("_online", "").replace("_consensus", "")]
+           "--adaptation#passes", "2", "--method", method.replace("_online", "").replace("_consensus", "").replace("_departure", "")]
     if method == "routing_safe":
         cmd += ["--adaptation#entropy", "released"]
-    if method == "routing_safe_consensus":
-        cmd += ["--adaptation#safeguard", "consensus"]
+    if method in ("routing_safe_consensus", "routing_safe_departure"):
+        cmd += ["--adaptation#safeguard", method.rsplit("_", 1)[1]]
     if method == "routing_online":
         cmd += ["--adaptation#schedule", "online"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
@@ -211,10 +212,10 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method
     assert set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
     if method.startswith("routing_safe"):  # the first of the 3 volumes was held out, the decision logged and kept
         assert len(history) == 3 and history[-1]["safeguard"]["held_out_chunks"] == 1
-        criterion = "consensus" if method.endswith("consensus") else "loss"
+        criterion = method.rsplit("_", 1)[1] if method != "routing_safe" else "loss"
         assert history[-1]["safeguard"]["criterion"] == criterion
-        assert ("adaptation safeguard: held-out " + ("agreement with the pool's consensus" if criterion == "consensus"
-                                                     else "loss")) in log
+        assert ("adaptation safeguard: held-out " + ("loss" if criterion == "loss"
+                                                     else "agreement with the pool's consensus")) in log
     else:
         assert len(history) == 2
     assert len(list(out.glob("*_seg.nii.gz"))) == len(inputs)
@@ -315,6 +316,40 @@ def test_the_consensus_safeguard_keeps_the_network_that_agrees_more_with_the_poo
     assert guarded.use_fallback == (kept == "global")
 
 
+def test_the_departure_rule_by_hand():
+    from fedharmony.methods.iopfl.adaptation import departure_keeps
+
+    assert departure_keeps(0.86, 0.89)            # 0.86 >= 0.89 x 0.95 = 0.8455: not a clear departure
+    assert departure_keeps(0.90, 0.90)            # a tie keeps the adapted network (consensus: the global one)
+    assert not departure_keeps(0.84, 0.89)        # 0.84 < 0.8455
+    assert not departure_keeps(0.0, 0.30)         # a collapse to empty masks
+    assert departure_keeps(0.0, 0.0)              # neither agrees: nothing shows the adapted network is worse
+    assert not departure_keeps(0.86, 0.89, margin=0.0)
+
+
+@pytest.mark.parametrize("candidate_t, fallback_t, kept", [
+    (1e9, 0.5, "global"),    # the adapted network collapsed to empty masks: fall back
+    (0.5, 0.5, "adapted"),   # a tie keeps the adapted network: no clear departure from the pool
+    (0.5, 1e9, "adapted"),   # the global model finds nothing
+])
+def test_the_departure_safeguard_falls_back_only_when_the_adapted_network_leaves_the_pool(tiny_sites, tmp_path,
+                                                                                          candidate_t, fallback_t,
+                                                                                          kept):
+    from fedharmony.methods.iopfl.adaptation import FallbackNetwork
+
+    reference = [_Threshold(0.5), _Threshold(0.5), _Threshold(1e9)]
+    guarded = FallbackNetwork(_Threshold(candidate_t), _Threshold(fallback_t), criterion="departure",
+                              reference=reference, holdout_every=2)
+    history = TestTimeAdapter(guarded, _volume_loader(tiny_sites / "HK"), passes=1, min_size=32,
+                              log_file=str(tmp_path / "log.json")).run()
+    decision = history[-1]["safeguard"]
+    assert decision["criterion"] == "departure" and decision["kept"] == kept and decision["held_out_chunks"] >= 1
+    assert decision["margin"] == 0.05 and decision["reference_networks"] == 3
+    assert guarded.use_fallback == (kept == "global")
+    assert ("not more than 5% lower" if kept == "adapted" else "more than 5% lower") in decision["reason"]
+    assert json.loads((tmp_path / "log.json").read_text())[-1]["safeguard"] == decision
+
+
 def test_the_consensus_safeguard_on_a_pool_uses_every_network_on_batch_statistics(tmp_path):
     from fedharmony.methods.iopfl.adaptation import FallbackNetwork
 
@@ -327,10 +362,15 @@ def test_the_consensus_safeguard_on_a_pool_uses_every_network_on_batch_statistic
     assert norms and all(m.running_mean is None and not m.track_running_stats for m in norms)
     assert not any(p.requires_grad for p in net.reference.parameters())
     assert build_test_time_network(pool, "routing_safe").criterion == "loss"  # the default is unchanged
-    with pytest.raises(ValueError, match="safeguard criterion must be one of \\['loss', 'consensus'\\], got 'dice'"):
+    with pytest.raises(ValueError, match="safeguard criterion must be one of \\['loss', 'consensus', 'departure'\\], "
+                                         "got 'dice'"):
         build_test_time_network(pool, "routing_safe", safeguard="dice")
     with pytest.raises(ValueError, match="consensus safeguard needs the pool's networks"):
         FallbackNetwork(net.candidate, net.fallback, criterion="consensus")
+    departure = build_test_time_network(pool, "routing_safe", safeguard="departure")
+    assert departure.criterion == "departure" and len(departure.reference) == len(pool.experts)
+    with pytest.raises(ValueError, match="departure safeguard needs the pool's networks"):
+        FallbackNetwork(net.candidate, net.fallback, criterion="departure")
 
 
 def test_the_released_entropy_scale_is_b_over_c_ln2_times_ours():

@@ -81,3 +81,33 @@ def test_report_only_without_stored_results_names_the_missing_file(tmp_path, cap
     with pytest.raises(SystemExit):
         iopfl_study.main(["--report-only", "--out", str(tmp_path)])
     assert f"no stored results at {tmp_path / 'iopfl_study.json'}" in capsys.readouterr().err
+
+
+def _stored(candidate_agreement: float, global_agreement: float) -> dict:
+    """A stored outside result with the consensus safeguard's record: adapted 0.7 and global 0.5 per volume."""
+    per_volume = {"global": {"Case00": 0.4, "Case01": 0.6}, iopfl_study.SAFE_CANDIDATE: {"Case00": 0.6, "Case01": 0.8}}
+    return {"per_volume": per_volume, "mean": {"global": 0.5, iopfl_study.SAFE_CANDIDATE: 0.7},
+            "timings": {"routing_safe (consensus)": {"history": [{"safeguard": {
+                "criterion": "consensus", "candidate_agreement": candidate_agreement,
+                "global_agreement": global_agreement, "kept": "global", "reason": "stored"}}]}}}
+
+
+def test_the_departure_call_is_derived_exactly_from_the_stored_consensus_agreements():
+    name = "routing_safe (departure)"
+    results = {"loso": {"A": {"0": _stored(0.86, 0.89)}, "B": {"0": _stored(0.40, 0.89)}},
+               "unseen": {"C": {"0": {**_stored(0.9, 0.9), "mean": {"global": 0.5, iopfl_study.SAFE_CANDIDATE: 0.7,
+                                                                     name: 0.123}}}}}
+    assert iopfl_study.derive_safeguards(results) == 2  # C already has the criterion's own run: left as it is
+    a, b = results["loso"]["A"]["0"], results["loso"]["B"]["0"]
+    assert a["mean"][name] == 0.7 and a["per_volume"][name] == {"Case00": 0.6, "Case01": 0.8}  # 0.86 >= 0.8455
+    assert b["mean"][name] == 0.5 and b["per_volume"][name] == {"Case00": 0.4, "Case01": 0.6}  # a clear departure
+    record = a["timings"][name]
+    assert record["derived_from"] == "routing_safe (consensus)"
+    assert record["history"][-1]["safeguard"] == {"criterion": "departure", "candidate_agreement": 0.86,
+                                                  "global_agreement": 0.89, "kept": "adapted", "margin": 0.05}
+    assert results["unseen"]["C"]["0"]["mean"][name] == 0.123
+    assert iopfl_study.derive_safeguards(results) == 0  # filled once
+    rows = iopfl_study.consensus_rows(results["loso"], name)
+    assert "| A | 0 | 0.860 / 0.890 | adapted | +0.200 | yes |" in rows
+    assert "| B | 0 | 0.400 / 0.890 | global | +0.200 | no |" in rows
+    assert any("2 of these calls were derived from the consensus criterion's stored agreements" in r for r in rows)

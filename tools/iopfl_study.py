@@ -21,8 +21,11 @@ Each outside site is segmented with the bundle's ``configs/routed_inference.json
 the global model, each personalized model alone, the expert mean (parameter average), BN statistics,
 TENT, routing with the released gate, routing with our gate made a sigmoid, routing with the global
 model's running statistics, routing (IOP-FL), and routing guarded by the global model (routing_safe)
-with each of its criteria: the held-out unsupervised loss (the default) and agreement with the pool's
-consensus (``routing_safe (consensus)``; filled into stored results that lack it). For routing_safe the
+with each of its criteria: the held-out unsupervised loss (the default), agreement with the pool's
+consensus (``routing_safe (consensus)``; filled into stored results that lack it by running it on the
+stored pool), and the departure rule on the same agreements (``routing_safe (departure)``; for stored
+results that lack it, its call and masks follow exactly from the consensus run's record, and are marked
+as derived). For routing_safe the
 adapted candidate is also scored on its own, so the tables show whether each criterion picked the
 network with the better Dice. ``--sweep`` adds routing
 with 10x the learning rate and with 4x the passes (does the routing move away from the experts' mean
@@ -65,7 +68,13 @@ SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
 # the safeguard with the other criterion: name -> (bundle method, overrides, passes factor); it adapts exactly as
 # routing_safe does (same seed, same held-out volumes), so its masks are those of routing_safe's candidate or of
 # the global model, whichever its criterion kept
-SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1)}
+SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1),
+              "routing_safe (departure)": ("routing_safe", {"adaptation#safeguard": "departure"}, 1)}
+# a criterion that decides from what another one stored: name -> the criterion whose stored held-out agreements it
+# reads. The departure criterion judges the same agreements (same adapted network, same held-out volumes) with
+# another rule, so for a stored result made before it existed its call and masks follow exactly from the consensus
+# run's record; such entries are marked "derived_from" and the report counts them
+DERIVED = {"routing_safe (departure)": "routing_safe (consensus)"}
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
 TIE = 0.005  # a Dice gap the safeguard may get either way
 MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
@@ -288,17 +297,19 @@ def safeguard_rows(runs: dict) -> list:
 
 
 def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
-    """The consensus safeguard's calls, one row per (site, seed): both networks' held-out agreement with the pool's
-    consensus, the network kept, and whether it had the higher Dice. Its masks must be those of the network it
-    kept (routing_safe's candidate or the global model): a row that is not says so."""
+    """An agreement criterion's calls (``consensus`` or ``departure``), one row per (site, seed): both networks'
+    held-out agreement with the pool's consensus, the network kept, and whether it had the higher Dice. Its masks
+    must be those of the network it kept (routing_safe's candidate or the global model): a row that is not says
+    so. Calls derived from a stored record (``DERIVED``) are counted."""
     rows = ["| site | seed | held-out agreement: adapted / global | kept | Dice adapted - global | decision right |",
             "|---|---|---|---|---|---|"]
-    right, unpaired = [0, 0], []
+    right, unpaired, derived = [0, 0], [], 0
     for site, by_seed in runs.items():
         for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
             d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
             if not d or d.get("candidate_agreement") is None:
                 continue
+            derived += "derived_from" in r["timings"][name]
             gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
             call = _right_call(d["kept"], gain)
             if call is not None:
@@ -309,9 +320,12 @@ def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
                 unpaired.append(f"{site} seed {seed}")
             rows.append(f"| {site} | {seed} | {d['candidate_agreement']:.3f} / {d['global_agreement']:.3f} | "
                         f"{d['kept']} | {gain:+.3f} | {_call_text(call)} |")
-    rows.append(f"\nthe consensus safeguard picked the network with the higher Dice in {right[0]} of {right[1]} "
-                f"cases (Dice gaps under {TIE} counted as ties, left out); its masks were those of the network it "
-                f"kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "") + "\n")
+    rows.append(f"\nthe {name.split('(')[-1].rstrip(')')} safeguard picked the network with the higher Dice in "
+                f"{right[0]} of {right[1]} cases (Dice gaps under {TIE} counted as ties, left out); its masks were "
+                f"those of the network it kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "")
+                + (f"; {derived} of these calls were derived from the {DERIVED[name].split('(')[-1].rstrip(')')} "
+                   "criterion's stored agreements (made before this criterion existed), not run"
+                   if derived else "") + "\n")
     return rows
 
 
@@ -364,6 +378,31 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
     return {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": len(per_method["global"])}
 
 
+def derive_safeguards(results: dict) -> int:
+    """Fill each ``DERIVED`` criterion into the stored outside results that lack it, from its source criterion's
+    recorded agreements; returns how many (site, seed) entries were filled."""
+    from fedharmony.methods.iopfl.adaptation import departure_keeps
+
+    filled = 0
+    for kind in ("unseen", "loso"):
+        for by_seed in results.get(kind, {}).values():
+            for r in by_seed.values():
+                for name, source in DERIVED.items():
+                    d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
+                    if name in r["mean"] or not d or d.get("candidate_agreement") is None:
+                        continue
+                    margin = 0.05  # the bundle's default, which the study runs
+                    keep = departure_keeps(d["candidate_agreement"], d["global_agreement"], margin)
+                    kept = SAFE_CANDIDATE if keep else "global"
+                    r["per_volume"][name] = dict(r["per_volume"][kept])
+                    r["mean"][name] = r["mean"][kept]
+                    decision = {**{k: v for k, v in d.items() if k != "reason"}, "criterion": "departure",
+                                "kept": "adapted" if keep else "global", "margin": margin}
+                    r["timings"][name] = {"derived_from": source, "history": [{"safeguard": decision}]}
+                    filled += 1
+    return filled
+
+
 def missing_methods(done: dict, args) -> list:
     """The safeguard and sweep variants a stored (site, seed) result lacks (added to the tool after it ran)."""
     return [name for name in [*SAFEGUARDS, *(SWEEP if args.sweep else [])] if name not in done["mean"]]
@@ -397,7 +436,9 @@ def main(argv=None):
     if args.report_only:
         if not store.is_file():
             p.error(f"--report-only: no stored results at {store}")
-        return write_report(json.loads(store.read_text()), args, out)  # the header of the run that made them
+        stored = json.loads(store.read_text())
+        derive_safeguards(stored)  # in the report only: the stored file stays as it was measured
+        return write_report(stored, args, out)  # the header of the run that made them
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -411,6 +452,7 @@ def main(argv=None):
     results.update({"header": lines, "setting": setting})  # more seeds later: the finished ones are kept
     for key in ("inside", "unseen", "loso", "cost"):
         results.setdefault(key, {})
+    derive_safeguards(results)  # stored results from before a derived criterion existed: not rerun for it
 
     def save():
         store.write_text(json.dumps(results, indent=2) + "\n")
@@ -542,10 +584,12 @@ def report(results: dict, args, out: Path):
             print("\n".join(difference_rows(runs, methods_here)) + "\n")
             print("safeguard: did the unsupervised criterion on held-out volumes pick the better network?\n")
             print("\n".join(safeguard_rows(runs)))
-            if any(SAFEGUARDS.keys() & r["mean"].keys() for bs in runs.values() for r in bs.values()):
-                print("consensus safeguard: did agreement with the pool's consensus on held-out volumes pick the "
-                      "better network?\n")
-                print("\n".join(consensus_rows(runs)))
+            for name in SAFEGUARDS:
+                if any(name in r["mean"] for bs in runs.values() for r in bs.values()):
+                    criterion = name.split("(")[-1].rstrip(")")
+                    print(f"{criterion} safeguard: did agreement with the pool's consensus on held-out volumes, "
+                          f"judged by the {criterion} rule, pick the better network?\n")
+                    print("\n".join(consensus_rows(runs, name)))
             print("routing: the unsupervised loss per adaptation pass and the spread of the routing weights\n")
             print("\n".join(routing_rows(runs)) + "\n")
     if results["cost"]:

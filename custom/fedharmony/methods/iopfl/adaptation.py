@@ -129,7 +129,19 @@ def _volume_slabs(volume: torch.Tensor, divisible_by: int) -> torch.Tensor:
     return F.pad(volume_to_slabs(volume), (0, (-w) % divisible_by, 0, (-h) % divisible_by))
 
 
-SAFEGUARD_CRITERIA = ("loss", "consensus")
+SAFEGUARD_CRITERIA = ("loss", "consensus", "departure")
+# criteria that judge by agreement with the pool's consensus (and so need the pool's networks as a reference)
+CONSENSUS_CRITERIA = ("consensus", "departure")
+
+
+def departure_keeps(candidate_agreement: float, global_agreement: float, margin: float = 0.05) -> bool:
+    """The ``departure`` criterion: keep the adapted network unless it agrees with the pool's consensus clearly
+    less than the global model does, by more than ``margin`` (relative).
+
+    Example: agreements 0.86 (adapted) and 0.89 (global) keep the adapted network (0.86 >= 0.89 x 0.95);
+    0.40 and 0.89 fall back.
+    """
+    return not candidate_agreement < global_agreement * (1.0 - margin)
 
 
 def mask_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -171,14 +183,21 @@ class FallbackNetwork(nn.Module):
       leaves the pool (a collapse to empty or fragmented masks) and a global model whose running statistics
       do not fit the site; it trusts the pool's majority, so a pool of mostly useless experts defeats it
       (``loss`` does not have that weakness, and has others: a lower entropy is not a better mask).
+    * ``departure``: the same agreements, the burden of proof turned round: the candidate is kept unless it
+      agrees with the consensus less than the fallback does by more than ``margin`` (relative; the loss
+      criterion's 0.05, not tuned). ``loss`` and ``consensus`` fall back when adaptation does not clearly
+      help; on the leave-one-site-out sites both were wrong more often than right where the two networks
+      were close, and paid for it. ``departure`` falls back only when adaptation clearly leaves the pool (a
+      collapse), which is the harm a safeguard exists to stop. Designed after those measurements; its
+      independent test is the third set of unseen scanners (see docs/methods/iopfl.md).
 
     Args:
         candidate: the network to judge (adapted by :class:`TestTimeAdapter`).
         fallback: the network to fall back to; frozen.
-        margin: ``loss`` only, in [0, 1).
+        margin: ``loss`` and ``departure``, in [0, 1).
         holdout_every: the first usable volume and every ``holdout_every``-th after it are held out (>= 2).
         criterion: one of ``SAFEGUARD_CRITERIA``.
-        reference: ``consensus`` only: the pool's networks (frozen, batch statistics), at least one.
+        reference: ``consensus`` and ``departure``: the pool's networks (frozen, batch statistics), at least one.
     """
 
     def __init__(self, candidate: nn.Module, fallback: nn.Module, margin: float = 0.05, holdout_every: int = 4,
@@ -188,8 +207,8 @@ class FallbackNetwork(nn.Module):
             raise ValueError(f"margin must be in [0, 1) and holdout_every >= 2, got {margin}, {holdout_every}")
         if criterion not in SAFEGUARD_CRITERIA:
             raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {criterion!r}")
-        if criterion == "consensus" and not reference:
-            raise ValueError("the consensus safeguard needs the pool's networks as its reference")
+        if criterion in CONSENSUS_CRITERIA and not reference:
+            raise ValueError(f"the {criterion} safeguard needs the pool's networks as its reference")
         self.candidate, self.fallback = candidate, fallback
         self.reference = nn.ModuleList(reference or [])
         for p in [*self.fallback.parameters(), *self.reference.parameters()]:
@@ -304,6 +323,11 @@ class TestTimeAdapter:
             keep = n > 0 and candidate > fallback
             what = ("agreement with the pool's consensus", "candidate_agreement", "global_agreement")
             rule = f"{'higher' if keep else 'not higher'} than the global model's"
+        elif guarded.criterion == "departure":
+            candidate, fallback, n = self._agreements(guarded)
+            keep = n > 0 and departure_keeps(candidate, fallback, guarded.margin)
+            what = ("agreement with the pool's consensus", "candidate_agreement", "global_agreement")
+            rule = f"{'not more' if keep else 'more'} than {guarded.margin:.0%} lower than the global model's"
         else:
             candidate, n = self._criterion(guarded.candidate)
             fallback, _ = self._criterion(guarded.fallback)
@@ -317,8 +341,9 @@ class TestTimeAdapter:
         guarded.use_fallback = not keep
         guarded.decision = {"kept": "adapted" if keep else "global", "criterion": guarded.criterion,
                             what[1]: candidate, what[2]: fallback, "held_out_chunks": n, "reason": why,
-                            **({"margin": guarded.margin} if guarded.criterion == "loss" else
-                               {"reference_networks": len(guarded.reference)})}
+                            **({"margin": guarded.margin} if guarded.criterion != "consensus" else {}),
+                            **({"reference_networks": len(guarded.reference)}
+                               if guarded.criterion in CONSENSUS_CRITERIA else {})}
         logger.info("adaptation safeguard: %s; using the %s network", why, "adapted" if keep else "global")
         return guarded.decision
 
@@ -459,7 +484,8 @@ def build_test_time_network(pool, method: str = "routing", device=None, safeguar
     * ``routing``: every convolution routed over all experts; gates + norm affine train.
     * ``routing_safe``: ``routing`` guarded by the global model (:class:`FallbackNetwork`) with the
       ``safeguard`` criterion: kept only if adaptation lowers the unsupervised loss on volumes held out from
-      it (``loss``), or if it agrees more than the global model with the pool's consensus there (``consensus``).
+      it (``loss``), if it agrees more than the global model with the pool's consensus there (``consensus``),
+      or unless it agrees clearly less than the global model with that consensus (``departure``).
     * ``routing_released``: the same with the released code's gate (no ReLU, dropout 0.2 while adapting,
       random start, sigmoid weights not summing to 1).
     * ``routing_sigmoid``: our gate with a sigmoid output instead of the softmax (an ablation; not the
@@ -478,7 +504,7 @@ def build_test_time_network(pool, method: str = "routing", device=None, safeguar
         fallback = copy.deepcopy(pool.experts[-1])
         train_only(fallback, gates=False, norm_affine=False)
         reference = None
-        if safeguard == "consensus":  # every network of the pool on the site's batch statistics, as bn_stats
+        if safeguard in CONSENSUS_CRITERIA:  # every network of the pool on the batch's statistics, as bn_stats
             reference = [use_batch_statistics(copy.deepcopy(e)) for e in pool.experts]
         net = FallbackNetwork(build_routed_network(pool.experts), fallback, criterion=safeguard, reference=reference)
     elif method in ROUTING_VARIANTS:
