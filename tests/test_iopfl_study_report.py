@@ -111,3 +111,28 @@ def test_the_departure_call_is_derived_exactly_from_the_stored_consensus_agreeme
     assert "| A | 0 | 0.860 / 0.890 | adapted | +0.200 | yes |" in rows
     assert "| B | 0 | 0.400 / 0.890 | global | +0.200 | no |" in rows
     assert any("2 of these calls were derived from the consensus criterion's stored agreements" in r for r in rows)
+
+
+def test_derived_departure_calls_equal_the_real_runs_of_the_third_scanner_set():
+    """The claim behind deriving the departure criterion for older studies: on the third scanner set, where it
+    ran for real, deriving it from the consensus run's record gives the same network and the same masks' Dice."""
+    import copy
+    import json
+
+    from conftest import REPO
+
+    name = "routing_safe (departure)"
+    stored = json.loads((REPO / "docs" / "studies" / "iopfl_unseen_3" / "iopfl_study.json").read_text())
+    checked = 0
+    for site, by_seed in stored["unseen"].items():
+        for seed, real in by_seed.items():
+            assert "derived_from" not in real["timings"][name]  # run, not derived
+            stripped = copy.deepcopy(real)
+            for key in ("mean", "per_volume", "timings"):
+                del stripped[key][name]
+            assert iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}}) == 1
+            assert stripped["timings"][name]["history"][-1]["safeguard"]["kept"] == \
+                real["timings"][name]["history"][-1]["safeguard"]["kept"]
+            assert stripped["per_volume"][name] == real["per_volume"][name]
+            checked += 1
+    assert checked == 9
