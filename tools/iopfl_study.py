@@ -74,7 +74,7 @@ SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguar
 # reads. The departure criterion judges the same agreements (same adapted network, same held-out volumes) with
 # another rule, so for a stored result made before it existed its call and masks follow exactly from the consensus
 # run's record; such entries are marked "derived_from" and the report counts them
-DERIVED = {"routing_safe (departure)": "routing_safe (consensus)"}
+DERIVED = {"routing_safe (departure)": "routing_safe (consensus)"}  # (derive_safeguards knows its rule)
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
 TIE = 0.005  # a Dice gap the safeguard may get either way
 MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
@@ -381,8 +381,9 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
 def derive_safeguards(results: dict) -> int:
     """Fill each ``DERIVED`` criterion into the stored outside results that lack it, from its source criterion's
     recorded agreements; returns how many (site, seed) entries were filled."""
-    from fedharmony.methods.iopfl.adaptation import departure_keeps
+    from fedharmony.methods.iopfl.adaptation import SAFEGUARD_MARGIN, departure_keeps
 
+    rules = {"routing_safe (departure)": ("departure", departure_keeps)}  # one per DERIVED entry
     filled = 0
     for kind in ("unseen", "loso"):
         for by_seed in results.get(kind, {}).values():
@@ -391,12 +392,13 @@ def derive_safeguards(results: dict) -> int:
                     d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
                     if name in r["mean"] or not d or d.get("candidate_agreement") is None:
                         continue
-                    margin = 0.05  # the bundle's default, which the study runs
-                    keep = departure_keeps(d["candidate_agreement"], d["global_agreement"], margin)
+                    criterion, keeps = rules[name]
+                    margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
+                    keep = keeps(d["candidate_agreement"], d["global_agreement"], margin)
                     kept = SAFE_CANDIDATE if keep else "global"
                     r["per_volume"][name] = dict(r["per_volume"][kept])
                     r["mean"][name] = r["mean"][kept]
-                    decision = {**{k: v for k, v in d.items() if k != "reason"}, "criterion": "departure",
+                    decision = {**{k: v for k, v in d.items() if k != "reason"}, "criterion": criterion,
                                 "kept": "adapted" if keep else "global", "margin": margin}
                     r["timings"][name] = {"derived_from": source, "history": [{"safeguard": decision}]}
                     filled += 1

@@ -130,11 +130,12 @@ def _volume_slabs(volume: torch.Tensor, divisible_by: int) -> torch.Tensor:
 
 
 SAFEGUARD_CRITERIA = ("loss", "consensus", "departure")
+SAFEGUARD_MARGIN = 0.05  # the loss and departure criteria's relative margin, set before any measurement
 # criteria that judge by agreement with the pool's consensus (and so need the pool's networks as a reference)
 CONSENSUS_CRITERIA = ("consensus", "departure")
 
 
-def departure_keeps(candidate_agreement: float, global_agreement: float, margin: float = 0.05) -> bool:
+def departure_keeps(candidate_agreement: float, global_agreement: float, margin: float = SAFEGUARD_MARGIN) -> bool:
     """The ``departure`` criterion: keep the adapted network unless it agrees with the pool's consensus clearly
     less than the global model does, by more than ``margin`` (relative).
 
@@ -200,8 +201,8 @@ class FallbackNetwork(nn.Module):
         reference: ``consensus`` and ``departure``: the pool's networks (frozen, batch statistics), at least one.
     """
 
-    def __init__(self, candidate: nn.Module, fallback: nn.Module, margin: float = 0.05, holdout_every: int = 4,
-                 criterion: str = "loss", reference: Optional[Sequence[nn.Module]] = None):
+    def __init__(self, candidate: nn.Module, fallback: nn.Module, margin: float = SAFEGUARD_MARGIN,
+                 holdout_every: int = 4, criterion: str = "loss", reference: Optional[Sequence[nn.Module]] = None):
         super().__init__()
         if not 0.0 <= margin < 1.0 or holdout_every < 2:
             raise ValueError(f"margin must be in [0, 1) and holdout_every >= 2, got {margin}, {holdout_every}")
