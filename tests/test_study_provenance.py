@@ -55,7 +55,8 @@ def test_a_cached_run_made_on_other_code_is_named(tmp_path):
     other = {**here, "code": "0123456789ab", "commit": "abcdefabcdef", "dirty": False}
     assert study._made_elsewhere({"made_on": other}) == (
         f" (made on other code: code 0123456789ab (commit abcdefabcdef), {here['cpu']})")
-    assert study._made_elsewhere({}) == " (made on code it does not record)"
+    assert study._made_elsewhere({}) == " (made on code it does not record: not recorded)"
+    assert study._made_elsewhere({"made_on": "3f2a"}) == " (made on code it does not record: unreadable record (str))"
 
 
 def _run(method, seed, info):
@@ -80,5 +81,6 @@ def test_the_report_warns_where_runs_were_made_on_different_code(tmp_path):
     assert f"Every run: {describe(a)}." in text and "different code versions" not in text
 
     del results["runs"][0]["made_on"]  # a run from before the study recorded it
+    results["runs"][1]["made_on"] = ["not", "an", "object"]  # a damaged record is named, not a crash
     text = write_report(tmp_path, results).read_text()
-    assert "- fedavg: not recorded (1 of 2); " in text
+    assert "- fedavg: not recorded (1 of 2); unreadable record (list) (1 of 2)" in text

@@ -25,16 +25,15 @@ def header(script: str, argv=None) -> list:
     import nvflare
     import torch
 
-    from fedharmony.study.provenance import code_digest, cpu_description, git_state
+    from fedharmony.study.provenance import code_line, made_on
 
     args = " ".join(argv if argv is not None else sys.argv[1:])
-    commit, dirty = git_state()
+    made = made_on()
     # the CPU's kernels and the code decide the last bits of a result: say which ones made it
-    return [f"machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu_description()}), "
+    return [f"machine: {platform.machine()}, {os.cpu_count()} CPU cores ({made['cpu']}), "
             f"Python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
             f"nvflare {nvflare.__version__}",
-            f"code: {code_digest()} (commit {commit}{', changed' if dirty else ''})" if commit
-            else f"code: {code_digest()} (no git checkout)",
+            f"code: {code_line(made)}",
             f"command: python tools/{script} {args}".rstrip()]
 
 

@@ -74,7 +74,7 @@ SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguar
 # reads. The departure criterion judges the same agreements (same adapted network, same held-out volumes) with
 # another rule, so for a stored result made before it existed its call and masks follow exactly from the consensus
 # run's record; such entries are marked "derived_from" and the report counts them
-DERIVED = {"routing_safe (departure)": "routing_safe (consensus)"}  # (derive_safeguards knows its rule)
+DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure")}  # name -> (source, its rule)
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
 TIE = 0.005  # a Dice gap the safeguard may get either way
 MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
@@ -296,6 +296,11 @@ def safeguard_rows(runs: dict) -> list:
     return rows
 
 
+def _criterion(name: str) -> str:
+    """The criterion in a safeguard row's name: ``routing_safe (consensus)`` -> ``consensus``."""
+    return name.split("(")[-1].rstrip(")")
+
+
 def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
     """An agreement criterion's calls (``consensus`` or ``departure``), one row per (site, seed): both networks'
     held-out agreement with the pool's consensus, the network kept, and whether it had the higher Dice. Its masks
@@ -320,10 +325,10 @@ def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
                 unpaired.append(f"{site} seed {seed}")
             rows.append(f"| {site} | {seed} | {d['candidate_agreement']:.3f} / {d['global_agreement']:.3f} | "
                         f"{d['kept']} | {gain:+.3f} | {_call_text(call)} |")
-    rows.append(f"\nthe {name.split('(')[-1].rstrip(')')} safeguard picked the network with the higher Dice in "
+    rows.append(f"\nthe {_criterion(name)} safeguard picked the network with the higher Dice in "
                 f"{right[0]} of {right[1]} cases (Dice gaps under {TIE} counted as ties, left out); its masks were "
                 f"those of the network it kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "")
-                + (f"; {derived} of these calls were derived from the {DERIVED[name].split('(')[-1].rstrip(')')} "
+                + (f"; {derived} of these calls were derived from the {_criterion(DERIVED[name][0])} "
                    "criterion's stored agreements (made before this criterion existed), not run"
                    if derived else "") + "\n")
     return rows
@@ -383,18 +388,17 @@ def derive_safeguards(results: dict) -> int:
     recorded agreements; returns how many (site, seed) entries were filled."""
     from fedharmony.methods.iopfl.adaptation import SAFEGUARD_MARGIN, departure_keeps
 
-    rules = {"routing_safe (departure)": ("departure", departure_keeps)}  # one per DERIVED entry
+    rules = {"departure": departure_keeps}  # the rule of each DERIVED criterion
     filled = 0
     for kind in ("unseen", "loso"):
         for by_seed in results.get(kind, {}).values():
             for r in by_seed.values():
-                for name, source in DERIVED.items():
+                for name, (source, criterion) in DERIVED.items():
                     d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
                     if name in r["mean"] or not d or d.get("candidate_agreement") is None:
                         continue
-                    criterion, keeps = rules[name]
                     margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
-                    keep = keeps(d["candidate_agreement"], d["global_agreement"], margin)
+                    keep = rules[criterion](d["candidate_agreement"], d["global_agreement"], margin)
                     kept = SAFE_CANDIDATE if keep else "global"
                     r["per_volume"][name] = dict(r["per_volume"][kept])
                     r["mean"][name] = r["mean"][kept]
@@ -588,7 +592,7 @@ def report(results: dict, args, out: Path):
             print("\n".join(safeguard_rows(runs)))
             for name in SAFEGUARDS:
                 if any(name in r["mean"] for bs in runs.values() for r in bs.values()):
-                    criterion = name.split("(")[-1].rstrip(")")
+                    criterion = _criterion(name)
                     print(f"{criterion} safeguard: did agreement with the pool's consensus on held-out volumes, "
                           f"judged by the {criterion} rule, pick the better network?\n")
                     print("\n".join(consensus_rows(runs, name)))

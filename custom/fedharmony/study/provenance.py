@@ -27,7 +27,8 @@ import subprocess
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-__all__ = ["CODE_DIRS", "code_digest", "git_state", "cpu_description", "made_on", "describe", "differing"]
+__all__ = ["CODE_DIRS", "code_digest", "git_state", "cpu_description", "made_on", "code_line", "describe",
+           "run_line", "differing"]
 
 REPO = Path(__file__).resolve().parents[3]
 # what a run executes besides the bundle (whose configs the settings key already holds)
@@ -87,24 +88,31 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def describe(info: Optional[dict]) -> str:
-    """One line for a run's ``made_on``, e.g.
-    ``code 3f2a9c1d0b7e (commit 0515875a1b2c, changed), AMD EPYC, torch kernels AVX2``."""
-    if not info:
-        return "not recorded"
+def code_line(info: dict) -> str:
+    """The code part of ``made_on``, e.g. ``3f2a9c1d0b7e (commit 0515875a1b2c, changed)``."""
     commit = info.get("commit")
     where = f"commit {commit}{', changed' if info.get('dirty') else ''}" if commit else "no git checkout"
-    return f"code {info.get('code', '?')} ({where}), {info.get('cpu', '?')}"
+    return f"{info.get('code', '?')} ({where})"
+
+
+def describe(info) -> str:
+    """One line for a run's ``made_on``, e.g.
+    ``code 3f2a9c1d0b7e (commit 0515875a1b2c, changed), AMD EPYC, torch kernels AVX2``; a run without one says
+    ``not recorded``, one whose record is not an object says so."""
+    if not info:
+        return "not recorded"
+    if not isinstance(info, dict):
+        return f"unreadable record ({type(info).__name__})"
+    return f"code {code_line(info)}, {info.get('cpu', '?')}"
+
+
+def run_line(run: dict) -> str:
+    """:func:`describe` of a study result entry's ``made_on`` (the versions left out: ``requirements.txt`` pins
+    them, and the study's ``results.json`` names them)."""
+    return describe(run.get("made_on"))
 
 
 def differing(runs: Iterable[dict]) -> List[str]:
-    """The ``made_on`` descriptions of ``runs`` (study result entries), each once, in first-seen order;
-    more than one means the runs were not all made on the same code and CPU. (The versions are recorded
-    but not compared: ``requirements.txt`` pins them, and the study's ``results.json`` names them.)"""
-    seen: List[str] = []
-    for run in runs:
-        info = run.get("made_on")
-        line = describe({k: info.get(k) for k in ("code", "commit", "dirty", "cpu")} if info else None)
-        if line not in seen:
-            seen.append(line)
-    return seen
+    """The :func:`run_line` of each of ``runs`` (study result entries), each once, in first-seen order; more than
+    one means the runs were not all made on the same code and CPU."""
+    return list(dict.fromkeys(run_line(run) for run in runs))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
-from fedharmony.study.provenance import differing
+from fedharmony.study.provenance import differing, run_line
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
@@ -396,8 +396,8 @@ def _made_on_lines(results: dict) -> List[str]:
              "code may be partly the code's. Runs per arm:", ""]
     for method in results.get("methods") or sorted({r["method"] for r in runs}):
         mine = [r for r in runs if r["method"] == method]
-        counts = [(line, sum(differing([r]) == [line] for r in mine)) for line in differing(mine)]
-        lines.append(f"- {method}: " + "; ".join(f"{line} ({n} of {len(mine)})" for line, n in counts))
+        counts = Counter(run_line(r) for r in mine)  # first-seen order
+        lines.append(f"- {method}: " + "; ".join(f"{line} ({n} of {len(mine)})" for line, n in counts.items()))
     return lines + [""]
 
 

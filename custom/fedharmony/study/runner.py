@@ -343,8 +343,8 @@ class Study:
         if self._code is None:
             self._code = code_digest()
         info = entry.get("made_on")
-        if not info:
-            return " (made on code it does not record)"
+        if not isinstance(info, dict):
+            return f" (made on code it does not record: {describe(info)})"
         return "" if info.get("code") == self._code else f" (made on other code: {describe(info)})"
 
     def _sites_without_drawing(self, seed: int) -> Optional[list]:

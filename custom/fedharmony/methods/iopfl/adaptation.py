@@ -319,16 +319,15 @@ class TestTimeAdapter:
         return pooled_dice(counts["candidate"]), pooled_dice(counts["fallback"]), n
 
     def _decide(self, guarded: FallbackNetwork) -> dict:
-        if guarded.criterion == "consensus":
+        if guarded.criterion in CONSENSUS_CRITERIA:
             candidate, fallback, n = self._agreements(guarded)
-            keep = n > 0 and candidate > fallback
             what = ("agreement with the pool's consensus", "candidate_agreement", "global_agreement")
-            rule = f"{'higher' if keep else 'not higher'} than the global model's"
-        elif guarded.criterion == "departure":
-            candidate, fallback, n = self._agreements(guarded)
-            keep = n > 0 and departure_keeps(candidate, fallback, guarded.margin)
-            what = ("agreement with the pool's consensus", "candidate_agreement", "global_agreement")
-            rule = f"{'not more' if keep else 'more'} than {guarded.margin:.0%} lower than the global model's"
+            if guarded.criterion == "consensus":
+                keep = n > 0 and candidate > fallback
+                rule = f"{'higher' if keep else 'not higher'} than the global model's"
+            else:  # departure
+                keep = n > 0 and departure_keeps(candidate, fallback, guarded.margin)
+                rule = f"{'not more' if keep else 'more'} than {guarded.margin:.0%} lower than the global model's"
         else:
             candidate, n = self._criterion(guarded.candidate)
             fallback, _ = self._criterion(guarded.fallback)
