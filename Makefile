@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -99,6 +99,11 @@ study-iopfl-unseen-2: setup
 ## departure safeguard criterion was written: its independent test; no sweep
 study-iopfl-unseen-3: setup
 	$(call iopfl_study,iopfl_unseen_3,--seeds 3 --unseen --holdout --unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_3.json)
+
+## study-iopfl-unseen-4: the same on a fourth set of 3 new scanners (prostate_unseen_scanners_4.json), fixed before the
+## labelled safeguard criterion was written: its independent test, and a second one of departure; no sweep
+study-iopfl-unseen-4: setup
+	$(call iopfl_study,iopfl_unseen_4,--seeds 3 --unseen --holdout --unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_4.json)
 
 ## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable,
 ## also from the committed results: a fresh checkout starts from docs/studies/iopfl_loso/iopfl_study.json);

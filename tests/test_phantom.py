@@ -12,7 +12,8 @@ def test_default_profiles_are_the_six_real_sites():
     assert list(load_profiles()) == ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
 
 
-UNSEEN_SETS = ["prostate_unseen_scanners.json", "prostate_unseen_scanners_2.json", "prostate_unseen_scanners_3.json"]
+UNSEEN_SETS = ["prostate_unseen_scanners.json", "prostate_unseen_scanners_2.json", "prostate_unseen_scanners_3.json",
+               "prostate_unseen_scanners_4.json"]
 
 
 @pytest.mark.parametrize("name", UNSEEN_SETS)
