@@ -180,22 +180,29 @@ def _volume_loader_any(folder):
 
 
 @pytest.mark.parametrize("method", ["routing", "routing_safe", "routing_safe_consensus", "routing_safe_departure",
-                                    "routing_online"])
+                                    "routing_safe_labelled", "routing_online"])
 def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method):
     """A site that never trained: adapt over the pool, write masks with the input geometry, log the routing
     (routing_safe with the released entropy scale: and the safeguard's decision; routing_safe_consensus: the
-    consensus criterion; routing_safe_departure: the departure criterion; routing_online: the released schedule,
+    consensus criterion; routing_safe_departure: the departure criterion; routing_safe_labelled: the site's one
+    labelled volume, from labelled_dir, is the one held out and judges; routing_online: the released schedule,
     one step per batch of 5 slices during inference, no pass before)."""
     _write_tiny_pool(tmp_path / "pool")
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
            "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
-           "--adaptation#passes", "2", "--method", method.replace("_online", "").replace("_consensus", "").replace("_departure", "")]
+           "--adaptation#passes", "2", "--method", method.split("_consensus")[0].split("_departure")[0]
+           .split("_labelled")[0].split("_online")[0]]
     if method == "routing_safe":
         cmd += ["--adaptation#entropy", "released"]
-    if method in ("routing_safe_consensus", "routing_safe_departure"):
+    if method in ("routing_safe_consensus", "routing_safe_departure", "routing_safe_labelled"):
         cmd += ["--adaptation#safeguard", method.rsplit("_", 1)[1]]
+    if method == "routing_safe_labelled":  # the second volume is the labelled one (not the one held out by position)
+        (tmp_path / "labels").mkdir()
+        label = tiny_sites / "BIDMC" / "Case01_segmentation.nii.gz"
+        (tmp_path / "labels" / label.name).write_bytes(label.read_bytes())
+        cmd += ["--labelled_dir", str(tmp_path / "labels")]
     if method == "routing_online":
         cmd += ["--adaptation#schedule", "online"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
@@ -210,7 +217,13 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method
     assert "adaptation pass 2/2" in log and "routing weights site-1" in log
     history = json.loads((out / "adaptation.json").read_text())
     assert set(history[0]["routing_weights"]) == {"site-1", "site-2", "global"}
-    if method.startswith("routing_safe"):  # the first of the 3 volumes was held out, the decision logged and kept
+    if method == "routing_safe_labelled":  # the labelled volume was held out and judged with its label
+        decision = history[-1]["safeguard"]
+        assert len(history) == 3 and decision["criterion"] == "labelled"
+        assert decision["labelled_volumes"] == ["Case01"] and decision["held_out_volumes"] == 1
+        assert 0.0 <= decision["candidate_dice"] <= 1.0 and 0.0 <= decision["global_dice"] <= 1.0
+        assert "1 of 3 volumes have a label" in log and "held-out Dice with the site's labels" in log
+    elif method.startswith("routing_safe"):  # the first of the 3 volumes was held out, the decision logged and kept
         assert len(history) == 3 and history[-1]["safeguard"]["held_out_chunks"] == 1
         criterion = method.rsplit("_", 1)[1] if method != "routing_safe" else "loss"
         assert history[-1]["safeguard"]["criterion"] == criterion
@@ -224,6 +237,24 @@ def test_routed_inference_with_the_monai_bundle_cli(tiny_sites, tmp_path, method
         assert seg.shape == src.shape
         np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def test_routed_inference_refuses_a_label_that_matches_no_volume_before_any_work(tiny_sites, tmp_path):
+    """routing_safe's labelled criterion through the bundle CLI: a label named after no input (a typo) stops the
+    run before adaptation, naming the file and the inputs; no mask is written."""
+    _write_tiny_pool(tmp_path / "pool")
+    (tmp_path / "labels").mkdir()
+    label = tiny_sites / "BIDMC" / "Case01_segmentation.nii.gz"
+    (tmp_path / "labels" / "Case1_segmentation.nii.gz").write_bytes(label.read_bytes())
+    out = tmp_path / "masks"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
+           "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out),
+           "--method", "routing_safe", "--adaptation#safeguard", "labelled", "--labelled_dir", str(tmp_path / "labels")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "match no input: Case1_segmentation.nii.gz (inputs: Case00, Case01, Case02)" in res.stderr
+    assert not list(out.glob("*_seg.nii.gz"))
 
 
 def _useless(network):
@@ -350,6 +381,97 @@ def test_the_departure_safeguard_falls_back_only_when_the_adapted_network_leaves
     assert json.loads((tmp_path / "log.json").read_text())[-1]["safeguard"] == decision
 
 
+def test_foreground_counts_and_volume_dice_by_hand():
+    from fedharmony.methods.iopfl.adaptation import foreground_counts, volume_dice
+
+    prediction, label = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 2, 0, 0])  # any class > 0 is foreground
+    counts = foreground_counts(prediction, label)
+    assert counts.tolist() == [1, 3] and volume_dice(counts) == pytest.approx(2 / 3)
+    assert volume_dice(foreground_counts(torch.zeros(4), torch.zeros(4))) == 1.0  # both empty: the study's rule
+    assert volume_dice(foreground_counts(torch.zeros(4), label)) == 0.0
+    with pytest.raises(ValueError, match="label maps of different shapes"):
+        foreground_counts(prediction, label[:3])
+
+
+def _labelled_loader(site_dir, labelled):
+    """The site's volumes as routed inference gives them, with a label on the volumes named in ``labelled``."""
+    files = [{"image": str(p), "name": p.name[:-7],
+              **({"label": str(p).replace(".nii.gz", "_segmentation.nii.gz")} if p.name[:-7] in labelled else {})}
+             for p in sorted(site_dir.glob("Case??.nii.gz"))]
+    transform = Compose([LoadImaged(["image", "label"], image_only=True, allow_missing_keys=True),
+                         EnsureChannelFirstd(["image", "label"], allow_missing_keys=True),
+                         NormalizeIntensityd("image"), EnsureTyped("image", dtype=torch.float32)])
+    return DataLoader(Dataset(files, transform), batch_size=1)
+
+
+def _threshold_dice(site_dir, case, t):
+    """Foreground Dice of ``_Threshold(t)`` on one z-scored volume, by hand with NumPy."""
+    image = np.asarray(nib.load(str(site_dir / f"{case}.nii.gz")).dataobj, dtype=np.float64)
+    image = (image - image.mean()) / image.std()
+    label = np.asarray(nib.load(str(site_dir / f"{case}_segmentation.nii.gz")).dataobj) > 0
+    mask = image > t
+    return 2.0 * (mask & label).sum() / (mask.sum() + label.sum())
+
+
+@pytest.mark.parametrize("candidate_t, fallback_t, kept", [
+    (0.5, 1e9, "adapted"),   # the global model finds nothing: Dice 0 on every labelled volume
+    (1e9, 0.5, "global"),    # the adapted network collapsed to empty masks
+    (0.5, 0.5, "global"),    # a tie goes to the global model
+])
+def test_the_labelled_safeguard_keeps_the_network_with_the_higher_dice_on_the_labelled_volumes(
+        tiny_sites, tmp_path, candidate_t, fallback_t, kept):
+    from fedharmony.methods.iopfl.adaptation import FallbackNetwork
+
+    site = tiny_sites / "HK"
+    guarded = FallbackNetwork(_Threshold(candidate_t), _Threshold(fallback_t), criterion="labelled")
+    adapter = TestTimeAdapter(guarded, _labelled_loader(site, {"Case01", "Case02"}), passes=1, min_size=32,
+                              log_file=str(tmp_path / "log.json"))
+    # held out: the labelled volumes, not the positional ones (the first and every holdout_every-th)
+    assert [name for name, _, _ in adapter._volumes(held_out=True)] == ["Case01", "Case02"]
+    assert [name for name, _, _ in adapter._volumes(held_out=False)] == ["Case00"]
+    decision = adapter.run()[-1]["safeguard"]
+    assert decision["criterion"] == "labelled" and decision["kept"] == kept
+    assert decision["labelled_volumes"] == ["Case01", "Case02"] and decision["held_out_volumes"] == 2
+    by_hand = {t: sum(_threshold_dice(site, c, t) for c in ("Case01", "Case02")) / 2 if t < 1e9 else 0.0
+               for t in (0.5, 1e9)}
+    assert by_hand[0.5] > 0.0  # the case is a real test: the threshold finds part of the gland
+    assert decision["candidate_dice"] == pytest.approx(by_hand[candidate_t], abs=1e-6)
+    assert decision["global_dice"] == pytest.approx(by_hand[fallback_t], abs=1e-6)
+    assert guarded.use_fallback == (kept == "global") and "margin" not in decision
+    assert json.loads((tmp_path / "log.json").read_text())[-1]["safeguard"] == decision
+
+
+def test_the_labelled_safeguard_without_a_labelled_volume_falls_back_and_says_why(tiny_sites):
+    from fedharmony.methods.iopfl.adaptation import FallbackNetwork
+
+    guarded = FallbackNetwork(_Threshold(0.5), _Threshold(1e9), criterion="labelled")
+    decision = TestTimeAdapter(guarded, _labelled_loader(tiny_sites / "HK", set()), passes=1,
+                               min_size=32).run()[-1]["safeguard"]
+    assert decision["kept"] == "global" and decision["held_out_volumes"] == 0
+    assert decision["reason"] == "no labelled volume to judge the adaptation on"
+
+
+def test_inputs_for_reads_labels_only_for_the_labelled_criterion(tiny_sites, tmp_path, caplog):
+    from fedharmony.data.images import find_inputs
+    from fedharmony.methods.iopfl.adaptation import inputs_for
+
+    inputs, _ = find_inputs(tiny_sites / "BIDMC")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    label = tiny_sites / "BIDMC" / "Case02_segmentation.nii.gz"
+    (labels / label.name).write_bytes(label.read_bytes())
+    items = inputs_for(inputs, "routing_safe", "labelled", str(labels))
+    assert [("label" in i) for i in items] == [False, False, True]
+    assert items[2]["label"] == str(labels / "Case02_segmentation.nii.gz")
+    with pytest.raises(ValueError, match="needs labelled_dir"):
+        inputs_for(inputs, "routing_safe", "labelled", "")
+    with pytest.raises(ValueError, match="safeguard criterion must be one of"):
+        inputs_for(inputs, "routing_safe", "labeled", str(labels))
+    with caplog.at_level("WARNING"):
+        assert inputs_for(inputs, "routing", "labelled", str(labels)) == inputs  # no label for another method
+    assert "is not read" in caplog.text
+
+
 def test_the_consensus_safeguard_on_a_pool_uses_every_network_on_batch_statistics(tmp_path):
     from fedharmony.methods.iopfl.adaptation import FallbackNetwork
 
@@ -362,8 +484,8 @@ def test_the_consensus_safeguard_on_a_pool_uses_every_network_on_batch_statistic
     assert norms and all(m.running_mean is None and not m.track_running_stats for m in norms)
     assert not any(p.requires_grad for p in net.reference.parameters())
     assert build_test_time_network(pool, "routing_safe").criterion == "loss"  # the default is unchanged
-    with pytest.raises(ValueError, match="safeguard criterion must be one of \\['loss', 'consensus', 'departure'\\], "
-                                         "got 'dice'"):
+    with pytest.raises(ValueError, match="safeguard criterion must be one of "
+                                         "\\['loss', 'consensus', 'departure', 'labelled'\\], got 'dice'"):
         build_test_time_network(pool, "routing_safe", safeguard="dice")
     with pytest.raises(ValueError, match="consensus safeguard needs the pool's networks"):
         FallbackNetwork(net.candidate, net.fallback, criterion="consensus")

@@ -13,7 +13,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from pydicom.uid import generate_uid
 
 from fedharmony.data.datalist import SPLITS, load_datalist
-from fedharmony.data.images import SimpleITKReader, convert_to_nifti, find_inputs
+from fedharmony.data.images import SimpleITKReader, attach_labels, convert_to_nifti, find_inputs
 
 from conftest import sitk_image, write_non_image_dicom, write_series
 
@@ -256,6 +256,47 @@ def test_find_inputs_missing_folder_raises_and_an_empty_folder_is_empty(tmp_path
     with pytest.raises(FileNotFoundError, match="input folder not found: .*nowhere"):
         find_inputs(tmp_path / "nowhere")
     assert find_inputs(tmp_path) == ([], [])
+
+
+def _nifti(path, shape):
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), np.eye(4)), str(path))
+    return path
+
+
+def test_attach_labels_gives_the_labelled_inputs_their_labels_and_checks_every_label_first(tmp_path):
+    site, labels = tmp_path / "site", tmp_path / "labels"
+    site.mkdir()
+    labels.mkdir()
+    for case in ("Case00", "Case01", "Case02"):
+        _nifti(site / f"{case}.nii.gz", (8, 8, 4))
+    inputs, _ = find_inputs(site)
+    _nifti(labels / "Case01_segmentation.nii.gz", (8, 8, 4))
+    _nifti(labels / "Case02_segmentation.nii", (8, 8, 4, 1))  # .nii and a trailing axis of 1 are labels too
+    (labels / "notes.txt").write_text("not a label")  # other files are no concern of the labels'
+    items = attach_labels(inputs, labels)
+    assert [i.get("label") for i in items] == [None, str(labels / "Case01_segmentation.nii.gz"),
+                                               str(labels / "Case02_segmentation.nii")]
+    assert [i["image"] for i in items] == [i["image"] for i in inputs] and "label" not in inputs[1]  # a copy
+
+    with pytest.raises(FileNotFoundError, match="labelled_dir not found"):
+        attach_labels(inputs, tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no label map"):
+        attach_labels(inputs, empty)
+    _nifti(labels / "Case7_segmentation.nii.gz", (8, 8, 4))  # a typo: matches no input, named with the inputs
+    with pytest.raises(ValueError, match=r"match no input: Case7_segmentation.nii.gz \(inputs: Case00, Case01"):
+        attach_labels(inputs, labels)
+    (labels / "Case7_segmentation.nii.gz").unlink()
+    _nifti(labels / "Case01_segmentation.nii.gz", (8, 8, 5))
+    with pytest.raises(ValueError, match=r"Case01_segmentation.nii.gz has shape \(8, 8, 5\), its input .*\(8, 8, 4\)"):
+        attach_labels(inputs, labels)
+    (labels / "Case01_segmentation.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="Case01_segmentation.nii.gz cannot be read"):
+        attach_labels(inputs, labels)
+    _nifti(labels / "Case01_segmentation.nii.gz", (8, 8, 4))
+    (site / "Case02.nii.gz").write_bytes(b"damaged")  # a damaged input is skipped later, as without labels
+    assert "label" in attach_labels(inputs, labels)[2]
 
 
 def test_convert_to_nifti_keeps_geometry_and_never_overwrites(tmp_path):

@@ -97,7 +97,8 @@ def test_the_departure_call_is_derived_exactly_from_the_stored_consensus_agreeme
     results = {"loso": {"A": {"0": _stored(0.86, 0.89)}, "B": {"0": _stored(0.40, 0.89)}},
                "unseen": {"C": {"0": {**_stored(0.9, 0.9), "mean": {"global": 0.5, iopfl_study.SAFE_CANDIDATE: 0.7,
                                                                      name: 0.123}}}}}
-    assert iopfl_study.derive_safeguards(results) == 2  # C already has the criterion's own run: left as it is
+    # 2 departure calls (C already has the criterion's own run: left as it is) and 3 labelled ones
+    assert iopfl_study.derive_safeguards(results) == 5
     a, b = results["loso"]["A"]["0"], results["loso"]["B"]["0"]
     assert a["mean"][name] == 0.7 and a["per_volume"][name] == {"Case00": 0.6, "Case01": 0.8}  # 0.86 >= 0.8455
     assert b["mean"][name] == 0.5 and b["per_volume"][name] == {"Case00": 0.4, "Case01": 0.6}  # a clear departure
@@ -130,9 +131,45 @@ def test_derived_departure_calls_equal_the_real_runs_of_the_third_scanner_set():
             stripped = copy.deepcopy(real)
             for key in ("mean", "per_volume", "timings"):
                 del stripped[key][name]
-            assert iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}}) == 1
+            assert iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}}) == 2  # and the labelled call
+            assert stripped["timings"][name]["derived_from"] == "routing_safe (consensus)"
             assert stripped["timings"][name]["history"][-1]["safeguard"]["kept"] == \
                 real["timings"][name]["history"][-1]["safeguard"]["kept"]
             assert stripped["per_volume"][name] == real["per_volume"][name]
             checked += 1
     assert checked == 9
+
+
+def _five_cases(candidate: list, glob: list) -> dict:
+    """A stored outside result of 5 volumes (Case00 .. Case04) with the per-volume Dice of routing_safe's adapted
+    network and of the global model, and no labelled criterion."""
+    cases = [f"Case0{i}" for i in range(5)]
+    per_volume = {iopfl_study.SAFE_CANDIDATE: dict(zip(cases, candidate)), "global": dict(zip(cases, glob))}
+    return {"per_volume": per_volume, "mean": {k: sum(v.values()) / 5 for k, v in per_volume.items()},
+            "timings": {}}
+
+
+def test_the_labelled_call_is_derived_from_the_labelled_volumes_dice_and_judged_on_the_others():
+    name = iopfl_study.LABELLED
+    # labelled: Case00 and Case04 (the first and every 4th). A: adapted better on them (0.8 vs 0.6) and on the
+    # others; B: adapted worse on them (0.5 vs 0.7) but better on the others: the labelled volumes misled it
+    results = {"unseen": {"A": {"0": _five_cases([0.8, 0.9, 0.9, 0.9, 0.8], [0.6, 0.5, 0.5, 0.5, 0.6])},
+                          "B": {"0": _five_cases([0.5, 0.9, 0.9, 0.9, 0.5], [0.7, 0.6, 0.6, 0.6, 0.7])}}}
+    assert iopfl_study.derive_safeguards(results) == 2
+    a, b = results["unseen"]["A"]["0"], results["unseen"]["B"]["0"]
+    decision = a["timings"][name]["history"][-1]["safeguard"]
+    assert decision == {"criterion": "labelled", "candidate_dice": pytest.approx(0.8),
+                        "global_dice": pytest.approx(0.6), "kept": "adapted", "labelled_volumes": ["Case00", "Case04"]}
+    assert a["timings"][name]["derived_from"] == iopfl_study.SAFE_CANDIDATE
+    assert a["per_volume"][name] == a["per_volume"][iopfl_study.SAFE_CANDIDATE]
+    assert b["per_volume"][name] == b["per_volume"]["global"]  # 0.5 < 0.7 on the labelled ones: fall back
+    for r in (a, b):
+        r["per_volume"]["routing"] = r["per_volume"]["global"]
+    rows = iopfl_study.labelled_rows(results["unseen"])
+    assert "| A | 0 | Case00, Case04 | 0.800 / 0.600 | adapted | +0.400 | yes |" in rows
+    assert "| B | 0 | Case00, Case04 | 0.500 / 0.700 | global | +0.300 | no |" in rows
+    assert any("in 1 of 2 cases" in r and "2 of these calls were derived" in r for r in rows)
+    # on the volumes without a label the labelled safeguard gains (0.4 + 0) / 2 = 0.2 over global (1 seed: no verdict)
+    row = next(r for r in rows if r.startswith(f"| {name} |"))
+    assert row.startswith(f"| {name} | +0.200 |") and "none (fewer than 3 seeds)" in row and row.endswith("| 0 of 2 |")
+    assert iopfl_study.drop_derived(results) == 2 and name not in a["mean"] and name not in b["timings"]

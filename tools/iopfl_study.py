@@ -69,12 +69,22 @@ SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
 # routing_safe does (same seed, same held-out volumes), so its masks are those of routing_safe's candidate or of
 # the global model, whichever its criterion kept
 SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1),
-              "routing_safe (departure)": ("routing_safe", {"adaptation#safeguard": "departure"}, 1)}
+              "routing_safe (departure)": ("routing_safe", {"adaptation#safeguard": "departure"}, 1),
+              "routing_safe (labelled)": ("routing_safe", {"adaptation#safeguard": "labelled"}, 1)}
+LABELLED = "routing_safe (labelled)"
+# routing_safe's holdout_every (the bundle's default): the criteria judge on the first volume and every 4th after it;
+# the labelled criterion is given the labels of exactly those volumes, so it adapts on the same ones as the others
+HOLDOUT_EVERY = 4
 # a criterion that decides from what another one stored: name -> the criterion whose stored held-out agreements it
 # reads. The departure criterion judges the same agreements (same adapted network, same held-out volumes) with
 # another rule, so for a stored result made before it existed its call and masks follow exactly from the consensus
 # run's record; such entries are marked "derived_from" and the report counts them
-DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure")}  # name -> (source, its rule)
+# The labelled criterion compares the mean Dice of the adapted network and of the global model on the labelled
+# volumes; for a stored result made before it existed, its call follows from the study's own per-volume Dice of
+# routing_safe's adapted network (the same network: same seed, same volumes adapted on). Those are scored on each
+# volume's native grid, the bundle's on the network's grid, so a near tie may go the other way
+DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure"),  # name -> (source, its rule)
+           LABELLED: ("routing_safe (adapted, always)", "labelled")}
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
 TIE = 0.005  # a Dice gap the safeguard may get either way
 MIN_SEEDS_FOR_VERDICT = 3  # a CI from 2 values (t with 1 degree of freedom, a bootstrap of 2) says little
@@ -230,8 +240,6 @@ def plot(panels: dict, methods: list, path: Path):
 def difference_rows(runs: dict, methods: list, baseline: str = "global") -> list:
     """Markdown rows: each method minus the baseline on the mean over sites (per seed, then a CI over seeds),
     and on the worst site (the site whose mean-over-seeds difference is lowest)."""
-    from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval
-
     seeds = sorted({seed for by_seed in runs.values() for seed in by_seed}, key=int)
     complete = [s for s in seeds if all(s in by_seed for by_seed in runs.values())]
     rows = []
@@ -240,23 +248,33 @@ def difference_rows(runs: dict, methods: list, baseline: str = "global") -> list
             continue
         diffs = [sum(runs[site][s]["mean"][m] - runs[site][s]["mean"][baseline] for site in runs) / len(runs)
                  for s in complete]
-        mean, lo, hi = t_interval(diffs)
-        _, blo, bhi = bootstrap_ci(diffs) if len(diffs) > 1 else (0.0, float("nan"), float("nan"))
         per_site = {site: sum(r["mean"][m] - r["mean"][baseline] for r in by_seed.values()) / len(by_seed)
                     for site, by_seed in runs.items()}
-        worst = min(per_site, key=per_site.get)
-        if len(diffs) < MIN_SEEDS_FOR_VERDICT:
-            verdict = f"none (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"
-        elif excludes_zero(lo, hi) and excludes_zero(blo, bhi):  # the product's rule: both CIs exclude zero
-            verdict = "better" if lo > 0 else "worse"
-        else:
-            verdict = "no difference shown"
-        rows.append(f"| {m} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | [{blo:+.3f}, {bhi:+.3f}] | {verdict} | "
-                    f"{worst} {per_site[worst]:+.3f} | {sum(v < -0.01 for v in per_site.values())} of {len(per_site)} |")
+        rows.append(_difference_row(m, diffs, per_site))
     return [f"difference from {baseline} ({len(complete)} seeds; per seed the mean over {len(runs)} sites; "
-            f"t and bootstrap 95% CI over seeds)\n",
-            f"| method | difference | t CI | bootstrap CI | verdict | worst site | sites > 1 point worse |",
-            "|---|---|---|---|---|---|---|", *rows]
+            f"t and bootstrap 95% CI over seeds)\n", *DIFFERENCE_HEADER, *rows]
+
+
+DIFFERENCE_HEADER = ["| method | difference | t CI | bootstrap CI | verdict | worst site | sites > 1 point worse |",
+                     "|---|---|---|---|---|---|---|"]
+
+
+def _difference_row(method: str, diffs: list, per_site: dict) -> str:
+    """A Markdown row: the mean of the per-seed differences ``diffs`` with its t and bootstrap CIs and verdict,
+    and from ``per_site`` (site -> mean difference over seeds) the worst site and the sites > 1 point worse."""
+    from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval
+
+    mean, lo, hi = t_interval(diffs)
+    _, blo, bhi = bootstrap_ci(diffs) if len(diffs) > 1 else (0.0, float("nan"), float("nan"))
+    worst = min(per_site, key=per_site.get)
+    if len(diffs) < MIN_SEEDS_FOR_VERDICT:
+        verdict = f"none (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"
+    elif excludes_zero(lo, hi) and excludes_zero(blo, bhi):  # the product's rule: both CIs exclude zero
+        verdict = "better" if lo > 0 else "worse"
+    else:
+        verdict = "no difference shown"
+    return (f"| {method} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | [{blo:+.3f}, {bhi:+.3f}] | {verdict} | "
+            f"{worst} {per_site[worst]:+.3f} | {sum(v < -0.01 for v in per_site.values())} of {len(per_site)} |")
 
 
 def _right_call(kept: str, gain: float):
@@ -334,6 +352,55 @@ def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
     return rows
 
 
+def labelled_rows(runs: dict, name: str = LABELLED) -> list:
+    """The labelled criterion: one row per (site, seed) with both networks' mean Dice on the labelled volumes, the
+    network kept and whether it had the higher Dice on the site's other volumes; then each method's difference
+    from the global model on the volumes without a label (the fair test: the labelled ones chose the network)."""
+    rows = ["| site | seed | labelled volumes | their Dice: adapted / global | kept | "
+            "Dice adapted - global, the other volumes | decision right |", "|---|---|---|---|---|---|---|"]
+    right, unpaired, derived = [0, 0], [], 0
+    unlabelled: dict = {}  # site -> seed -> {method: mean Dice on the volumes without a label}
+    for site, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
+            if not d or d.get("candidate_dice") is None:
+                continue
+            derived += "derived_from" in r["timings"][name]
+            rest = [c for c in r["per_volume"]["global"] if c not in set(d["labelled_volumes"])]
+            means = {m: sum(r["per_volume"][m][c] for c in rest) / len(rest)
+                     for m in ("global", SAFE_CANDIDATE, "routing", name)}
+            unlabelled.setdefault(site, {})[seed] = means
+            gain = means[SAFE_CANDIDATE] - means["global"]
+            call = _right_call(d["kept"], gain)
+            if call is not None:
+                right[0] += call
+                right[1] += 1
+            expected = r["per_volume"][SAFE_CANDIDATE if d["kept"] == "adapted" else "global"]
+            if any(abs(r["per_volume"][name][c] - expected[c]) > 1e-6 for c in expected):
+                unpaired.append(f"{site} seed {seed}")
+            rows.append(f"| {site} | {seed} | {', '.join(d['labelled_volumes'])} | {d['candidate_dice']:.3f} / "
+                        f"{d['global_dice']:.3f} | {d['kept']} | {gain:+.3f} | {_call_text(call)} |")
+    if not unlabelled:
+        return []
+    rows.append(f"\nthe labelled safeguard picked the network with the higher Dice on the other volumes in {right[0]} "
+                f"of {right[1]} cases (Dice gaps under {TIE} counted as ties, left out); its masks were those of the "
+                f"network it kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "")
+                + (f"; {derived} of these calls were derived from the study's per-volume Dice of routing_safe's "
+                   "adapted network and the global model (each volume's own grid; the bundle judges on the "
+                   "network's grid), not run" if derived else "") + "\n")
+    seeds = sorted({s for by_seed in unlabelled.values() for s in by_seed}, key=int)
+    complete = [s for s in seeds if all(s in by_seed for by_seed in unlabelled.values())]
+    rows += [f"on the volumes without a label: difference from global ({len(complete)} seeds; per seed the mean over "
+             f"{len(unlabelled)} sites; t and bootstrap 95% CI over seeds)\n", *DIFFERENCE_HEADER]
+    for m in ("routing", SAFE_CANDIDATE, name):
+        diffs = [sum(by_seed[s][m] - by_seed[s]["global"] for by_seed in unlabelled.values()) / len(unlabelled)
+                 for s in complete]
+        per_site = {site: sum(v[m] - v["global"] for v in by_seed.values()) / len(by_seed)
+                    for site, by_seed in unlabelled.items()}
+        rows.append(_difference_row(m, diffs, per_site))
+    return rows + [""]
+
+
 def routing_rows(runs: dict) -> list:
     """How far routing moved: the unsupervised loss per pass and the largest routing weight, per (site, seed)."""
     rows = ["| site | seed | method | loss per pass | routing weights, last pass (min .. max) |", "|---|---|---|---|---|"]
@@ -369,6 +436,8 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
             continue
         pred = pred_root / name.replace(",", "").replace(" ", "_")
         cand = pred_root / "routing_safe_candidate" if name == "routing_safe" else None
+        if name == LABELLED:  # the site's labelled volumes: those the other criteria hold out
+            extra = {**extra, "labelled_dir": str(labelled_folder(site_dir, pred_root / "labelled"))}
         t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
         per_method[key] = score(site_dir, pred)
         if cand is not None:
@@ -383,30 +452,79 @@ def outside_site(pool: Path, site_dir: Path, pred_root: Path, label: dict, args,
     return {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": len(per_method["global"])}
 
 
-def derive_safeguards(results: dict) -> int:
-    """Fill each ``DERIVED`` criterion into the stored outside results that lack it, from its source criterion's
-    recorded agreements; returns how many (site, seed) entries were filled."""
+def labelled_cases(cases) -> list:
+    """The cases the labelled criterion is given labels for: the first and every ``HOLDOUT_EVERY``-th after it,
+    in the order the bundle reads them (sorted), as the other criteria hold them out."""
+    return sorted(cases)[::HOLDOUT_EVERY]
+
+
+def labelled_folder(site_dir: Path, folder: Path) -> Path:
+    """``folder`` holding copies of the labels of the site's :func:`labelled_cases` (the ``labelled_dir``)."""
+    import shutil
+
+    labels = {p.name.replace("_segmentation.nii.gz", ""): p for p in site_dir.glob("*_segmentation.nii.gz")}
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for case in labelled_cases(labels):
+        shutil.copyfile(labels[case], folder / labels[case].name)
+    return folder
+
+
+def _derived_decision(r: dict, source: str, criterion: str) -> dict | None:
+    """The decision a ``DERIVED`` criterion makes from a stored (site, seed) result, or None where it lacks the
+    evidence (``departure``: the consensus run's agreements; ``labelled``: the adapted network's per-volume Dice)."""
+    if criterion == "labelled":
+        dice = r["per_volume"].get(source)
+        if not dice:
+            return None
+        cases = labelled_cases(dice)
+        candidate = sum(dice[c] for c in cases) / len(cases)
+        glob = sum(r["per_volume"]["global"][c] for c in cases) / len(cases)
+        return {"criterion": criterion, "candidate_dice": candidate, "global_dice": glob,
+                "kept": "adapted" if candidate > glob else "global", "labelled_volumes": cases}
     from fedharmony.methods.iopfl.adaptation import SAFEGUARD_MARGIN, departure_keeps
 
-    rules = {"departure": departure_keeps}  # the rule of each DERIVED criterion
+    d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
+    if not d or d.get("candidate_agreement") is None:
+        return None
+    margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
+    keep = departure_keeps(d["candidate_agreement"], d["global_agreement"], margin)
+    return {**{k: v for k, v in d.items() if k != "reason"}, "criterion": criterion,
+            "kept": "adapted" if keep else "global", "margin": margin}
+
+
+def derive_safeguards(results: dict) -> int:
+    """Fill each ``DERIVED`` criterion into the stored outside results that lack it, from its source's stored
+    record; returns how many (site, seed) entries were filled."""
     filled = 0
     for kind in ("unseen", "loso"):
         for by_seed in results.get(kind, {}).values():
             for r in by_seed.values():
                 for name, (source, criterion) in DERIVED.items():
-                    d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
-                    if name in r["mean"] or not d or d.get("candidate_agreement") is None:
+                    decision = None if name in r["mean"] else _derived_decision(r, source, criterion)
+                    if decision is None:
                         continue
-                    margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
-                    keep = rules[criterion](d["candidate_agreement"], d["global_agreement"], margin)
-                    kept = SAFE_CANDIDATE if keep else "global"
+                    kept = SAFE_CANDIDATE if decision["kept"] == "adapted" else "global"
                     r["per_volume"][name] = dict(r["per_volume"][kept])
                     r["mean"][name] = r["mean"][kept]
-                    decision = {**{k: v for k, v in d.items() if k != "reason"}, "criterion": criterion,
-                                "kept": "adapted" if keep else "global", "margin": margin}
                     r["timings"][name] = {"derived_from": source, "history": [{"safeguard": decision}]}
                     filled += 1
     return filled
+
+
+def drop_derived(results: dict) -> int:
+    """Remove the derived entries (``--run-derived``: those criteria then run for real); returns how many."""
+    dropped = 0
+    for kind in ("unseen", "loso"):
+        for by_seed in results.get(kind, {}).values():
+            for r in by_seed.values():
+                for name in DERIVED:
+                    if "derived_from" in r["timings"].get(name, {}):
+                        for key in ("mean", "per_volume", "timings"):
+                            r[key].pop(name, None)
+                        dropped += 1
+    return dropped
 
 
 def missing_methods(done: dict, args) -> list:
@@ -429,6 +547,9 @@ def main(argv=None):
     p.add_argument("--no-inside", action="store_true", help="skip the 6-site federation (and so --unseen)")
     p.add_argument("--sweep", action="store_true", help="add routing with 10x lr, with 4x passes and with the released online schedule")
     p.add_argument("--out", default=str(REPO / "workspace" / "iopfl"))
+    p.add_argument("--run-derived", action="store_true",
+                   help="run the criteria that stored results only have derived (DERIVED) for real, on the stored "
+                        "federations; the way to check a derivation")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite OUT/report.md, outside.csv and outside_dice.png from OUT/iopfl_study.json; run nothing")
     args = p.parse_args(argv)
@@ -458,7 +579,10 @@ def main(argv=None):
     results.update({"header": lines, "setting": setting})  # more seeds later: the finished ones are kept
     for key in ("inside", "unseen", "loso", "cost"):
         results.setdefault(key, {})
-    derive_safeguards(results)  # stored results from before a derived criterion existed: not rerun for it
+    if args.run_derived:
+        print(f"--run-derived: {drop_derived(results)} derived entries dropped; they run now", file=sys.stderr)
+    else:
+        derive_safeguards(results)  # stored results from before a derived criterion existed: not rerun for it
 
     def save():
         store.write_text(json.dumps(results, indent=2) + "\n")
@@ -591,7 +715,12 @@ def report(results: dict, args, out: Path):
             print("safeguard: did the unsupervised criterion on held-out volumes pick the better network?\n")
             print("\n".join(safeguard_rows(runs)))
             for name in SAFEGUARDS:
-                if any(name in r["mean"] for bs in runs.values() for r in bs.values()):
+                if name == LABELLED:
+                    rows = labelled_rows(runs)
+                    if rows:
+                        print("labelled safeguard: did a few labelled volumes of the site pick the better network?\n")
+                        print("\n".join(rows))
+                elif any(name in r["mean"] for bs in runs.values() for r in bs.values()):
                     criterion = _criterion(name)
                     print(f"{criterion} safeguard: did agreement with the pool's consensus on held-out volumes, "
                           f"judged by the {criterion} rule, pick the better network?\n")

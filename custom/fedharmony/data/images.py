@@ -41,7 +41,7 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 from fedharmony.core.files import SITE_MAP_NAME
 from fedharmony.data.datalist import DATALIST_NAME
 
-__all__ = ["SimpleITKReader", "find_inputs", "convert_to_nifti"]
+__all__ = ["SimpleITKReader", "find_inputs", "attach_labels", "convert_to_nifti"]
 
 PathLike = Union[str, Path]
 
@@ -285,6 +285,65 @@ def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[Path
                 found.append((here, rel or (root.resolve().name,)))
     inputs = [{"image": str(p), "name": n} for (p, _), n in zip(found, _unique_names([parts for _, parts in found]))]
     return sorted(inputs, key=lambda i: i["image"]), problems
+
+
+LABEL_SUFFIXES = ("_segmentation.nii.gz", "_segmentation.nii")  # a label's name: its input's name + one of these
+
+
+def attach_labels(inputs: Sequence[Dict[str, str]], labelled_dir: PathLike) -> List[Dict[str, str]]:
+    """Give some of a folder's inputs (from :func:`find_inputs`) their label maps: ``inputs`` with a ``label`` key
+    on each input whose ``<name>_segmentation.nii.gz`` (or ``.nii``) is in ``labelled_dir``; the others unchanged.
+
+    Every file is checked before anything runs, so a mistake costs no work: each label's header must read, be
+    3-D (or 3-D with a trailing axis of 1) and, for a NIfTI input, have its input's shape.
+
+    Raises:
+        FileNotFoundError: ``labelled_dir`` does not exist or is not a folder.
+        ValueError: the folder holds no label, a label matches no input (a typo would otherwise silently
+            leave out evidence; the message lists the input names), or a label is unreadable or of another
+            shape than its input.
+
+    Example::
+
+        >>> inputs, _ = find_inputs("site")               # Case00 .. Case09
+        >>> items = attach_labels(inputs, "site_labels")  # site_labels/Case00_segmentation.nii.gz, ...
+        >>> items[0]["label"]   # 'site_labels/Case00_segmentation.nii.gz'; an input without a label has none
+    """
+    import nibabel as nib
+
+    folder = Path(labelled_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"labelled_dir not found: {folder}" if not folder.exists()
+                                else f"labelled_dir is not a folder: {folder}")
+    labels: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in LABEL_SUFFIXES if path.name.endswith(s)), None)
+        if suffix and not path.name.startswith("."):
+            labels[path.name[: -len(suffix)]] = path
+    if not labels:
+        raise ValueError(f"labelled_dir {folder} holds no label map (expected <input name>{LABEL_SUFFIXES[0]})")
+    by_name = {item["name"]: item for item in inputs}
+    unknown = sorted(set(labels) - set(by_name))
+    if unknown:
+        raise ValueError(f"labels in {folder} match no input: {', '.join(labels[n].name for n in unknown)} "
+                         f"(inputs: {', '.join(sorted(by_name)) or 'none'})")
+    for name, path in labels.items():
+        try:
+            shape = tuple(nib.load(str(path)).shape)
+        except Exception as e:  # nibabel raises several types for a damaged or foreign file
+            raise ValueError(f"label {path} cannot be read: {e}") from None
+        shape = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
+        if len(shape) != 3:
+            raise ValueError(f"label {path} has shape {shape}; a label map is 3-D")
+        image = Path(by_name[name]["image"])
+        if _NIFTI_RE.search(image.name):
+            try:
+                image_shape = tuple(nib.load(str(image)).shape)[:3]
+            except Exception:  # a damaged input is named and skipped when it is loaded, as without labels
+                continue
+            if image_shape != shape:
+                raise ValueError(f"label {path} has shape {shape}, its input {image} {image_shape}")
+    return [{**item, "label": str(labels[item["name"]])} if item["name"] in labels else dict(item) for item in inputs]
 
 
 def _unique_names(parts: List[Tuple[str, ...]]) -> List[str]:

@@ -129,7 +129,7 @@ def _volume_slabs(volume: torch.Tensor, divisible_by: int) -> torch.Tensor:
     return F.pad(volume_to_slabs(volume), (0, (-w) % divisible_by, 0, (-h) % divisible_by))
 
 
-SAFEGUARD_CRITERIA = ("loss", "consensus", "departure")
+SAFEGUARD_CRITERIA = ("loss", "consensus", "departure", "labelled")
 SAFEGUARD_MARGIN = 0.05  # the loss and departure criteria's relative margin, set before any measurement
 # criteria that judge by agreement with the pool's consensus (and so need the pool's networks as a reference)
 CONSENSUS_CRITERIA = ("consensus", "departure")
@@ -143,6 +143,25 @@ def departure_keeps(candidate_agreement: float, global_agreement: float, margin:
     0.40 and 0.89 fall back.
     """
     return not candidate_agreement < global_agreement * (1.0 - margin)
+
+
+def foreground_counts(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """[|P and L|, |P| + |L|] (int64) of the foreground (class > 0) of a label map ``prediction`` and a
+    reference ``label`` of one shape; summed over a volume's chunks, :func:`volume_dice` gives its Dice."""
+    if prediction.shape != label.shape:
+        raise ValueError(f"label maps of different shapes: {tuple(prediction.shape)} and {tuple(label.shape)}")
+    p, g = prediction > 0, label > 0
+    return torch.tensor([int((p & g).sum()), int(p.sum() + g.sum())], dtype=torch.int64)
+
+
+def volume_dice(counts: torch.Tensor) -> float:
+    """Foreground Dice 2 |P and L| / (|P| + |L|) from :func:`foreground_counts`; 1.0 when both are empty (the
+    study's rule, :func:`fedharmony.core.results.mask_dice`).
+
+    Example: P = [0, 1, 1, 0], L = [0, 1, 0, 0] -> counts [1, 3] -> 2 / 3.
+    """
+    inter, total = (int(v) for v in counts.tolist())
+    return 1.0 if total == 0 else 2.0 * inter / total
 
 
 def mask_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -191,12 +210,19 @@ class FallbackNetwork(nn.Module):
       were close, and paid for it. ``departure`` falls back only when adaptation clearly leaves the pool (a
       collapse), which is the harm a safeguard exists to stop. Designed after those measurements; its
       independent test is the third set of unseen scanners (see docs/methods/iopfl.md).
+    * ``labelled``: a few labelled volumes of the new site decide. The volumes that come with a label (the
+      dataloader's ``label`` key, e.g. from ``labelled_dir`` in ``configs/routed_inference.json``) are held out
+      of adaptation; the candidate is kept only if its mean foreground Dice over them is higher than the
+      fallback's (ties go to the fallback). No parameter. Not unsupervised: it costs the site a few
+      annotations, and is the criterion to use when a site must not end up worse than with the global model
+      (the unsupervised ones did not track Dice across the scanners measured; docs/methods/iopfl.md).
 
     Args:
         candidate: the network to judge (adapted by :class:`TestTimeAdapter`).
         fallback: the network to fall back to; frozen.
         margin: ``loss`` and ``departure``, in [0, 1).
-        holdout_every: the first usable volume and every ``holdout_every``-th after it are held out (>= 2).
+        holdout_every: the first usable volume and every ``holdout_every``-th after it are held out (>= 2); with
+            ``labelled``, the volumes with a label are held out instead.
         criterion: one of ``SAFEGUARD_CRITERIA``.
         reference: ``consensus`` and ``departure``: the pool's networks (frozen, batch statistics), at least one.
     """
@@ -241,10 +267,10 @@ class TestTimeAdapter:
         expert_names: names of the routing experts, for the logs.
         log_file: optional JSON file for the history.
 
-    With a :class:`FallbackNetwork`, the first usable volume and every ``holdout_every``-th after it are held
-    out of adaptation, and after the last pass the candidate and the fallback are scored on the held-out
-    volumes; the decision (both losses, the network kept) is logged and stored in ``history`` and
-    ``log_file``.
+    With a :class:`FallbackNetwork`, the first usable volume and every ``holdout_every``-th after it (with the
+    ``labelled`` criterion: the volumes that come with a label) are held out of adaptation, and after the last
+    pass the candidate and the fallback are scored on the held-out volumes; the decision (both scores, the
+    network kept) is logged and stored in ``history`` and ``log_file``. Labels are read for that decision only.
     """
 
     __test__ = False  # not a pytest class, despite the name
@@ -266,11 +292,14 @@ class TestTimeAdapter:
         self.history: List[dict] = []
         self.seed = seed
 
-    def _chunks(self, held_out: Optional[bool] = None):
-        """The chunks of every usable volume; with ``held_out`` True / False only the held-out / the other
-        volumes (the first usable volume and every ``holdout_every``-th after it are held out)."""
+    def _volumes(self, held_out: Optional[bool] = None):
+        """(name, volume (1, H, W, D), label (1, H, W, D) or None) of every usable volume; with ``held_out``
+        True / False only the held-out / the other volumes. Held out: with the ``labelled`` criterion the
+        volumes with a label, otherwise the first usable volume and every ``holdout_every``-th after it."""
         n = 0
-        every = getattr(self.network, "holdout_every", 0)
+        guarded = self.network if isinstance(self.network, FallbackNetwork) else None
+        by_label = guarded is not None and guarded.criterion == "labelled"
+        every = guarded.holdout_every if guarded is not None else 0
         for batch in self.dataloader:
             if "image" not in batch:  # every input of the batch was unusable; the evaluator names them
                 continue
@@ -280,14 +309,50 @@ class TestTimeAdapter:
             except ValueError as e:  # adapt on the rest; inference refuses (and names) this input
                 logger.warning("adaptation: %s; not used", e)
                 continue
-            for vol in torch.as_tensor(images):
+            names = batch.get("name") or [None] * len(images)
+            labels = batch.get("label") if by_label else None
+            for i, vol in enumerate(torch.as_tensor(images)):
                 n += 1
-                if held_out is not None and ((n - 1) % every == 0) != held_out:
-                    continue
-                slabs = _volume_slabs(vol, self.divisible_by).to(self.device)
-                yield from torch.split(slabs, self.slices_per_batch)
+                label = None if labels is None else torch.as_tensor(labels[i])
+                if by_label:
+                    held = label is not None
+                else:
+                    held = bool(every) and (n - 1) % every == 0
+                if held_out is None or held == held_out:
+                    yield names[i] or f"volume {n}", vol, label
         if n == 0:  # nothing usable: the network stays as built, and the inference summary says why
             logger.warning("adaptation: no usable volume to adapt on")
+
+    def _chunks(self, held_out: Optional[bool] = None):
+        """The chunks of 2.5D slabs of the volumes :meth:`_volumes` yields."""
+        for _, vol, _ in self._volumes(held_out):
+            slabs = _volume_slabs(vol, self.divisible_by).to(self.device)
+            yield from torch.split(slabs, self.slices_per_batch)
+
+    def _label_dice(self, guarded: FallbackNetwork) -> tuple:
+        """(candidate's, fallback's) mean foreground Dice with the labels of the held-out (labelled) volumes,
+        their names; (None, None, []) when no volume came with a label."""
+        guarded.eval()
+        dice: Dict[str, List[float]] = {"candidate": [], "fallback": []}
+        names = []
+        with torch.no_grad():
+            for name, vol, label in self._volumes(held_out=True):
+                if label.shape[1:] != vol.shape[1:]:
+                    raise ValueError(f"the label of {name} has shape {tuple(label.shape[1:])} after preprocessing, "
+                                     f"its volume {tuple(vol.shape[1:])}: not the same grid")
+                h, w = vol.shape[1:3]
+                # (1, H, W, D) -> (D, H', W'), padded as the slabs are: the label of each slab's centre slice
+                target = F.pad(label[0].permute(2, 0, 1), (0, (-w) % self.divisible_by, 0, (-h) % self.divisible_by))
+                slabs = _volume_slabs(vol, self.divisible_by).to(self.device)
+                for key, net in (("candidate", guarded.candidate), ("fallback", guarded.fallback)):
+                    counts = sum(foreground_counts(net(x).argmax(1).cpu(), t)
+                                 for x, t in zip(torch.split(slabs, self.slices_per_batch),
+                                                 torch.split(target, self.slices_per_batch)))
+                    dice[key].append(volume_dice(counts))
+                names.append(name)
+        if not names:
+            return None, None, []
+        return sum(dice["candidate"]) / len(names), sum(dice["fallback"]) / len(names), names
 
     def _criterion(self, network: nn.Module) -> tuple:
         """(mean unsupervised loss, chunks) of ``network`` in inference mode on the held-out volumes; the
@@ -319,7 +384,15 @@ class TestTimeAdapter:
         return pooled_dice(counts["candidate"]), pooled_dice(counts["fallback"]), n
 
     def _decide(self, guarded: FallbackNetwork) -> dict:
-        if guarded.criterion in CONSENSUS_CRITERIA:
+        extra: Dict[str, object] = {}
+        if guarded.criterion == "labelled":
+            candidate, fallback, labelled = self._label_dice(guarded)
+            n = len(labelled)
+            what = ("Dice with the site's labels", "candidate_dice", "global_dice")
+            keep = n > 0 and candidate > fallback
+            rule = f"{'higher' if keep else 'not higher'} than the global model's"
+            extra = {"labelled_volumes": labelled}
+        elif guarded.criterion in CONSENSUS_CRITERIA:
             candidate, fallback, n = self._agreements(guarded)
             what = ("agreement with the pool's consensus", "candidate_agreement", "global_agreement")
             if guarded.criterion == "consensus":
@@ -335,15 +408,17 @@ class TestTimeAdapter:
             what = ("loss", "candidate_loss", "global_loss")
             rule = f"{'more' if keep else 'not more'} than {guarded.margin:.0%} lower"
         if n == 0:
-            why = "no usable volume to judge the adaptation on"
+            why = ("no labelled volume to judge the adaptation on" if guarded.criterion == "labelled"
+                   else "no usable volume to judge the adaptation on")
         else:
             why = f"held-out {what[0]} {candidate:.4f} vs the global model's {fallback:.4f} ({rule})"
         guarded.use_fallback = not keep
         guarded.decision = {"kept": "adapted" if keep else "global", "criterion": guarded.criterion,
-                            what[1]: candidate, what[2]: fallback, "held_out_chunks": n, "reason": why,
-                            **({"margin": guarded.margin} if guarded.criterion != "consensus" else {}),
+                            what[1]: candidate, what[2]: fallback, "reason": why,
+                            ("held_out_volumes" if guarded.criterion == "labelled" else "held_out_chunks"): n,
+                            **({"margin": guarded.margin} if guarded.criterion in ("loss", "departure") else {}),
                             **({"reference_networks": len(guarded.reference)}
-                               if guarded.criterion in CONSENSUS_CRITERIA else {})}
+                               if guarded.criterion in CONSENSUS_CRITERIA else {}), **extra}
         logger.info("adaptation safeguard: %s; using the %s network", why, "adapted" if keep else "global")
         return guarded.decision
 
@@ -382,8 +457,11 @@ class TestTimeAdapter:
                 names = self.expert_names or [f"expert {i}" for i in range(len(mean))]
                 record["routing_weights"] = dict(zip(names, mean))
             self.history.append(record)
-            if not steps:
-                continue  # nothing usable to adapt on (said above)
+            if not steps:  # nothing usable to adapt on (said above), or every usable volume was held out
+                if guarded is not None and guarded.criterion == "labelled" and p == 0:
+                    logger.warning("adaptation: every usable volume has a label (held out to judge the adaptation): "
+                                   "nothing left to adapt on; the routed network is judged as built")
+                continue
             logger.info("adaptation pass %d/%d: loss %.4f (%s), %d steps, %.1f s%s", p + 1, self.passes,
                         record["loss"], ", ".join(f"{k} {record[k]:.4g}" for k in parts), steps, record["seconds"],
                         ("; routing weights " + ", ".join(f"{n} {w:.3f}" for n, w in record["routing_weights"].items())
@@ -485,7 +563,8 @@ def build_test_time_network(pool, method: str = "routing", device=None, safeguar
     * ``routing_safe``: ``routing`` guarded by the global model (:class:`FallbackNetwork`) with the
       ``safeguard`` criterion: kept only if adaptation lowers the unsupervised loss on volumes held out from
       it (``loss``), if it agrees more than the global model with the pool's consensus there (``consensus``),
-      or unless it agrees clearly less than the global model with that consensus (``departure``).
+      or unless it agrees clearly less than the global model with that consensus (``departure``), or if its
+      Dice with the labels of the site's labelled volumes is higher (``labelled``, see :func:`inputs_for`).
     * ``routing_released``: the same with the released code's gate (no ReLU, dropout 0.2 while adapting,
       random start, sigmoid weights not summing to 1).
     * ``routing_sigmoid``: our gate with a sigmoid output instead of the softmax (an ablation; not the
@@ -522,6 +601,35 @@ def build_test_time_network(pool, method: str = "routing", device=None, safeguar
     else:
         raise ValueError(f"unknown test-time method {method!r}; choose one of {METHODS} or an expert: {names}")
     return net.to(device or "cpu").eval()
+
+
+def inputs_for(inputs: Sequence[dict], method: str, safeguard: str, labelled_dir: str = "") -> List[dict]:
+    """The inputs routed inference runs over (from :func:`fedharmony.data.images.find_inputs`): with
+    ``routing_safe`` and the ``labelled`` criterion, those with a label in ``labelled_dir`` get it
+    (:func:`fedharmony.data.images.attach_labels`); labels are read by nothing else.
+
+    Raises:
+        ValueError: the ``labelled`` criterion without a ``labelled_dir``, or a ``labelled_dir`` that names no
+            usable label (see ``attach_labels``).
+    """
+    if safeguard not in SAFEGUARD_CRITERIA:
+        raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {safeguard!r}")
+    needs_labels = method == "routing_safe" and safeguard == "labelled"
+    if needs_labels and not labelled_dir:
+        raise ValueError("routing_safe with adaptation#safeguard labelled needs labelled_dir: a folder of label maps "
+                         "for a few of the site's volumes (<input name>_segmentation.nii.gz)")
+    if not needs_labels:
+        if labelled_dir:
+            logger.warning("labelled_dir %s is not read: only routing_safe with adaptation#safeguard labelled uses "
+                           "labels (method %s, safeguard %s)", labelled_dir, method, safeguard)
+        return list(inputs)
+    from fedharmony.data.images import attach_labels
+
+    items = attach_labels(inputs, labelled_dir)
+    labelled = sum("label" in item for item in items)
+    logger.info("routing_safe (labelled): %d of %d volumes have a label; they are held out of adaptation and "
+                "judge it", labelled, len(items))
+    return items
 
 
 def loss_for(method: str, w_ent: float = 10.0, w_cons: float = 0.1, w_shape: float = 1e-6, window: int = 21,
