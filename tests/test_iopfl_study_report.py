@@ -163,8 +163,8 @@ def test_the_labelled_call_is_derived_from_the_labelled_volumes_dice_and_judged_
     assert a["timings"][name]["derived_from"] == iopfl_study.SAFE_CANDIDATE
     assert a["per_volume"][name] == a["per_volume"][iopfl_study.SAFE_CANDIDATE]
     assert b["per_volume"][name] == b["per_volume"]["global"]  # 0.5 < 0.7 on the labelled ones: fall back
-    for r in (a, b):
-        r["per_volume"]["routing"] = r["per_volume"]["global"]
+    b["per_volume"]["routing"] = b["per_volume"]["global"]
+    a["per_volume"]["routing"] = {c: v - 0.05 for c, v in a["per_volume"]["global"].items()}  # 5 points below
     rows = iopfl_study.labelled_rows(results["unseen"])
     assert "| A | 0 | Case00, Case04 | 0.800 / 0.600 | adapted | +0.400 | yes |" in rows
     assert "| B | 0 | Case00, Case04 | 0.500 / 0.700 | global | +0.300 | no |" in rows
@@ -172,4 +172,7 @@ def test_the_labelled_call_is_derived_from_the_labelled_volumes_dice_and_judged_
     # on the volumes without a label the labelled safeguard gains (0.4 + 0) / 2 = 0.2 over global (1 seed: no verdict)
     row = next(r for r in rows if r.startswith(f"| {name} |"))
     assert row.startswith(f"| {name} | +0.200 |") and "none (fewer than 3 seeds)" in row and row.endswith("| 0 of 2 |")
+    assert any(r.startswith("single (site, seed) cases more than 1 point below global on these volumes: routing 1 "
+                            "of 2 (worst A seed 0 -0.050); ") and r.endswith(f"{name} 0 of 2 (worst B seed 0 +0.000)")
+               for r in rows)
     assert iopfl_study.drop_derived(results) == 2 and name not in a["mean"] and name not in b["timings"]
