@@ -286,28 +286,34 @@ def _call_text(call) -> str:
     return "either (tie)" if call is None else ("yes" if call else "no")
 
 
+def _decisions(runs: dict, name: str, evidence: str):
+    """(site, seed, result, decision) for each (site, seed) whose ``name`` run recorded a safeguard decision with
+    ``evidence`` (e.g. ``candidate_loss``), sites in order and seeds in number order."""
+    for site, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
+            if d and d.get(evidence) is not None:
+                yield site, seed, r, d
+
+
 def safeguard_rows(runs: dict) -> list:
     """Does the safeguard's unsupervised criterion pick the better network? One row per (site, seed): the decision
     as made (5 % margin) and what the bare comparison of the two held-out losses (no margin) would have picked."""
     rows = ["| site | seed | held-out loss: adapted / global | kept (5 % margin) | lower loss | "
             "Dice adapted - global | decision right | lower loss right |", "|---|---|---|---|---|---|---|---|"]
     right = {"decision": [0, 0], "loss": [0, 0]}
-    for site, by_seed in runs.items():
-        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
-            d = r["timings"]["routing_safe"].get("history", [{}])[-1].get("safeguard")
-            if not d or d.get("candidate_loss") is None:
-                continue
-            gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
-            lower = "adapted" if d["candidate_loss"] < d["global_loss"] else "global"
-            verdicts = []
-            for key, pick in (("decision", d["kept"]), ("loss", lower)):
-                call = _right_call(pick, gain)
-                if call is not None:
-                    right[key][0] += call
-                    right[key][1] += 1
-                verdicts.append(_call_text(call))
-            rows.append(f"| {site} | {seed} | {d['candidate_loss']:.3f} / {d['global_loss']:.3f} | {d['kept']} | "
-                        f"{lower} | {gain:+.3f} | {verdicts[0]} | {verdicts[1]} |")
+    for site, seed, r, d in _decisions(runs, "routing_safe", "candidate_loss"):
+        gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
+        lower = "adapted" if d["candidate_loss"] < d["global_loss"] else "global"
+        verdicts = []
+        for key, pick in (("decision", d["kept"]), ("loss", lower)):
+            call = _right_call(pick, gain)
+            if call is not None:
+                right[key][0] += call
+                right[key][1] += 1
+            verdicts.append(_call_text(call))
+        rows.append(f"| {site} | {seed} | {d['candidate_loss']:.3f} / {d['global_loss']:.3f} | {d['kept']} | "
+                    f"{lower} | {gain:+.3f} | {verdicts[0]} | {verdicts[1]} |")
     rows.append(f"\nthe safeguard's decision picked the network with the higher Dice in {right['decision'][0]} of "
                 f"{right['decision'][1]} cases, the lower held-out loss alone in {right['loss'][0]} of "
                 f"{right['loss'][1]} (Dice gaps under {TIE} counted as ties, left out)\n")
@@ -327,22 +333,18 @@ def consensus_rows(runs: dict, name: str = "routing_safe (consensus)") -> list:
     rows = ["| site | seed | held-out agreement: adapted / global | kept | Dice adapted - global | decision right |",
             "|---|---|---|---|---|---|"]
     right, unpaired, derived = [0, 0], [], 0
-    for site, by_seed in runs.items():
-        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
-            d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
-            if not d or d.get("candidate_agreement") is None:
-                continue
-            derived += "derived_from" in r["timings"][name]
-            gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
-            call = _right_call(d["kept"], gain)
-            if call is not None:
-                right[0] += call
-                right[1] += 1
-            expected = r["mean"][SAFE_CANDIDATE if d["kept"] == "adapted" else "global"]
-            if abs(r["mean"][name] - expected) > 1e-6:
-                unpaired.append(f"{site} seed {seed}")
-            rows.append(f"| {site} | {seed} | {d['candidate_agreement']:.3f} / {d['global_agreement']:.3f} | "
-                        f"{d['kept']} | {gain:+.3f} | {_call_text(call)} |")
+    for site, seed, r, d in _decisions(runs, name, "candidate_agreement"):
+        derived += "derived_from" in r["timings"][name]
+        gain = r["mean"][SAFE_CANDIDATE] - r["mean"]["global"]
+        call = _right_call(d["kept"], gain)
+        if call is not None:
+            right[0] += call
+            right[1] += 1
+        expected = r["mean"][SAFE_CANDIDATE if d["kept"] == "adapted" else "global"]
+        if abs(r["mean"][name] - expected) > 1e-6:
+            unpaired.append(f"{site} seed {seed}")
+        rows.append(f"| {site} | {seed} | {d['candidate_agreement']:.3f} / {d['global_agreement']:.3f} | "
+                    f"{d['kept']} | {gain:+.3f} | {_call_text(call)} |")
     rows.append(f"\nthe {_criterion(name)} safeguard picked the network with the higher Dice in "
                 f"{right[0]} of {right[1]} cases (Dice gaps under {TIE} counted as ties, left out); its masks were "
                 f"those of the network it kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "")
@@ -360,26 +362,22 @@ def labelled_rows(runs: dict, name: str = LABELLED) -> list:
             "Dice adapted - global, the other volumes | decision right |", "|---|---|---|---|---|---|---|"]
     right, unpaired, derived = [0, 0], [], 0
     unlabelled: dict = {}  # site -> seed -> {method: mean Dice on the volumes without a label}
-    for site, by_seed in runs.items():
-        for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
-            d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
-            if not d or d.get("candidate_dice") is None:
-                continue
-            derived += "derived_from" in r["timings"][name]
-            rest = [c for c in r["per_volume"]["global"] if c not in set(d["labelled_volumes"])]
-            means = {m: sum(r["per_volume"][m][c] for c in rest) / len(rest)
-                     for m in ("global", SAFE_CANDIDATE, "routing", name)}
-            unlabelled.setdefault(site, {})[seed] = means
-            gain = means[SAFE_CANDIDATE] - means["global"]
-            call = _right_call(d["kept"], gain)
-            if call is not None:
-                right[0] += call
-                right[1] += 1
-            expected = r["per_volume"][SAFE_CANDIDATE if d["kept"] == "adapted" else "global"]
-            if any(abs(r["per_volume"][name][c] - expected[c]) > 1e-6 for c in expected):
-                unpaired.append(f"{site} seed {seed}")
-            rows.append(f"| {site} | {seed} | {', '.join(d['labelled_volumes'])} | {d['candidate_dice']:.3f} / "
-                        f"{d['global_dice']:.3f} | {d['kept']} | {gain:+.3f} | {_call_text(call)} |")
+    for site, seed, r, d in _decisions(runs, name, "candidate_dice"):
+        derived += "derived_from" in r["timings"][name]
+        rest = [c for c in r["per_volume"]["global"] if c not in set(d["labelled_volumes"])]
+        means = {m: sum(r["per_volume"][m][c] for c in rest) / len(rest)
+                 for m in ("global", SAFE_CANDIDATE, "routing", name)}
+        unlabelled.setdefault(site, {})[seed] = means
+        gain = means[SAFE_CANDIDATE] - means["global"]
+        call = _right_call(d["kept"], gain)
+        if call is not None:
+            right[0] += call
+            right[1] += 1
+        expected = r["per_volume"][SAFE_CANDIDATE if d["kept"] == "adapted" else "global"]
+        if any(abs(r["per_volume"][name][c] - expected[c]) > 1e-6 for c in expected):
+            unpaired.append(f"{site} seed {seed}")
+        rows.append(f"| {site} | {seed} | {', '.join(d['labelled_volumes'])} | {d['candidate_dice']:.3f} / "
+                    f"{d['global_dice']:.3f} | {d['kept']} | {gain:+.3f} | {_call_text(call)} |")
     if not unlabelled:
         return []
     rows.append(f"\nthe labelled safeguard picked the network with the higher Dice on the other volumes in {right[0]} "
