@@ -61,16 +61,21 @@ def test_the_consensus_table_scores_each_call_and_checks_the_masks_are_the_kept_
                for r in rows)
 
 
-def test_report_only_rebuilds_the_committed_report_from_its_json_and_runs_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("number", [2, 4])
+def test_report_only_rebuilds_the_committed_report_from_its_json_and_runs_nothing(tmp_path, capsys, number):
+    """The second set's report (one run) and the fourth's (two: the labelled criterion ran later, on the stored
+    federations, so the report names the earlier run's code and command as well as the last one's)."""
     from conftest import REPO
 
-    study = REPO / "docs" / "studies" / "iopfl_unseen_2"
+    study = REPO / "docs" / "studies" / f"iopfl_unseen_{number}"
     (tmp_path / "iopfl_study.json").write_text((study / "iopfl_study.json").read_text())
     args = ["--seeds", "3", "--unseen", "--holdout", "--unseen-profiles",
-            "custom/fedharmony/phantom/prostate_unseen_scanners_2.json", "--report-only", "--out", str(tmp_path)]
+            f"custom/fedharmony/phantom/prostate_unseen_scanners_{number}.json", "--report-only", "--out",
+            str(tmp_path)]
     assert iopfl_study.main(args) == 0
     report = (tmp_path / "report.md").read_text()
     assert report == (study / "report.md").read_text()  # the committed report is the json's, nothing by hand
+    assert ("\n- earlier run: code: ba03ef150351 (commit 803203e9eae6); command: " in report) == (number == 4)
     assert str(tmp_path) not in report  # the checkout's path is printed, not written into the report
     assert f"written: {tmp_path / 'iopfl_study.json'}" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iopfl_study.json", "outside.csv", "outside_dice.png",
@@ -176,3 +181,33 @@ def test_the_labelled_call_is_derived_from_the_labelled_volumes_dice_and_judged_
                             "of 2 (worst A seed 0 -0.050); ") and r.endswith(f"{name} 0 of 2 (worst B seed 0 +0.000)")
                for r in rows)
     assert iopfl_study.drop_derived(results) == 2 and name not in a["mean"] and name not in b["timings"]
+
+
+def test_derived_labelled_calls_equal_the_real_runs_of_the_fourth_scanner_set():
+    """The claim behind deriving the labelled criterion for older studies: on the fourth scanner set, where it ran
+    for real, deriving it from the study's per-volume Dice gives the same call, the same labelled-volume Dice (the
+    default geometry keeps each scan's own grid, so the bundle and the study score the same voxels) and the same
+    masks' Dice."""
+    import copy
+    import json
+
+    from conftest import REPO
+
+    name = iopfl_study.LABELLED
+    stored = json.loads((REPO / "docs" / "studies" / "iopfl_unseen_4" / "iopfl_study.json").read_text())
+    checked = 0
+    for site, by_seed in stored["unseen"].items():
+        for seed, real in by_seed.items():
+            assert "derived_from" not in real["timings"][name]  # run, not derived
+            stripped = copy.deepcopy(real)
+            for key in ("mean", "per_volume", "timings"):
+                del stripped[key][name]
+            assert iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}}) == 1
+            derived = stripped["timings"][name]["history"][-1]["safeguard"]
+            ran = real["timings"][name]["history"][-1]["safeguard"]
+            assert derived["kept"] == ran["kept"] and derived["labelled_volumes"] == ran["labelled_volumes"]
+            assert derived["candidate_dice"] == pytest.approx(ran["candidate_dice"], abs=1e-9)
+            assert derived["global_dice"] == pytest.approx(ran["global_dice"], abs=1e-9)
+            assert stripped["per_volume"][name] == real["per_volume"][name]
+            checked += 1
+    assert checked == 9

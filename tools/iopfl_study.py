@@ -81,8 +81,10 @@ HOLDOUT_EVERY = 4
 # run's record; such entries are marked "derived_from" and the report counts them
 # The labelled criterion compares the mean Dice of the adapted network and of the global model on the labelled
 # volumes; for a stored result made before it existed, its call follows from the study's own per-volume Dice of
-# routing_safe's adapted network (the same network: same seed, same volumes adapted on). Those are scored on each
-# volume's native grid, the bundle's on the network's grid, so a near tie may go the other way
+# routing_safe's adapted network (the same network: same seed, same volumes adapted on). The study scores each volume
+# on its own grid, and so does the bundle with the study's geometry (pixdim 0, image_size -1: nothing resampled), so
+# the derived call is the real one (tests check it on the fourth scanner set, where it ran); with a geometry that
+# resamples, the bundle would judge on the network's grid and a near tie could go the other way
 DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure"),  # name -> (source, its rule)
            LABELLED: ("routing_safe (adapted, always)", "labelled")}
 SAFE_CANDIDATE = "routing_safe (adapted, always)"
@@ -384,8 +386,8 @@ def labelled_rows(runs: dict, name: str = LABELLED) -> list:
                 f"of {right[1]} cases (Dice gaps under {TIE} counted as ties, left out); its masks were those of the "
                 f"network it kept in every case" + (f" except {', '.join(unpaired)}" if unpaired else "")
                 + (f"; {derived} of these calls were derived from the study's per-volume Dice of routing_safe's "
-                   "adapted network and the global model (each volume's own grid; the bundle judges on the "
-                   "network's grid), not run" if derived else "") + "\n")
+                   "adapted network and the global model, not run (the same voxels the bundle judges, with this "
+                   "study's geometry)" if derived else "") + "\n")
     seeds = sorted({s for by_seed in unlabelled.values() for s in by_seed}, key=int)
     complete = [s for s in seeds if all(s in by_seed for by_seed in unlabelled.values())]
     rows += [f"on the volumes without a label: difference from global ({len(complete)} seeds; per seed the mean over "
@@ -580,6 +582,8 @@ def main(argv=None):
     results = json.loads(store.read_text()) if store.is_file() else {}
     if results.get("setting") != setting:
         results = {}  # another setting: start over (federations are still reused from OUT/sim)
+    if results.get("header") and results["header"] != lines:  # the stored runs' own header is kept, not overwritten
+        results.setdefault("earlier_headers", []).append(results["header"])
     results.update({"header": lines, "setting": setting})  # more seeds later: the finished ones are kept
     for key in ("inside", "unseen", "loso", "cost"):
         results.setdefault(key, {})
@@ -661,8 +665,11 @@ def write_report(results: dict, args, out: Path, header_printed: bool = False) -
     import io
 
     text = io.StringIO()
+    head = results["header"] + [  # invocations before the last one made some of the stored runs: name them
+        "earlier run: " + "; ".join(line for line in earlier if line.startswith(("code:", "command:")))
+        for earlier in results.get("earlier_headers", [])]
     with contextlib.redirect_stdout(text):
-        print("\n".join("- " + line for line in results["header"]) + "\n")
+        print("\n".join("- " + line for line in head) + "\n")
         report(results, args, out)
     print(text.getvalue().split("\n", len(results["header"]))[-1] if header_printed else text.getvalue(), end="")
     (out / "report.md").write_text("# IOP-FL study (tools/iopfl_study.py)\n\nGenerated from `iopfl_study.json`; "
