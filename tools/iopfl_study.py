@@ -25,13 +25,16 @@ with each of its criteria: the held-out unsupervised loss (the default), agreeme
 consensus (``routing_safe (consensus)``; filled into stored results that lack it by running it on the
 stored pool), and the departure rule on the same agreements (``routing_safe (departure)``; for stored
 results that lack it, its call and masks follow exactly from the consensus run's record, and are marked
-as derived). For routing_safe the
+as derived), and with a few labelled volumes of the site (``routing_safe (labelled)``: the labels of the volumes the
+others hold out; for stored results that lack it, its call follows from the stored per-volume Dice, marked as
+derived; ``--run-derived`` runs derived criteria for real on the stored federations). For routing_safe the
 adapted candidate is also scored on its own, so the tables show whether each criterion picked the
 network with the better Dice. ``--sweep`` adds routing
 with 10x the learning rate and with 4x the passes (does the routing move away from the experts' mean
 with more or larger steps, and does it help?) and with the released online schedule (one step per
-batch of 5 slices, each batch segmented right after its step). No method sees a label; the written NIfTI masks are
-scored against the site's labels afterwards (foreground Dice per volume, native grid).
+batch of 5 slices, each batch segmented right after its step). No method but the labelled safeguard sees a label
+(it sees three); the written NIfTI masks are scored against the site's labels afterwards (foreground Dice per
+volume, native grid), and the labelled safeguard's also on the volumes it did not see labelled.
 
 4. Cost on the first outside site: the bundle CLI (``python -m monai.bundle run``) run as a
    separate process for the global model and for routing: wall time and peak RSS.
