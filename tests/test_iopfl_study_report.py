@@ -119,29 +119,36 @@ def test_the_departure_call_is_derived_exactly_from_the_stored_consensus_agreeme
     assert any("2 of these calls were derived from the consensus criterion's stored agreements" in r for r in rows)
 
 
-def test_derived_departure_calls_equal_the_real_runs_of_the_third_scanner_set():
-    """The claim behind deriving the departure criterion for older studies: on the third scanner set, where it
-    ran for real, deriving it from the consensus run's record gives the same network and the same masks' Dice."""
+def _rederived(number: int, name: str):
+    """For each (scanner, seed) of the committed unseen scanner set ``number``, where ``name`` ran for real: the
+    real result, a copy with ``name`` removed and then derived, and how many entries the derivation filled."""
     import copy
     import json
 
     from conftest import REPO
 
-    name = "routing_safe (departure)"
-    stored = json.loads((REPO / "docs" / "studies" / "iopfl_unseen_3" / "iopfl_study.json").read_text())
-    checked = 0
+    stored = json.loads((REPO / "docs" / "studies" / f"iopfl_unseen_{number}" / "iopfl_study.json").read_text())
     for site, by_seed in stored["unseen"].items():
         for seed, real in by_seed.items():
             assert "derived_from" not in real["timings"][name]  # run, not derived
             stripped = copy.deepcopy(real)
             for key in ("mean", "per_volume", "timings"):
                 del stripped[key][name]
-            assert iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}}) == 2  # and the labelled call
-            assert stripped["timings"][name]["derived_from"] == "routing_safe (consensus)"
-            assert stripped["timings"][name]["history"][-1]["safeguard"]["kept"] == \
-                real["timings"][name]["history"][-1]["safeguard"]["kept"]
-            assert stripped["per_volume"][name] == real["per_volume"][name]
-            checked += 1
+            yield real, stripped, iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}})
+
+
+def test_derived_departure_calls_equal_the_real_runs_of_the_third_scanner_set():
+    """The claim behind deriving the departure criterion for older studies: on the third scanner set, where it
+    ran for real, deriving it from the consensus run's record gives the same network and the same masks' Dice."""
+    name = "routing_safe (departure)"
+    checked = 0
+    for real, stripped, filled in _rederived(3, name):
+        assert filled == 2  # and the labelled call
+        assert stripped["timings"][name]["derived_from"] == "routing_safe (consensus)"
+        assert stripped["timings"][name]["history"][-1]["safeguard"]["kept"] == \
+            real["timings"][name]["history"][-1]["safeguard"]["kept"]
+        assert stripped["per_volume"][name] == real["per_volume"][name]
+        checked += 1
     assert checked == 9
 
 
@@ -188,26 +195,15 @@ def test_derived_labelled_calls_equal_the_real_runs_of_the_fourth_scanner_set():
     for real, deriving it from the study's per-volume Dice gives the same call, the same labelled-volume Dice (the
     default geometry keeps each scan's own grid, so the bundle and the study score the same voxels) and the same
     masks' Dice."""
-    import copy
-    import json
-
-    from conftest import REPO
-
     name = iopfl_study.LABELLED
-    stored = json.loads((REPO / "docs" / "studies" / "iopfl_unseen_4" / "iopfl_study.json").read_text())
     checked = 0
-    for site, by_seed in stored["unseen"].items():
-        for seed, real in by_seed.items():
-            assert "derived_from" not in real["timings"][name]  # run, not derived
-            stripped = copy.deepcopy(real)
-            for key in ("mean", "per_volume", "timings"):
-                del stripped[key][name]
-            assert iopfl_study.derive_safeguards({"unseen": {site: {seed: stripped}}}) == 1
-            derived = stripped["timings"][name]["history"][-1]["safeguard"]
-            ran = real["timings"][name]["history"][-1]["safeguard"]
-            assert derived["kept"] == ran["kept"] and derived["labelled_volumes"] == ran["labelled_volumes"]
-            assert derived["candidate_dice"] == pytest.approx(ran["candidate_dice"], abs=1e-9)
-            assert derived["global_dice"] == pytest.approx(ran["global_dice"], abs=1e-9)
-            assert stripped["per_volume"][name] == real["per_volume"][name]
-            checked += 1
+    for real, stripped, filled in _rederived(4, name):
+        assert filled == 1
+        derived = stripped["timings"][name]["history"][-1]["safeguard"]
+        ran = real["timings"][name]["history"][-1]["safeguard"]
+        assert derived["kept"] == ran["kept"] and derived["labelled_volumes"] == ran["labelled_volumes"]
+        assert derived["candidate_dice"] == pytest.approx(ran["candidate_dice"], abs=1e-9)
+        assert derived["global_dice"] == pytest.approx(ran["global_dice"], abs=1e-9)
+        assert stripped["per_volume"][name] == real["per_volume"][name]
+        checked += 1
     assert checked == 9

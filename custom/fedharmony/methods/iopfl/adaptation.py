@@ -135,6 +135,12 @@ SAFEGUARD_MARGIN = 0.05  # the loss and departure criteria's relative margin, se
 CONSENSUS_CRITERIA = ("consensus", "departure")
 
 
+def check_safeguard(criterion: str) -> None:
+    """Raise ``ValueError`` naming the allowed criteria unless ``criterion`` is one of ``SAFEGUARD_CRITERIA``."""
+    if criterion not in SAFEGUARD_CRITERIA:
+        raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {criterion!r}")
+
+
 def departure_keeps(candidate_agreement: float, global_agreement: float, margin: float = SAFEGUARD_MARGIN) -> bool:
     """The ``departure`` criterion: keep the adapted network unless it agrees with the pool's consensus clearly
     less than the global model does, by more than ``margin`` (relative).
@@ -232,8 +238,7 @@ class FallbackNetwork(nn.Module):
         super().__init__()
         if not 0.0 <= margin < 1.0 or holdout_every < 2:
             raise ValueError(f"margin must be in [0, 1) and holdout_every >= 2, got {margin}, {holdout_every}")
-        if criterion not in SAFEGUARD_CRITERIA:
-            raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {criterion!r}")
+        check_safeguard(criterion)
         if criterion in CONSENSUS_CRITERIA and not reference:
             raise ValueError(f"the {criterion} safeguard needs the pool's networks as its reference")
         self.candidate, self.fallback = candidate, fallback
@@ -577,8 +582,7 @@ def build_test_time_network(pool, method: str = "routing", device=None, safeguar
     * ``global`` or an expert's name: that model as trained, nothing trains.
     """
     names = list(pool.names)
-    if safeguard not in SAFEGUARD_CRITERIA:
-        raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {safeguard!r}")
+    check_safeguard(safeguard)
     if method == "routing_safe":
         fallback = copy.deepcopy(pool.experts[-1])
         train_only(fallback, gates=False, norm_affine=False)
@@ -612,8 +616,7 @@ def inputs_for(inputs: Sequence[dict], method: str, safeguard: str, labelled_dir
         ValueError: the ``labelled`` criterion without a ``labelled_dir``, or a ``labelled_dir`` that names no
             usable label (see ``attach_labels``).
     """
-    if safeguard not in SAFEGUARD_CRITERIA:
-        raise ValueError(f"safeguard criterion must be one of {list(SAFEGUARD_CRITERIA)}, got {safeguard!r}")
+    check_safeguard(safeguard)
     needs_labels = method == "routing_safe" and safeguard == "labelled"
     if needs_labels and not labelled_dir:
         raise ValueError("routing_safe with adaptation#safeguard labelled needs labelled_dir: a folder of label maps "
