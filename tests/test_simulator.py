@@ -103,6 +103,10 @@ def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_si
     assert pool.names == ["site-1", "site-2", "global"]
     manifest = json.loads((run / "model_pool" / "manifest.json").read_text())
     assert {e["data"] for e in manifest["experts"] if e["kind"] == "personalized"} == {"BIDMC", "HK"}
+    from fedharmony.methods.iopfl.model_pool import FORMAT, file_digest
+
+    assert manifest["format"] == FORMAT  # each expert's digest recorded by the job, checked by load_pool
+    assert all(e["sha256"] == file_digest(run / "model_pool" / e["file"]) for e in manifest["experts"])
     for s in ("site-1", "site-2"):  # what each site returned is its best personalized model
         best = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "best_model.pt", weights_only=True)
         pooled = torch.load(run / "model_pool" / f"{s}.pt", weights_only=True)

@@ -104,6 +104,7 @@ def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args, seed: i
     run = ws_root / name / "server" / "simulate_job"
     if (run / "model_pool" / "manifest.json").is_file():
         print(f"  {name}: reused {run}", file=sys.stderr, flush=True)
+        _stamp_if_old(run / "model_pool")
         return run
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "iopfl", "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", str(n_sites), "--data-root", str(data_root),
@@ -133,6 +134,16 @@ def run_iopfl(data_root: Path, n_sites: int, name: str, out: Path, args, seed: i
         raise RuntimeError(f"federation {name} wrote no model pool under {run}")
     print(f"  {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return run
+
+
+def _stamp_if_old(pool: Path) -> None:
+    """A pool this study's own federation wrote before pools recorded digests: record them (the study made
+    these files, so it can vouch for them; a pool from elsewhere is never stamped here)."""
+    from fedharmony.methods.iopfl.model_pool import OLD_FORMATS, stamp_pool
+
+    if json.loads((pool / "manifest.json").read_text()).get("format") in OLD_FORMATS:
+        stamp_pool(pool, BUNDLE)
+        print(f"  {pool}: written before pools recorded digests; stamped", file=sys.stderr, flush=True)
 
 
 def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int, seed: int,

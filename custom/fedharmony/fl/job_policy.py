@@ -46,7 +46,7 @@ from typing import Dict, Mapping, Optional, Sequence
 __all__ = [
     "PolicyError", "Tunable", "TUNABLES_FILE", "BUNDLE_ROOT_ENV", "PATH_IDS", "load_tunables",
     "validate_overrides", "check_tunable_values", "bundle_digest", "bundle_version", "site_bundle_root",
-    "resolve_installed_bundle", "check_config_files", "check_job_copy", "redact_paths",
+    "resolve_installed_bundle", "check_config_files", "check_job_copy", "redact_paths", "is_plain_name", "is_plain_value",
 ]
 
 TUNABLES_FILE = "configs/tunables.json"
@@ -155,6 +155,13 @@ def _refusal(key, value, tunables: Mapping[str, Tunable]) -> Optional[str]:
     return f"override {key!r}: {why}" if why else None
 
 
+def is_plain_value(value) -> bool:
+    """A number, boolean or string that MONAI's config parser takes as it is (no ``$``, ``@`` or ``%`` head)."""
+    if isinstance(value, str):
+        return value.lstrip()[:1] not in EXPRESSION_PREFIXES
+    return isinstance(value, (bool, int, float))
+
+
 def validate_overrides(overrides, tunables: Mapping[str, Tunable]) -> dict:
     """Check that every override is plain data on an id the bundle lists as tunable.
 
@@ -250,6 +257,11 @@ def site_bundle_root() -> Path:
     raise PolicyError(f"this site has no installed bundles: set {BUNDLE_ROOT_ENV} to the folder holding them")
 
 
+def is_plain_name(name) -> bool:
+    """A file or folder name with no path in it: letters, digits, ``_ . -``, not starting with ``.`` or ``-``."""
+    return isinstance(name, str) and bool(_NAME.fullmatch(name))
+
+
 def resolve_installed_bundle(name: str, version: str = "", digest: str = "", root=None) -> Path:
     """The site's installed bundle ``name``, after checking the version and digest the job expects.
 
@@ -262,7 +274,7 @@ def resolve_installed_bundle(name: str, version: str = "", digest: str = "", roo
     Raises:
         PolicyError: a bad name, no such bundle, nothing to check against, or a mismatch (naming both).
     """
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+    if not is_plain_name(name):
         raise PolicyError(f"bundle name {name!r} is not a plain folder name")
     if not version and not digest:
         raise PolicyError(f"the job names bundle {name!r} with no version or digest to check against the site's")
@@ -285,7 +297,7 @@ def check_config_files(bundle_dir, config_files: Sequence[str]) -> list:
     if isinstance(config_files, str):
         config_files = [config_files]
     files = list(config_files or [])
-    bad = [f for f in files if not isinstance(f, str) or not _CONFIG_FILE.match(f)
+    bad = [f for f in files if not isinstance(f, str) or not _CONFIG_FILE.fullmatch(f)
            or not (Path(bundle_dir) / f).is_file()]
     if bad or not files:
         raise PolicyError(f"config files {bad or files} are not configs of the installed bundle "

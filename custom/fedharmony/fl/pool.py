@@ -10,6 +10,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.abstract.model import ModelLearnableKey
 
+from fedharmony.fl import job_policy
 from fedharmony.methods.iopfl.model_pool import write_pool
 
 
@@ -70,3 +71,7 @@ class ModelPoolWriter(FLComponent):
                               personalized, self.config_files, self.overrides, info,
                               job={"job_id": fl_ctx.get_job_id()})
         self.log_info(fl_ctx, f"model pool: global + {len(personalized)} site models written, manifest {manifest}")
+        evaluated = sorted(k for k, v in self.overrides.items() if not job_policy.is_plain_value(v))
+        if evaluated:  # a code-shipping job may use them; a site loading the pool will not
+            self.log_warning(fl_ctx, f"model pool: overrides {evaluated} are MONAI expressions or nested configs; a "
+                                     f"site that loads this pool refuses them (a pool is data, not code)")

@@ -2,7 +2,7 @@
 
 Layout of a pool folder::
 
-    manifest.json       which file is which expert, and how to build the network
+    manifest.json       which file is which expert, its sha256, and how to build the network
     global.pt           the final global model            (a plain state dict)
     site-1.pt ...       each site's personalized model     (a plain state dict)
 
@@ -11,21 +11,53 @@ Each ``.pt`` file is a state dict of the bundle's ``network_def``, so the bundle
 manifest records the bundle configs and overrides the federation used, so the routed
 network is built with the same architecture, and the global model is always the last
 expert (the routing order).
+
+A pool is data that reaches a site from outside (a hospital that never took part
+receives it), so :func:`load_pool` treats every part of it as untrusted before anything
+is built (:func:`validate_manifest`):
+
+* the overrides pass the same allow-list as a no-code job's
+  (:func:`fedharmony.fl.job_policy.validate_overrides`: plain values on the bundle's
+  tunable ids; no ``$`` expression, ``@`` reference, ``%`` macro, nested config or path id),
+  because they go into the bundle's config parser when the experts are built;
+* ``config_files`` must be ``configs/<name>.json`` files of the installed bundle;
+* each expert's ``file`` is a plain file name inside the pool folder (no ``..``, no
+  absolute path, no link that leads out), and its recorded sha256 must match the bytes on
+  disk (a missing, swapped or truncated file is named);
+* the weights are read with ``torch.load(weights_only=True)`` (no pickled code) and must be
+  finite and of one architecture.
+
+A pool written before digests were recorded (format ``fedharmony-model-pool/1``) is refused
+with the command that re-stamps it (:func:`stamp_pool`, ``tools/model_pool.py stamp``): only
+its owner can say its files are the ones the federation wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from fedharmony.core.files import atomic_torch_save
+from fedharmony.core.files import atomic_torch_save, atomic_write_text
+from fedharmony.fl import job_policy
 
 import torch
 
+__all__ = ["MANIFEST", "GLOBAL", "FORMAT", "OLD_FORMATS", "PoolError", "ModelPool", "write_pool", "read_manifest",
+           "validate_manifest", "load_pool", "stamp_pool", "file_digest", "check_same_architecture"]
+
 MANIFEST = "manifest.json"
 GLOBAL = "global"
+FORMAT = "fedharmony-model-pool/2"  # /2: every expert carries the sha256 of its file
+OLD_FORMATS = ("fedharmony-model-pool/1",)
+EXPERT_KINDS = ("personalized", GLOBAL)
+EXPERT_FIELDS = ("name", "kind", "file", "sha256")
+EXPERT_INFO = ("data", "best_round", "best_metric")  # facts about an expert: plain values, never parsed
+RESTAMP = "python tools/model_pool.py stamp POOL_DIR"
+_DIGEST_LENGTH = len("sha256:") + 64
 
 
 class PoolError(ValueError):
@@ -61,15 +93,24 @@ def write_pool(out_dir: str | Path, global_model: Mapping[str, object],
     for name, sd in models.items():
         path = out / f"{name}.pt"
         atomic_torch_save(sd, path)  # a reader never sees half a file
-        experts.append({"name": name, "kind": "global" if name == GLOBAL else "personalized", "file": path.name,
-                        **info.get(name, {})})
-    manifest = {"format": "fedharmony-model-pool/1", "experts": experts, "config_files": list(config_files),
+        experts.append({"name": name, "kind": GLOBAL if name == GLOBAL else "personalized", "file": path.name,
+                        "sha256": file_digest(path), **info.get(name, {})})
+    manifest = {"format": FORMAT, "experts": experts, "config_files": list(config_files),
                 "overrides": dict(overrides or {}), "job": job or {},
                 "_doc": "experts in routing order, the global model last; each file is a state dict of the "
-                        "bundle's network_def built from config_files + overrides"}
+                        "bundle's network_def built from config_files + overrides, with the sha256 of its bytes"}
     path = out / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def check_same_architecture(models: Mapping[str, Mapping[str, torch.Tensor]]):
@@ -119,54 +160,60 @@ class ModelPool:
 
 
 def read_manifest(pool_dir: str | Path) -> dict:
-    path = Path(pool_dir) / MANIFEST
-    if not path.is_file():
-        raise PoolError(f"no {MANIFEST} in {pool_dir} (not a model pool folder: an IOP-FL job writes one to "
-                        "<server run dir>/model_pool/)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PoolError(f"{path} is not valid JSON: {e}") from None
-    experts = manifest.get("experts")
-    if not experts or not isinstance(experts, list):
-        raise PoolError(f"{path} lists no experts")
-    incomplete = [e for e in experts if not isinstance(e, dict) or not {"name", "kind", "file"} <= set(e)]
-    if incomplete:
-        raise PoolError(f"{path}: every expert needs 'name', 'kind' and 'file'; got {incomplete[:2]}")
-    kinds = [e.get("kind") for e in experts]
-    if kinds.count("global") != 1 or kinds[-1] != "global" or len(experts) < 2:
-        raise PoolError(f"{path}: need personalized experts followed by exactly one global model (last); got {kinds}")
+    """The pool's manifest, after the checks that need no bundle (format, experts, file names, digests).
+
+    Raises:
+        PoolError: no manifest, not JSON, an old format without digests, or a malformed entry
+            (the message names the pool, the entry and the reason).
+    """
+    manifest = _read_json(pool_dir)
+    fmt = manifest.get("format")
+    if fmt in OLD_FORMATS:
+        raise PoolError(f"model pool {pool_dir}: format {fmt!r} records no digest of its expert files, so a "
+                        f"swapped or truncated file cannot be told; if you trust this pool's files (you made it), "
+                        f"re-stamp it: {RESTAMP}")
+    _check_structure(manifest, pool_dir, need_digests=True)
+    return manifest
+
+
+def validate_manifest(pool_dir: str | Path, bundle_root: str | Path) -> dict:
+    """Everything in the manifest that reaches the bundle's config parser, checked as a no-code job's is.
+
+    ``config_files`` must be ``configs/<name>.json`` files of the installed bundle at
+    ``bundle_root``, and ``overrides`` plain values on the ids of its ``configs/tunables.json``
+    (:func:`fedharmony.fl.job_policy.validate_overrides`): a pool is data, and a MONAI
+    expression in it would run at the site when the experts are built.
+
+    Example::
+
+        >>> validate_manifest("pool", "bundles/prostate_mri_seg")   # doctest: +SKIP
+        PoolError: model pool pool: manifest 'overrides' refused: override 'base_features': the value starts
+        with '$' (a MONAI expression), which the site would evaluate; only plain values are accepted
+
+    Raises:
+        PoolError: naming the pool, the key and the reason; nothing has been built.
+    """
+    manifest = read_manifest(pool_dir)
+    _check_bundle_fields(manifest, pool_dir, bundle_root)
     return manifest
 
 
 def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch.device = "cpu") -> ModelPool:
-    """Build every expert from the bundle's ``network_def`` and load its weights.
+    """Validate the pool (:func:`validate_manifest`), then build every expert from the bundle's
+    ``network_def`` and load its weights.
 
     Raises:
-        PoolError: no manifest, a missing or unreadable expert file, NaN/Inf weights, or
-            experts whose keys/shapes differ from each other or from the bundle's network.
+        PoolError: a refused manifest, a missing or unreadable expert file, one whose bytes differ
+            from its recorded digest, NaN/Inf weights, or experts whose keys/shapes differ from each
+            other or from the bundle's network.
     """
     from fedharmony.bundle.site import build_network
 
-    manifest = read_manifest(pool_dir)
-    weights = {}
-    for e in manifest["experts"]:
-        path = Path(pool_dir) / e["file"]
-        if not path.is_file():
-            raise PoolError(f"expert {e['name']!r}: file {path} is missing")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise PoolError(f"expert {e['name']!r}: cannot read {path} ({err})") from None
-        weights[e["name"]] = sd = sd.get("model", sd) if isinstance(sd, dict) else sd
-        bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise PoolError(f"expert {e['name']!r}: {path} holds NaN/Inf in {bad[:3]}")
-    check_same_architecture(weights)
+    manifest = validate_manifest(pool_dir, bundle_root)
+    weights = _load_weights(pool_dir, manifest, check_digests=True)
     experts = []
     for e in manifest["experts"]:
-        net = build_network(str(bundle_root), manifest.get("config_files", ["configs/train.json"]),
-                            overrides=manifest.get("overrides"), seed=None)
+        net = build_network(str(bundle_root), manifest["config_files"], overrides=manifest["overrides"], seed=None)
         try:
             net.load_state_dict(weights[e["name"]])
         except RuntimeError as err:
@@ -174,3 +221,129 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
         experts.append(net.to(device).eval())
     return ModelPool([e["name"] for e in manifest["experts"]], [e["kind"] for e in manifest["experts"]], experts,
                      manifest)
+
+
+def stamp_pool(pool_dir: str | Path, bundle_root: str | Path) -> Path:
+    """Record the digest of each expert file of a pool written before digests existed (or re-record them).
+
+    For the pool's owner only: it vouches that the files on disk now are the federation's. The
+    manifest must pass every other check of :func:`validate_manifest`, and every expert must load
+    (finite weights, one architecture) before anything is written; the manifest is then rewritten
+    (atomically) in the current format. Returns the manifest's path.
+    """
+    manifest = _read_json(pool_dir)
+    _check_structure(manifest, pool_dir, need_digests=False)
+    _check_bundle_fields(manifest, pool_dir, bundle_root)
+    _load_weights(pool_dir, manifest, check_digests=False)
+    for e in manifest["experts"]:
+        e["sha256"] = file_digest(Path(pool_dir) / e["file"])
+    manifest["format"] = FORMAT
+    path = Path(pool_dir) / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _read_json(pool_dir) -> dict:
+    path = Path(pool_dir) / MANIFEST
+    if not path.is_file():
+        raise PoolError(f"no {MANIFEST} in {pool_dir} (not a model pool folder: an IOP-FL job writes one to "
+                        "<server run dir>/model_pool/)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PoolError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise PoolError(f"{path} is not a JSON object")
+    return manifest
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _check_structure(manifest: dict, pool_dir, need_digests: bool) -> None:
+    """The manifest's shape, names, files and digests (no bundle needed). Fills in the defaults."""
+    where = f"model pool {pool_dir}"
+    unknown = sorted(set(manifest) - {"format", "experts", "config_files", "overrides", "job", "_doc"})
+    if unknown:
+        raise PoolError(f"{where}: unknown manifest keys {unknown}")
+    fmt = manifest.get("format")
+    if fmt not in (FORMAT, *OLD_FORMATS):
+        raise PoolError(f"{where}: manifest format {fmt!r} is not one this version reads ({FORMAT!r})")
+    job = manifest.setdefault("job", {})
+    if not isinstance(job, dict) or not all(_plain(v) for v in job.values()):
+        raise PoolError(f"{where}: manifest 'job' must be an object of plain values")
+    experts = manifest.get("experts")
+    if not experts or not isinstance(experts, list):
+        raise PoolError(f"{where}: the manifest lists no experts")
+    incomplete = [e for e in experts if not isinstance(e, dict) or not {"name", "kind", "file"} <= set(e)]
+    if incomplete:
+        raise PoolError(f"{where}: every expert needs 'name', 'kind' and 'file'; got {incomplete[:2]}")
+    kinds = [e.get("kind") for e in experts]
+    if kinds.count(GLOBAL) != 1 or kinds[-1] != GLOBAL or len(experts) < 2 or not set(kinds) <= set(EXPERT_KINDS):
+        raise PoolError(f"{where}: need personalized experts followed by exactly one global model (last); got {kinds}")
+    root = Path(pool_dir).resolve()
+    names, files = set(), set()
+    for e in experts:
+        name, file = e["name"], e["file"]
+        if not isinstance(name, str) or not job_policy.is_plain_name(name) or name in names:
+            raise PoolError(f"{where}: expert name {name!r} is not a plain, unique name")
+        if not isinstance(file, str) or not job_policy.is_plain_name(file) or file in files:
+            raise PoolError(f"{where}: expert {name!r}: file {file!r} is not a plain file name inside the pool "
+                            f"folder (no folders, no '..', no absolute path, each file once)")
+        target = (Path(pool_dir) / file).resolve()
+        if target.parent != root:
+            raise PoolError(f"{where}: expert {name!r}: file {file!r} leads out of the pool folder (a link)")
+        names.add(name)
+        files.add(file)
+        digest = e.get("sha256")
+        if need_digests and not (isinstance(digest, str) and _DIGEST_LENGTH == len(digest)
+                                 and digest.startswith("sha256:")):
+            raise PoolError(f"{where}: expert {name!r} has no valid 'sha256' digest of its file")
+        odd = [k for k, v in e.items() if k not in EXPERT_FIELDS and (k not in EXPERT_INFO or not _plain(v))]
+        if odd:
+            raise PoolError(f"{where}: expert {name!r}: unexpected entries {odd} (facts about an expert are "
+                            f"{list(EXPERT_INFO)}, plain values)")
+
+
+
+def _check_bundle_fields(manifest: dict, pool_dir, bundle_root) -> None:
+    """``config_files`` and ``overrides``: what goes into the bundle's config parser. Fills in the defaults."""
+    where = f"model pool {pool_dir}"
+    try:
+        manifest["config_files"] = job_policy.check_config_files(
+            bundle_root, manifest.get("config_files", ["configs/train.json"]))
+    except job_policy.PolicyError as e:
+        raise PoolError(f"{where}: manifest 'config_files' refused: {e}") from None
+    try:
+        manifest["overrides"] = job_policy.validate_overrides(manifest.get("overrides", {}),
+                                                              job_policy.load_tunables(bundle_root))
+    except job_policy.PolicyError as e:
+        raise PoolError(f"{where}: manifest 'overrides' refused: {e}") from None
+
+
+def _load_weights(pool_dir, manifest: dict, check_digests: bool) -> Dict[str, dict]:
+    weights = {}
+    for e in manifest["experts"]:
+        path = Path(pool_dir) / e["file"]
+        if not path.is_file():
+            raise PoolError(f"expert {e['name']!r}: file {path} is missing")
+        if check_digests:
+            on_disk = file_digest(path)
+            if on_disk != e["sha256"]:
+                raise PoolError(f"expert {e['name']!r}: {path} does not match its digest in the manifest "
+                                f"({e['sha256'][:19]}... recorded, {on_disk[:19]}... on disk): the file was "
+                                f"changed, swapped or truncated after the pool was written")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise PoolError(f"expert {e['name']!r}: cannot read {path} ({err})") from None
+        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise PoolError(f"expert {e['name']!r}: {path} is not a state dict of tensors")
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise PoolError(f"expert {e['name']!r}: {path} holds NaN/Inf in {bad[:3]}")
+        weights[e["name"]] = sd
+    check_same_architecture(weights)
+    return weights
