@@ -421,3 +421,17 @@ def test_retrogress_by_hand_and_a_retrogress_study_is_cached_apart(tmp_path):
     retro = Study("dermoscopy", ["fedavg"], 1, "smoke", tmp_path / "s", retrogress=True)
     assert "retrogress" not in plain.settings() and retro.settings()["retrogress"] is True
     assert plain.settings_key("fedavg", 0) != retro.settings_key("fedavg", 0)
+
+
+COMMITTED_STUDIES = sorted(p.parent.name for p in (REPO / "docs" / "studies").glob("*/results.json")
+                           if (p.parent / "report.md").is_file() and "runs" in json.loads(p.read_text()))
+
+
+@pytest.mark.parametrize("name", COMMITTED_STUDIES)
+def test_every_committed_study_report_rebuilds_from_its_results(tmp_path, name):
+    """A committed report is a function of its results.json and this code (nothing edited by hand, nothing stale)."""
+    study = REPO / "docs" / "studies" / name
+    (tmp_path / "results.json").write_bytes((study / "results.json").read_bytes())
+    write_report(tmp_path, load_results(tmp_path))
+    assert (tmp_path / "report.md").read_text() == (study / "report.md").read_text()
+    assert (tmp_path / "results.csv").read_text() == (study / "results.csv").read_text()

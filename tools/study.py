@@ -4,6 +4,7 @@
     python tools/study.py --task prostate --methods fedavg fedprox fedbn harmofl iopfl prrfl local pooled \\
                           --seeds 5 --preset standard --out docs/studies/prostate
     python tools/study.py --task dermoscopy --methods fedavg fedbn harmofl prrfl local pooled --seeds 5 --out DIR
+    python tools/study.py --plan docs/studies/prostate_headroom/plan.json   # a planned study (commit the plan first)
     python tools/study.py --report-only DIR        # rebuild report.md, results.csv and figures from results.json
     python tools/study.py --scale --out DIR        # cost as sites and image size grow (tiny data)
 
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     from fedharmony.study.tasks import METHODS, PRESETS, TASKS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", help="an analysis plan (JSON, committed before the first run): the study's task, arms, "
+                                  "seeds, sizes and verdicts come from it (docs/studies.md, 'Analysis plans')")
     p.add_argument("--task", choices=sorted(TASKS), help="the task (bundle + phantom sites)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"any of {' '.join(METHODS)}")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 (default 5)")
@@ -81,18 +84,34 @@ def main(argv=None) -> int:
         run_scaling(Path(args.out), command=command, sites=args.scale_sites, sizes=args.scale_sizes,
                     max_processes=args.scale_processes)
         return 0
-    if not args.task or not args.methods or not args.out:
-        p.error("--task, --methods and --out are required (or --report-only DIR, or --scale)")
+    from fedharmony.study.plan import PlanError
     from fedharmony.study.runner import Study
 
+    common = dict(test_cases=args.test_cases, data_root=args.data_root, keep_workspaces=args.keep_workspaces,
+                  echo=lambda line: print(line, flush=True), command=command, retrogress=args.retrogress)
+    if args.plan:
+        given = [flag for flag, value in (("--task", args.task), ("--methods", args.methods), ("--rounds", args.rounds),
+                                          ("--local-epochs", args.local_epochs)) if value]
+        given += ["--seeds"] if "--seeds" in (argv if argv is not None else sys.argv[1:]) else []
+        given += ["--preset"] if "--preset" in (argv if argv is not None else sys.argv[1:]) else []
+        if given:
+            p.error(f"{', '.join(given)}: a planned study takes these from its plan ({args.plan})")
+        try:
+            study = Study.from_plan(args.plan, args.out, **common)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
+    else:
+        if not args.task or not args.methods or not args.out:
+            p.error("--task, --methods and --out are required (or --plan PLAN, --report-only DIR, or --scale)")
+        try:
+            study = Study(args.task, args.methods, args.seeds, args.preset, args.out, rounds=args.rounds,
+                          local_epochs=args.local_epochs, **common)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
     try:
-        study = Study(args.task, args.methods, args.seeds, args.preset, args.out, test_cases=args.test_cases,
-                      data_root=args.data_root, rounds=args.rounds, local_epochs=args.local_epochs,
-                      keep_workspaces=args.keep_workspaces, echo=lambda line: print(line, flush=True),
-                      command=command, retrogress=args.retrogress)
-    except (ValueError, FileNotFoundError) as e:
+        results = study.collect() if args.collect_only else study.run()
+    except PlanError as e:  # a plan refused at the start (changed after its first run, not committed)
         p.error(str(e))
-    results = study.collect() if args.collect_only else study.run()
     report = write_report(study.out, results)
     print(f"results: {study.out / 'results.json'}\nreport: {report}")
     return 1 if results["failed"] else 0

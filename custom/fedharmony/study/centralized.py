@@ -4,7 +4,13 @@
   epochs, the same epochs its federated counterpart trains.
 * ``pooled``: one model trains on every site's training split pooled together (the
   centralized reference) for the same number of epochs; an epoch therefore covers every
-  site's data once.
+  site's data once, and the model takes about as many optimizer steps as all the sites of a
+  federation together.
+* ``pooled_steps``: the same pooled data, for the optimizer steps FedAvg's global model takes:
+  each "epoch" is cut to the mean site's steps per epoch (the mean over sites of its training
+  cases / batch size, rounded up per site), so ``rounds x local_epochs`` of them match one
+  site's trajectory. Batches are drawn from the whole pooled set (shuffled), so every site's
+  data is used, just not all of it every epoch.
 
 Both use the bundle's own trainer through :class:`fedharmony.bundle.site.BundleSite`, score
 the model on the validation split at the start of every "round" (``local_epochs`` epochs),
@@ -23,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["train_reference"]
+__all__ = ["train_reference", "mean_site_steps"]
 
 logger = logging.getLogger("fedharmony.study")
 
@@ -40,8 +46,8 @@ def train_reference(mode: str, bundle_dir: str, config_files, overrides: dict, d
     from fedharmony.study.data import StudyData, pooled_dataset
     from fedharmony.study.scoring import score_on_site
 
-    if mode not in ("local", "pooled"):
-        raise ValueError(f"mode must be 'local' or 'pooled', got {mode!r}")
+    if mode not in ("local", "pooled", "pooled_steps"):
+        raise ValueError(f"mode must be 'local', 'pooled' or 'pooled_steps', got {mode!r}")
     data = StudyData(data)
     out = Path(out_dir)
     sites = data.sites  # client name -> site folder
@@ -54,6 +60,11 @@ def train_reference(mode: str, bundle_dir: str, config_files, overrides: dict, d
         t0 = time.time()
         site = BundleSite(str(bundle_dir), str(dataset_dir), str(out / "state" / name), name,
                           overrides=overrides, config_file=list(config_files))
+        if mode == "pooled_steps":
+            steps = mean_site_steps(data, site.trainer.data_loader.batch_size)
+            site.trainer.state.epoch_length = steps
+            logger.info("pooled_steps: %d optimizer steps per epoch (the mean site's; the pooled set has %d), "
+                        "%d in all", steps, len(site.trainer.data_loader), steps * rounds * local_epochs)
         curve[name] = {}
         for r in range(rounds):
             with torch.random.fork_rng():  # scoring draws no training randomness, as on a federated site
@@ -71,6 +82,18 @@ def train_reference(mode: str, bundle_dir: str, config_files, overrides: dict, d
                     site_results[folder]["n"])
     return {"site_scores": {s: r["score"] for s, r in site_results.items()}, "site_results": site_results,
             "curve": curve}
+
+
+def mean_site_steps(data, batch_size: int) -> int:
+    """The optimizer steps of one epoch on the mean site: the mean over sites of ceil(training cases /
+    batch size), rounded to the nearest step (at least 1)."""
+    import math
+
+    counts = [len(json.loads((data.train_root / folder / "datalist.json").read_text()).get("training", []))
+              for folder in data.sites.values()]
+    if not counts or not all(counts):
+        raise ValueError(f"pooled_steps needs every site's training cases, got {counts}")
+    return max(1, round(sum(math.ceil(n / batch_size) for n in counts) / len(counts)))
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,8 @@ from typing import Dict, Optional
 
 from fedharmony.data.datalist import write_datalist
 
-__all__ = ["TEST_DRAW_OFFSET", "StudyData", "make_phantom_data", "real_data", "pooled_dataset", "site_map"]
+__all__ = ["TEST_DRAW_OFFSET", "StudyData", "make_phantom_data", "real_data", "pooled_dataset", "iid_dataset",
+           "site_map"]
 
 TEST_DRAW_OFFSET = 1_000_003
 SPLITS = ("training", "validation", "testing")
@@ -139,6 +140,19 @@ def real_data(root) -> StudyData:
     return StudyData(train_root=str(root), test_root=str(root), sites=site_map(root))
 
 
+def _absolute_items(site_dir: Path, items, site: str) -> list:
+    """A datalist's items with their file paths made absolute, each tagged with the site it came from."""
+    out = []
+    for item in items:
+        entry = dict(item)
+        for key in ("image", "label"):
+            if isinstance(entry.get(key), str):
+                entry[key] = str((site_dir / entry[key]).resolve())
+        entry["site"] = site
+        out.append(entry)
+    return out
+
+
 def pooled_dataset(data: StudyData, out_dir) -> Path:
     """One site folder whose datalist pools every site's training and validation lists (absolute
     paths): the centralized reference trains on it. Its ``testing`` list is the pooled test set."""
@@ -152,12 +166,51 @@ def pooled_dataset(data: StudyData, out_dir) -> Path:
             content = json.loads((site_dir / "datalist.json").read_text())
             extra.update({k: v for k, v in content.items() if k not in SPLITS})
             for split in splits:
-                for item in content.get(split, []):
-                    entry = dict(item)
-                    for key in ("image", "label"):
-                        if isinstance(entry.get(key), str):
-                            entry[key] = str((site_dir / entry[key]).resolve())
-                    entry["site"] = folder
-                    pooled[split].append(entry)
+                pooled[split] += _absolute_items(site_dir, content.get(split, []), folder)
     write_datalist(out, {**extra, **pooled}, "pooled")
     return out
+
+
+def iid_dataset(data: StudyData, out_dir, seed: int) -> StudyData:
+    """The headroom control's data: the same training and validation cases, re-dealt so that every site
+    holds the same mix of every site's cases, each site keeping its own number of cases per split.
+
+    Per split, every site's cases are shuffled (generator ``seed``) and laid out in one sequence that
+    interleaves the sites in proportion to their sizes (each case at the position ``(i + 0.5) / n`` of
+    its site's ``n`` cases); cutting that sequence into the sites' own sizes gives each site the
+    same proportions of every source, up to rounding. Paths become absolute; each item keeps the
+    site it came from as ``site``. Test data are not touched: every site is still scored on its own
+    test split (``test_root`` is unchanged). Returns a :class:`StudyData` whose ``train_root`` holds
+    the re-dealt site folders and ``sites.json``.
+
+    Example::
+
+        >>> iid = iid_dataset(data, "out/iid", seed=0)     # doctest: +SKIP
+        >>> sorted({item["site"] for item in load_datalist(iid.train_root / "BIDMC" / "datalist.json", "training")})
+        ['BIDMC', 'BMC', 'HK', 'I2CVB', 'RUNMC', 'UCL']
+    """
+    import numpy as np
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    folders = list(data.sites.values())
+    contents = {f: json.loads((data.train_root / f / "datalist.json").read_text()) for f in folders}
+    dealt: Dict[str, dict] = {f: {k: v for k, v in contents[f].items() if k not in SPLITS} for f in folders}
+    for split in ("training", "validation"):
+        keyed = []
+        for f in folders:
+            items = _absolute_items(data.train_root / f, contents[f].get(split, []), f)
+            order = rng.permutation(len(items))
+            keyed += [((rank + 0.5) / len(items), f, items[j]) for rank, j in enumerate(order)]
+        keyed.sort(key=lambda k: (k[0], folders.index(k[1])))
+        start = 0
+        for f in folders:
+            size = len(contents[f].get(split, []))
+            dealt[f][split] = [item for _, _, item in keyed[start:start + size]]
+            start += size
+    shutil.rmtree(out, ignore_errors=True)
+    for f in folders:
+        (out / f).mkdir(parents=True)
+        write_datalist(out / f, dealt[f], f)
+    (out / "sites.json").write_text(json.dumps(data.sites, indent=2) + "\n")
+    return StudyData(train_root=str(out), test_root=str(data.test_root), sites=data.sites)

@@ -14,6 +14,12 @@ What the report says, and how:
   t CI over seeds, and a Wilcoxon signed-rank p-value over all (site, seed) pairs. The same for
   the worst site. A difference is called *better* or *worse* only when both CIs exclude zero
   on the same side; otherwise the report says *no difference shown*;
+* with an analysis plan (``results["plan"]``, :mod:`fedharmony.study.plan`): the plan's verdicts
+  (:func:`fedharmony.study.analysis.planned_verdicts`: paired t-test over seeds, Holm across every
+  verdict, non-inferiority against the plan's margin), the plan's digest and commit, the power of
+  its seeds; every other difference is shown as *post hoc*, with no verdict. Without a plan the
+  verdicts are the rule above (uncorrected), and a last section re-reads them under the plan
+  protocol's rule (Holm), marked post hoc;
 * per-round validation curves (mean over sites; line: mean over seeds; band: min to max over
   seeds), and a forest plot of the differences;
 * with ``--retrogress`` runs, what a communication costs the model a site uses (the "retrogress"
@@ -38,6 +44,7 @@ import numpy as np
 from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
 from fedharmony.study.provenance import differing, run_line
+from fedharmony.study.analysis import fmt_p, planned_verdicts, posthoc_rule
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
@@ -435,6 +442,9 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
     if results.get("failed"):
         lines += ["**Failed runs (not in the tables):** "
                   + "; ".join(f"{f['method']} seed {f['seed']}: {f['error']}" for f in results["failed"]), ""]
+    plan = results.get("plan")
+    planned = planned_verdicts(_scores(results), plan["content"]) if plan else []
+    lines += _protocol_lines(results, plan, planned, metric)
     lines += _made_on_lines(results)
     lines += ["## What is scored", ""]
     for m in summary:
@@ -452,19 +462,30 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
             lines += ["", "Standard error of a site's test score (mean over runs), from the test set's size: "
                       + ", ".join(f"{s} {v:.4f}" for s, v in sorted(se.items())) + "."]
     if comparisons:
-        lines += ["", "## Paired differences", "",
+        if plan:
+            rule = ("Verdicts are the plan's (above); a difference the plan does not name is *post hoc*: shown, "
+                    "not judged.")
+            title = "## Paired differences (every pair; post hoc where the plan does not name them)"
+        else:
+            rule = ("*better* / *worse* only where both CIs exclude zero (this study has no analysis plan: the rule "
+                    "is uncorrected; see the post hoc re-analysis under the plan protocol's rule at the end).")
+            title = "## Paired differences"
+        lines += ["", title, "",
                   "Per seed, the method's score minus the baseline's on the same data. CIs: percentile bootstrap "
                   "over seeds (10,000 resamples, fixed seed) and Student-t over seeds. Wilcoxon: signed-rank test "
-                  "over all (site, seed) pairs. *better* / *worse* only where both CIs exclude zero.", "",
+                  "over all (site, seed) pairs, descriptive only (the pairs of one seed are not independent). "
+                  + rule, "",
                   "| method - baseline | mean over sites: diff | bootstrap CI | t CI | verdict | worst site: diff "
-                  "| bootstrap CI | t CI | verdict | Wilcoxon p (pairs) |", "|---" * 10 + "|"]
+                  "| bootstrap CI | t CI | verdict | Wilcoxon p (pairs, descriptive) |", "|---" * 10 + "|"]
+        judged = {(r["arm"], r["baseline"], r["endpoint"]): r["verdict"] for r in planned}
         for d in comparisons:
             row = [f"{d['method']} - {d['baseline']}"]
             for key in ("mean", "worst"):
                 e = d[key]
+                said = judged.get((d["method"], d["baseline"], key), "post hoc") if plan else e["verdict"]
                 row += [f"{e['diff']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*e["bootstrap_ci"]),
                         "[{:+.3f}, {:+.3f}]".format(*e["t_ci"]) if not math.isnan(e["t_ci"][0]) else "-",
-                        e["verdict"]]
+                        said]
             p = d["wilcoxon_p"]
             row.append(f"{p:.3g} ({d['wilcoxon_n']})" if not math.isnan(p) else "-")
             lines.append("| " + " | ".join(row) + " |")
@@ -495,6 +516,8 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
             ex = r["exchanged_mean_drop"]
             lines.append(f"| {m} | {len(r['seeds'])} | {_fmt_signed(*r['mean_drop'])} | {_signed(r['largest_drop'])} | "
                          f"{_fmt_signed(*ex) if ex else '-'} |")
+    if comparisons and not plan:
+        lines += _posthoc_lines(comparisons)
     figures = [(curves, "Validation by round"), (forest, "Paired differences (forest plot)"),
                (retrogress_png, "Retrogress by round")]
     for path, title in figures:
@@ -503,6 +526,72 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
     out = study_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _ci(interval) -> str:
+    lo, hi = interval
+    return "-" if math.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+def _protocol_lines(results: dict, plan: Optional[dict], planned: List[dict], metric: str) -> List[str]:
+    """The protocol section: the plan (digest, commit, power) and its verdicts; or that there was none."""
+    if not plan:
+        return ["## Protocol", "", "No analysis plan: this study was run before plans were written (or without "
+                "one). Its verdicts use the rule without a plan (both CIs exclude zero, no correction for the number "
+                "of comparisons); the last section re-reads them under the plan protocol's rule, post hoc.", ""]
+    content = plan["content"]
+    commit = plan.get("commit") or f"none ({plan.get('commit_state', 'not recorded')})"
+    power = plan.get("power") or {}
+    lines = ["## Protocol: analysis plan", "",
+             f"- plan: `{plan.get('file', '?')}`, {plan['digest']}; committed in {commit}; first run "
+             f"{plan.get('first_run', '?')}",
+             f"- question: {content['question']}",
+             f"- alpha {content.get('alpha', 0.05)} (Holm across the {len(planned)} verdicts below); "
+             f"non-inferiority margin {content.get('margin', '-')} {metric}"]
+    if power:
+        lines.append(f"- seeds: {power['seeds']} (the power calculation asks for {power['seeds_needed']} to detect "
+                     f"{power['effect']:g} with power {power['target_power']:g}, per-seed SD {power['sd']:g}"
+                     + (f" from {power['sd_from']}" if power.get("sd_from") else "")
+                     + f"); with {power['seeds']} seeds the power is {power['power_at_seeds']:.2f} and the "
+                     f"smallest effect detected with power {power['target_power']:g} is {power['detectable_effect']:.3f}")
+    lines += ["", "## Planned comparisons (the study's verdicts)", "",
+              "Per seed, the arm's score minus the baseline's on the same data. p: two-sided paired t-test over seeds "
+              "(superiority) or one-sided test of \"worse by the margin or more\" (non-inferiority; *sites*: every "
+              "site's own test, the claim's p is the largest). Holm: adjusted across every verdict of this table.",
+              "", "| comparison | endpoint | test | seeds | diff | t CI | bootstrap CI | lower bound | p | Holm p | "
+              "verdict |", "|---" * 11 + "|"]
+    for r in planned:
+        star = " (primary)" if r["primary"] else ""
+        where = f" (weakest: {r['weakest_site']})" if r.get("weakest_site") else ""
+        lines.append(f"| {r['arm']} - {r['baseline']}{star} | {r['endpoint']} | {r['test']} | {r['n']} | "
+                     f"{_signed(r['diff']) if not math.isnan(r['diff']) else '-'} | "
+                     f"{_ci(r['t_ci']) if 't_ci' in r else '-'} | {_ci(r['bootstrap_ci']) if 'bootstrap_ci' in r else '-'}"
+                     f" | {_signed(r['lower']) + where if 'lower' in r and not math.isnan(r['lower']) else '-'} | "
+                     f"{fmt_p(r['p'])} | {fmt_p(r['p_holm'])} | {r['verdict']} |")
+    sites_rows = [r for r in planned if r["endpoint"] == "sites" and "per_site" in r]
+    for r in sites_rows:
+        lines += ["", f"Non-inferiority per site, {r['arm']} - {r['baseline']} (margin {r['margin']:g}): "
+                  + "; ".join(f"{s} {_signed(v['diff'])} (lower {_signed(v['lower'])}, "
+                              f"{'no worse' if v['noninferior'] else 'not shown'})"
+                              for s, v in sorted(r["per_site"].items())) + "."]
+    return lines + [""]
+
+
+def _posthoc_lines(comparisons: List[dict]) -> List[str]:
+    """The verdicts of a study without a plan, re-read under the plan protocol's rule (post hoc)."""
+    rows = posthoc_rule(comparisons)
+    changed = sum(r["verdict"] != r["old_verdict"] for r in rows)
+    lines = ["", "## Post hoc: the verdicts under the plan protocol's rule", "",
+             "Computed after the fact (this study had no plan). Each comparison and endpoint above, with the "
+             "two-sided paired t-test over seeds and Holm's adjustment across all "
+             f"{len(rows)} of them; *better* / *worse* need the adjusted p below 0.05 and both CIs excluding zero. "
+             f"{changed} of {len(rows)} verdicts differ from the uncorrected rule's.", "",
+             "| method - baseline | endpoint | diff | p | Holm p | verdict (uncorrected rule) | verdict under the rule |",
+             "|---" * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} - {r['baseline']} | {r['endpoint']} | {_signed(r['diff'])} | {fmt_p(r['p'])} | "
+                     f"{fmt_p(r['p_holm'])} | {r['old_verdict']} | {r['verdict']} |")
+    return lines
 
 
 def _test_se(results: dict) -> Dict[str, float]:

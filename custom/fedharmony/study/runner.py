@@ -29,17 +29,19 @@ from typing import Callable, Dict, List, Optional
 from fedharmony.core.results import RETROGRESS_SUFFIXES
 from fedharmony.data.datalist import smallest_split
 from fedharmony.methods.protocols import check_protocol, needs_smallest_site, protocol_overrides
-from fedharmony.study.data import StudyData, make_phantom_data, real_data
+from fedharmony.study.data import StudyData, iid_dataset, make_phantom_data, real_data
+from fedharmony.study.plan import Plan, PlanError, plan_commit
 from fedharmony.study.provenance import code_digest, cpu_description, describe, made_on
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
-from fedharmony.study.tasks import (FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, parse_arm, preset_for,
-                                   scored_model)
+from fedharmony.study.tasks import (CENTRALIZED, FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, job_algorithm,
+                                   parse_arm, preset_for, scored_model)
 
-__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "validate_result"]
+__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "validate_result"]
 
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
+PLAN_LOCK = "plan.lock.json"  # a planned study's record of the plan it started with (digest, commit, first run)
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -133,12 +135,31 @@ class Study:
             network that takes the server's answer where the site uses another (PRR-FL's deputy), so the
             report can show what a communication costs (the retrogress of PRR-FL's paper). A setting of
             the runs: the cache of a study without it is not reused.
+        analysis_plan, plan_path: the study's analysis plan (:mod:`fedharmony.study.plan`) and its file;
+            use :meth:`from_plan`, which takes the task, arms, seeds and sizes from the plan. The first run
+            locks the plan (``plan.lock.json``: digest, commit, time); a later start with a changed plan
+            file is refused.
     """
+
+    @classmethod
+    def from_plan(cls, plan_path, out=None, **kwargs) -> "Study":
+        """The study a plan file describes, in ``out`` (default: the plan file's folder).
+
+        Raises:
+            PlanError: the plan cannot be used (see :func:`fedharmony.study.plan.load_plan`).
+        """
+        from fedharmony.study.plan import load_plan
+
+        plan = load_plan(plan_path)
+        return cls(plan.task, list(plan.arms), plan.seeds, plan.preset, out or Path(plan_path).resolve().parent,
+                   rounds=plan.rounds, local_epochs=plan.local_epochs, analysis_plan=plan, plan_path=plan_path,
+                   **kwargs)
 
     def __init__(self, task: str, methods, seeds: int, preset: str, out, test_cases: Optional[int] = None,
                  data_root: Optional[str] = None, rounds: Optional[int] = None, local_epochs: Optional[int] = None,
                  keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = "",
-                 stall_s: float = STALL_S, retrogress: bool = False):
+                 stall_s: float = STALL_S, retrogress: bool = False, analysis_plan: Optional[Plan] = None,
+                 plan_path=None):
         self.spec = TASKS.get(task)
         self.methods = check_methods(task, methods)
         if seeds < 1:
@@ -166,6 +187,62 @@ class Study:
         self.bundle_dir = REPO / "bundles" / self.spec.bundle
         self._scales: Dict[tuple, str] = {}
         self._code: Optional[str] = None  # this checkout's code digest, read when a cached run is met
+        self.analysis_plan = analysis_plan
+        self.plan_path = Path(plan_path).resolve() if plan_path else None
+        if analysis_plan is not None and self.plan_path is None:
+            raise ValueError("a study with an analysis plan needs the plan's file (plan_path)")
+        self._plan_record: Optional[dict] = None
+
+    # ------------------------------------------------------------------ the plan
+    def lock_plan(self) -> Optional[dict]:
+        """Check the plan against the one this study started with, or record it at the first run.
+
+        Raises:
+            PlanError: the plan file changed after the study's first run; the folder already holds runs
+                made without this plan; or the plan lies in a git checkout but is not committed as it is.
+        """
+        if self.analysis_plan is None:
+            return None
+        plan, lock = self.analysis_plan, self.out / PLAN_LOCK
+        if lock.is_file():
+            try:
+                recorded = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise PlanError(f"{lock} is unreadable ({type(e).__name__}); it records the plan this study started "
+                                "with and cannot be rebuilt") from None
+            if recorded.get("digest") != plan.digest:
+                raise PlanError(f"study {self.out} started on {recorded.get('first_run')} with plan digest "
+                                f"{recorded.get('digest')}; {self.plan_path} now has {plan.digest}. A plan is fixed "
+                                "before the first run: restore it, or write a new plan for a new study folder")
+            self._plan_record = recorded
+            return recorded
+        if any((self.out / "runs").glob(f"*/*/{RESULT_FILE}")):
+            raise PlanError(f"study {self.out} already holds runs made without plan {self.plan_path.name}: a planned "
+                            "study starts in a folder of its own")
+        commit, state = plan_commit(self.plan_path)
+        if commit is None and state != "outside a git checkout":
+            raise PlanError(f"plan {self.plan_path} is {state}: commit it before the study's first run, so the "
+                            "record shows the plan was fixed first")
+        try:
+            shown = str(self.plan_path.relative_to(REPO))
+        except ValueError:
+            shown = str(self.plan_path)
+        record = {"name": plan.name, "file": shown, "digest": plan.digest, "commit": commit, "commit_state": state,
+                  "first_run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _atomic_json(lock, record)
+        self._plan_record = record
+        return record
+
+    def _plan_results(self) -> dict:
+        """What ``results.json`` holds of the plan: the lock's record, the plan's content and its power."""
+        if self.analysis_plan is None:
+            return {}
+        record = self._plan_record
+        if record is None and (self.out / PLAN_LOCK).is_file():
+            record = self.lock_plan()
+        record = record or {"name": self.analysis_plan.name, "digest": self.analysis_plan.digest,
+                            "first_run": "not started"}
+        return {"plan": {**record, "content": self.analysis_plan.raw, "power": self.analysis_plan.power_summary()}}
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
@@ -215,7 +292,7 @@ class Study:
         return self._scales[key]
 
     def config_files(self, method: str) -> List[str]:
-        method = parse_arm(method)[0]
+        method = job_algorithm(method)
         overlay = site_method_class(method).overlay if method in FEDERATED else None
         return ["configs/train.json"] + ([overlay] if overlay else [])
 
@@ -245,7 +322,9 @@ class Study:
     def _run_federated(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
         ws_root = run_dir / "workspace"
         shutil.rmtree(ws_root, ignore_errors=True)
-        arm, method = method, parse_arm(method)[0]
+        arm, method = method, job_algorithm(method)
+        if parse_arm(arm)[0] == "fedavg_iid":  # the heterogeneity control: FedAvg on the cases re-dealt
+            data = iid_dataset(data, self.out / "data" / f"seed{seed}" / "iid", seed)
         name = f"{self.task}_{method}_seed{seed}"
         cmd = [sys.executable, str(REPO / "jobs" / self.spec.job_script), "--algorithm", method,
                "--rounds", str(self.preset.rounds), "--local-epochs", str(self.preset.local_epochs),
@@ -309,7 +388,7 @@ class Study:
         t0 = time.time()
         made = made_on()  # before the run: the code it starts with, even if edited while it runs
         with open(run_dir / "log.txt", "w") as log:
-            if parse_arm(method)[0] in ("local", "pooled"):
+            if parse_arm(method)[0] in CENTRALIZED:
                 result = self._run_reference(method, seed, data, run_dir, log)
             else:
                 result = self._run_federated(method, seed, data, run_dir, log)
@@ -359,6 +438,7 @@ class Study:
 
     def run(self) -> dict:
         t_study = time.time()
+        self.lock_plan()
         plan = self.plan()
         runs, fresh_times, failed = [], [], []
         self.echo(f"study: {self.task}, preset {self.preset_name}, {len(self.methods)} method(s) x "
@@ -409,6 +489,7 @@ class Study:
             "versions": {"torch": torch.__version__, "monai": monai.__version__, "nvflare": nvflare.__version__},
             "command": self.command, "wall_s": wall_s,
             "run_wall_s": sum(r.get("wall_s", 0.0) for r in runs),
+            **self._plan_results(),
         }
 
 

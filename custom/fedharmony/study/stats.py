@@ -12,6 +12,20 @@ of one seed are not independent of each other (one federation trains them all).
   dropped (Wilcoxon's rule), average ranks for ties; exact null distribution when there are
   no ties and at most 50 pairs, else the normal approximation with the tie correction (no
   continuity correction), as ``scipy.stats.wilcoxon`` does with ``zero_method="wilcox"``.
+  Pairs of (site, seed) are not independent (one federation trains every site of a seed), so
+  under an analysis plan it is descriptive only.
+
+For studies with an analysis plan (:mod:`fedharmony.study.plan`):
+
+* :func:`paired_t_test`: two-sided one-sample t-test of the per-seed differences (the seed-level
+  test behind the t CI), as ``scipy.stats.ttest_1samp(d, 0)``.
+* :func:`holm`: Holm's step-down adjustment of a family of p-values (every verdict of a study),
+  as ``statsmodels.stats.multitest.multipletests(p, method="holm")``.
+* :func:`noninferiority`: "no worse than the baseline by more than ``margin``": the one-sided
+  lower confidence bound of the mean difference must lie above ``-margin``.
+* :func:`paired_t_power` / :func:`seeds_for_power`: the power of the paired t-test for a given
+  number of seeds, and the seeds needed, from the smallest effect of interest and the per-seed
+  standard deviation of the difference (noncentral t, as ``statsmodels``' ``TTestPower``).
 
 Example::
 
@@ -31,7 +45,8 @@ from typing import Sequence, Tuple
 import numpy as np
 
 __all__ = ["t_interval", "bootstrap_ci", "wilcoxon_signed_rank", "WilcoxonResult", "excludes_zero",
-           "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED"]
+           "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "paired_t_test", "holm", "noninferiority", "NonInferiority",
+           "paired_t_power", "seeds_for_power", "detectable_effect"]
 
 BOOTSTRAP_RESAMPLES = 10000
 BOOTSTRAP_SEED = 20261130
@@ -139,3 +154,128 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> WilcoxonResult:
     var = n * (n + 1) * (2 * n + 1) / 24 - float(((ties ** 3) - ties).sum()) / 48
     z = (w_plus - mean) / math.sqrt(var) if var > 0 else 0.0
     return WilcoxonResult(w_plus, float(min(1.0, 2 * norm.sf(abs(z)))), n, "normal")
+
+
+def paired_t_test(differences: Sequence[float]) -> Tuple[float, float]:
+    """``(t, p)``: two-sided t-test that the mean of ``differences`` is zero (n - 1 degrees of freedom).
+
+    NaN for fewer than 2 values; ``p = 1`` when every difference is exactly zero (nothing to test),
+    ``p = 0`` when they are all equal and not zero.
+
+    Example::
+
+        >>> t, p = paired_t_test([0.02, 0.03, 0.01, 0.04, 0.02])
+        >>> round(t, 3), round(p, 4)
+        (4.707, 0.0093)
+    """
+    from scipy.stats import t as student_t
+
+    d = _clean(differences)
+    if d.size < 2:
+        return math.nan, math.nan
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0:
+        return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / (sd / math.sqrt(d.size))
+    return t, float(2 * student_t.sf(abs(t), df=d.size - 1))
+
+
+def holm(p_values: Sequence[float]) -> list:
+    """Holm's step-down adjusted p-values, in the order given (NaN stays NaN and is not counted).
+
+    The smallest of m p-values is multiplied by m, the next by m - 1, and so on, each kept at least
+    as large as the one before and at most 1; a verdict whose adjusted p is below alpha holds with
+    the family-wise error rate at alpha.
+
+    Example::
+
+        >>> holm([0.01, 0.04, 0.03])
+        [0.03, 0.06, 0.06]
+    """
+    p = [float(v) for v in p_values]
+    finite = [i for i, v in enumerate(p) if not math.isnan(v)]
+    order = sorted(finite, key=lambda i: p[i])
+    m = len(order)
+    adjusted = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass(frozen=True)
+class NonInferiority:
+    diff: float  # mean difference (method - baseline)
+    lower: float  # one-sided lower confidence bound of the mean difference
+    margin: float  # the largest loss still called "no worse"
+    level: float  # one-sided confidence level
+    noninferior: bool  # lower > -margin
+
+
+def noninferiority(differences: Sequence[float], margin: float, level: float = 0.95) -> NonInferiority:
+    """Non-inferiority of a method to its baseline from paired per-seed ``differences`` (method - baseline).
+
+    The method is *no worse* when the one-sided ``level`` lower confidence bound of the mean
+    difference (Student t, n - 1 degrees of freedom) lies above ``-margin``. That is a one-sided
+    test at alpha = 1 - level, the same as the lower end of a two-sided (2 level - 1) CI.
+
+    Example::
+
+        >>> r = noninferiority([-0.004, 0.002, -0.001, 0.003, -0.002], margin=0.01)
+        >>> round(r.lower, 4), r.noninferior
+        (-0.0031, True)
+    """
+    from scipy.stats import t as student_t
+
+    if not margin > 0:
+        raise ValueError(f"the non-inferiority margin must be > 0, got {margin}")
+    d = _clean(differences)
+    if d.size < 2:
+        mean = float(d.mean()) if d.size else math.nan
+        return NonInferiority(mean, math.nan, float(margin), level, False)
+    mean = float(d.mean())
+    lower = mean - float(student_t.ppf(level, df=d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return NonInferiority(mean, lower, float(margin), level, bool(lower > -margin))
+
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test with ``n`` seeds to detect a mean difference ``effect``
+    when the per-seed differences have standard deviation ``sd`` (noncentral t with n - 1 degrees of
+    freedom and noncentrality effect / (sd / sqrt(n)))."""
+    from scipy.stats import nct, t as student_t
+
+    if n < 2 or not sd > 0:
+        raise ValueError(f"need n >= 2 and sd > 0, got n={n}, sd={sd}")
+    df = n - 1
+    nc = abs(effect) / (sd / math.sqrt(n))
+    crit = float(student_t.ppf(1 - alpha / 2, df))
+    return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc))
+
+
+def seeds_for_power(effect: float, sd: float, power: float = 0.8, alpha: float = 0.05, max_seeds: int = 1000) -> int:
+    """The fewest seeds (>= 2) whose paired t-test reaches ``power`` for ``effect`` given ``sd``.
+
+    Example::
+
+        >>> seeds_for_power(effect=1.0, sd=1.0)   # statsmodels: TTestPower().solve_power(1.0, None, 0.05, 0.8) = 9.94
+        10
+    """
+    if not 0 < power < 1 or not 0 < alpha < 1 or effect == 0:
+        raise ValueError(f"need 0 < power < 1, 0 < alpha < 1 and a non-zero effect, got {power}, {alpha}, {effect}")
+    for n in range(2, max_seeds + 1):
+        if paired_t_power(effect, sd, n, alpha) >= power:
+            return n
+    raise ValueError(f"more than {max_seeds} seeds would be needed for effect {effect} with sd {sd}")
+
+
+def detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest mean difference that ``n`` seeds detect with ``power`` (the inverse of
+    :func:`paired_t_power` in the effect, by bisection to 1e-9 of ``sd``)."""
+    low, high = 0.0, sd
+    while paired_t_power(high, sd, n, alpha) < power:
+        high *= 2
+    while high - low > 1e-9 * sd:
+        mid = (low + high) / 2
+        low, high = (mid, high) if paired_t_power(mid, sd, n, alpha) < power else (low, mid)
+    return high

@@ -3,7 +3,16 @@
 A *task* is a bundle, a job script and the phantom sites that stand in for its real data.
 A *method* is a federated algorithm run as the task's real NVFlare job, or one of the two
 references every FL paper reports: ``local`` (each site trained alone) and ``pooled`` (one
-model trained on all sites' training data together).
+model trained on all sites' training data together, for the same epochs), or one of the two
+*headroom controls*, which say how much a method fighting site heterogeneity could recover:
+
+* ``fedavg_iid``: FedAvg's job on the same training and validation cases re-dealt so that every
+  site holds the same mix of every site's cases (sizes per site unchanged; each site's test draw
+  is its own, as for FedAvg). Its score minus FedAvg's is the *heterogeneity penalty*.
+* ``pooled_steps``: one model on all sites' pooled data, trained for as many optimizer steps as
+  FedAvg's global model takes (rounds x local epochs x the mean site's steps per epoch), not for
+  the same epochs (``pooled`` takes about as many steps as all sites together). Its score minus
+  FedAvg's is the *federation penalty* at an equal training budget.
 
 An *arm* is a method with bundle settings of its own, written ``METHOD+key=value[+key=value]``
 (``fedavg+pixdim=1.5``): the same job and data as the method, with those config values overridden.
@@ -24,12 +33,16 @@ from typing import Dict, Optional, Tuple
 from fedharmony.methods.protocols import check_protocol
 from fedharmony import methods as registry
 
-__all__ = ["FEDERATED", "REFERENCES", "METHODS", "PERSONALIZED", "TaskSpec", "Preset", "TASKS", "PRESETS",
-           "preset_for", "check_methods", "scored_model", "parse_arm"]
+__all__ = ["FEDERATED", "REFERENCES", "CONTROLS", "CENTRALIZED", "METHODS", "PERSONALIZED", "JOB_ALGORITHM",
+           "TaskSpec", "Preset", "TASKS", "PRESETS", "preset_for", "check_methods", "scored_model", "parse_arm",
+           "job_algorithm"]
 
 FEDERATED = registry.METHODS
 REFERENCES = ("local", "pooled")
-METHODS = FEDERATED + REFERENCES
+CONTROLS = ("fedavg_iid", "pooled_steps")
+CENTRALIZED = ("local", "pooled", "pooled_steps")  # trained by fedharmony.study.centralized, without NVFlare
+METHODS = FEDERATED + REFERENCES + CONTROLS
+JOB_ALGORITHM = {"fedavg_iid": "fedavg"}  # a control that runs a federated job: the job's algorithm
 # the methods whose sites each end with their own model (best on its validation split), not the global one
 PERSONALIZED = tuple(m for m in FEDERATED if registry.site_method_class(m).personalized)
 
@@ -59,9 +72,21 @@ def parse_arm(arm: str) -> Tuple[str, Dict[str, object]]:
     return base, settings
 
 
+def job_algorithm(method: str) -> str:
+    """The federated algorithm an arm's job runs (``fedavg_iid+x=1`` -> ``fedavg``)."""
+    base = parse_arm(method)[0]
+    return JOB_ALGORITHM.get(base, base)
+
+
 def scored_model(method: str) -> str:
     """What a study scores on each site's test split for ``method`` (said in the report)."""
     method = parse_arm(method)[0]
+    if method == "fedavg_iid":
+        return ("the final global model of FedAvg trained on the same cases re-dealt so that every site holds the "
+                "same mix of every site's cases (sizes per site unchanged)")
+    if method == "pooled_steps":
+        return ("one model trained on all sites' pooled training data for as many optimizer steps as FedAvg's global "
+                "model takes (rounds x local epochs x the mean site's steps per epoch), after the last step")
     if method in FEDERATED:
         return registry.site_method_class(method).result
     if method == "local":

@@ -44,6 +44,28 @@ def window_radius(height: int, width: int, ratio: float) -> int:
     return int(math.floor(min(height, width) * ratio))
 
 
+def empty_window_note(height: int, width: int, ratio: float) -> Optional[str]:
+    """Why amplitude normalization at this size and ratio swaps no more than the DC term (None: it does more).
+
+    With ``b = floor(min(H, W) * L) = 0`` the window holds only the zero frequency, so the "paper" mode
+    is a per-image, per-channel mean shift, not a low-frequency amplitude swap. For example L = 0.01
+    needs at least 100 px for b = 1 and 200 px for b = 2; at 96 px b >= 2 needs L >= 2 / 96.
+
+    Example::
+
+        >>> empty_window_note(96, 96, 0.01)[:60]
+        'amplitude window b = floor(96 x 0.01) = 0 at 96 x 96: only t'
+        >>> empty_window_note(384, 384, 0.01) is None
+        True
+    """
+    side = min(height, width)
+    if ratio <= 0 or window_radius(height, width, ratio) > 0:
+        return None
+    return (f"amplitude window b = floor({side} x {ratio:g}) = 0 at {height} x {width}: only the DC term is swapped "
+            f"(a per-image mean shift, not HarmoFL's low-frequency amplitude swap); b >= 1 needs L >= {1 / side:.4f} "
+            f"and b >= 2 needs L >= {2 / side:.4f} at this size")
+
+
 def batch_amplitude(images: torch.Tensor) -> torch.Tensor:
     """Mean amplitude spectrum of a batch: (B, C, H, W) -> (C, H, W), NumPy's unshifted ``fft2`` layout."""
     _check_images(images)

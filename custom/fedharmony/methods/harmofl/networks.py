@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude, check_ratio, shape_text
+from fedharmony.methods.harmofl.harmonize import (amplitude_normalize, batch_amplitude, check_ratio, empty_window_note,
+                                                  shape_text, window_radius)
+
+logger = logging.getLogger(__name__)
 
 MODES = ("paper", "released", "off")
 
@@ -55,6 +59,10 @@ class AmplitudeNormalization(nn.Module):
         self.ratio = 0.0 if mode == "released" else float(ratio)
         self.momentum = float(momentum)
         h, w = spatial_size
+        self.window_radius = window_radius(h, w, self.ratio)  # b: the window is (2b + 1) x (2b + 1) frequencies
+        note = empty_window_note(h, w, self.ratio) if mode == "paper" else None
+        if note:  # said where the network is built (each site, the server): a setting, not an error
+            logger.warning("HarmoFL paper mode: %s", note)
         self.register_buffer("target", torch.zeros(num_channels, h, w))
         self.frozen = False  # not in the state dict: a site re-derives it from what it receives
         if target is not None:

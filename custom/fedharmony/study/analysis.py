@@ -1,0 +1,142 @@
+"""Verdicts under an analysis plan: seed-level tests, Holm's correction, non-inferiority (no NVFlare import).
+
+The plan protocol (:mod:`fedharmony.study.plan`) decides a study's claims from the per-seed
+paired differences (method minus baseline on the same seed's data; seeds are the replicates):
+
+* **superiority** on an endpoint (``mean`` over sites or ``worst`` site): the two-sided paired
+  t-test's p, Holm-adjusted across every verdict of the study; *better* / *worse* only where the
+  adjusted p is below alpha **and** both 95% CIs (Student t and percentile bootstrap over seeds)
+  exclude zero on the same side; otherwise *no difference shown*;
+* **non-inferiority** on ``mean`` or ``worst``: the one-sided p of H0 "the method is worse by the
+  margin or more" (t = (mean + margin) / SE), Holm-adjusted with the rest; *no worse* where the
+  adjusted p is below alpha (then the one-sided lower confidence bound lies above -margin);
+* **non-inferiority at every site** (``sites``): each site's own one-sided test; the claim needs
+  every site, so its p is the largest of the sites' (an intersection-union test, which needs no
+  correction over sites) and that p joins the Holm family.
+
+:func:`posthoc_rule` applies the same rule (t-test p, Holm over every comparison and endpoint a
+report shows) to a study that had no plan, so its verdicts can be read under today's protocol;
+such a re-analysis is post hoc by construction, and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from fedharmony.study.stats import bootstrap_ci, excludes_zero, holm, noninferiority, paired_t_test, t_interval
+
+__all__ = ["planned_verdicts", "posthoc_rule", "noninferiority_p", "superiority_verdict"]
+
+
+def noninferiority_p(differences, margin: float) -> float:
+    """One-sided p of H0 "mean difference <= -margin" (t-test over seeds; NaN for fewer than 2 values)."""
+    from scipy.stats import t as student_t
+
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2:
+        return math.nan
+    sd = float(d.std(ddof=1))
+    shifted = float(d.mean()) + margin
+    if sd == 0:
+        return 0.0 if shifted > 0 else 1.0
+    return float(student_t.sf(shifted / (sd / math.sqrt(d.size)), df=d.size - 1))
+
+
+def superiority_verdict(adjusted_p: float, t_ci, boot_ci, alpha: float) -> str:
+    """*better* / *worse* where the adjusted p is below alpha and both CIs exclude zero on the same side."""
+    if math.isnan(adjusted_p) or adjusted_p >= alpha:
+        return "no difference shown"
+    if all(excludes_zero(lo, hi) and lo > 0 for lo, hi in (t_ci, boot_ci)):
+        return "better"
+    if all(excludes_zero(lo, hi) and hi < 0 for lo, hi in (t_ci, boot_ci)):
+        return "worse"
+    return "no difference shown"
+
+
+def _per_seed(scores, arm: str, baseline: str):
+    """(seeds, sites, {endpoint: per-seed differences}, {site: per-seed differences})."""
+    a, b = scores.get(arm, {}), scores.get(baseline, {})
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return seeds, [], {}, {}
+    sites = sorted(set(a[seeds[0]]) & set(b[seeds[0]]))
+    by_endpoint = {
+        "mean": [float(np.mean([a[k][s] for s in sites]) - np.mean([b[k][s] for s in sites])) for k in seeds],
+        "worst": [min(a[k][s] for s in sites) - min(b[k][s] for s in sites) for k in seeds],
+    }
+    by_site = {s: [a[k][s] - b[k][s] for k in seeds] for s in sites}
+    return seeds, sites, by_endpoint, by_site
+
+
+def planned_verdicts(scores: Dict[str, Dict[int, Dict[str, float]]], plan: dict) -> List[dict]:
+    """One row per (planned comparison, endpoint), in the plan's order, with the Holm-adjusted verdict.
+
+    ``scores``: method -> seed -> site -> score; ``plan``: the plan file's content.
+    """
+    alpha = float(plan.get("alpha", 0.05))
+    margin = plan.get("margin")
+    rows = []
+    for c in plan["comparisons"]:
+        seeds, sites, by_endpoint, by_site = _per_seed(scores, c["arm"], c["baseline"])
+        for endpoint in c["endpoints"]:
+            row = {"arm": c["arm"], "baseline": c["baseline"], "test": c["test"], "endpoint": endpoint,
+                   "primary": bool(c.get("primary")), "seeds": seeds, "n": len(seeds)}
+            if len(seeds) < 2:
+                row.update(p=math.nan, diff=math.nan)
+            elif endpoint == "sites":
+                per_site = {s: noninferiority(d, margin, 1 - alpha) for s, d in by_site.items()}
+                ps = {s: noninferiority_p(d, margin) for s, d in by_site.items()}
+                row.update(diff=float(np.mean([r.diff for r in per_site.values()])), p=max(ps.values()),
+                           per_site={s: {"diff": r.diff, "lower": r.lower, "p": ps[s], "noninferior": r.noninferior}
+                                     for s, r in per_site.items()},
+                           lower=min(r.lower for r in per_site.values()), margin=margin,
+                           weakest_site=min(per_site, key=lambda s: per_site[s].lower))
+            else:
+                d = by_endpoint[endpoint]
+                t = t_interval(d)
+                boot = bootstrap_ci(d)
+                row.update(diff=t[0], t_ci=t[1:], bootstrap_ci=boot[1:], per_seed=d)
+                if c["test"] == "superiority":
+                    row["p"] = paired_t_test(d)[1]
+                else:
+                    ni = noninferiority(d, margin, 1 - alpha)
+                    row.update(p=noninferiority_p(d, margin), lower=ni.lower, margin=margin)
+            rows.append(row)
+    adjusted = holm([r["p"] for r in rows])
+    for row, p_adj in zip(rows, adjusted):
+        row["p_holm"] = p_adj
+        if row["test"] == "superiority":
+            row["verdict"] = ("no difference shown" if "t_ci" not in row
+                              else superiority_verdict(p_adj, row["t_ci"], row["bootstrap_ci"], alpha))
+        else:
+            shown = not math.isnan(p_adj) and p_adj < alpha
+            what = "every site no worse" if row["endpoint"] == "sites" else "no worse"
+            row["verdict"] = f"{what} (margin {margin:g})" if shown else f"{what}: not shown"
+    return rows
+
+
+def posthoc_rule(comparisons: List[dict], alpha: float = 0.05) -> List[dict]:
+    """Today's rule applied after the fact to a report's :func:`fedharmony.study.report.paired_difference`
+    results: per comparison and endpoint (mean, worst) the paired t-test p over seeds, Holm's adjustment
+    across all of them, the verdict under the rule, and the verdict the study's own (uncorrected) rule gave."""
+    rows = []
+    for d in comparisons:
+        for endpoint in ("mean", "worst"):
+            e = d[endpoint]
+            rows.append({"arm": d["method"], "baseline": d["baseline"], "endpoint": endpoint, "diff": e["diff"],
+                         "t_ci": tuple(e["t_ci"]), "bootstrap_ci": tuple(e["bootstrap_ci"]),
+                         "p": paired_t_test(e["per_seed"])[1], "old_verdict": e["verdict"]})
+    for row, p_adj in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = p_adj
+        row["verdict"] = superiority_verdict(p_adj, row["t_ci"], row["bootstrap_ci"], alpha)
+    return rows
+
+
+def fmt_p(p: Optional[float]) -> str:
+    """A p-value as the reports print it."""
+    if p is None or math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
