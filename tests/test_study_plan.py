@@ -297,3 +297,20 @@ def test_harmofl_says_when_its_window_holds_only_the_dc_term(caplog):
         assert AmplitudeNormalization(3, (96, 96), 0.025).window_radius == 2
         assert AmplitudeNormalization(3, (96, 96), 0.01, mode="released").window_radius == 0  # released: DC by design
         assert caplog.text == ""
+
+
+def test_plateau_rule_by_hand():
+    from fedharmony.study.analysis import plateau, plateau_rounds
+
+    # three seeds rising by 0.05 a round to round 9, then flat with seed-to-seed spread 0.03
+    curves = {k: {r: min(r, 9) * 0.05 + 0.03 * (k - 1) for r in range(24)} for k in range(3)}
+    check = plateau(curves)
+    assert check["rounds"] == 24 and check["change"] == pytest.approx(0.0) and check["plateaued"]
+    assert check["se"] == pytest.approx(0.03 / math.sqrt(3))
+    rising = plateau(curves, rounds=10)  # rounds 0-9: the last quarter (3 rounds) rose by 0.15
+    assert rising["change"] == pytest.approx(0.15) and not rising["plateaued"]
+    # R rounds look back ceil(R / 4) rounds from round R - 1: at 13 rounds that is round 8 (still rising to 9),
+    # at 14 rounds round 9, and every longer run starts its last quarter at round 9 or later
+    assert plateau(curves, rounds=13)["change"] == pytest.approx(0.05)
+    assert plateau_rounds(curves) == 14
+    assert plateau({0: {0: 0.1, 1: 0.2}}) is None  # one seed: no standard error

@@ -17,6 +17,10 @@ paired differences (method minus baseline on the same seed's data; seeds are the
 :func:`posthoc_rule` applies the same rule (t-test p, Holm over every comparison and endpoint a
 report shows) to a study that had no plan, so its verdicts can be read under today's protocol;
 such a re-analysis is post hoc by construction, and the report says so.
+
+:func:`plateau` asks whether a validation curve has stopped rising (:data:`PLATEAU_RULE`), the
+test that fixes a preset's rounds: a comparison made while FedAvg is still learning measures
+speed, not where the methods end.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import numpy as np
 
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, holm, noninferiority, paired_t_test, t_interval
 
-__all__ = ["planned_verdicts", "posthoc_rule", "noninferiority_p", "superiority_verdict"]
+__all__ = ["planned_verdicts", "posthoc_rule", "noninferiority_p", "superiority_verdict", "plateau", "plateau_rounds",
+           "PLATEAU_RULE"]
 
 
 def noninferiority_p(differences, margin: float) -> float:
@@ -140,3 +145,50 @@ def fmt_p(p: Optional[float]) -> str:
     if p is None or math.isnan(p):
         return "-"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+PLATEAU_RULE = ("over the last quarter of the rounds (at least one), the mean over seeds of the validation score "
+                "(mean over sites) changes by less than its standard error over seeds at the last round")
+
+
+def plateau(curves_by_seed: Dict[int, Dict[int, float]], rounds: Optional[int] = None) -> Optional[dict]:
+    """Whether a curve has plateaued by :data:`PLATEAU_RULE`, on its first ``rounds`` rounds (default: all).
+
+    ``curves_by_seed``: seed -> round -> score (mean over sites), rounds 0 .. R - 1 (round r's score is
+    the model at the start of round r). Returns ``{"rounds", "last", "change", "se", "plateaued"}``, or
+    None with fewer than 2 seeds or 2 rounds in common.
+
+    Example::
+
+        >>> curves = {0: {0: 0.1, 1: 0.5, 2: 0.60, 3: 0.61}, 1: {0: 0.1, 1: 0.4, 2: 0.58, 3: 0.58}}
+        >>> r = plateau(curves)
+        >>> round(r["change"], 3), round(r["se"], 3), r["plateaued"]
+        (0.005, 0.015, True)
+    """
+    if len(curves_by_seed) < 2:
+        return None
+    common = sorted(set.intersection(*[set(c) for c in curves_by_seed.values()]))
+    if rounds is not None:
+        common = [r for r in common if r < rounds]
+    if len(common) < 2:
+        return None
+    quarter = max(1, math.ceil(len(common) / 4))
+    last, start = common[-1], common[-1 - quarter]
+    values = np.array([[c[last], c[start]] for c in curves_by_seed.values()], dtype=float)
+    se = float(values[:, 0].std(ddof=1)) / math.sqrt(len(values))
+    change = float(values[:, 0].mean() - values[:, 1].mean())
+    return {"rounds": len(common), "last": float(values[:, 0].mean()), "change": change, "se": se,
+            "plateaued": bool(abs(change) < se)}
+
+
+def plateau_rounds(curves_by_seed: Dict[int, Dict[int, float]], smallest: int = 4) -> Optional[int]:
+    """The fewest rounds R (>= ``smallest``) at which the curve has plateaued and stays so for every longer
+    run up to the rounds it has (None: not within them)."""
+    common = sorted(set.intersection(*[set(c) for c in curves_by_seed.values()])) if curves_by_seed else []
+    found = None
+    for rounds in range(len(common), smallest - 1, -1):
+        check = plateau(curves_by_seed, rounds)
+        if not check or not check["plateaued"]:
+            break
+        found = rounds
+    return found

@@ -44,7 +44,7 @@ import numpy as np
 from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
 from fedharmony.study.provenance import differing, run_line
-from fedharmony.study.analysis import fmt_p, planned_verdicts, posthoc_rule
+from fedharmony.study.analysis import PLATEAU_RULE, fmt_p, plateau, plateau_rounds, planned_verdicts, posthoc_rule
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
@@ -516,6 +516,7 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
             ex = r["exchanged_mean_drop"]
             lines.append(f"| {m} | {len(r['seeds'])} | {_fmt_signed(*r['mean_drop'])} | {_signed(r['largest_drop'])} | "
                          f"{_fmt_signed(*ex) if ex else '-'} |")
+    lines += _plateau_lines(results, summary)
     if comparisons and not plan:
         lines += _posthoc_lines(comparisons)
     figures = [(curves, "Validation by round"), (forest, "Paired differences (forest plot)"),
@@ -575,6 +576,34 @@ def _protocol_lines(results: dict, plan: Optional[dict], planned: List[dict], me
                               f"{'no worse' if v['noninferior'] else 'not shown'})"
                               for s, v in sorted(r["per_site"].items())) + "."]
     return lines + [""]
+
+
+def _plateau_lines(results: dict, summary: dict) -> List[str]:
+    """Whether the baseline's validation curve had stopped rising when the study stopped (the rounds question)."""
+    baseline = BASELINE if BASELINE in summary else next(iter(summary), None)
+    curves = {}
+    for run in results["runs"]:
+        if run["method"] == baseline and run.get("curve"):
+            curves[int(run["seed"])] = _mean_over_sites(run["curve"])
+    check = plateau(curves)
+    if check is None:
+        return []
+    lines = ["", f"## Had {baseline}'s validation curve plateaued?", "",
+             f"Rule: {PLATEAU_RULE}. Over its {check['rounds']} rounds the mean changed by "
+             f"{_signed(check['change'])} over the last quarter, against a standard error of {check['se']:.3f}: "
+             + ("plateaued." if check["plateaued"] else "**still changing**: the comparisons above are made while "
+                f"{baseline} was still learning.")]
+    enough = plateau_rounds(curves)
+    if check["rounds"] >= 16:  # a long curve (a pilot that fixes a preset's rounds): every shorter run, too
+        lines += ["", "| rounds | mean at the last round | change over the last quarter | SE | plateaued |",
+                  "|---|---|---|---|---|"]
+        for rounds in range(4, check["rounds"] + 1, 2 if check["rounds"] <= 40 else 5):
+            r = plateau(curves, rounds)
+            lines.append(f"| {rounds} | {r['last']:.3f} | {_signed(r['change'])} | {r['se']:.3f} | "
+                         f"{'yes' if r['plateaued'] else 'no'} |")
+        lines += ["", f"Fewest rounds from which every longer run has plateaued: "
+                  f"{enough if enough is not None else 'none within these rounds'}."]
+    return lines
 
 
 def _posthoc_lines(comparisons: List[dict]) -> List[str]:
