@@ -155,8 +155,9 @@ def sitk_image(vol_zyx, spacing=(0.7, 1.3, 3.0), origin=(10.0, -20.0, 30.0), dir
     return img
 
 
-def write_series(folder, img, series_uid=None, skip=(), description="T2 AX", prefix="IM"):
-    """Write ``img`` as one DICOM file per slice, ``<prefix>NNNN.dcm`` (as SimpleITK's DicomSeriesFromArray example)."""
+def write_series(folder, img, series_uid=None, skip=(), description="T2 AX", prefix="IM", tags=None):
+    """Write ``img`` as one DICOM file per slice, ``<prefix>NNNN.dcm`` (as SimpleITK's DicomSeriesFromArray example);
+    ``tags``: more (or other) tags for every slice, e.g. ``{"0008|0060": "CT", "0010|0020": "P001"}``."""
     import SimpleITK as sitk
     from pydicom.uid import generate_uid
 
@@ -175,7 +176,7 @@ def write_series(folder, img, series_uid=None, skip=(), description="T2 AX", pre
             "0020|0013": str(k + 1), "0018|0050": str(img.GetSpacing()[2]),
             "0020|0032": "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))),
             "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7]))),
-            "0028|0030": f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}",
+            "0028|0030": f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}", **(tags or {}),
         }.items():
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
@@ -197,3 +198,55 @@ def write_non_image_dicom(path, sop_class="1.2.840.10008.5.1.4.1.1.88.11", modal
     ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, generate_uid(), generate_uid()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+SAGITTAL = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # rows along A, columns along S (SimpleITK, row-major)
+
+
+def phantom_series_image(seed=0, size=48, slices=10):
+    """A phantom prostate volume (RUNMC's scanner) as an axial SimpleITK int16 image with its RAS geometry in LPS."""
+    import numpy as np
+    import SimpleITK as sitk
+    from fedharmony.phantom import load_profiles
+    from fedharmony.phantom.prostate import make_case
+
+    image, _, affine = make_case(load_profiles()["RUNMC"], seed, 0, size=size, slices=slices)
+    img = sitk.GetImageFromArray(np.clip(image, 0, 32000).astype(np.int16).transpose(2, 1, 0))
+    img.SetSpacing([float(abs(affine[i, i])) for i in range(3)])
+    img.SetOrigin((-float(affine[0, 3]), -float(affine[1, 3]), float(affine[2, 3])))  # RAS -> LPS
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    return img
+
+
+def write_mixed_export(folder, img, series_uid=None):
+    """``img`` as a DICOM series in ``folder`` together with what an export brings along: a second series of the
+    same patient (ADC, its own UID), a 3-plane localizer series, and one localizer image inside ``img``'s own series
+    (ImageType LOCALIZER, sagittal); every file named by a UID-like name in shuffled order, as PACS exports name
+    them. Returns ``img``'s series UID."""
+    import random
+
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    patient = {"0010|0020": "PHANTOM01", "0008|1030": "MRI PROSTATE"}
+    series_uid = series_uid or generate_uid()
+    write_series(folder, img, series_uid=series_uid, prefix="T2_", tags={**patient, "0020|0011": "3"})
+    adc = sitk.Cast(sitk.Shrink(img, [2, 2, 1]), sitk.sitkInt16)
+    write_series(folder, adc, description="ADC", prefix="ADC_", tags={**patient, "0020|0011": "5"})
+    loc = sitk.Image(img.GetSize()[0], img.GetSize()[2], 1, sitk.sitkInt16) + 100
+    loc.SetSpacing((2.0, 2.0, 1.0))
+    loc.SetDirection(SAGITTAL)
+    loc.SetOrigin(img.GetOrigin())
+    write_series(folder, loc, series_uid=series_uid, prefix="LOCIMG_",  # a localizer inside the T2 series
+                 tags={**patient, "0020|0011": "3", "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
+    three_plane = generate_uid()
+    for k, direction in enumerate([SAGITTAL, (1.0, 0, 0, 0, 0, 1.0, 0, -1.0, 0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)]):
+        plane = sitk.Image(32, 32, 1, sitk.sitkInt16) + 50
+        plane.SetDirection(direction)
+        write_series(folder, plane, series_uid=three_plane, description="3-Plane Loc", prefix=f"LOC{k}_",
+                     tags={**patient, "0020|0011": "1"})
+    files = sorted(folder.iterdir())
+    random.Random(0).shuffle(files)
+    for n, f in enumerate(files):
+        f.rename(folder / f"1.2.826.0.1.3680043.2.1125.{1000 + n}")
+    return series_uid

@@ -2,8 +2,10 @@
 
 The folder mixes what nobody here chose: a volume stored RAS and the same scan stored LPS, a 4-D
 series, a volume too small for the network, a truncated ``.nii.gz``, a text file, a DICOM series
-folder, a folder holding two series, a series with a missing slice, a DICOM file without pixels and
-(when pydicom ships it) a real scanner's DICOM file. The weights are untrained: what is checked is
+folder, a folder holding two series (split up), a series with a missing slice, a DICOM report and
+(when pydicom ships it) a real scanner's DICOM file. A PACS-style export (a series among another
+series, localizers and a CT series) gives the mask of the series alone; pydicom's ``dicomdirtests``
+export goes through with every series named. The weights are untrained: what is checked is
 the pipeline (what is segmented, where, on which grid, what is named), not the masks' quality.
 """
 
@@ -13,13 +15,15 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE, REPO, sitk_image, write_non_image_dicom, write_series
+from conftest import (BUNDLE, REPO, phantom_series_image, sitk_image, write_mixed_export, write_non_image_dicom,
+                      write_series)
 
 pytestmark = pytest.mark.integration  # whole folders through MONAI's command line (tests/test_folder_inference.py
                                       # checks the same pieces in-process, fast)
@@ -61,7 +65,7 @@ def hospital_folder(tmp_path):
                                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)), sitk.sitkInt16)
     write_series(d / "series_ok", series)
     write_series(d / "two_series", series)
-    write_series(d / "two_series", series, prefix="ADC")  # a second series (its own UID) in the same folder
+    write_series(d / "two_series", series, prefix="ADC", description="ADC")  # a second series (its own UID) beside it
     write_series(d / "gap", series, skip=(3,))
     write_non_image_dicom(d / "report.dcm")
     return d, scan
@@ -80,18 +84,28 @@ def test_inference_segments_every_usable_scan_and_names_every_other_input(hospit
                      "--base_features", 4)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]  # something was skipped
     summary = json.loads((out / "inference_summary.json").read_text())
-    done = {p["input"].rsplit("/", 1)[-1] for p in summary["inputs"]}
+    done = {p["input"].rsplit("/", 1)[-1] for p in summary["inputs"] if p["input"].startswith(str(folder))}
     skipped = {s["input"].rsplit("/", 1)[-1]: s["reason"] for s in summary["skipped_inputs"]}
     assert done == {"t2_ras.nii.gz", "t2_lps.nii.gz", "series_ok"}
-    assert set(skipped) == {"dwi_4d.nii.gz", "tiny.nii.gz", "truncated.nii.gz", "notes.txt", "two_series", "gap",
-                            "report.dcm"}
+    split = [p for p in summary["inputs"] if not p["input"].startswith(str(folder))]  # two_series/, split up
+    assert sorted(p["series"]["series_description"] for p in split) == ["ADC", "T2 AX"]
+    assert all(p["series"]["folders"] == "two_series" and p["input"].endswith(f"({p['series']['series_uid']})")
+               for p in split)
+    assert set(skipped) == {"dwi_4d.nii.gz", "tiny.nii.gz", "truncated.nii.gz", "notes.txt", "gap"}
     assert "2 volumes" in skipped["dwi_4d.nii.gz"] and "volume_index" in skipped["dwi_4d.nii.gz"]
     assert "4 x 5 in-plane" in skipped["tiny.nii.gz"]
     assert skipped["truncated.nii.gz"].startswith("no reader could open it: ")
-    assert "not an image" in skipped["notes.txt"] and "2 DICOM series" in skipped["two_series"]
+    assert "not an image" in skipped["notes.txt"] and "1 slice(s) missing" in skipped["gap"]
+    (report,) = summary["not_selected_inputs"]  # a structured report is not for an MR bundle: listed, no error
+    assert report["input"] == str(folder / "report.dcm") and "Modality 'SR' is not MR" in report["reason"]
+    assert summary["dicom_series"] == {"found": 5, "segmented": 3, "skipped": 1, "not_selected": 1}
     for name in skipped:  # the terminal says it too, file by file
         assert name in res.stdout
-    assert f"processed 3, skipped 7 (summary: {out / 'inference_summary.json'})" in res.stdout
+    assert f"processed 5, skipped 5 (summary: {out / 'inference_summary.json'})" in res.stdout
+    assert "not selected 1 (not for this bundle; no error)" in res.stdout
+    t2 = next(p for p in split if p["series"]["series_description"] == "T2 AX")
+    np.testing.assert_array_equal(np.asarray(nib.load(t2["outputs"][0]).dataobj),  # the same scan, the same mask
+                                  np.asarray(nib.load(out / "series_ok_seg.nii.gz").dataobj))
 
     # each mask has its own input's grid, and the LPS copy's mask is the RAS one's in world space
     ras, lps = nib.load(out / "t2_ras_seg.nii.gz"), nib.load(out / "t2_lps_seg.nii.gz")
@@ -157,6 +171,50 @@ def test_a_real_scanners_dicom_file_from_pydicom_goes_through_inference(model, t
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     mask = nib.load(tmp_path / "out" / "mr_small_seg.nii.gz")
     assert mask.shape[:2] == (64, 64)  # the scanner's 64 x 64 slice, one mask on its grid
+
+
+def test_a_series_in_an_export_with_another_series_and_localizers_gets_the_mask_it_gets_alone(model, tmp_path):
+    img = phantom_series_image(size=48, slices=10)
+    write_series(tmp_path / "alone" / "T2", img)
+    uid = write_mixed_export(tmp_path / "export" / "PACS", img)
+    write_series(tmp_path / "export" / "PACS", img, description="CT of something", prefix="CT",
+                 tags={"0008|0060": "CT", "0010|0020": "PHANTOM01"})
+    masks = {}
+    for key in ("alone", "export"):
+        out = tmp_path / f"masks_{key}"
+        res = bundle_run(["configs/inference.json"], "--dataset_dir", tmp_path / key, "--output_dir", out,
+                         "--ckpt_path", model, "--base_features", 4,
+                         *(["--series_filter", "{'Modality': 'MR', 'SeriesDescription': '*T2*'}"] if key == "export"
+                           else []))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]  # not selected is no error
+        summary = json.loads((out / "inference_summary.json").read_text())
+        (entry,) = summary["inputs"]
+        masks[key] = nib.load(entry["outputs"][0])
+    assert entry["series"]["series_uid"] == uid
+    assert Path(entry["outputs"][0]).name.startswith("PHANTOM01_MRI_PROSTATE_S3_T2_AX_")
+    assert entry["series"]["dropped"].startswith("1 localizer image(s) (ImageType LOCALIZER)")
+    reasons = sorted(r["reason"].split(" (")[0] for r in summary["not_selected_inputs"])
+    assert reasons == ["not selected: Modality 'CT' is not MR",  # the filter speaks first, then the localizer rule
+                       "not selected: SeriesDescription '3-Plane Loc' does not match *T2*",
+                       "not selected: SeriesDescription 'ADC' does not match *T2*"]
+    assert summary["dicom_series"] == {"found": 4, "segmented": 1, "skipped": 0, "not_selected": 3}
+    np.testing.assert_allclose(masks["export"].affine, masks["alone"].affine, atol=1e-5)  # the same world grid
+    np.testing.assert_array_equal(np.asarray(masks["export"].dataobj), np.asarray(masks["alone"].dataobj))
+
+
+def test_pydicoms_dicomdirtests_export_through_the_bundle_names_every_series(model, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    export = tmp_path / "export"
+    shutil.copytree(Path(get_testdata_file("DICOMDIR")).parent, export)
+    out = tmp_path / "masks"
+    res = bundle_run(["configs/inference.json"], "--dataset_dir", export, "--output_dir", out, "--ckpt_path", model,
+                     "--base_features", 4)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]  # README.txt, DICOMDIR-nopatient skipped
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["dicom_series"] == {"found": 14, "segmented": 0, "skipped": 0, "not_selected": 14}
+    assert summary["processed"] == 0 and summary["skipped"] == 2 and len(summary["notes"]) == 7
+    assert "not selected 14 (not for this bundle; no error)" in res.stdout
 
 
 def test_classification_inference_names_bad_images_and_keeps_predictions_csv(tiny_dermoscopy, tmp_path):

@@ -175,17 +175,26 @@ def test_reader_reads_pydicoms_scanner_files_like_pydicom(name):
     np.testing.assert_allclose(meta["affine"][:3, 3], lps * [-1, -1, 1], atol=1e-4)
 
 
-def test_find_inputs_reports_a_folder_with_two_series_and_keeps_the_series_next_to_it(tmp_path):
+def test_find_inputs_splits_a_folder_with_two_series_and_keeps_the_series_next_to_it_as_before(tmp_path):
     write_series(tmp_path / "patient1" / "T2", sitk_image(volume()))
     mixed = tmp_path / "patient1" / "mixed"
-    write_series(mixed, sitk_image(volume()), description="T2 AX")
-    write_series(mixed, sitk_image(volume((7, 6, 3))), description="ADC", prefix="BIM")
+    write_series(mixed, sitk_image(volume()), description="T2 AX", tags={"0010|0020": "P1", "0020|0011": "4"})
+    write_series(mixed, sitk_image(volume((7, 6, 3))), description="ADC", prefix="BIM", tags={"0010|0020": "P1"})
     inputs, problems = find_inputs(tmp_path)
-    assert inputs == [{"image": str(tmp_path / "patient1" / "T2"), "name": "patient1_T2"}]
-    assert len(problems) == 1 and problems[0]["input"] == str(mixed)
-    reason = problems[0]["reason"]
-    assert "holds 2 DICOM series" in reason and "skipped" in reason and "not split up" in reason
-    assert "5 file(s), T2 AX" in reason and "3 file(s), ADC" in reason
+    assert problems == []
+    alone = next(i for i in inputs if isinstance(i["image"], str))  # one series in a folder: the folder, as before
+    assert alone["image"] == str(tmp_path / "patient1" / "T2") and alone["name"] == "patient1_T2"
+    assert "input" not in alone and alone["series"]["folders"] == "patient1/T2"
+    t2, adc = sorted((i for i in inputs if i is not alone), key=lambda i: i["series"]["series_description"],
+                     reverse=True)
+    assert [len(t2["image"]), len(adc["image"])] == [5, 3]  # each series its own input: the list of its files
+    assert all(os.path.dirname(f) == str(mixed) for f in t2["image"] + adc["image"])
+    assert t2["input"] == f"P1 / {t2['series']['study_date']} / series 4 'T2 AX' ({t2['series']['series_uid']})"
+    uid_digits = "".join(c for c in t2["series"]["series_uid"] if c.isdigit())
+    assert t2["name"] == f"P1_{t2['series']['study_date']}_S4_T2_AX_{uid_digits[-6:]}"
+    assert adc["name"].startswith(f"P1_{adc['series']['study_date']}_ADC_")  # no series number: left out
+    reader = SimpleITKReader()
+    np.testing.assert_array_equal(reader.get_data(reader.read(adc["image"]))[0], volume((7, 6, 3)).T)
 
 
 def test_find_inputs_names_the_gap_of_a_series_with_a_missing_slice(tmp_path):
@@ -352,3 +361,27 @@ def test_prepare_tool_converts_a_dicom_site_and_writes_a_datalist_the_bundle_loa
     assert "HOSP/Case00/: not converted, Case00.nii.gz exists and is used" in capsys.readouterr().out
     assert (site / "Case00.nii.gz").stat().st_mtime_ns == before
     assert json.loads((tmp_path / "root" / "sites.json").read_text()) == {"site-1": "HOSP"}
+
+
+def test_nifti_inputs_need_no_simpleitk(tmp_path):
+    """SimpleITK is imported at its first use: a NIfTI folder is scanned and loaded the way the inference configs
+    load it (nibabel first) where SimpleITK is missing (the GPU machines: tools/gpu_check.py); DICOM needs it."""
+    import subprocess
+    import sys
+
+    nib.save(nib.Nifti1Image(volume().T.astype(np.float32), np.eye(4)), str(tmp_path / "Case00.nii.gz"))
+    code = (
+        "import sys; sys.modules['SimpleITK'] = None\n"
+        "from monai.transforms import LoadImage\n"
+        "from fedharmony.data.images import SimpleITKReader, find_inputs, convert_to_nifti\n"
+        f"inputs, problems = find_inputs({str(tmp_path)!r})\n"
+        "assert [i['name'] for i in inputs] == ['Case00'] and not problems, (inputs, problems)\n"
+        "image = LoadImage(reader=[SimpleITKReader(), 'NibabelReader'], image_only=True)(inputs[0]['image'])\n"
+        "assert tuple(image.shape) == (7, 6, 5), image.shape\n"
+        "try:\n"
+        f"    convert_to_nifti({str(tmp_path / 'Case00.nii.gz')!r}, {str(tmp_path / 'copy.nii.gz')!r})\n"
+        "except ImportError as e:\n"
+        "    print('needs SimpleITK:', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "needs SimpleITK" in res.stdout

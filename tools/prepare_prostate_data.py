@@ -4,11 +4,14 @@
     python tools/prepare_prostate_data.py --root /data/ProstateMRI [--sites BIDMC HK ...] [--seed 0] [--check]
 
 ROOT holds one folder per site with CaseNN.nii.gz and CaseNN_segmentation.nii.gz (or
-_Segmentation). A case (or its mask) may also be a folder holding one DICOM series, CaseNN/
-(CaseNN_segmentation/): it is converted once to CaseNN.nii.gz beside the folder, with the
-series' geometry (an existing NIfTI is kept unless --overwrite), and the datalist lists the
-NIfTI. Every conversion is printed; a bad series (several series in one folder, a missing
-slice, ...) is named and skipped, and the rest of the site goes on.
+_Segmentation). A case (or its mask) may also be a DICOM folder, CaseNN/ (CaseNN_segmentation/):
+its files are grouped by series as inference groups them (localizers and series that
+--series_filter does not take are left out and named; default: MR), and when one series is left
+it is converted once to CaseNN.nii.gz beside the folder, with the series' geometry (an existing
+NIfTI is kept unless --overwrite), and the datalist lists the NIfTI. Every conversion is printed;
+a bad case (two MR series left, a missing slice, ...) is named and skipped, and the rest of the
+site goes on. --series_filter '{"Modality": "MR", "SeriesDescription": "*T2*"}' picks the T2
+series of a case folder holding a whole study.
 Each site gets ROOT/<site>/datalist.json split by case; ROOT/sites.json
 maps simulator client names to sites. Every file that is not used is reported with the reason.
 With --check, every pair is opened and checked (readable, 3-D, finite, same shape); bad
@@ -24,6 +27,7 @@ from pathlib import Path
 from fedharmony.data.datalist import (DATALIST_NAME, SiteDataError, check_case, convert_dicom_cases, find_cases,
                                       make_datalist, write_datalist)
 from fedharmony.core.files import write_site_map
+from fedharmony.data.dicom import SeriesFilter
 
 
 def main(argv=None):
@@ -34,15 +38,23 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="open every volume and skip unreadable / mismatched pairs")
     p.add_argument("--overwrite", action="store_true", help="replace existing datalist.json files that differ, "
                    "and NIfTI files converted from DICOM series before")
+    p.add_argument("--series_filter", default="MR", help="which DICOM series of a case folder to convert: a modality "
+                   "(default MR), a JSON object of DICOM keywords and patterns (e.g. "
+                   "'{\"SeriesDescription\": \"*T2*\"}'), or '' for every series")
     args = p.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
         p.error(f"--root {root} is not a folder")
+    try:
+        SeriesFilter(args.series_filter)
+    except ValueError as e:
+        p.error(f"--series_filter: {e}")
     names = args.sites or sorted(d.name for d in root.iterdir() if d.is_dir())
     written, skipped_all = [], []
     for name in names:
         try:
-            converted, not_converted = convert_dicom_cases(root / name, overwrite=args.overwrite)
+            converted, not_converted = convert_dicom_cases(root / name, overwrite=args.overwrite,
+                                                           series_filter=args.series_filter)
             cases, skipped = find_cases(root / name)
         except SiteDataError as e:
             skipped_all.append(str(e))

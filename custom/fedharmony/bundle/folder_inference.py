@@ -13,7 +13,10 @@ pieces here keep the run going and account for every input:
 * :class:`SaveMaskd` writes each mask as NIfTI with its input's geometry, atomically, never over an
   existing file unless told to.
 * :class:`InferenceSummary` collects what happened, logs it, writes ``inference_summary.json`` beside
-  the outputs and, by default, ends the run with exit status 1 when anything was skipped.
+  the outputs and, by default, ends the run with exit status 1 when anything was skipped. Inputs the
+  bundle does not take (a CT series for an MR bundle, a localizer: ``status`` "not selected") and notes
+  (a DICOMDIR read) are listed too but are no error; a DICOM input's series (patient, study and series
+  UIDs, what was dropped from it) is listed with it.
 
 In a bundle config (``batch_size`` may be anything; the inputs come from
 :func:`fedharmony.data.images.find_inputs`, which names what it cannot use)::
@@ -54,6 +57,8 @@ logger = logging.getLogger("fedharmony.inference")
 SKIPPED = "__skipped__"  # key of the skip records in an item or a batch
 SUMMARY_NAME = "inference_summary.json"
 PREPROCESS_SECONDS = "preprocess_s"  # per item, from ScreenedDataset: loading and preprocessing time
+SERIES = "series"  # an input's DICOM series record (fedharmony.data.images.find_inputs), for the summary only
+NOT_SELECTED, NOTE = "not selected", "note"  # statuses of an unusable record that are no error
 
 
 class InputRejected(ValueError):
@@ -100,6 +105,8 @@ class ScreenedDataset(torch.utils.data.Dataset):
         data: the datalist, ``[{"image": path, ...}]`` (an ``input`` entry, when present, names the item).
         transform: the preprocessing (a MONAI ``Compose``) applied to a copy of each item.
         key: the item's image key (for naming the input in a skip record).
+        info_keys: item entries left out of the copy: they are for the summary (which reads them from the
+            datalist in :meth:`InferenceSummary.begin`), not for the transforms or the batch.
 
     Example::
 
@@ -108,16 +115,18 @@ class ScreenedDataset(torch.utils.data.Dataset):
         {'__skipped__': [{'input': 'broken.nii.gz', 'reason': 'EOFError: Compressed file ended ...'}]}
     """
 
-    def __init__(self, data: Sequence[Mapping], transform: Optional[Callable] = None, key: str = "image"):
+    def __init__(self, data: Sequence[Mapping], transform: Optional[Callable] = None, key: str = "image",
+                 info_keys: Sequence[str] = (SERIES,)):
         self.data = list(data)
         self.transform = transform
         self.key = key
+        self.info_keys = tuple(info_keys)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int):
-        item = dict(self.data[index])
+        item = {k: v for k, v in self.data[index].items() if k not in self.info_keys}
         item.setdefault("input", input_of(item, self.key))
         t0 = time.perf_counter()
         try:
@@ -144,8 +153,15 @@ class InferenceSummary:
         input_dir: the folder the inputs came from (reported only).
         output_dir: where outputs and ``inference_summary.json`` go.
         unusable: inputs refused before loading (``[{"input": ..., "reason": ...}]``, e.g. from
-            :func:`fedharmony.data.images.find_inputs`).
+            :func:`fedharmony.data.images.find_inputs`). A record with ``"status": "not selected"`` (an input
+            this bundle does not take) or ``"note"`` is listed but is no error; a ``series`` entry is kept.
         allow_skipped: end with exit status 0 even when inputs were skipped.
+
+    Example::
+
+        >>> summary = InferenceSummary("export", "masks", unusable=[
+        ...     {"input": "export/CT/5", "reason": "not selected: Modality 'CT' is not MR", "status": "not selected"}])
+        >>> summary.begin(datalist); ...; summary.finish()   # exit status 0: nothing was skipped
     """
 
     def __init__(self, input_dir: str, output_dir: str, unusable: Sequence[Mapping] = (), allow_skipped: bool = False):
@@ -153,13 +169,32 @@ class InferenceSummary:
         self.allow_skipped = bool(allow_skipped)
         self.processed: Dict[str, List[str]] = {}  # input -> its outputs, in the order processed
         self.seconds: Dict[str, float] = {}  # input -> loading + preprocessing + inference + postprocessing
-        self.skipped: List[Dict[str, str]] = []
+        self.skipped: List[Dict[str, Any]] = []
+        self.not_selected: List[Dict[str, Any]] = []
+        self.notes: List[Dict[str, Any]] = []
+        self.series: Dict[str, Mapping] = {}  # input -> its DICOM series record
         for rec in unusable:
-            self.skip(rec["input"], rec["reason"])
+            status = rec.get("status")
+            if SERIES in rec:
+                self.series[str(rec["input"])] = rec[SERIES]
+            if status == NOT_SELECTED:
+                self.not_selected.append(self._record(rec["input"], rec["reason"]))
+                logger.info("not selected %s: %s", rec["input"], rec["reason"])
+            elif status == NOTE:
+                self.notes.append(self._record(rec["input"], rec["reason"]))
+                logger.info("note %s: %s", rec["input"], rec["reason"])
+            else:
+                self.skip(rec["input"], rec["reason"])
+
+    def _record(self, input_path: str, reason: str) -> Dict[str, Any]:
+        rec: Dict[str, Any] = {"input": str(input_path), "reason": str(reason)}
+        if str(input_path) in self.series:
+            rec[SERIES] = dict(self.series[str(input_path)])
+        return rec
 
     def skip(self, input_path: str, reason: str) -> None:
         self.processed.pop(str(input_path), None)  # a mask already saved stays on disk; the input still failed
-        self.skipped.append({"input": str(input_path), "reason": str(reason)})
+        self.skipped.append(self._record(input_path, reason))
         logger.warning("skipped %s: %s", input_path, reason)
 
     def done(self, input_path: str, seconds: Optional[float] = None) -> None:
@@ -172,15 +207,34 @@ class InferenceSummary:
         self.processed.setdefault(str(input_path), []).append(str(output_path))
 
     def as_dict(self) -> dict:
-        return {"input_dir": self.input_dir, "output_dir": self.output_dir,
-                "processed": len(self.processed), "skipped": len(self.skipped),
-                "inputs": [{"input": k, "outputs": v, "seconds": self.seconds.get(k)} for k, v in self.processed.items()],
-                "skipped_inputs": self.skipped,
-                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        def entry(k, v):
+            rec = {"input": k, "outputs": v, "seconds": self.seconds.get(k)}
+            if k in self.series:
+                rec[SERIES] = dict(self.series[k])
+            return rec
+
+        summary = {"input_dir": self.input_dir, "output_dir": self.output_dir,
+                   "processed": len(self.processed), "skipped": len(self.skipped),
+                   "not_selected": len(self.not_selected),
+                   "inputs": [entry(k, v) for k, v in self.processed.items()],
+                   "skipped_inputs": self.skipped, "not_selected_inputs": self.not_selected, "notes": self.notes}
+        if self.series:  # DICOM series by their fate (a series is one input, or one skipped / not selected record)
+            fate = {"segmented": [k for k in self.processed if k in self.series],
+                    "skipped": [r["input"] for r in self.skipped if SERIES in r],
+                    "not_selected": [r["input"] for r in self.not_selected if SERIES in r]}
+            summary["dicom_series"] = {"found": sum(len(v) for v in fate.values()),
+                                       **{k: len(v) for k, v in fate.items()}}
+        summary["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return summary
 
     def begin(self, datalist: Sequence) -> None:
-        """Before the model is loaded: with nothing usable to process, end the run here (after :meth:`finish`)."""
-        logger.info("inference: %d input(s) to process, %d refused already", len(datalist), len(self.skipped))
+        """Before the model is loaded: note each input's DICOM series; with nothing usable to process, end the
+        run here (after :meth:`finish`)."""
+        for item in datalist:
+            if isinstance(item, Mapping) and SERIES in item:
+                self.series[input_of(item)] = item[SERIES]
+        logger.info("inference: %d input(s) to process, %d refused already, %d not selected", len(datalist),
+                    len(self.skipped), len(self.not_selected))
         if not datalist:
             self.finish()  # exits with status 1 unless every refusal is allowed
             raise SystemExit(0)
@@ -194,8 +248,16 @@ class InferenceSummary:
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         lines = [f"inference: processed {len(self.processed)}, skipped {len(self.skipped)} (summary: {path})"]
         lines += [f"  skipped {rec['input']}: {rec['reason']}" for rec in self.skipped]
+        if self.not_selected:
+            lines.append(f"  not selected {len(self.not_selected)} (not for this bundle; no error):")
+            lines += [f"    {rec['input']}: {rec['reason'].removeprefix(NOT_SELECTED + ': ')}"
+                      for rec in self.not_selected]
+        dropped = [(k, self.series[k]["dropped"]) for k in self.processed if self.series.get(k, {}).get("dropped")]
+        lines += [f"  note {k}: dropped {what}" for k, what in dropped]
+        lines += [f"  note {rec['input']}: {rec['reason']}" for rec in self.notes]
         if not self.processed and not self.skipped:  # most likely the wrong folder: say so, whatever the flags
-            lines.append(f"  no input found in {self.input_dir}")
+            lines.append(f"  no input found in {self.input_dir}" if not self.not_selected else
+                         f"  nothing to segment in {self.input_dir}: every input found is not for this bundle")
         print("\n".join(lines), flush=True)
         if (self.skipped and not self.allow_skipped) or not (self.processed or self.skipped):
             raise SystemExit(1)

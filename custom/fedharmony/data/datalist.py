@@ -90,27 +90,48 @@ def find_cases(site_dir: str | Path) -> Tuple[Dict[str, Tuple[str, str]], List[s
     return cases, skipped
 
 
-def convert_dicom_cases(site_dir: str | Path, overwrite: bool = False) -> Tuple[List[str], List[str]]:
-    """Convert each DICOM series folder ``CaseNN/`` or ``CaseNN_segmentation/`` of a site to NIfTI beside it.
+def convert_dicom_cases(site_dir: str | Path, overwrite: bool = False, series_filter="MR"
+                        ) -> Tuple[List[str], List[str]]:
+    """Convert each DICOM case folder ``CaseNN/`` or ``CaseNN_segmentation/`` of a site to NIfTI beside it.
 
     ``<site>/Case00/`` becomes ``<site>/Case00.nii.gz`` (``Case00_segmentation/`` becomes
     ``Case00_segmentation.nii.gz``) with the series' voxels and geometry, written atomically, so
     :func:`find_cases` then pairs them like any NIfTI case. An existing NIfTI is kept unless
-    ``overwrite``. A folder is converted when it holds exactly one usable DICOM series (see
-    :func:`fedharmony.data.images.find_inputs`); a bad series is named and skipped, the rest go on.
+    ``overwrite``. A case folder may hold a whole study as exported: its DICOM files are grouped by
+    series exactly as inference groups them (:func:`fedharmony.data.images.find_inputs`): series the
+    ``series_filter`` does not take and localizers are left out (and named), localizer images are
+    dropped from a series, and the folder is converted when exactly one series is left. A mask folder
+    takes no filter (a mask series' modality is whatever its writer chose). A bad series is named and
+    skipped, the rest go on.
+
+    Args:
+        site_dir: the site folder.
+        overwrite: convert again over existing NIfTI files.
+        series_filter: which series of an image folder to take (``"MR"``, or e.g.
+            ``{"Modality": "MR", "SeriesDescription": "*T2*"}``: see :class:`fedharmony.data.dicom.SeriesFilter`).
 
     Returns:
         converted: one line per NIfTI written, e.g. ``"BIDMC/Case00/ -> Case00.nii.gz"``.
-        skipped: human-readable reasons for every folder (or file in it) not converted.
+        skipped: human-readable reasons for every folder (or file or series in it) not converted.
 
     Raises:
         SiteDataError: the site folder does not exist.
+        ValueError: ``series_filter`` names something that is not a DICOM keyword.
     """
+    from fedharmony.data.dicom import SeriesFilter
     from fedharmony.data.images import convert_to_nifti, find_inputs  # local: SimpleITK and MONAI are heavy
 
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise SiteDataError(f"site folder not found: {site_dir}")
+    selection = SeriesFilter(series_filter)  # refused before any folder is read
+
+    def where_is(name: str) -> str:  # a path under the site, or a series named by patient / study / series
+        try:
+            return f"{site_dir.name}/{Path(name).relative_to(site_dir).as_posix()}"
+        except ValueError:
+            return name
+
     converted, skipped = [], []
     for folder in sorted(p for p in site_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         where = f"{site_dir.name}/{folder.name}/"
@@ -121,21 +142,28 @@ def convert_dicom_cases(site_dir: str | Path, overwrite: bool = False) -> Tuple[
         if out.exists() and not overwrite:
             skipped.append(f"{where}: not converted, {out.name} exists and is used (--overwrite converts again)")
             continue
-        inputs, problems = find_inputs(folder)
-        skipped.extend(f"{site_dir.name}/{Path(p['input']).relative_to(site_dir)}: {p['reason']}" for p in problems)
-        series = [i["image"] for i in inputs if Path(i["image"]).is_dir()]
-        if not inputs and problems:
+        is_mask = folder.name.lower().endswith("_segmentation")
+        inputs, problems = find_inputs(folder, series_filter=None if is_mask else selection)
+        errors = [p for p in problems if p.get("status") not in ("not selected", "note")]
+        skipped.extend(f"{where_is(p['input'])}: {p['reason']}" for p in problems if p.get("status") != "note")
+        series = [i for i in inputs if "series" in i]
+        if not inputs and errors:
             continue  # the reasons are above
         if len(inputs) != 1 or len(series) != 1:
-            found = ", ".join(str(Path(i["image"]).relative_to(site_dir)) for i in inputs) or "nothing usable"
-            skipped.append(f"{where}: expected one DICOM series, found {found}; not converted")
+            found = ", ".join(where_is(i.get("input", i["image"])) for i in inputs) or "nothing usable"
+            hint = (f"; set --series_filter to pick one (now: {selection})" if len(series) > 1 else "")
+            skipped.append(f"{where}: expected one DICOM series, found {found}; not converted{hint}")
             continue
         try:
-            convert_to_nifti(series[0], out, overwrite=overwrite)
+            convert_to_nifti(series[0]["image"], out, overwrite=overwrite)
         except Exception as e:  # SimpleITK raises RuntimeError for unreadable pixel data
             skipped.append(f"{where}: cannot convert to {out.name}: {type(e).__name__}: {e}")
             continue
-        converted.append(f"{where} -> {out.name}")
+        info = series[0]["series"]
+        extra = (f" (series {info['series_number']} {info['series_description']!r}"
+                 f"{'; dropped ' + info['dropped'] if info['dropped'] else ''})"
+                 if "input" in series[0] else "")
+        converted.append(f"{where} -> {out.name}{extra}")
     return converted, skipped
 
 

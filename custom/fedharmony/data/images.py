@@ -1,11 +1,13 @@
 """Scans as hospitals store them: a SimpleITK reader for MONAI, DICOM series, and a folder scan.
 
-* :class:`SimpleITKReader` reads NIfTI, MetaImage, NRRD, single DICOM files and folders holding
-  one DICOM series, and returns them exactly as MONAI's ``NibabelReader`` returns a NIfTI file
-  (array ``(x, y, z)``, RAS ``affine``), so the same transforms, ``Invertd`` and ``SaveImaged``
-  work on either.
+* :class:`SimpleITKReader` reads NIfTI, MetaImage, NRRD, single DICOM files, folders holding
+  one DICOM series and the files of one DICOM series, and returns them exactly as MONAI's
+  ``NibabelReader`` returns a NIfTI file (array ``(x, y, z)``, RAS ``affine``), so the same
+  transforms, ``Invertd`` and ``SaveImaged`` work on either.
 * :func:`find_inputs` scans a folder handed over by a hospital: every NIfTI volume and every DICOM
-  series folder is an input; everything else is named with the reason it cannot be used.
+  series (grouped by series wherever its files lie, localizers dropped, a DICOMDIR read:
+  :mod:`fedharmony.data.dicom`) is an input; everything else is named with the reason it cannot be
+  used, or listed as not selected (a series of another modality, a localizer).
 * :func:`convert_to_nifti` writes one image (e.g. a DICOM series) as NIfTI, atomically.
 
 No NVFlare import. Example::
@@ -13,9 +15,10 @@ No NVFlare import. Example::
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
     from fedharmony.data.images import SimpleITKReader, find_inputs
 
-    inputs, problems = find_inputs("/data/hospital_export", exclude=["/data/hospital_export/predictions"])
+    inputs, problems = find_inputs("/data/hospital_export", exclude=["/data/hospital_export/predictions"],
+                                   series_filter="MR")
     for p in problems:
-        print(f"skipped {p['input']}: {p['reason']}")
+        print(f"{p.get('status', 'skipped')} {p['input']}: {p['reason']}")
     load = Compose([LoadImaged(keys="image", reader=SimpleITKReader(), image_only=True),
                     EnsureChannelFirstd(keys="image")])
     image = load(inputs[0])["image"]  # MetaTensor (1, x, y, z), image.affine in RAS
@@ -29,10 +32,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 from monai.data import ImageReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images  # the stacking ITKReader uses
 from monai.data.utils import orientation_ras_lps
@@ -41,7 +43,20 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 from fedharmony.core.files import SITE_MAP_NAME
 from fedharmony.data.datalist import DATALIST_NAME
 
-__all__ = ["SimpleITKReader", "find_inputs", "attach_labels", "convert_to_nifti"]
+__all__ = ["SimpleITKReader", "find_inputs", "attach_labels", "convert_to_nifti", "dicom_stack"]
+
+
+class _SimpleITK:
+    """SimpleITK, imported at its first use: a folder of NIfTI files (read by nibabel) needs none, so the bundle's
+    inference configs run where SimpleITK (a 50 MB wheel) is not installed; DICOM and other formats need it."""
+
+    def __getattr__(self, name):
+        import SimpleITK
+
+        return getattr(SimpleITK, name)
+
+
+sitk = _SimpleITK()
 
 PathLike = Union[str, Path]
 
@@ -51,21 +66,54 @@ _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dico
 _NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _MASK_RE = re.compile(r"_(segmentation|seg)(\.nii(\.gz)?)?$", re.IGNORECASE)  # masks are not inputs
 _IGNORED_NAMES = {DATALIST_NAME, SITE_MAP_NAME}
-_SERIES_UID, _SERIES_DESCRIPTION = "0020|000e", "0008|103e"
-
-# SOP classes of DICOM files that carry no image, to say what such a file is
-_NON_IMAGE_SOP = {
-    "1.2.840.10008.1.3.10": "a DICOMDIR (an index of the files on a CD)",
-    "1.2.840.10008.5.1.4.1.1.88.": "a structured report",
-    "1.2.840.10008.5.1.4.1.1.11.": "a presentation state",
-    "1.2.840.10008.5.1.4.1.1.104.": "an encapsulated document (PDF)",
-    "1.2.840.10008.5.1.4.1.1.481.": "a radiotherapy object",
-    "1.2.840.10008.5.1.4.1.1.66": "a segmentation / registration object",
-}
 
 
-def _read_sitk(path: PathLike, series_name: str = "", **kwargs) -> sitk.Image:
-    """One ``sitk.Image`` from a file or a folder holding one DICOM series (``kwargs``: for ``sitk.ReadImage``)."""
+def dicom_stack(names: Sequence[PathLike]) -> Optional[List[str]]:
+    """``names`` in slice order when they are the single-frame DICOM images of one series, else None.
+
+    This is how a series that shares its folder with others (or lies in several folders) is given to
+    :class:`SimpleITKReader`: as the list of its files, which :func:`find_inputs` puts in an input's
+    ``image``. Two or more files are needed; only their headers are read.
+
+    Raises:
+        ValueError: the files are one series but not one regular stack (several orientations, sizes, a
+            gap ...): reading them as a volume would give a wrong geometry.
+
+    Example::
+
+        >>> dicom_stack(["export/IM3", "export/IM1", "export/IM2"])   # ['export/IM1', 'export/IM2', 'export/IM3']
+        >>> dicom_stack(["a.nii.gz", "b.nii.gz"]) is None              # not DICOM: channels, as MONAI stacks them
+        True
+    """
+    from fedharmony.data.dicom import DicomFile, read_header, sort_stack, stack_problem
+
+    if len(names) < 2:
+        return None
+    paths = [Path(n) for n in names]
+    if any(_NIFTI_RE.search(p.name) or not p.is_file() for p in paths):
+        return None
+    headers = [read_header(p) for p in paths]
+    if not all(isinstance(h, DicomFile) and h.is_image and h.frames == 1 for h in headers):
+        return None
+    uids = {h.tag("SeriesInstanceUID") for h in headers}
+    if len(uids) != 1:
+        return None
+    problem = stack_problem(headers)
+    if problem:
+        raise ValueError(f"{len(paths)} DICOM files of series {uids.pop() or '(no series UID)'} "
+                         f"({paths[0].parent}/...): {problem}")
+    return [str(h.path) for h in sort_stack(headers)]
+
+
+def _read_sitk(path: Union[PathLike, Sequence[PathLike]], series_name: str = "", **kwargs) -> sitk.Image:
+    """One ``sitk.Image`` from a file, a folder holding one DICOM series, or the files of one DICOM series
+    (:func:`dicom_stack`); ``kwargs``: for ``sitk.ReadImage``."""
+    if isinstance(path, (list, tuple)):
+        files = dicom_stack(path)
+        if files is None:
+            raise ValueError(f"{len(path)} files ({', '.join(str(p) for p in list(path)[:3])}"
+                             f"{' ...' if len(path) > 3 else ''}) are not the single-frame DICOM images of one series")
+        return sitk.ReadImage(files, **kwargs)
     path = str(path)
     if not Path(path).is_dir():
         return sitk.ReadImage(path, **kwargs)
@@ -77,7 +125,7 @@ def _read_sitk(path: PathLike, series_name: str = "", **kwargs) -> sitk.Image:
     if not series_name and len(ids) > 1:
         # ITKReader warns and takes the first; reading the wrong scan silently is worse than stopping
         raise ValueError(f"{path} holds {len(ids)} DICOM series {list(ids)}; pass series_name= "
-                         "or give each series its own folder")
+                         "or the series' files (fedharmony.data.images.find_inputs splits a folder by series)")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series_name or ids[0])
     return sitk.ReadImage(list(files), **kwargs)
 
@@ -86,7 +134,9 @@ class SimpleITKReader(ImageReader):
     """Load images with SimpleITK, in MONAI's ``NibabelReader`` / ``ITKReader`` conventions.
 
     Reads anything ``sitk.ReadImage`` reads (``.nii``, ``.nii.gz``, ``.mha``, ``.nrrd``, a single
-    DICOM file) and a folder holding one DICOM series. The array is SimpleITK's reversed, i.e.
+    DICOM file), a folder holding one DICOM series, and a list of the files of one DICOM series
+    (single-frame images, any order: read as one volume, see :func:`dicom_stack`; any other list is
+    stacked as channels, MONAI's convention). The array is SimpleITK's reversed, i.e.
     ``(x, y, z)`` for a 3-D volume, the same axis order ``NibabelReader`` gives for a NIfTI file
     (``ITKReader``'s default, ``reverse_indexing=False``). Several volumes (a 4-D NIfTI:
     ``(x, y, z, t)``; a multi-component image: ``(x, y, z, c)``) are all kept, with
@@ -110,6 +160,7 @@ class SimpleITKReader(ImageReader):
         >>> reader = SimpleITKReader()
         >>> array, meta = reader.get_data(reader.read("Case00/"))  # a DICOM series folder
         >>> array.shape, meta["space"]  # ((x, y, z), 'RAS')
+        >>> array, meta = reader.get_data(reader.read(["export/IM7", "export/IM2", "export/IM4"]))  # one series
     """
 
     def __init__(self, channel_dim: Union[str, int, None] = None, series_name: str = "",
@@ -122,20 +173,29 @@ class SimpleITKReader(ImageReader):
         self.filenames: Tuple[str, ...] = ()
 
     def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
-        """True for folders (DICOM series), the endings SimpleITK reads, and files without an ending (DICOM)."""
+        """True for folders (DICOM series), the endings SimpleITK reads, files without an ending and files with
+        the DICOM preamble (exports often name files by their UID: ``1.2.840....137``)."""
+        from fedharmony.data.dicom import is_dicom_file
+
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
-        return all(Path(n).is_dir() or str(n).lower().endswith(_SUFFIXES) or not Path(n).suffix for n in names)
+        return all(Path(n).is_dir() or str(n).lower().endswith(_SUFFIXES) or not Path(n).suffix
+                   or is_dicom_file(n) for n in names)
 
     def read(self, data: Union[Sequence[PathLike], PathLike], **kwargs):
         """``sitk.Image`` (or a list of them for several paths, stacked as channels by :meth:`get_data`).
 
         Args:
-            data: a file, a DICOM series folder, or a list of them.
+            data: a file, a DICOM series folder, the files of one DICOM series, or a list of files / folders
+                (stacked as channels).
             kwargs: for ``sitk.ReadImage``; override the constructor's.
         """
         names = [data] if isinstance(data, (str, Path)) else list(data)
-        self.filenames = tuple(str(n) for n in names)  # for filename_or_obj, as NibabelReader keeps them
         kwargs_ = {**self.kwargs, **kwargs}
+        stack = dicom_stack(names)
+        if stack is not None:
+            self.filenames = (stack[0],)  # one volume: named by its first slice, as MONAI names a list
+            return sitk.ReadImage(stack, **kwargs_)
+        self.filenames = tuple(str(n) for n in names)  # for filename_or_obj, as NibabelReader keeps them
         images = [_read_sitk(n, self.series_name, **kwargs_) for n in names]
         return images if len(images) > 1 else images[0]
 
@@ -178,8 +238,9 @@ def _affine(image: sitk.Image, lps_to_ras: bool = True) -> np.ndarray:
     return orientation_ras_lps(affine) if lps_to_ras else affine
 
 
-def convert_to_nifti(source: PathLike, out_path: PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``source`` (a DICOM series folder or any file SimpleITK reads) as NIfTI at ``out_path``.
+def convert_to_nifti(source: Union[PathLike, Sequence[PathLike]], out_path: PathLike, *, overwrite: bool = False
+                     ) -> Path:
+    """Write ``source`` (a DICOM series folder, the files of one series, or any file SimpleITK reads) as NIfTI.
 
     The voxels and geometry (spacing, origin, direction) are SimpleITK's; the file is written to a
     hidden temporary name and renamed, so a crash never leaves half a file under ``out_path``.
@@ -205,55 +266,101 @@ def convert_to_nifti(source: PathLike, out_path: PathLike, *, overwrite: bool = 
     return out
 
 
-def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[PathLike, Iterable[PathLike], None] = None
-                ) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[PathLike, Iterable[PathLike], None] = None,
+                series_filter: Union[str, Mapping, None] = None) -> Tuple[List[dict], List[dict]]:
     """Scan a folder as a hospital hands it over: what can be segmented, and why the rest cannot.
 
-    Inputs are NIfTI files (``.nii``, ``.nii.gz``; masks named ``*_segmentation.nii*`` or
-    ``*_seg.nii*`` are not inputs) and folders
-    holding exactly one usable DICOM series (a sub-folder named like a mask, e.g.
-    ``Case00_segmentation/``, is not an input either). Only names and file headers are read:
-    a corrupt NIfTI is found when it is loaded.
+    Inputs are NIfTI files (``.nii``, ``.nii.gz``; masks named ``*_segmentation.nii*`` or ``*_seg.nii*``
+    are not inputs) and DICOM series. Every DICOM file under ``folder`` is grouped by its
+    SeriesInstanceUID wherever it lies (one folder per series, many series in one folder, a series
+    spread over folders), and each series is one input, decided by
+    :func:`fedharmony.data.dicom.split_series`: series the ``series_filter`` does not take, localizer
+    series and projection images are *not selected*; localizer images and images in a minority
+    orientation are dropped from a series and named; a series without a regular main stack (a gap,
+    slices at one position) is skipped and named. A DICOMDIR is read (pydicom's ``FileSet``): the files
+    it lists are found even without the DICOM preamble or with changed letter case, its records are
+    checked against the files' own UIDs, and files it lists that are missing are named (and their series
+    skipped as incomplete). DICOM files in a sub-folder named like a mask (``Case00_segmentation/``) are
+    not inputs. Only names and file headers are read (SimpleITK's ``ReadImageInformation``; pydicom
+    without pixel data for files without an image): a corrupt NIfTI or pixel data is found when loaded.
 
     Args:
         folder: the folder to scan.
-        recursive: also scan sub-folders (otherwise each sub-folder is reported as not searched).
+        recursive: also scan sub-folders (otherwise each sub-folder is reported as not searched; files
+            a DICOMDIR in ``folder`` lists are read all the same).
         exclude: folders (e.g. the output folder) or files to leave out, with everything under them.
+        series_filter: which DICOM series to take (:class:`fedharmony.data.dicom.SeriesFilter`): None or
+            ``""`` every series; ``"MR"`` the modality; ``{"Modality": "MR", "SeriesDescription": "*T2*"}``
+            (or its JSON text) DICOM keywords and patterns. NIfTI files have no tags and are always taken.
 
     Returns:
-        inputs: sorted by path, ``[{"image": str(path), "name": stem}]``; ``name`` is unique and
-            filesystem-safe: a file's stem without ``.nii``/``.nii.gz``, a series folder's path
-            relative to ``folder`` joined with ``_`` (a folder in a sub-folder: ``sub_file``).
-        problems: ``[{"input": str(path), "reason": text}]`` for everything else found: folders
-            with several DICOM series or with a missing slice, DICOM files without an image
-            (structured reports, DICOMDIR), other formats, files that are no image. Hidden files,
-            ``datalist.json`` and ``sites.json`` are ignored silently.
+        inputs: sorted by ``input`` (else ``image``), each ``{"image": ..., "name": ...}``: ``image`` is a
+            NIfTI path, a folder holding one DICOM series and nothing else (read whole, as before), or the
+            sorted list of a series' files (:func:`dicom_stack`; then ``input`` names the series). DICOM
+            inputs also carry ``series``: the series' identity as text (patient ID, study and series UIDs,
+            descriptions, number, modality, file count, folders, what was dropped, the DICOMDIR), for the
+            inference summary. ``name`` is unique and filesystem-safe and names the mask
+            (``<name>_seg.nii.gz``): a NIfTI file's stem; a series alone in its folder: the folder's path
+            relative to ``folder`` joined with ``_``; any other series: patient ID, study description (or
+            date), ``S`` + series number, series description and the last digits of its UID
+            (``98890234_Brain_S2_T2_AX_480136``).
+        problems: ``[{"input": str, "reason": text}]`` for everything else found, plus ``status`` when it is
+            not an error: ``"not selected"`` (a series this bundle does not take: another modality, a
+            localizer) or ``"note"`` (a DICOMDIR read, a file it lists whose UIDs differ); series records
+            carry ``series`` too. A series alone in its folder is named by the folder, any other by
+            ``patient / study / series N 'description' (UID)``. Hidden files, ``datalist.json`` and
+            ``sites.json`` are ignored silently.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist or is not a folder.
+        ValueError: ``series_filter`` names something that is not a DICOM keyword.
 
     Example::
 
-        >>> inputs, problems = find_inputs("export")
+        >>> inputs, problems = find_inputs("export", series_filter="MR")
         >>> inputs    # [{'image': 'export/Case00.nii.gz', 'name': 'Case00'},
-        ...           #  {'image': 'export/MR/T2', 'name': 'MR_T2'}]
-        >>> problems   # [{'input': 'export/MR/DWI', 'reason': 'holds 2 DICOM series (...); skipped ...'}]
+        ...           #  {'image': 'export/MR/T2', 'name': 'MR_T2', 'series': {...}},
+        ...           #  {'image': ['export/CD/IM1', ...], 'input': "98890234 / Brain / series 2 'T2 AX' (1.2...)",
+        ...           #   'name': '98890234_Brain_S2_T2_AX_480136', 'series': {...}}]
+        >>> problems   # [{'input': 'export/CT/5', 'reason': "not selected: Modality 'CT' is not MR ...",
+        ...            #   'status': 'not selected', 'series': {...}}, ...]
     """
+    from fedharmony.data.dicom import (BASE_KEYWORDS, DICOMDIR_SOP_CLASS, NO_IMAGE, NOT_SELECTED, SELECTED,
+                                       SKIPPED, DicomFile, SeriesFilter, SeriesVerdict, _CaseInsensitive,
+                                       read_dicomdir, read_header, series_summary, split_series)
+
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}" if not root.exists()
                                 else f"input is not a folder: {root}")
+    selection = SeriesFilter(series_filter)
+    keywords = (*BASE_KEYWORDS, *selection.keywords)
     if exclude is None:
         exclude = []
     excluded = {Path(p).resolve() for p in ([exclude] if isinstance(exclude, (str, Path)) else exclude)}
-    found: List[Tuple[Path, Tuple[str, ...]]] = []  # (input path, name parts)
-    problems: List[Dict[str, str]] = []
+    found: List[Tuple[dict, Tuple[str, ...]]] = []  # (input item without its name, name parts)
+    problems: Dict[str, Dict[str, str]] = {}  # by input: a file re-read because a DICOMDIR lists it replaces its record
+    dicom: Dict[Path, DicomFile] = {}
+    dicomdirs: List[Path] = []
+    seen = set()  # files the walk read a header of
 
-    def problem(path, reason):
-        problems.append({"input": str(path), "reason": reason})
+    def problem(path, reason, **extra):
+        problems[str(path)] = {"input": str(path), "reason": reason, **extra}
 
     def unlistable(e: OSError):
         problem(e.filename, f"cannot list the folder: {e.strerror}")
+
+    def in_mask_folder(path: Path) -> bool:  # a mask stored as a DICOM series is no input
+        return path.parent != root and bool(_MASK_RE.search(path.parent.name))
+
+    def take(path: Path, header: Union[DicomFile, str]):
+        if isinstance(header, str):
+            problem(path, header)
+        elif path.name.upper() == "DICOMDIR" or (not header.is_image
+                                                 and header.tag("SOPClassUID") == DICOMDIR_SOP_CLASS):
+            dicomdirs.append(path)
+        elif not in_mask_folder(path):
+            dicom[path] = header
 
     for here, dirs, files in os.walk(root, onerror=unlistable):
         here = Path(here)
@@ -263,28 +370,153 @@ def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[Path
                 problem(here / d, "a sub-folder; not searched (recursive=False)")
             dirs[:] = []
         rel = here.relative_to(root).parts
-        slices = []
         for name in sorted(files):
             path = here / name
             if name.startswith(".") or name in _IGNORED_NAMES or path.resolve() in excluded:
                 continue
             if _NIFTI_RE.search(name):
                 if not _MASK_RE.search(name):
-                    found.append((path, rel + (_NIFTI_RE.sub("", name),)))
+                    found.append(({"image": str(path)}, rel + (_NIFTI_RE.sub("", name),)))
                 continue
-            header = _header(path)
-            if isinstance(header, str):
-                problem(path, header)
+            if name.upper() == "DICOMDIR":  # an index, no image: read below with pydicom
+                dicomdirs.append(path)
+                continue
+            seen.add(path)
+            take(path, read_header(path, keywords))
+
+    # DICOMDIRs: the files they list (a listed file the walk could not take as DICOM, or did not see, is read now)
+    finder = _CaseInsensitive()
+    listed: Dict[Path, Tuple[Path, Dict[str, str]]] = {}
+    missing: Dict[str, List[str]] = {}  # series UID -> File IDs listed but not there
+    indexes = []
+    for index in dicomdirs:
+        record = read_dicomdir(index, finder)
+        if record.error:
+            problem(index, f"a DICOMDIR (an index of the files on a CD) that cannot be read ({record.error}); the "
+                           "files beside it are read without it")
+            continue
+        indexes.append(record)
+        for path, uids in record.files.items():
+            resolved = path.resolve()
+            if any(resolved == e or e in resolved.parents for e in excluded):
+                continue
+            listed.setdefault(path, (index, uids))
+            if path not in dicom and (path not in seen or str(path) in problems):
+                problems.pop(str(path), None)
+                seen.add(path)
+                take(path, read_header(path, keywords, dicom=True))
+        for file_id, uids in record.missing:
+            missing.setdefault(uids.get("SeriesInstanceUID", ""), []).append(file_id)
+    notes: List[Dict[str, str]] = []
+    for record in indexes:
+        index = record.path
+        said = f"lists {len(record.files) + len(record.missing)} file(s)"
+        if record.descriptor is not None and problems.pop(str(record.descriptor), None):
+            said += f" and {record.descriptor.name} as the file-set's descriptor"
+        issues = []
+        if record.missing:
+            shown = ", ".join(f for f, _ in record.missing[:3]) + (" ..." if len(record.missing) > 3 else "")
+            issues.append(f"{len(record.missing)} of them are not in the folder ({shown}): the copy is incomplete, "
+                          "their series are skipped")
+        if record.outside:
+            issues.append(f"{len(record.outside)} of them lie outside its own folder "
+                          f"({', '.join(record.outside[:3])}); not read")
+        unlisted = [p for p in dicom if index.parent in p.parents and p not in listed]
+        if unlisted:
+            said += (f"; {len(unlisted)} DICOM file(s) under its folder are in no DICOMDIR (used all the same: "
+                     f"{', '.join(str(p.relative_to(index.parent)) for p in unlisted[:3])}"
+                     f"{' ...' if len(unlisted) > 3 else ''})")
+        if issues:
+            problem(index, f"a DICOMDIR that {said}; " + "; ".join(issues))
+        else:
+            notes.append({"input": str(index), "status": "note",
+                          "reason": f"DICOMDIR read: {said}" + ("; all found" if record.files else "")})
+    for path, (index, uids) in listed.items():
+        header = dicom.get(path)
+        if header is not None and uids.get("SOPInstanceUID") and header.tag("SOPInstanceUID") \
+                and uids["SOPInstanceUID"] != header.tag("SOPInstanceUID"):
+            notes.append({"input": str(path), "status": "note",
+                          "reason": f"{index} lists this file as SOP instance {uids['SOPInstanceUID']}, the file holds "
+                                    f"{header.tag('SOPInstanceUID')}: the index does not match the files; the file's "
+                                    "own header is used"})
+
+    # series: grouped by UID wherever their files lie
+    by_series: Dict[str, List[DicomFile]] = {}
+    folder_series: Dict[Path, set] = {}  # folder -> the series with an image in it
+    for path in sorted(dicom):
+        header = dicom[path]
+        uid = header.tag("SeriesInstanceUID")
+        by_series.setdefault(uid, []).append(header)
+        if header.is_image:
+            folder_series.setdefault(path.parent, set()).add(uid)
+    for uid, files in by_series.items():
+        verdict = split_series(files, selection, root)
+        first = next((f for f in files if f.is_image), files[0])
+        folders = sorted({f.path.parent for f in files})
+        alone = len(folders) == 1 and folder_series.get(folders[0], set()) <= {uid}
+        if uid in missing and verdict.status == SELECTED:
+            lost = missing[uid]
+            verdict = SeriesVerdict(SKIPPED, f"incomplete: the DICOMDIR lists {len(lost)} more file(s) of this series "
+                                             f"that are not in the folder ({', '.join(lost[:3])}"
+                                             f"{' ...' if len(lost) > 3 else ''}); skipped", dropped=verdict.dropped)
+        index = next((listed[f.path][0] for f in files if f.path in listed), None)
+        details = series_summary(first, len(files), [_relative(d, root) for d in folders], verdict.dropped,
+                                 str(index) if index is not None else "")
+        if not first.is_image:  # files without an image (a report): named by the file when there is one
+            alone = False
+        label = (str(folders[0]) if alone else str(files[0].path) if len(files) == 1 and not first.is_image
+                 else _series_label(first))
+        if verdict.status == NO_IMAGE:  # reports, presentation states: named as files, a series of them at once
+            if len(files) == 1:
+                problem(label, first.reason, series=details)
+            elif len({f.reason for f in files}) == 1:
+                problem(label, f"{len(files)} files of one series, each {files[0].reason}", series=details)
             else:
-                slices.append((path, header))
-        if slices and not (rel and _MASK_RE.search(here.name)):  # the folder asked for is never a mask
-            reason = _series_problem(slices)
-            if reason:
-                problem(here, reason)
-            else:
-                found.append((here, rel or (root.resolve().name,)))
-    inputs = [{"image": str(p), "name": n} for (p, _), n in zip(found, _unique_names([parts for _, parts in found]))]
-    return sorted(inputs, key=lambda i: i["image"]), problems
+                for f in files:
+                    problem(f.path, f.reason)
+        elif verdict.status == NOT_SELECTED:
+            problem(label, verdict.reason, status=NOT_SELECTED, series=details)
+        elif verdict.status == SKIPPED:
+            problem(label, verdict.reason, series=details)
+        else:
+            for f in files:
+                if not f.is_image:
+                    problem(f.path, f.reason)
+            whole = alone and not verdict.dropped_files and all(f.is_image for f in files)
+            item = {"image": str(folders[0]) if whole else [str(f.path) for f in verdict.stack]}
+            if not whole:
+                item["input"] = label
+            item["series"] = details
+            parts = (folders[0].relative_to(root).parts or (root.resolve().name,)) if alone else (_series_name(first),)
+            found.append((item, parts))
+
+    names = _unique_names([parts for _, parts in found])
+    inputs = [{**item, "name": name} for (item, _), name in zip(found, names)]
+    return (sorted(inputs, key=lambda i: str(i.get("input", i["image"]))),
+            list(problems.values()) + notes)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def _series_label(first) -> str:
+    """How a series that is not alone in its folder is named in the summary: patient / study / series / UID."""
+    study = first.tag("StudyDescription") or first.tag("StudyDate") or "no study description"
+    return (f"{first.tag('PatientID') or 'no patient ID'} / {study} / series {first.tag('SeriesNumber') or '?'} "
+            f"{first.tag('SeriesDescription')!r} ({first.tag('SeriesInstanceUID') or 'no series UID'})")
+
+
+def _series_name(first) -> str:
+    """A readable mask name for a series that is not alone in its folder (made filesystem-safe by _unique_names)."""
+    uid = re.sub(r"\D", "", first.tag("SeriesInstanceUID"))[-6:]
+    parts = [first.tag("PatientID"), first.tag("StudyDescription") or first.tag("StudyDate"),
+             f"S{first.tag('SeriesNumber')}" if first.tag("SeriesNumber") else "",
+             first.tag("SeriesDescription")[:40], uid]
+    return "_".join(p for p in parts if p) or "series"
 
 
 LABEL_SUFFIXES = ("_segmentation.nii.gz", "_segmentation.nii")  # a label's name: its input's name + one of these
@@ -335,8 +567,8 @@ def attach_labels(inputs: Sequence[Dict[str, str]], labelled_dir: PathLike) -> L
         shape = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
         if len(shape) != 3:
             raise ValueError(f"label {path} has shape {shape}; a label map is 3-D")
-        image = Path(by_name[name]["image"])
-        if _NIFTI_RE.search(image.name):
+        image = by_name[name]["image"]
+        if isinstance(image, (str, Path)) and _NIFTI_RE.search(Path(image).name):  # a DICOM series: checked when loaded
             try:
                 image_shape = tuple(nib.load(str(image)).shape)[:3]
             except Exception:  # a damaged input is named and skipped when it is loaded, as without labels
@@ -358,97 +590,3 @@ def _unique_names(parts: List[Tuple[str, ...]]) -> List[str]:
         used.add(unique)
         out.append(unique)
     return out
-
-
-def _header(path: Path) -> Union[sitk.ImageFileReader, str]:
-    """SimpleITK's header read of a DICOM file, or why ``path`` is not a DICOM image."""
-    try:
-        with open(path, "rb") as f:
-            is_dicom = f.read(132)[128:] == b"DICM"  # the DICOM file preamble
-    except OSError as e:
-        return f"cannot be read: {e.strerror}"
-    io = "GDCMImageIO" if is_dicom else sitk.ImageFileReader.GetImageIOFromFileName(str(path))
-    if io != "GDCMImageIO":
-        if io:
-            return (f"a {io.replace('ImageIO', '')} image; only NIfTI files and DICOM series are taken as "
-                    "inputs (convert it to .nii.gz)")
-        return "not an image SimpleITK or the DICOM reader can open"
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.SetImageIO("GDCMImageIO")
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        sop = _sop_class(path)
-        what = next((v for k, v in _NON_IMAGE_SOP.items() if sop.startswith(k)), "")
-        return (f"a DICOM file without an image (no pixel data SimpleITK can read"
-                f"{f'; SOP class {sop}' if sop else ''}{f': {what}' if what else ''}); not an input")
-    return reader
-
-
-def _sop_class(path: Path) -> str:
-    """Media Storage SOP Class UID (0002,0002) from a DICOM file's meta header ('' if not found).
-
-    The meta header (group 0002) is always explicit-VR little endian right after the preamble,
-    so a few lines read it without a DICOM library.
-    """
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    pos = 132
-    while pos + 8 <= len(head) and int.from_bytes(head[pos:pos + 2], "little") == 0x0002:
-        element, vr = int.from_bytes(head[pos + 2:pos + 4], "little"), head[pos + 4:pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length, pos = int.from_bytes(head[pos + 8:pos + 12], "little"), pos + 12
-        else:
-            length, pos = int.from_bytes(head[pos + 6:pos + 8], "little"), pos + 8
-        if element == 0x0002:
-            return head[pos:pos + length].decode("ascii", "replace").strip("\0 ")
-        pos += length
-    return ""
-
-
-def _series_problem(slices: List[Tuple[Path, sitk.ImageFileReader]]) -> Optional[str]:
-    """Why the DICOM images of one folder are not one usable series (None if they are)."""
-    def tag(reader, key):
-        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
-
-    series: Dict[str, list] = {}
-    for path, reader in slices:
-        series.setdefault(tag(reader, _SERIES_UID), []).append((path, reader))
-    if len(series) > 1:
-        listed = "; ".join(f"{uid or 'no series UID'}: {len(s)} file(s)"
-                           f"{', ' + tag(s[0][1], _SERIES_DESCRIPTION) if tag(s[0][1], _SERIES_DESCRIPTION) else ''}"
-                           for uid, s in sorted(series.items()))
-        return (f"holds {len(series)} DICOM series ({listed}); skipped: the files are not split up "
-                "automatically, give each series its own folder")
-    if len(slices) == 1:
-        return None
-    sizes = sorted({r.GetSize() for _, r in slices})
-    if len(sizes) > 1:
-        return f"the DICOM files of one series differ in size {sizes}; skipped"
-    if sizes[0][2] > 1:
-        return f"{len(slices)} multi-frame DICOM files in one series; skipped (one multi-frame file is a series)"
-    directions = np.array([r.GetDirection() for _, r in slices])
-    if not np.allclose(directions, directions[0], atol=1e-4):
-        return "the slices of one series have different orientations (e.g. a localizer mixed in); skipped"
-    normal = directions[0].reshape(3, 3)[:, 2]
-    positions = np.array([np.dot(r.GetOrigin(), normal) for _, r in slices])
-    order = np.argsort(positions)
-    positions, names = positions[order], [slices[i][0].name for i in order]
-    steps = np.diff(positions)
-    step = float(np.median(steps))
-    same = np.flatnonzero(steps < 1e-3)
-    if same.size:
-        i = same[0]
-        return (f"{same.size} slice(s) at the same position as another ({names[i]} and {names[i + 1]} at "
-                f"{positions[i]:.2f} mm): several volumes (time points, echoes) in one series; skipped")
-    uneven = np.flatnonzero(np.abs(steps - step) > 0.01 * step + 1e-3)
-    if uneven.size:
-        i = uneven[0]
-        missing = int(round(steps[i] / step)) - 1
-        return (f"slice positions are not evenly spaced: {steps[i]:.2f} mm between {names[i]} and {names[i + 1]} "
-                f"(at {positions[i]:.2f} and {positions[i + 1]:.2f} mm along the slice normal) where the other "
-                f"slices are {step:.2f} mm apart"
-                + (f"; {missing} slice(s) missing there" if missing >= 1 else "")
-                + (f" ({uneven.size} uneven steps in all)" if uneven.size > 1 else "") + "; skipped")
-    return None
