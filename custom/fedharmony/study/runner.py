@@ -37,7 +37,7 @@ from fedharmony.methods import site_method_class
 from fedharmony.study.tasks import (CENTRALIZED, FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, job_algorithm,
                                    parse_arm, preset_for, scored_model)
 
-__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "validate_result"]
+__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "validate_result", "training_configs_digest"]
 
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
@@ -72,6 +72,23 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def training_configs_digest(bundle_dir) -> str:
+    """``sha256:<hex>`` of the configs a study run reads: ``configs/train.json`` (training, validation and the
+    test evaluator that scores it) and every method's overlay, by name and content. Inference configs, the
+    metadata and the tunables list are left out: a study never reads them, so a change there (a new output
+    format, a version bump) does not make the cached runs stale."""
+    from fedharmony.methods import METHODS
+
+    configs = Path(bundle_dir) / "configs"
+    names = {"train.json"} | {Path(site_method_class(m).overlay).name for m in METHODS if site_method_class(m).overlay}
+    h = hashlib.sha256()
+    for name in sorted(names):
+        path = configs / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 STALL_S = 900.0  # a run whose log has not grown for this long is stuck (a round here logs every few seconds)
@@ -246,15 +263,13 @@ class Study:
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:
-        """Everything a run's result depends on, the bundle's configs included (a changed bundle makes every
-        cached run stale)."""
-        from fedharmony.fl.job_policy import bundle_digest
-
+        """Everything a run's result depends on, the bundle's training configs included (a changed training
+        config makes every cached run stale; an inference config, which no run reads, does not)."""
         p = self.preset
         return {"task": self.task, "preset": self.preset_name, "rounds": p.rounds, "local_epochs": p.local_epochs,
                 "sites": p.sites, "data": p.data, "test_cases": None if self.data_root else p.test_cases,
                 "overrides": p.overrides, "data_root": self.data_root, "threads_per_site": p.threads_per_site,
-                "bundle": self.spec.bundle, "bundle_digest": bundle_digest(self.bundle_dir),
+                "bundle": self.spec.bundle, "training_configs_digest": training_configs_digest(self.bundle_dir),
                 **({"retrogress": True} if self.retrogress else {})}  # absent when off: older caches stay valid
 
     def settings_key(self, method: str, seed: int) -> str:
