@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -134,6 +134,16 @@ bench-harmofl: setup
 ## bench-harmonize: amplitude normalization speed (CPU; GPU where present) and bytes per round
 bench-harmonize: setup
 	$(BIN)/python tools/benchmark_harmonize.py
+
+## gpu-check: on a GPU (cuda where present, else cpu), the cupy and torch AmpNorm paths, paper-size training steps,
+## routed inference and a 3-site federation, timed, into workspace/gpu_check (tools/gpu_check.py; on a lent GPU machine
+## run the command in docs/performance.md instead); GPU_CHECK_ARGS='--device cpu --tiny' for the small CPU run
+gpu-check: setup
+	$(BIN)/python tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+## gpu-carry: the wheels a lent GPU machine lacks for gpu-check, into .whl/ (git-ignored; tools/gpu_carry.sh)
+gpu-carry:
+	bash tools/gpu_carry.sh
 
 ## bench-iopfl: IOP-FL inside (personalized vs global) and leave-one-site-out outside (routing vs baselines)
 bench-iopfl: setup

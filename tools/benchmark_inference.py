@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import nibabel as nib
 
@@ -77,12 +78,13 @@ def write_models(work: Path, size: int) -> dict:
                        "--pool_dir", str(work / "pool")]}
 
 
-def run_config(args, data: Path, out: Path, threads: int) -> dict:
+def run_config(args, data: Path, out: Path, threads: int, timeout: Optional[float] = None) -> dict:
+    """One ``monai.bundle run`` of a config (``timeout``: seconds, then it is ended and TimeoutExpired raised)."""
     cmd = [sys.executable, "-c", CHILD, "run", "--bundle_root", str(BUNDLE), "--dataset_dir", str(data),
            "--output_dir", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[3:])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
