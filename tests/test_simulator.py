@@ -188,3 +188,38 @@ def test_classical_harmonization_and_released_intensity_run_in_a_federation(tiny
     rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
     dice = [float(r["value"]) for r in rows if r["tag"] == "val_mean_dice"]
     assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
+
+
+def test_the_best_global_model_is_written_and_patience_stops_a_run_that_no_longer_improves(tiny_sites, tmp_path):
+    """NVFlare's own mechanisms: IntimeModelSelector picks the best global model by the sites' mean validation key
+    metric (the one they send with every update) and the persistor writes best_FL_global_model.pt; FedAvg's
+    patience stops a run whose metric stops improving."""
+    run = _simulate(_export(tmp_path, "fedavg", "--no-cross-site-eval", rounds=3), tmp_path / "ws", tiny_sites,
+                    threads=2)
+    best = torch.load(run / "app_server" / "best_FL_global_model.pt", weights_only=True)
+    build_network(str(BUNDLE), overrides=TINY_OVERRIDES).load_state_dict(
+        {k: torch.as_tensor(v) for k, v in best["model"].items()}, strict=True)
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    by_round = {}
+    for r in rows:
+        if r["tag"] == "val_mean_dice":
+            by_round.setdefault(int(r["round"]), []).append(float(r["value"]))
+    means = {r: sum(v) / len(v) for r, v in by_round.items() if r >= 1}  # round 0 scores the untrained model
+    best_round = max(means, key=means.get)
+    # the model the sites validated at the start of best_round is the one aggregated in the round before
+    assert best["meta_props"]["current_round"] == best_round - 1
+    server_log = (tmp_path / "ws" / "server" / "log.txt").read_text()
+    assert f"new best validation metric at round {best_round}" in server_log
+
+    # patience 2 on a run that cannot improve (no learning, batch statistics at evaluation: the same Dice every
+    # round): it stops after two rounds without improvement, and says so
+    frozen = {**TINY_OVERRIDES, "learning_rate": 1e-12, "norm": "batch_stats_only"}
+    (tmp_path / "p").mkdir()
+    job = export_job(tmp_path / "p", None, "--no-cross-site-eval", "--patience", "2", algorithm="fedavg", rounds=6,
+                     sites=2, overrides=frozen)
+    run = _simulate(job, tmp_path / "ws2", tiny_sites, threads=2)
+    server_log = (tmp_path / "ws2" / "server" / "log.txt").read_text()
+    assert "Exceeded the number of FL rounds (2) without improvements" in server_log
+    assert "Stopping at round=2 out of total_rounds=6" in server_log
+    rounds = {int(r["round"]) for r in csv.DictReader(open(run / "results" / "metrics_by_round.csv"))}
+    assert rounds == {0, 1, 2}

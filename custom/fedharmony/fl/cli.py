@@ -87,6 +87,8 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--start-round", type=int, help="number of the first round (default: 0, or the round after "
                                                    "the one --initial-model was saved at)")
     p.add_argument("--memory-gc-rounds", type=int, default=0, help="server gc + malloc_trim every N rounds")
+    p.add_argument("--patience", type=int, help="early stopping (NVFlare's): stop after N rounds in which the sites' "
+                                                "mean validation key metric did not improve")
     p.add_argument("--prrfl-r0", type=float, help="PRR-FL: shared spectral ratio at round 0 (default 0.7)")
     p.add_argument("--prrfl-r1", type=float, help="PRR-FL: ratio the schedule grows towards (default 0.95)")
     p.add_argument("--prrfl-alpha1", type=float, help="PRR-FL: recover threshold (default 0.7)")
@@ -151,7 +153,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
             start_round=start_round, privacy_percentile=args.privacy_percentile,
             privacy_gamma=args.privacy_gamma, ship_code=not args.no_custom_code,
             memory_gc_rounds=args.memory_gc_rounds, cross_site_timeout=args.cross_site_timeout,
-            score_after_training=args.score_after_training, tracking=args.tracking,
+            score_after_training=args.score_after_training, tracking=args.tracking, patience=args.patience,
             **protocol_flags, **{k: v for k, v in method_flags.items() if v is not None})
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
+from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
@@ -55,6 +56,7 @@ from fedharmony.fl.summary import RoundSummaryWriter
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedharmony.__file__))
 NOT_SHIPPED = ("phantom", "study", "__pycache__")  # run here, never on a site
 TRACKING = ("tensorboard", "mlflow", "wandb")
+NEVER_MET = 1e30  # the stop condition early stopping needs and no bounded metric reaches: patience decides
 
 
 class BundleRecipe(Recipe):
@@ -94,6 +96,11 @@ class BundleRecipe(Recipe):
         tracking: experiment tracking on the server, through NVFlare's ``add_experiment_tracking``:
             ``tensorboard`` (default), ``mlflow`` or ``wandb`` (the package must be installed;
             credentials come from the server's environment, never from the job).
+        patience: NVFlare's early stopping: stop after this many rounds in which the sites' mean validation
+            ``key metric`` (the one they already send with each update) did not improve (None: run every round).
+            NVFlare's ``FedAvg`` then saves ``FL_global_model.pt`` only in rounds that improved. Either way
+            NVFlare's ``IntimeModelSelector`` writes ``best_FL_global_model.pt``: the global model whose mean
+            validation score over the sites was the best, its round in the server log.
         protocol: ``paper`` (default) or ``released``: the authors' released code's choices, for the
             methods that have them (:mod:`fedharmony.methods.protocols`). Its bundle settings are
             merged into ``overrides`` here (an override that contradicts one is refused); a
@@ -112,7 +119,7 @@ class BundleRecipe(Recipe):
                  task_request_interval: float = 0.25, initial_model: Optional[str] = None, start_round: int = 0,
                  privacy_percentile: Optional[float] = None, privacy_gamma: float = 0.01, ship_code: bool = True,
                  memory_gc_rounds: int = 0, score_after_training: bool = False, tracking: str = "tensorboard",
-                 protocol: str = "paper", max_train_cases: Optional[int] = None):
+                 protocol: str = "paper", max_train_cases: Optional[int] = None, patience: Optional[int] = None):
         site_cls = site_method_class(self.method)
         self.protocol = check_protocol(protocol, self.method)
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
@@ -130,6 +137,8 @@ class BundleRecipe(Recipe):
                              f"got {privacy_percentile}, {privacy_gamma}")
         if overrides is not None and not isinstance(overrides, dict):
             raise TypeError(f"overrides must be a dict of bundle config ids, got {type(overrides).__name__}")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be a whole number of rounds >= 1, got {patience!r}")
         if tracking not in TRACKING:
             raise ValueError(f"tracking must be one of {TRACKING}, got {tracking!r}")
         self.bundle_dir, self.num_rounds, self.start_round = bundle_dir, num_rounds, start_round
@@ -168,9 +177,14 @@ class BundleRecipe(Recipe):
         persistor = BundleModelPersistor(config_file=config_files, overrides=overrides,
                                          source_ckpt_file_full_name=initial_model, **bundle_args)
         job.to_server(persistor, id="persistor")
-        # num_clients=0: every round goes to all connected sites (a number would sample that many)
+        # num_clients=0: every round goes to all connected sites (a number would sample that many). Early stopping
+        # is NVFlare's: FedAvg's patience counts rounds whose key metric did not improve; it needs a stop condition,
+        # given here as one the metric never meets (Dice and F1 are at most 1), so patience alone decides.
+        stopping = {"stop_cond": f"{key_metric} > {NEVER_MET}", "patience": patience} if patience else {}
         job.to_server(FedAvg(num_clients=0, num_rounds=num_rounds, start_round=start_round, persistor_id="persistor",
-                             aggregator=self.aggregator(), memory_gc_rounds=memory_gc_rounds), id="fedavg")
+                             aggregator=self.aggregator(), memory_gc_rounds=memory_gc_rounds, **stopping), id="fedavg")
+        if self.has_global_model():  # best_FL_global_model.pt: the persistor saves it when this selector says so
+            job.to_server(IntimeModelSelector(key_metric=key_metric), id="model_selector")
         if cross_site_eval:
             locator = ""
             if self.has_global_model():
