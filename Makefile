@@ -4,11 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps rt-utils==1.2.7  # RTSTRUCT; --no-deps: see requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -49,6 +50,17 @@ study-spacing: setup
 ## standard preset)
 study-intensity: setup
 	$(BIN)/python tools/study.py --task prostate --methods fedavg fedbn harmofl fedavg+histogram_scale=federated --seeds 5 --preset standard --out docs/studies/prostate_intensity
+
+## study-plateau-*: the round pilots: FedAvg alone, 3 seeds, long enough to see where its validation curve stops rising
+## (each report's table says which round counts meet the plateau rule; the planned studies take their rounds from it)
+study-plateau-prostate: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg --seeds 3 --preset standard --rounds 40 --out docs/studies/prostate_plateau
+
+study-plateau-prostate-80: setup
+	$(BIN)/python tools/study.py --task prostate --methods fedavg --seeds 3 --preset standard --rounds 80 --out docs/studies/prostate_plateau_80
+
+study-plateau-dermoscopy: setup
+	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg --seeds 3 --preset standard --rounds 40 --out docs/studies/dermoscopy_plateau
 
 ## study-released-input: FedAvg and HarmoFL on the released 0-255 input at the released learning rate, 1e-4 (one seed:
 ## neither learns; at the bundle's 2e-3, FedAvg collapsed to empty masks by round 5)
