@@ -162,7 +162,7 @@ def write_series(folder, img, series_uid=None, skip=(), description="T2 AX", pre
     from pydicom.uid import generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
-    series_uid, study_uid = series_uid or generate_uid(), generate_uid()
+    series_uid, study_uid, frame_of_reference = series_uid or generate_uid(), generate_uid(), generate_uid()
     d = img.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -173,7 +173,7 @@ def write_series(folder, img, series_uid=None, skip=(), description="T2 AX", pre
         for tag, value in {
             "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": generate_uid(), "0008|0060": "MR",
             "0008|103e": description, "0020|000d": study_uid, "0020|000e": series_uid,
-            "0020|0013": str(k + 1), "0018|0050": str(img.GetSpacing()[2]),
+            "0020|0013": str(k + 1), "0020|0052": frame_of_reference, "0018|0050": str(img.GetSpacing()[2]),
             "0020|0032": "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))),
             "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7]))),
             "0028|0030": f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}", **(tags or {}),

@@ -12,8 +12,9 @@ pieces here keep the run going and account for every input:
   any item whose inference or postprocessing (inverse transforms, saving) fails, then goes on.
 * :class:`SaveMaskd` writes each mask as NIfTI with its input's geometry, atomically, never over an
   existing file unless told to.
-* :class:`InferenceSummary` collects what happened, logs it, writes ``inference_summary.json`` beside
-  the outputs and, by default, ends the run with exit status 1 when anything was skipped. Inputs the
+* :class:`InferenceSummary` collects what happened, logs it, writes ``inference_summary.json`` (and
+  ``inference_summary.csv``: one row per input with its gland volume and review flag, from
+  :class:`fedharmony.bundle.results.SaveResultsd`) beside the outputs and, by default, ends the run with exit status 1 when anything was skipped. Inputs the
   bundle does not take (a CT series for an MR bundle, a localizer: ``status`` "not selected") and notes
   (a DICOMDIR read) are listed too but are no error; a DICOM input's series (patient, study and series
   UIDs, what was dropped from it) is listed with it.
@@ -32,14 +33,16 @@ In a bundle config (``batch_size`` may be anything; the inputs come from
 
 from __future__ import annotations
 
+import csv
 import datetime
+import io
 import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -56,6 +59,7 @@ logger = logging.getLogger("fedharmony.inference")
 
 SKIPPED = "__skipped__"  # key of the skip records in an item or a batch
 SUMMARY_NAME = "inference_summary.json"
+SUMMARY_CSV = "inference_summary.csv"  # one row per input: status, gland volume, review flag, output paths
 PREPROCESS_SECONDS = "preprocess_s"  # per item, from ScreenedDataset: loading and preprocessing time
 SERIES = "series"  # an input's DICOM series record (fedharmony.data.images.find_inputs), for the summary only
 NOT_SELECTED, NOTE = "not selected", "note"  # statuses of an unusable record that are no error
@@ -173,6 +177,7 @@ class InferenceSummary:
         self.not_selected: List[Dict[str, Any]] = []
         self.notes: List[Dict[str, Any]] = []
         self.series: Dict[str, Mapping] = {}  # input -> its DICOM series record
+        self.results: Dict[str, Dict[str, Any]] = {}  # input -> volumes, review flag, DICOM outputs (SaveResultsd)
         for rec in unusable:
             status = rec.get("status")
             if SERIES in rec:
@@ -194,6 +199,7 @@ class InferenceSummary:
 
     def skip(self, input_path: str, reason: str) -> None:
         self.processed.pop(str(input_path), None)  # a mask already saved stays on disk; the input still failed
+        self.results.pop(str(input_path), None)
         self.skipped.append(self._record(input_path, reason))
         logger.warning("skipped %s: %s", input_path, reason)
 
@@ -206,16 +212,28 @@ class InferenceSummary:
     def add_output(self, input_path: str, output_path: str) -> None:
         self.processed.setdefault(str(input_path), []).append(str(output_path))
 
+    def add_result(self, input_path: str, result: Mapping[str, Any]) -> None:
+        """Record what :class:`fedharmony.bundle.results.SaveResultsd` measured and wrote for one input (gland
+        volume, review flag and reason, DICOM SEG / RTSTRUCT paths); DICOM result paths also join its outputs."""
+        self.results.setdefault(str(input_path), {}).update(result)
+        for fmt in ("dicom_seg", "rtstruct"):
+            if fmt in result:
+                self.add_output(input_path, result[fmt])
+
+    @property
+    def needs_review(self) -> List[str]:
+        return [k for k in self.processed if self.results.get(k, {}).get("needs_review")]
+
     def as_dict(self) -> dict:
         def entry(k, v):
-            rec = {"input": k, "outputs": v, "seconds": self.seconds.get(k)}
+            rec = {"input": k, "outputs": v, "seconds": self.seconds.get(k), **self.results.get(k, {})}
             if k in self.series:
                 rec[SERIES] = dict(self.series[k])
             return rec
 
         summary = {"input_dir": self.input_dir, "output_dir": self.output_dir,
                    "processed": len(self.processed), "skipped": len(self.skipped),
-                   "not_selected": len(self.not_selected),
+                   "not_selected": len(self.not_selected), "needs_review": len(self.needs_review),
                    "inputs": [entry(k, v) for k, v in self.processed.items()],
                    "skipped_inputs": self.skipped, "not_selected_inputs": self.not_selected, "notes": self.notes}
         if self.series:  # DICOM series by their fate (a series is one input, or one skipped / not selected record)
@@ -246,7 +264,12 @@ class InferenceSummary:
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         path = Path(self.output_dir) / SUMMARY_NAME
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
-        lines = [f"inference: processed {len(self.processed)}, skipped {len(self.skipped)} (summary: {path})"]
+        atomic_write_text(Path(self.output_dir) / SUMMARY_CSV, self.csv_text(summary))
+        review = self.needs_review
+        lines = [f"inference: processed {len(self.processed)}, skipped {len(self.skipped)}"
+                 + (f", NEEDS REVIEW {len(review)}" if review else "") + f" (summary: {path})"]
+        lines += [f"  needs review {k}: {self.results[k]['review_reason']}" for k in review]
+        lines += [f"  note {k}: {self.results[k]['note']}" for k in self.processed if self.results.get(k, {}).get("note")]
         lines += [f"  skipped {rec['input']}: {rec['reason']}" for rec in self.skipped]
         if self.not_selected:
             lines.append(f"  not selected {len(self.not_selected)} (not for this bundle; no error):")
@@ -262,6 +285,31 @@ class InferenceSummary:
         if (self.skipped and not self.allow_skipped) or not (self.processed or self.skipped):
             raise SystemExit(1)
         return summary
+
+    def csv_text(self, summary: Optional[Mapping] = None) -> str:
+        """``inference_summary.csv``: one row per input (processed, skipped, not selected) with its status, gland
+        volume (mL; per zone where there are zones), review flag and reason, and output paths."""
+        summary = summary if summary is not None else self.as_dict()
+        zones = sorted({z for rec in summary["inputs"] for z in rec.get("volumes_ml", {})})
+        fields = (["input", "status", "gland_volume_ml"] + [f"{z} volume_ml" for z in zones]
+                  + ["needs_review", "review_reason", "nifti", "dicom_seg", "rtstruct", "series_uid", "reason"])
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for rec in summary["inputs"]:
+            row = {"input": rec["input"], "status": "done", "gland_volume_ml": rec.get("gland_volume_ml", ""),
+                   "needs_review": {True: "yes", False: "no"}.get(rec.get("needs_review"), ""),
+                   "review_reason": rec.get("review_reason", ""), "reason": rec.get("note", ""),
+                   "nifti": "; ".join(o for o in rec["outputs"] if o.endswith((".nii.gz", ".nii"))),
+                   "dicom_seg": rec.get("dicom_seg", ""), "rtstruct": rec.get("rtstruct", ""),
+                   "series_uid": rec.get(SERIES, {}).get("series_uid", "")}
+            row.update({f"{z} volume_ml": v for z, v in rec.get("volumes_ml", {}).items()})
+            writer.writerow(row)
+        for status, records in (("skipped", summary["skipped_inputs"]), ("not selected", summary["not_selected_inputs"])):
+            for rec in records:
+                writer.writerow({"input": rec["input"], "status": status, "reason": rec["reason"],
+                                 "series_uid": rec.get(SERIES, {}).get("series_uid", "")})
+        return buf.getvalue()
 
 
 class FolderEvaluator(SupervisedEvaluator):
@@ -316,11 +364,18 @@ class SaveMaskd(MapTransform):
         overwrite: replace existing masks.
         summary: where to record each written file (optional).
         dtype: stored data type.
+        output_format: the run's ``output_format`` (:func:`fedharmony.bundle.results.parse_output_format`):
+            without ``nifti`` a DICOM input gets no NIfTI mask (its DICOM results come from
+            :class:`fedharmony.bundle.results.SaveResultsd`); a NIfTI input always does.
     """
 
     def __init__(self, keys, output_dir: str, name_key: str = "name", postfix: str = "_seg", overwrite: bool = False,
-                 summary: Optional[InferenceSummary] = None, dtype=np.uint8, allow_missing_keys: bool = False):
+                 summary: Optional[InferenceSummary] = None, dtype=np.uint8, allow_missing_keys: bool = False,
+                 output_format: Union[str, Sequence[str]] = "nifti"):
+        from fedharmony.bundle.results import parse_output_format
+
         super().__init__(keys, allow_missing_keys)
+        self.formats = parse_output_format(output_format)
         self.output_dir = Path(output_dir)
         self.name_key, self.postfix, self.overwrite = name_key, postfix, bool(overwrite)
         self.summary, self.dtype = summary, dtype
@@ -336,6 +391,8 @@ class SaveMaskd(MapTransform):
         import nibabel as nib
 
         d = dict(data)
+        if "nifti" not in self.formats and self.summary is not None and input_of(d) in self.summary.series:
+            return d  # a DICOM input asked for DICOM results only
         for key in self.key_iterator(d):
             pred = d[key]
             arr = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
