@@ -35,11 +35,12 @@ its owner can say its files are the ones the federation wrote.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedharmony.core.files import atomic_torch_save, atomic_write_text
 from fedharmony.fl import job_policy
@@ -210,7 +211,7 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
     from fedharmony.bundle.site import build_network
 
     manifest = validate_manifest(pool_dir, bundle_root)
-    weights = _load_weights(pool_dir, manifest, check_digests=True)
+    weights, _ = _load_weights(pool_dir, manifest, check_digests=True)
     experts = []
     for e in manifest["experts"]:
         net = build_network(str(bundle_root), manifest["config_files"], overrides=manifest["overrides"], seed=None)
@@ -234,9 +235,9 @@ def stamp_pool(pool_dir: str | Path, bundle_root: str | Path) -> Path:
     manifest = _read_json(pool_dir)
     _check_structure(manifest, pool_dir, need_digests=False)
     _check_bundle_fields(manifest, pool_dir, bundle_root)
-    _load_weights(pool_dir, manifest, check_digests=False)
+    _, digests = _load_weights(pool_dir, manifest, check_digests=False)
     for e in manifest["experts"]:
-        e["sha256"] = file_digest(Path(pool_dir) / e["file"])
+        e["sha256"] = digests[e["name"]]
     manifest["format"] = FORMAT
     path = Path(pool_dir) / MANIFEST
     atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
@@ -322,20 +323,22 @@ def _check_bundle_fields(manifest: dict, pool_dir, bundle_root) -> None:
         raise PoolError(f"{where}: manifest 'overrides' refused: {e}") from None
 
 
-def _load_weights(pool_dir, manifest: dict, check_digests: bool) -> Dict[str, dict]:
-    weights = {}
+def _load_weights(pool_dir, manifest: dict, check_digests: bool) -> Tuple[Dict[str, dict], Dict[str, str]]:
+    """``({name: state dict}, {name: sha256 of the bytes loaded})``; each file is read once, so the bytes that
+    are checked are the bytes that are loaded."""
+    weights, digests = {}, {}
     for e in manifest["experts"]:
         path = Path(pool_dir) / e["file"]
         if not path.is_file():
             raise PoolError(f"expert {e['name']!r}: file {path} is missing")
-        if check_digests:
-            on_disk = file_digest(path)
-            if on_disk != e["sha256"]:
-                raise PoolError(f"expert {e['name']!r}: {path} does not match its digest in the manifest "
-                                f"({e['sha256'][:19]}... recorded, {on_disk[:19]}... on disk): the file was "
-                                f"changed, swapped or truncated after the pool was written")
+        data = path.read_bytes()
+        digests[e["name"]] = on_disk = "sha256:" + hashlib.sha256(data).hexdigest()
+        if check_digests and on_disk != e["sha256"]:
+            raise PoolError(f"expert {e['name']!r}: {path} does not match its digest in the manifest "
+                            f"({e['sha256'][:19]}... recorded, {on_disk[:19]}... on disk): the file was "
+                            f"changed, swapped or truncated after the pool was written")
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:
             raise PoolError(f"expert {e['name']!r}: cannot read {path} ({err})") from None
         sd = sd.get("model", sd) if isinstance(sd, dict) else sd
@@ -346,4 +349,4 @@ def _load_weights(pool_dir, manifest: dict, check_digests: bool) -> Dict[str, di
             raise PoolError(f"expert {e['name']!r}: {path} holds NaN/Inf in {bad[:3]}")
         weights[e["name"]] = sd
     check_same_architecture(weights)
-    return weights
+    return weights, digests
