@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ demo: setup
 ## test: the whole pytest suite (unit + bundle + NVFlare simulator runs), in 2 pytest-xdist workers, one test file
 ## at a time each: federations spend much of their time waiting (heartbeats, schedulers, process starts), so two
 ## run side by side; the two POC files (fixed ports) are one work unit, started first (tests/conftest.py)
-test: setup
+test: setup orthanc
 	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
+
+## orthanc: the PACS the round-trip tests run against (apt-get install orthanc orthanc-dicomweb, as root, when missing)
+orthanc:
+	bash tools/install_orthanc.sh
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration" --durations=10
