@@ -597,7 +597,8 @@ def _plateau_lines(results: dict, summary: dict) -> List[str]:
     if check["rounds"] >= 16:  # a long curve (a pilot that fixes a preset's rounds): every shorter run, too
         lines += ["", "| rounds | mean at the last round | change over the last quarter | SE | plateaued |",
                   "|---|---|---|---|---|"]
-        for rounds in range(4, check["rounds"] + 1, 2 if check["rounds"] <= 40 else 5):
+        shown = list(range(4, check["rounds"] + 1, 2 if check["rounds"] <= 40 else 5))
+        for rounds in shown + ([check["rounds"]] if shown[-1] != check["rounds"] else []):  # always the whole run
             r = plateau(curves, rounds)
             lines.append(f"| {rounds} | {r['last']:.3f} | {_signed(r['change'])} | {r['se']:.3f} | "
                          f"{'yes' if r['plateaued'] else 'no'} |")
