@@ -53,7 +53,7 @@ from monai.transforms import MapTransform
 from fedharmony.core.files import atomic_write_text
 
 __all__ = ["SKIPPED", "InputRejected", "ScreenedDataset", "screened_collate", "FolderEvaluator", "SaveMaskd",
-           "InferenceSummary", "input_of", "refuse_existing"]
+           "mask_and_affine", "InferenceSummary", "input_of", "refuse_existing"]
 
 logger = logging.getLogger("fedharmony.inference")
 
@@ -347,6 +347,16 @@ class FolderEvaluator(SupervisedEvaluator):
         return output
 
 
+def mask_and_affine(pred) -> tuple:
+    """A postprocessed prediction (``(1, H, W, D)`` or ``(H, W, D)``, on its input's grid after ``Invertd``) as a
+    ``(H, W, D)`` NumPy mask and its 4 x 4 affine (the identity when the prediction carries none)."""
+    arr = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    affine = np.asarray(pred.affine if isinstance(pred, MetaTensor) else np.eye(4), dtype=np.float64)
+    return arr, affine
+
+
 class SaveMaskd(MapTransform):
     """Write each prediction as ``<output_dir>/<name><postfix>.nii.gz`` with the geometry of its input.
 
@@ -394,11 +404,7 @@ class SaveMaskd(MapTransform):
         if "nifti" not in self.formats and self.summary is not None and input_of(d) in self.summary.series:
             return d  # a DICOM input asked for DICOM results only
         for key in self.key_iterator(d):
-            pred = d[key]
-            arr = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
-            if arr.ndim == 4 and arr.shape[0] == 1:
-                arr = arr[0]
-            affine = np.asarray(pred.affine if isinstance(pred, MetaTensor) else np.eye(4), dtype=np.float64)
+            arr, affine = mask_and_affine(d[key])
             out = self.output_path(d)
             if out.exists() and not self.overwrite:
                 raise InputRejected(f"{out.name} already exists in {out.parent}; set overwrite to replace it")

@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from fedharmony.bundle.folder_inference import InferenceSummary, InputRejected, input_of
+from fedharmony.bundle.folder_inference import InferenceSummary, InputRejected, input_of, mask_and_affine
 
 __all__ = ["OUTPUT_FORMATS", "parse_output_format", "mask_report", "SaveResultsd", "DEFAULT_REVIEW"]
 
@@ -149,11 +147,7 @@ class SaveResultsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            pred = d[key]
-            arr = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
-            if arr.ndim == 4 and arr.shape[0] == 1:
-                arr = arr[0]
-            affine = np.asarray(pred.affine if isinstance(pred, MetaTensor) else np.eye(4), dtype=np.float64)
+            arr, affine = mask_and_affine(d[key])
             name = input_of(d)
             result = mask_report(arr, affine, self.segments, self.review)
             wanted = [f for f in self.formats if f in DICOM_FORMATS]
