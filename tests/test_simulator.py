@@ -142,8 +142,9 @@ def test_ditto_two_sites_personalized_model_trained_tracked_and_returned(tiny_si
 def test_scaffold_two_sites_control_variates_move_and_stay_out_of_the_checkpoint(tiny_sites, tmp_path):
     ws = tmp_path / "ws"
     run = _simulate(_export(tmp_path, "scaffold", rounds=3), ws, tiny_sites, threads=2)
-    ckpt = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)  # loads: no arrays in its meta
-    assert "scaffold_c_global" not in (ckpt.get("meta_props") or {})
+    for name in ("FL_global_model.pt", "best_FL_global_model.pt"):  # both load: no arrays in their meta
+        ckpt = torch.load(run / "app_server" / name, weights_only=True)
+        assert "scaffold_c_global" not in (ckpt.get("meta_props") or {}), name
     log = (ws / "server" / "log.txt").read_text()
     assert log.count("SCAFFOLD control variate moved by the mean of 2 site changes") == 3
     c_local = {}

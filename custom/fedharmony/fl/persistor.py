@@ -6,6 +6,8 @@ import numpy as np
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedharmony.bundle.site import build_network
@@ -64,16 +66,29 @@ class BundleModelPersistor(PTFileModelPersistor):
             self.log_info(fl_ctx, f"global model: {type(self.model).__name__} from {bundle.root} "
                                   f"{bundle.config_files} ({'job copy' if bundle.trusted else 'installed'}), "
                                   f"{sum(p.numel() for p in self.model.parameters())} parameters")
+        if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+            # NVFlare's handler saves the context's global model with all its meta; ours cuts the meta first, as
+            # save_model does, so best_FL_global_model.pt loads with weights_only=True too
+            learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+            if learnable:
+                self._get_persistence_manager(fl_ctx).update(_checkpointable(learnable))
+            self.save_model_file(self._best_ckpt_save_path)
+            return
         super().handle_event(event, fl_ctx)
 
     def save_model(self, model_learnable, fl_ctx: FLContext):
         """NVFlare's save, with the checkpoint's meta cut to what ``torch.load(weights_only=True)`` reads:
         per-round arrays a method sends with the global model (SCAFFOLD's control variate) stay out."""
-        meta = model_learnable.get(ModelLearnableKey.META) or {}
-        kept = checkpoint_meta(meta)
-        if len(kept) != len(meta):
-            model_learnable = ModelLearnable({**model_learnable, ModelLearnableKey.META: kept})
-        super().save_model(model_learnable, fl_ctx)
+        super().save_model(_checkpointable(model_learnable), fl_ctx)
+
+
+def _checkpointable(model_learnable):
+    """``model_learnable`` with its meta cut by :func:`checkpoint_meta` (the same object when nothing is cut)."""
+    meta = model_learnable.get(ModelLearnableKey.META) or {}
+    kept = checkpoint_meta(meta)
+    if len(kept) == len(meta):
+        return model_learnable
+    return ModelLearnable({**model_learnable, ModelLearnableKey.META: kept})
 
 
 def checkpoint_meta(meta: dict) -> dict:
