@@ -32,8 +32,8 @@ import numpy as np
 
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, holm, noninferiority, paired_t_test, t_interval
 
-__all__ = ["planned_verdicts", "posthoc_rule", "noninferiority_p", "superiority_verdict", "plateau", "plateau_rounds",
-           "PLATEAU_RULE"]
+__all__ = ["paired_per_seed", "planned_verdicts", "posthoc_rule", "noninferiority_p", "superiority_verdict",
+           "plateau", "plateau_rounds", "PLATEAU_RULE"]
 
 
 def noninferiority_p(differences, margin: float) -> float:
@@ -61,8 +61,10 @@ def superiority_verdict(adjusted_p: float, t_ci, boot_ci, alpha: float) -> str:
     return "no difference shown"
 
 
-def _per_seed(scores, arm: str, baseline: str):
-    """(seeds, sites, {endpoint: per-seed differences}, {site: per-seed differences})."""
+def paired_per_seed(scores, arm: str, baseline: str):
+    """``arm`` minus ``baseline`` on the seeds both have: ``(seeds, sites, {"mean" | "worst": per-seed
+    differences}, {site: per-seed differences})`` (empty when they share no seed). ``scores``: method -> seed ->
+    site -> score. The one place the paired differences are computed (the report's table and the verdicts)."""
     a, b = scores.get(arm, {}), scores.get(baseline, {})
     seeds = sorted(set(a) & set(b))
     if not seeds:
@@ -85,7 +87,7 @@ def planned_verdicts(scores: Dict[str, Dict[int, Dict[str, float]]], plan: dict)
     margin = plan.get("margin")
     rows = []
     for c in plan["comparisons"]:
-        seeds, sites, by_endpoint, by_site = _per_seed(scores, c["arm"], c["baseline"])
+        seeds, sites, by_endpoint, by_site = paired_per_seed(scores, c["arm"], c["baseline"])
         for endpoint in c["endpoints"]:
             row = {"arm": c["arm"], "baseline": c["baseline"], "test": c["test"], "endpoint": endpoint,
                    "primary": bool(c.get("primary")), "seeds": seeds, "n": len(seeds)}

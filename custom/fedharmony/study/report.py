@@ -44,7 +44,8 @@ import numpy as np
 from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
 from fedharmony.study.provenance import differing, run_line
-from fedharmony.study.analysis import PLATEAU_RULE, fmt_p, plateau, plateau_rounds, planned_verdicts, posthoc_rule
+from fedharmony.study.analysis import (PLATEAU_RULE, fmt_p, paired_per_seed, plateau, plateau_rounds, planned_verdicts,
+                                       posthoc_rule)
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, t_interval, wilcoxon_signed_rank
 
 __all__ = ["load_results", "summarize", "paired_difference", "write_report", "verdict", "BASELINE",
@@ -161,24 +162,19 @@ def summarize(results: dict) -> dict:
 
 def paired_difference(results: dict, method: str, baseline: str = BASELINE) -> Optional[dict]:
     """``method`` minus ``baseline`` on the same seeds (None when they share no seed)."""
-    scores = _scores(results)
-    a, b = scores.get(method, {}), scores.get(baseline, {})
-    seeds = sorted(set(a) & set(b))
+    seeds, sites, by_endpoint, by_site = paired_per_seed(_scores(results), method, baseline)
     if not seeds:
         return None
-    sites = sorted(set(a[seeds[0]]) & set(b[seeds[0]]))
-    pairs = [a[k][s] - b[k][s] for k in seeds for s in sites]
-    mean_diff = [float(np.mean([a[k][s] for s in sites]) - np.mean([b[k][s] for s in sites])) for k in seeds]
-    worst_diff = [min(a[k][s] for s in sites) - min(b[k][s] for s in sites) for k in seeds]
+    pairs = [d for s in sites for d in by_site[s]]
     out = {"method": method, "baseline": baseline, "seeds": seeds, "n_pairs": len(pairs)}
-    for key, values in (("mean", mean_diff), ("worst", worst_diff)):
+    for key, values in by_endpoint.items():
         boot, t = bootstrap_ci(values), t_interval(values)
         out[key] = {"per_seed": values, "diff": boot[0], "bootstrap_ci": boot[1:], "t_ci": t[1:],
                     "verdict": verdict([boot[1:], t[1:]])}  # one seed: no t CI, so no verdict
     w = wilcoxon_signed_rank(pairs)
     out["wilcoxon_p"], out["wilcoxon_n"] = w.p_value, w.n
-    out["per_site"] = {s: float(np.mean([a[k][s] - b[k][s] for k in seeds])) for s in sites}
-    out["per_site_t_ci"] = {s: t_interval([a[k][s] - b[k][s] for k in seeds])[1:] for s in sites}
+    out["per_site"] = {s: float(np.mean(by_site[s])) for s in sites}
+    out["per_site_t_ci"] = {s: t_interval(by_site[s])[1:] for s in sites}
     return out
 
 
