@@ -300,17 +300,26 @@ def test_harmofl_says_when_its_window_holds_only_the_dc_term(caplog):
 
 
 def test_plateau_rule_by_hand():
-    from fedharmony.study.analysis import plateau, plateau_rounds
+    from fedharmony.study.analysis import PLATEAU_TOLERANCE, plateau, plateau_rounds
 
     # three seeds rising by 0.05 a round to round 9, then flat with seed-to-seed spread 0.03
     curves = {k: {r: min(r, 9) * 0.05 + 0.03 * (k - 1) for r in range(24)} for k in range(3)}
-    check = plateau(curves)
-    assert check["rounds"] == 24 and check["change"] == pytest.approx(0.0) and check["plateaued"]
-    assert check["se"] == pytest.approx(0.03 / math.sqrt(3))
-    rising = plateau(curves, rounds=10)  # rounds 0-9: the last quarter (3 rounds) rose by 0.15
-    assert rising["change"] == pytest.approx(0.15) and not rising["plateaued"]
-    # R rounds look back ceil(R / 4) rounds from round R - 1: at 13 rounds that is round 8 (still rising to 9),
-    # at 14 rounds round 9, and every longer run starts its last quarter at round 9 or later
-    assert plateau(curves, rounds=13)["change"] == pytest.approx(0.05)
-    assert plateau_rounds(curves) == 14
+    check = plateau(curves)  # window: the last 6 rounds (18-23), flat
+    assert check["rounds"] == 24 and check["window"] == 6 and check["plateaued"]
+    assert check["change"] == pytest.approx(0.0, abs=1e-12) and check["last"] == pytest.approx(0.45)
+    rising = plateau(curves, rounds=10)  # window rounds 6-9 (at least 4): a straight rise of 3 x 0.05
+    assert rising["window"] == 4 and rising["change"] == pytest.approx(0.15) and not rising["plateaued"]
+    # rounds 8-11 = 0.40, 0.45, 0.45, 0.45: least-squares slope 0.075 / 5 = 0.015, times the span of 3 rounds
+    assert plateau(curves, rounds=12)["change"] == pytest.approx(0.045)
+    assert plateau(curves, rounds=13)["change"] == pytest.approx(0.0, abs=1e-12)  # rounds 9-12: flat
+    assert plateau_rounds(curves) == 13
+    # the rise is judged against the tolerance, not against the seeds' spread: a slow, steady rise of
+    # 0.002 a round with no spread at all still counts as rising once a quarter of the run adds up to 0.01
+    slow = {k: {r: 0.5 + 0.002 * r for r in range(40)} for k in range(2)}
+    assert plateau(slow)["change"] == pytest.approx(0.018) and not plateau(slow)["plateaued"]
+    assert plateau(slow, rounds=20)["change"] == pytest.approx(0.008) and plateau(slow, rounds=20)["plateaued"]
+    assert PLATEAU_TOLERANCE == 0.01
+    # a noisy flat curve: single rounds differ by up to 0.04, the fitted line over the window does not rise
+    noisy = {k: {r: 0.65 + 0.02 * (-1) ** (r + k) for r in range(40)} for k in range(3)}
+    assert abs(plateau(noisy)["change"]) < PLATEAU_TOLERANCE and plateau_rounds(noisy) == 4
     assert plateau({0: {0: 0.1, 1: 0.2}}) is None  # one seed: no standard error

@@ -33,7 +33,7 @@ import numpy as np
 from fedharmony.study.stats import bootstrap_ci, excludes_zero, holm, noninferiority, paired_t_test, t_interval
 
 __all__ = ["paired_per_seed", "planned_verdicts", "posthoc_rule", "noninferiority_p", "superiority_verdict",
-           "plateau", "plateau_rounds", "PLATEAU_RULE"]
+           "plateau", "plateau_rounds", "PLATEAU_RULE", "PLATEAU_TOLERANCE"]
 
 
 def noninferiority_p(differences, margin: float) -> float:
@@ -149,23 +149,37 @@ def fmt_p(p: Optional[float]) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-PLATEAU_RULE = ("over the last quarter of the rounds (at least one), the mean over seeds of the validation score "
-                "(mean over sites) changes by less than its standard error over seeds at the last round")
+PLATEAU_TOLERANCE = 0.01
+"""The rise (in the task's score) over the last quarter of a run below which a curve counts as plateaued:
+one point of Dice or macro-F1, the planned studies' margin for "no worse" (a difference too small to matter)."""
+
+PLATEAU_RULE = ("a least-squares line through each seed's validation score (mean over sites) over the last quarter "
+                "of the rounds (at least 4 rounds) rises, on average over seeds, by less than "
+                f"{PLATEAU_TOLERANCE:g} across that quarter (rule of 2026-12-07; a falling curve counts as plateaued)")
 
 
-def plateau(curves_by_seed: Dict[int, Dict[int, float]], rounds: Optional[int] = None) -> Optional[dict]:
+def plateau(curves_by_seed: Dict[int, Dict[int, float]], rounds: Optional[int] = None,
+            tolerance: float = PLATEAU_TOLERANCE) -> Optional[dict]:
     """Whether a curve has plateaued by :data:`PLATEAU_RULE`, on its first ``rounds`` rounds (default: all).
 
     ``curves_by_seed``: seed -> round -> score (mean over sites), rounds 0 .. R - 1 (round r's score is
-    the model at the start of round r). Returns ``{"rounds", "last", "change", "se", "plateaued"}``, or
-    None with fewer than 2 seeds or 2 rounds in common.
+    the model at the start of round r). The window is the last ``max(4, ceil(R / 4))`` rounds the seeds
+    share; each seed's rise across it is the slope of its least-squares line times the window's span, so
+    that every round in the window counts (the difference of two single rounds is as noisy as a
+    validation set is small). Returns ``{"rounds", "window", "last", "change", "se", "plateaued"}``
+    (``change``: mean over seeds of the fitted rise; ``se``: its standard error over seeds), or None with
+    fewer than 2 seeds or 2 rounds in common.
 
     Example::
 
-        >>> curves = {0: {0: 0.1, 1: 0.5, 2: 0.60, 3: 0.61}, 1: {0: 0.1, 1: 0.4, 2: 0.58, 3: 0.58}}
-        >>> r = plateau(curves)
-        >>> round(r["change"], 3), round(r["se"], 3), r["plateaued"]
-        (0.005, 0.015, True)
+        >>> curves = {0: {0: 0.1, 1: 0.5, 2: 0.60, 3: 0.61, 4: 0.60, 5: 0.61},
+        ...           1: {0: 0.1, 1: 0.4, 2: 0.58, 3: 0.58, 4: 0.59, 5: 0.57}}
+        >>> r = plateau(curves)  # rounds 2-5: flat
+        >>> r["window"], abs(round(r["change"], 3)), r["plateaued"]
+        (4, 0.0, True)
+        >>> r = plateau(curves, rounds=4)  # rounds 0-3: still rising
+        >>> round(r["change"], 2), r["plateaued"]
+        (0.49, False)
     """
     if len(curves_by_seed) < 2:
         return None
@@ -174,13 +188,17 @@ def plateau(curves_by_seed: Dict[int, Dict[int, float]], rounds: Optional[int] =
         common = [r for r in common if r < rounds]
     if len(common) < 2:
         return None
-    quarter = max(1, math.ceil(len(common) / 4))
-    last, start = common[-1], common[-1 - quarter]
-    values = np.array([[c[last], c[start]] for c in curves_by_seed.values()], dtype=float)
-    se = float(values[:, 0].std(ddof=1)) / math.sqrt(len(values))
-    change = float(values[:, 0].mean() - values[:, 1].mean())
-    return {"rounds": len(common), "last": float(values[:, 0].mean()), "change": change, "se": se,
-            "plateaued": bool(abs(change) < se)}
+    window = common[-min(len(common), max(4, math.ceil(len(common) / 4))):]
+    x = np.asarray(window, dtype=float)
+    rises = []
+    for curve in curves_by_seed.values():
+        slope = np.polyfit(x, np.asarray([curve[r] for r in window], dtype=float), 1)[0]
+        rises.append(float(slope) * (x[-1] - x[0]))
+    rises = np.asarray(rises)
+    last = float(np.mean([c[common[-1]] for c in curves_by_seed.values()]))
+    change = float(rises.mean())
+    return {"rounds": len(common), "window": len(window), "last": last, "change": change,
+            "se": float(rises.std(ddof=1)) / math.sqrt(len(rises)), "plateaued": bool(change < tolerance)}
 
 
 def plateau_rounds(curves_by_seed: Dict[int, Dict[int, float]], smallest: int = 4) -> Optional[int]:

@@ -585,13 +585,13 @@ def _plateau_lines(results: dict, summary: dict) -> List[str]:
     if check is None:
         return []
     lines = ["", f"## Had {baseline}'s validation curve plateaued?", "",
-             f"Rule: {PLATEAU_RULE}. Over its {check['rounds']} rounds the mean changed by "
-             f"{_signed(check['change'])} over the last quarter, against a standard error of {check['se']:.3f}: "
-             + ("plateaued." if check["plateaued"] else "**still changing**: the comparisons above are made while "
+             f"Rule: {PLATEAU_RULE}. Over its {check['rounds']} rounds the fitted rise over the last "
+             f"{check['window']} rounds was {_signed(check['change'])} (SE over seeds {check['se']:.3f}): "
+             + ("plateaued." if check["plateaued"] else "**still rising**: the comparisons above are made while "
                 f"{baseline} was still learning.")]
     enough = plateau_rounds(curves)
     if check["rounds"] >= 16:  # a long curve (a pilot that fixes a preset's rounds): every shorter run, too
-        lines += ["", "| rounds | mean at the last round | change over the last quarter | SE | plateaued |",
+        lines += ["", "| rounds | mean at the last round | fitted rise over the last quarter | SE | plateaued |",
                   "|---|---|---|---|---|"]
         shown = list(range(4, check["rounds"] + 1, 2 if check["rounds"] <= 40 else 5))
         for rounds in shown + ([check["rounds"]] if shown[-1] != check["rounds"] else []):  # always the whole run
