@@ -96,6 +96,11 @@ def test_a_plan_loads_and_says_its_power(tmp_path):
     power = plan.power_summary()
     assert power["seeds_needed"] == seeds_for_power(0.02, 0.03) and power["power_at_seeds"] < 0.8
     assert load_plan(_write(tmp_path / "p2.json", _plan(seeds=None))).seeds == power["seeds_needed"]
+    # sized for Holm's strictest step (alpha / m with m = 6 verdicts): more seeds for the same effect
+    strict = load_plan(_write(tmp_path / "p3.json", _plan(seeds=None, power={"effect": 0.02, "sd": 0.03,
+                                                                              "power": 0.8, "alpha": 0.05 / 6})))
+    assert strict.seeds == seeds_for_power(0.02, 0.03, 0.8, 0.05 / 6) > power["seeds_needed"]
+    assert strict.power_summary()["alpha"] == pytest.approx(0.05 / 6) and strict.alpha == 0.05
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -111,6 +116,8 @@ def test_a_plan_loads_and_says_its_power(tmp_path):
     ({"task": "kidney"}, "'arms': unknown task 'kidney'"),
     ({"preset": "huge"}, "unknown preset 'huge'"),
     ({"power": {"effect": 0.02}}, "'power' must give"),
+    ({"power": {"effect": 0.02, "sd": 0.03, "power": 0.8, "level": 0.01}}, "'power' has unknown field(s) ['level']"),
+    ({"power": {"effect": 0.02, "sd": 0.03, "power": 0.8, "alpha": 0.9}}, "'alpha' must be a number in"),
     ({"seeds": 1}, "'seeds' must be an integer in [2, 1000]"),
     ({"extra": 1}, "unknown fields ['extra']"),
     ({"plan": "something else"}, "not a study plan"),

@@ -21,7 +21,7 @@ The plan file (JSON)::
       ],
       "alpha": 0.05,
       "margin": 0.01,
-      "power": {"effect": 0.03, "sd": 0.025, "power": 0.8, "sd_from": "where the SD was measured"},
+      "power": {"effect": 0.03, "sd": 0.025, "power": 0.8, "alpha": 0.0125, "sd_from": "where the SD was measured"},
       "seeds": 10
     }
 
@@ -34,7 +34,9 @@ Holm-adjusted p below ``alpha`` and both CIs of the difference excluding zero) a
 ``-margin``; the one-sided p of the same test joins the Holm family).
 
 Seeds come from a power calculation: ``power`` gives the smallest effect of interest and the
-per-seed standard deviation of a paired difference (say where it was measured); the plan's
+per-seed standard deviation of a paired difference (say where it was measured), and optionally the
+level it is computed at (``alpha``; default the plan's: a study with m verdicts may size its seeds
+for Holm's strictest step, ``alpha / m``); the plan's
 ``seeds`` may be fewer than the calculation asks for (a machine's budget), and the report then
 states the power those seeds have and the smallest effect they can detect.
 """
@@ -98,10 +100,11 @@ class Plan:
         from fedharmony.study.stats import detectable_effect, paired_t_power, seeds_for_power
 
         p = self.power
-        return {"effect": p["effect"], "sd": p["sd"], "target_power": p["power"], "alpha": self.alpha,
-                "seeds_needed": seeds_for_power(p["effect"], p["sd"], p["power"], self.alpha),
-                "seeds": self.seeds, "power_at_seeds": paired_t_power(p["effect"], p["sd"], self.seeds, self.alpha),
-                "detectable_effect": detectable_effect(p["sd"], self.seeds, p["power"], self.alpha),
+        alpha = float(p.get("alpha", self.alpha))  # the calculation's level (Holm's strictest step: alpha / m)
+        return {"effect": p["effect"], "sd": p["sd"], "target_power": p["power"], "alpha": alpha,
+                "seeds_needed": seeds_for_power(p["effect"], p["sd"], p["power"], alpha),
+                "seeds": self.seeds, "power_at_seeds": paired_t_power(p["effect"], p["sd"], self.seeds, alpha),
+                "detectable_effect": detectable_effect(p["sd"], self.seeds, p["power"], alpha),
                 "sd_from": p.get("sd_from", "")}
 
 
@@ -187,8 +190,12 @@ def load_plan(path) -> Plan:
     if not isinstance(power, dict) or not {"effect", "sd", "power"} <= set(power):
         raise PlanError(f"{where}: 'power' must give the smallest effect of interest ('effect'), the per-seed SD "
                         f"of a paired difference ('sd') and the target 'power'")
+    unknown = sorted(set(power) - {"effect", "sd", "power", "alpha", "sd_from"})
+    if unknown:
+        raise PlanError(f"{where}: 'power' has unknown field(s) {unknown}")
+    power_alpha = _number(power, "alpha", f"{where}: 'power'", 1e-9, 0.5, required=False) or alpha
     try:
-        needed = seeds_for_power(float(power["effect"]), float(power["sd"]), float(power["power"]), alpha)
+        needed = seeds_for_power(float(power["effect"]), float(power["sd"]), float(power["power"]), power_alpha)
     except (TypeError, ValueError) as e:
         raise PlanError(f"{where}: 'power': {e}") from None
     seeds = _number(raw, "seeds", where, 2, 1000, integer=True, required=False) or needed

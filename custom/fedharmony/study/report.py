@@ -547,7 +547,8 @@ def _protocol_lines(results: dict, plan: Optional[dict], planned: List[dict], me
              f"non-inferiority margin {content.get('margin', '-')} {metric}"]
     if power:
         lines.append(f"- seeds: {power['seeds']} (the power calculation asks for {power['seeds_needed']} to detect "
-                     f"{power['effect']:g} with power {power['target_power']:g}, per-seed SD {power['sd']:g}"
+                     f"{power['effect']:g} with power {power['target_power']:g} at level {power['alpha']:.4g}, "
+                     f"per-seed SD {power['sd']:g}"
                      + (f" from {power['sd_from']}" if power.get("sd_from") else "")
                      + f"); with {power['seeds']} seeds the power is {power['power_at_seeds']:.2f} and the "
                      f"smallest effect detected with power {power['target_power']:g} is {power['detectable_effect']:.3f}")
