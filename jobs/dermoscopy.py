@@ -4,7 +4,7 @@
 The image-classification bundle with task "dermoscopy"; the same flags as jobs/prostate.py:
     python jobs/dermoscopy.py --algorithm fedavg --data-root data/dermoscopy --sites 4 --rounds 10
     python jobs/dermoscopy.py --algorithm prrfl  --data-root data/dermoscopy --sites 4 --rounds 10 --local-epochs 2
-    python jobs/dermoscopy.py --algorithm harmofl ...   # or fedprox, fedbn, iopfl
+    python jobs/dermoscopy.py --algorithm harmofl ...   # or any method: python -m fedharmony methods
     python jobs/dermoscopy.py --algorithm fedbn --export --export-dir build/jobs
 Sites are found as for prostate: --data-root (a folder of site folders with sites.json),
 $FEDHARMONY_DATA_ROOT or, on a production site, $FEDHARMONY_DATASET_DIR.

@@ -4,7 +4,7 @@
 The image-classification bundle with task "histology"; the same flags as jobs/prostate.py:
     python jobs/histology.py --algorithm fedavg --data-root data/histology --sites 5 --rounds 10
     python jobs/histology.py --algorithm prrfl  --data-root data/histology --sites 5 --rounds 10 --local-epochs 2
-    python jobs/histology.py --algorithm harmofl ...   # or fedprox, fedbn, iopfl
+    python jobs/histology.py --algorithm harmofl ...   # or any method: python -m fedharmony methods
     python jobs/histology.py --algorithm fedbn --export --export-dir build/jobs
 Sites are found as for prostate: --data-root (a folder of site folders with sites.json),
 $FEDHARMONY_DATA_ROOT or, on a production site, $FEDHARMONY_DATASET_DIR.

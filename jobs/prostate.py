@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Federated training of the prostate MRI bundle (FedAvg / FedProx / FedBN / HarmoFL / IOP-FL / PRR-FL) on NVFlare.
+"""Federated training of the prostate MRI bundle on NVFlare, with any registered method (`--algorithm`;
+`python -m fedharmony methods` lists them, their flags and defaults; `--help` shows every flag).
 
 Run in the simulator (NVFlare 2.9's SimEnv):
     python jobs/prostate.py --algorithm fedavg --data-root data/prostate --sites 6 --rounds 10

@@ -16,7 +16,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImag
 from conftest import BUNDLE, TINY_OVERRIDES
 from fedharmony.methods.iopfl.adaptation import (TestTimeAdapter, UnsupervisedLoss, augment, boundary_loss, build_test_time_network,
                                    entropy_loss, mean_state_dict)
-from fedharmony.bundle.site import build_network
+from fedharmony.bundle.networks import build_network
 from fedharmony.methods.iopfl.model_pool import load_pool, write_pool
 from fedharmony.methods.iopfl.routing import routed_layers
 

@@ -155,7 +155,7 @@ def test_weight_diff_is_the_update_against_the_received_global_model():
 def test_the_norm_key_regex_selects_exactly_the_norm_modules_keys_of_every_bundle_network(bundle, overrides):
     """The two views of "normalization layer" (module types, key regex) agree on the networks we ship."""
     from conftest import REPO
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.core.norm_layers import norm_layer_keys
 
     net = build_network(str(REPO / "bundles" / bundle), overrides=overrides)

@@ -111,7 +111,10 @@ def _site(tiny_sites, tmp_path, **kw):
 
 
 def test_site_state_survives_restart(tiny_sites, tmp_path):
+    from fedharmony.methods.contract import SiteContract
+
     site = _site(tiny_sites, tmp_path, method="fedbn")
+    assert isinstance(site, SiteContract)  # every member a method may use is there
     steps = site.train(None, local_epochs=1)
     assert steps > 0
     before = site.state_dict()

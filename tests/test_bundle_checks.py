@@ -83,7 +83,7 @@ def test_inference_configs_have_monai_infer_properties(bundle, configs, tiny_sit
 
 @pytest.fixture
 def tiny_pool(tmp_path):
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.methods.iopfl.model_pool import write_pool
 
     experts = [build_network(str(PROSTATE), overrides=TINY_OVERRIDES, seed=s).state_dict() for s in range(2)]

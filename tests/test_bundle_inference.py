@@ -40,7 +40,7 @@ def _lps(volume, affine):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     path = tmp_path_factory.mktemp("model") / "model.pt"
     torch.save(build_network(str(BUNDLE), overrides={"base_features": 4}, seed=3).state_dict(), path)
@@ -132,7 +132,7 @@ def test_inference_segments_every_usable_scan_and_names_every_other_input(hospit
 
 
 def test_spacing_normalization_and_harmofl_overlay_keep_each_masks_grid(hospital_folder, tmp_path):
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     folder, scan = hospital_folder
     for name in ("tiny.nii.gz", "truncated.nii.gz", "notes.txt", "dwi_4d.nii.gz", "report.dcm"):
@@ -218,7 +218,7 @@ def test_pydicoms_dicomdirtests_export_through_the_bundle_names_every_series(mod
 
 
 def test_classification_inference_names_bad_images_and_keeps_predictions_csv(tiny_dermoscopy, tmp_path):
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     src = sorted((tiny_dermoscopy / "clientA").rglob("*.png"))[:3]
     folder = tmp_path / "photos"

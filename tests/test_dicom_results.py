@@ -230,7 +230,7 @@ def test_the_summary_csv_has_a_row_per_input_with_its_volume_flag_and_outputs(tm
 # --------------------------------------------------------------------------- through the bundle (integration)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     path = tmp_path_factory.mktemp("model") / "model.pt"
     torch.save(build_network(str(BUNDLE), overrides={"base_features": 4}, seed=3).state_dict(), path)

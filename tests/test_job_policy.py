@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import BUNDLE, REPO, TINY_OVERRIDES
-from fedharmony.fl.job_policy import (PolicyError, Tunable, bundle_digest, bundle_version, check_config_files,
+from fedharmony.methods import METHODS, SPECS
+from fedharmony.bundle.job_policy import (PolicyError, Tunable, bundle_digest, bundle_version, check_config_files,
                                    check_job_copy, check_tunable_values, load_tunables, redact_paths,
                                    resolve_installed_bundle, validate_overrides)
 
@@ -146,7 +147,7 @@ def test_the_installed_bundle_must_match_the_version_and_digest_the_job_expects(
 
 
 def test_site_bundle_root_comes_from_the_site_environment(tmp_path, monkeypatch):
-    from fedharmony.fl.job_policy import BUNDLE_ROOT_ENV, site_bundle_root
+    from fedharmony.bundle.job_policy import BUNDLE_ROOT_ENV, site_bundle_root
 
     monkeypatch.delenv(BUNDLE_ROOT_ENV, raising=False)
     assert site_bundle_root() == REPO / "bundles"  # the checkout the package is installed from
@@ -213,7 +214,7 @@ def test_the_job_script_refuses_a_code_override_for_a_no_code_job(tmp_path):
     assert not (tmp_path / "j").exists()
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "fedbn", "harmofl", "iopfl", "prrfl"])
+@pytest.mark.parametrize("algorithm", [m for m in METHODS if SPECS[m].no_code])
 def test_a_no_code_job_carries_no_configs_and_names_only_allow_listed_classes(algorithm, tmp_path):
     from fedharmony.fl import SERVER_COMPONENTS, SITE_COMPONENTS
     from fedharmony.fl.job import FedHarmonyRecipe

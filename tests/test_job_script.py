@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE, REPO, TINY_OVERRIDES, export_job
-from fedharmony.bundle.site import build_network
+from fedharmony.bundle.networks import build_network
 
 
 def _export(tmp_path, algorithm, *flags, rounds=2, sites=2):
@@ -30,12 +30,14 @@ def test_job_script_refuses_unknown_overrides_and_bad_method_flags(tmp_path, mon
              (["--override", "[1]"], "JSON object"),
              (["--algorithm", "harmofl", "--amp-ratio", "0.7"], "amp_ratio"),
              (["--algorithm", "harmofl", "--wp-alpha", "-1"], "alpha"),
-             (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "['wp_alpha'] is not a setting of fedavg"),
+             (["--algorithm", "fedavg", "--wp-alpha", "0.1"], "--wp-alpha is a setting of harmofl, not of --algorithm fedavg"),
              (["--algorithm", "iopfl", "--iop-alpha", "1.5"], "[0, 1)"),
-             (["--algorithm", "fedavg", "--iop-alpha", "0.1"], "['iop_alpha'] is not a setting of fedavg"),
-             (["--algorithm", "ditto", "--mu", "0.1"], "['mu'] is not a setting of ditto"),
-             (["--algorithm", "ditto", "--ditto-lambda", "0"], "Ditto lambda"),
-             (["--algorithm", "fedprox", "--mu", "0"], "mu > 0"),
+             (["--algorithm", "fedavg", "--iop-alpha", "0.1"], "--iop-alpha is a setting of iopfl, not of --algorithm fedavg"),
+             (["--algorithm", "ditto", "--mu", "0.1"], "--mu is a setting of fedprox, not of --algorithm ditto"),
+             (["--algorithm", "ditto", "--ditto-lambda", "0"], "ditto_lambda must be > 0, got 0.0"),
+             (["--algorithm", "fedprox", "--mu", "0"], "mu must be > 0, got 0.0"),
+             (["--algorithm", "harmofl", "--image-size", "40"], "image_size must be in [16, 2048], a multiple of 16"),
+             (["--algorithm", "prrfl", "--prrfl-box", "round"], "invalid choice"),
              (["--tracking", "neptune"], "invalid choice"),
              (["--algorithm", "fedsgd"], "invalid choice"),
              (["--algorithm", "iopfl", "--no-cross-site-eval"], "cross-site evaluation"),
@@ -45,13 +47,13 @@ def test_job_script_refuses_unknown_overrides_and_bad_method_flags(tmp_path, mon
              (["--cross-site-timeout", "0"], "cross_site_timeout"),
              (["--initial-model", str(tmp_path / "none.pt")], "cannot read its round"),
              (["--algorithm", "prrfl", "--prrfl-r0", "0.9", "--prrfl-r1", "0.8"], "r0 = 0.9 > r1 = 0.8"),
-             (["--algorithm", "prrfl", "--prrfl-r1", "1.5"], "r1 must be in (0, 1]"),
-             (["--algorithm", "prrfl", "--prrfl-r0", "0"], "r0 must be in (0, 1]"),
+             (["--algorithm", "prrfl", "--prrfl-r1", "1.5"], "prrfl_r1 must be in (0, 1]"),
+             (["--algorithm", "prrfl", "--prrfl-r0", "0"], "prrfl_r0 must be in (0, 1]"),
              (["--algorithm", "prrfl", "--prrfl-alpha1", "0.95"], "alpha1 <= alpha2"),
              (["--algorithm", "prrfl", "--privacy-percentile", "90"], "full deputy"),
              (["--algorithm", "prrfl", "--initial-model", str(tmp_path / "x.pt"), "--start-round", "3"],
               "cannot resume"),
-             (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "['prrfl_r0'] is not a setting of fedavg"),
+             (["--algorithm", "fedavg", "--prrfl-r0", "0.5"], "--prrfl-r0 is a setting of prrfl, not of --algorithm fedavg"),
              (["--override", '{"optimizer_name": "sgdd"}'], "override 'optimizer_name': must be one of ['adam', 'sgd']"),
              (["--override", '{"lr_round_step": 0}'], "override 'lr_round_step': must be >= 1, got 0"),
              (["--bogus-flag"], "unrecognized arguments"))
@@ -64,7 +66,7 @@ def test_job_script_refuses_unknown_overrides_and_bad_method_flags(tmp_path, mon
     script = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--export", "--export-dir", str(tmp_path / "j")]
     res = subprocess.run(script + ["--algorithm", "fedavg", "--amp-ratio", "0.1"], capture_output=True, text=True,
                          cwd=tmp_path)
-    assert res.returncode != 0 and "['amp_ratio'] is not a setting of fedavg" in res.stderr, res.stderr[-500:]
+    assert res.returncode != 0 and "--amp-ratio is a setting of harmofl, not of --algorithm fedavg" in res.stderr, res.stderr[-500:]
     assert not (tmp_path / "j").exists()  # nothing was exported
 
 

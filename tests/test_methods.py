@@ -84,26 +84,32 @@ def test_the_registry_knows_every_method_and_refuses_what_it_does_not():
         make_site_method("os")
     with pytest.raises(ValueError, match="unknown method"):
         make_site_method("fedavg.site")  # a name, not a path: nothing outside the registry is importable
-    with pytest.raises(ValueError, match="method 'fedprox'.*unexpected keyword"):
+    with pytest.raises(ValueError, match=r"method 'fedprox': \['alpha'\] is not a site setting of fedprox; "
+                                         r"its site settings: \['mu'\]"):
         make_site_method("fedprox", {"alpha": 0.1})
+    with pytest.raises(ValueError, match=r"\['prrfl_r0'\] is not a site setting"):  # a server-side setting
+        make_site_method("prrfl", {"prrfl_r0": 0.5})
     with pytest.raises(ValueError, match="setting 'mu' must be a plain"):
         make_site_method("fedprox", {"mu": {"_target_": "os.system"}})
-    with pytest.raises(ValueError, match="mu > 0"):
+    with pytest.raises(ValueError, match="mu must be > 0, got -1.0"):
         make_site_method("fedprox", {"mu": -1.0})
-    with pytest.raises(ValueError, match="Ditto lambda"):
-        make_site_method("ditto", {"lam": float("nan")})
-    with pytest.raises(ValueError, match="alpha"):
-        make_site_method("iopfl", {"alpha": 1.0})
+    with pytest.raises(ValueError, match="ditto_lambda must be a finite number, got nan"):
+        make_site_method("ditto", {"ditto_lambda": float("nan")})
+    with pytest.raises(ValueError, match=r"iop_alpha must be in \[0, 1\), got 1.0"):
+        make_site_method("iopfl", {"iop_alpha": 1.0})
 
 
 def test_a_recipe_refuses_another_methods_setting_naming_it():
     from fedharmony.fl.job import FedHarmonyRecipe
 
     bundle = str(PACKAGE.parents[1] / "bundles" / "prostate_mri_seg")
-    with pytest.raises(ValueError, match=r"\['amp_ratio'\] is not a setting of fedavg"):
+    with pytest.raises(ValueError, match=r"\['amp_ratio'\] is not a setting of fedavg \('amp_ratio' is harmofl's\)"):
         FedHarmonyRecipe("fedavg", bundle_dir=bundle, amp_ratio=0.1)
-    with pytest.raises(ValueError, match=r"'mu'.*of ditto.*own settings: \['ditto_epochs', 'ditto_lambda'\]"):
+    with pytest.raises(ValueError, match=r"'mu'.*of ditto.*own settings: \['ditto_lambda', 'ditto_epochs'\]"):
         FedHarmonyRecipe("ditto", bundle_dir=bundle, mu=0.1)
+    with pytest.raises(ValueError, match=r"\['num_round'\] is not a setting of fedavg \('num_round' is no setting "
+                                         r"of any method\).*every method's: \[.*'num_rounds'"):
+        FedHarmonyRecipe("fedavg", bundle_dir=bundle, num_round=3)
     with pytest.raises(TypeError):  # the recipes take keyword arguments only
         recipe_class("fedprox")(bundle, 3)
 
@@ -229,7 +235,7 @@ def test_ditto_personalized_model_step_by_hand_and_the_global_model_untouched():
     """One batch, one epoch, lambda 0.5, lr 0.1: v <- v - lr (2 x (v x - y) + lambda (v - w_global))."""
     x, y, lam, lr = 2.0, 1.0, 0.5, 0.1
     site = StandInSite([(torch.tensor([[x]]), torch.tensor([[y]]))], lr)
-    method = make_site_method("ditto", {"lam": lam, "epochs": 1})
+    method = make_site_method("ditto", {"ditto_lambda": lam, "ditto_epochs": 1})
     method.attach(site)
 
     method.receive(_w(1.0), {})  # round 0: the first global model starts v
@@ -249,7 +255,7 @@ def test_ditto_personalized_model_step_by_hand_and_the_global_model_untouched():
     v2 = v - lr * (2 * x * (v * x - y) + lam * (v - w_global))
     assert method.personal["weight"].item() == pytest.approx(v2, rel=1e-5)
 
-    restored = make_site_method("ditto", {"lam": lam, "epochs": 1})  # a restarted site process
+    restored = make_site_method("ditto", {"ditto_lambda": lam, "ditto_epochs": 1})  # a restarted site process
     restored.load_state_dict(method.state_dict())
     assert torch.equal(restored.personal["weight"], method.personal["weight"])
     assert restored.personal_optimizer is not None
@@ -257,7 +263,7 @@ def test_ditto_personalized_model_step_by_hand_and_the_global_model_untouched():
 
 def test_ditto_with_a_huge_lambda_stays_at_the_global_model():
     site = StandInSite([(torch.tensor([[1.0]]), torch.tensor([[5.0]]))], lr=1e-4)
-    method = make_site_method("ditto", {"lam": 1e4, "epochs": 3})
+    method = make_site_method("ditto", {"ditto_lambda": 1e4, "ditto_epochs": 3})
     method.attach(site)
     method.receive(_w(2.0), {})
     method.personal = _w(2.5)

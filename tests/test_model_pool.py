@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE, REPO, TINY_OVERRIDES
-from fedharmony.bundle.site import build_network
+from fedharmony.bundle.networks import build_network
 from fedharmony.methods.iopfl.model_pool import (FORMAT, PoolError, file_digest, load_pool, read_manifest,
                                                  stamp_pool, validate_manifest, write_pool)
 

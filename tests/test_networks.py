@@ -77,7 +77,7 @@ def test_prime_targets_uses_the_training_batch_only_where_missing():
 
 
 def test_monai_transform_matches_the_layer(tmp_path):
-    from fedharmony.bundle.transforms import AmplitudeNormalized
+    from fedharmony.methods.harmofl.transforms import AmplitudeNormalized
 
     net = HarmonizedNetwork(torch.nn.Identity(), 3, (16, 16), ratio=0.2).train()
     net(_batches(1)[0])

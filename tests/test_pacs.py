@@ -138,7 +138,7 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     path = tmp_path_factory.mktemp("model") / "model.pt"
     torch.save(build_network(str(BUNDLE), overrides={"base_features": 4}, seed=3).state_dict(), path)

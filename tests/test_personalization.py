@@ -28,7 +28,7 @@ def test_site_personalized_model_follows_the_formula_over_three_rounds_and_survi
     a = 0.3
     kwargs = dict(bundle_root=str(BUNDLE), dataset_dir=str(tiny_sites / "BIDMC"), state_dir=str(tmp_path / "s"),
                   site_name="BIDMC", overrides=TINY_OVERRIDES, method="iopfl",
-                  method_settings={"alpha": a})
+                  method_settings={"iop_alpha": a})
     site = BundleSite(**kwargs)
     global_weights = site.shared_weights()
     thetas = []

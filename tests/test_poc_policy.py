@@ -76,7 +76,7 @@ def test_a_job_without_code_runs_from_the_installed_package_with_a_privacy_filte
     kits = strict_poc["root"] / "poc" / "example_project" / "prod_00"
     site_logs = [(kits / site / job_id / "log.txt").read_text() for site in ("site-1", "site-2", "site-3")]
     steps = max(int(x) for log in site_logs for x in re.findall(r"(\d+) local steps", log))
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     bundle = REPO / "bundles" / "prostate_mri_seg"
     initial = build_network(str(bundle), "configs/train.json", "network_def", TINY_OVERRIDES, 0).state_dict()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import BUNDLE, NVFLARE, TINY_OVERRIDES, export_job, simulate
-from fedharmony.bundle.site import build_network
+from fedharmony.bundle.networks import build_network
+from fedharmony.methods import METHODS, recipe_class, site_method_class
 
 pytestmark = pytest.mark.integration
 
@@ -23,92 +24,52 @@ def _simulate(job, ws, data_root, threads):
     return simulate(job, ws, data_root, sites=2, threads=threads)
 
 
-def test_fedbn_two_sites_two_rounds_tracked_scored_and_norm_layers_kept(tiny_sites, tmp_path):
-    ws = tmp_path / "ws"
-    # -t 2: both sites at once (restarts of a site process are the IOP-FL test's, -t 1, below)
-    run = _simulate(_export(tmp_path, "fedbn"), ws, tiny_sites, threads=2)
+SITES = ("site-1", "site-2")
 
-    # per-round, per-site tracking -> CSV / JSON / plot / TensorBoard
-    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
-    dice = {(r["site"], int(r["round"])) for r in rows if r["tag"] == "val_mean_dice"}
-    assert dice == {(s, r) for s in ("site-1", "site-2") for r in (0, 1)}
-    assert (run / "results" / "val_mean_dice_by_round.png").stat().st_size > 0
-    assert any((run / "tb_events").rglob("events.out.tfevents.*"))
 
-    # cross-site matrix: every site scored every model
-    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    for site in ("site-1", "site-2"):
-        assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse[site])
-        assert 0.0 <= cse[site]["SRV_FL_global_model.pt"]["val_mean_dice"] <= 1.0
+def _site_state(ws, site, name="site_state.pt"):
+    return torch.load(ws / site / "simulate_job" / "fedharmony" / site / name, weights_only=True)
 
-    # the global model moved away from the server's seeded initial network
-    init = build_network(str(BUNDLE), overrides=TINY_OVERRIDES, seed=0).state_dict()
-    glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    conv = [k for k in init if k.endswith("conv.weight")]
-    assert conv and all(glob[k].shape == init[k].shape for k in conv)
-    assert not all(torch.equal(torch.as_tensor(glob[k]), init[k]) for k in conv)
 
-    # FedBN: each site kept its own norm layers
-    states = {s: torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
-              for s in ("site-1", "site-2")}
-    assert all(st["round"] == 2 for st in states.values())
+# ------------------------------------------------- every registered method: one federation each, deeper checks where a
+# method has its own behaviour to show. A method added tomorrow runs here with the generic checks and no new test.
+def _fedbn(run, ws):
+    states = {s: _site_state(ws, s) for s in SITES}  # each site kept its own norm layers
     a, b = states["site-1"]["network"], states["site-2"]["network"]
     norm = [k for k in a if ".adn.N." in k and k.endswith("running_mean")]
     assert norm and all(not torch.equal(a[k], b[k]) for k in norm)
     assert len(list((ws / "site-1").rglob("log.txt"))) >= 1
 
 
-def test_harmofl_two_sites_target_averaged_and_kept(tiny_sites, tmp_path):
-    ws = tmp_path / "ws"
-    job = _export(tmp_path, "harmofl", "--image-size", "32", "--amp-ratio", "0.1")
-    run = _simulate(job, ws, tiny_sites, threads=2)
+def _harmofl(run, ws):
     glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     target = torch.as_tensor(glob["harmonize.target"])
     assert target.shape == (3, 32, 32) and target.abs().sum() > 0  # averaged by the server like the weights
-    for s in ("site-1", "site-2"):  # from round 1 on, each site normalizes to the global target
-        state = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
-        torch.testing.assert_close(state["network"]["harmonize.target"], target.float())
-    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse["site-1"])
+    for s in SITES:  # from round 1 on, each site normalizes to the global target
+        torch.testing.assert_close(_site_state(ws, s)["network"]["harmonize.target"], target.float())
 
 
-def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_sites, tmp_path):
-    ws = tmp_path / "ws"
-    # -t 1: every task runs in a fresh site process, so the personalized model must come back from disk
-    run = _simulate(_export(tmp_path, "iopfl", "--iop-alpha", "0.2"), ws, tiny_sites, threads=1)
-
-    # global and personalized validation Dice, every site, every round
+def _iopfl(run, ws):
     rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
-    for tag in ("val_mean_dice", "val_mean_dice_personalized"):
-        assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
-            {(s, r) for s in ("site-1", "site-2") for r in (0, 1)}, tag
+    assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == "val_mean_dice_personalized"} == \
+        {(s, r) for s in SITES for r in (0, 1)}
     assert "personalized_mean_last" in json.loads((run / "results" / "summary.json").read_text())
-
-    states = {s: torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
-              for s in ("site-1", "site-2")}
-    for st in states.values():  # two rounds, the personalized model kept across the process restarts
+    for s in SITES:  # the personalized model kept across the process restarts (-t 1)
+        st = _site_state(ws, s)
         phi = st["method"]["state"]["personalized"]
-        assert st["round"] == 2 and st["method"]["name"] == "iopfl" and phi is not None
-        assert not all(torch.equal(phi[k], st["network"][k]) for k in st["network"])
-
-    # the cross-site matrix scores the global model and each site's personalized model on every site
-    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    for site in ("site-1", "site-2"):
-        assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse[site])
+        assert phi is not None and not all(torch.equal(phi[k], st["network"][k]) for k in st["network"])
 
     # the model pool: global + both personalized models, loadable by the bundle
-    from fedharmony.methods.iopfl.model_pool import load_pool
+    from fedharmony.methods.iopfl.model_pool import FORMAT, file_digest, load_pool
 
     pool = load_pool(run / "model_pool", BUNDLE)
     assert pool.names == ["site-1", "site-2", "global"]
     manifest = json.loads((run / "model_pool" / "manifest.json").read_text())
     assert {e["data"] for e in manifest["experts"] if e["kind"] == "personalized"} == {"BIDMC", "HK"}
-    from fedharmony.methods.iopfl.model_pool import FORMAT, file_digest
-
     assert manifest["format"] == FORMAT  # each expert's digest recorded by the job, checked by load_pool
     assert all(e["sha256"] == file_digest(run / "model_pool" / e["file"]) for e in manifest["experts"])
-    for s in ("site-1", "site-2"):  # what each site returned is its best personalized model
-        best = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "best_model.pt", weights_only=True)
+    for s in SITES:  # what each site returned is its best personalized model
+        best = _site_state(ws, s, "best_model.pt")
         pooled = torch.load(run / "model_pool" / f"{s}.pt", weights_only=True)
         assert all(torch.equal(pooled[k], best[k].to(pooled[k].dtype)) for k in best)
     glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
@@ -116,46 +77,81 @@ def test_iopfl_two_sites_personalized_models_tracked_returned_and_pooled(tiny_si
     assert all(torch.equal(pooled[k], torch.as_tensor(glob[k]).to(pooled[k].dtype)) for k in pooled)
 
 
-def test_ditto_two_sites_personalized_model_trained_tracked_and_returned(tiny_sites, tmp_path):
-    ws = tmp_path / "ws"
-    # -t 2: one process per site (restoring Ditto's state after a restart is covered by its unit test; the
-    # -t 1 restarts are exercised by the IOP-FL and PRR-FL runs)
-    run = _simulate(_export(tmp_path, "ditto", "--ditto-lambda", "0.5"), ws, tiny_sites, threads=2)
+def _ditto(run, ws):
     rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
-    for tag in ("val_mean_dice", "val_mean_dice_personalized"):
-        assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == tag} == \
-            {(s, r) for s in ("site-1", "site-2") for r in (0, 1)}, tag
+    assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == "val_mean_dice_personalized"} == \
+        {(s, r) for s in SITES for r in (0, 1)}
     glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    for s in ("site-1", "site-2"):
-        st = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
-        ditto = st["method"]["state"]
-        assert st["round"] == 2 and st["method"]["name"] == "ditto" and ditto["personal_optimizer"]["state"]
-        best = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "best_model.pt", weights_only=True)
+    for s in SITES:
+        st = _site_state(ws, s)
+        assert st["method"]["state"]["personal_optimizer"]["state"]
+        best = _site_state(ws, s, "best_model.pt")
         conv = [k for k in best if k.endswith("conv.weight")]
         # the site's result is its personalized model: neither the global model nor the FedAvg-trained one
         assert not all(torch.equal(best[k], torch.as_tensor(glob[k]).to(best[k].dtype)) for k in conv)
         assert not all(torch.equal(best[k], st["network"][k]) for k in conv)
-        assert {"SRV_FL_global_model.pt", "site-1", "site-2"} <= set(cse[s])  # returned for cross-site evaluation
 
 
-def test_scaffold_two_sites_control_variates_move_and_stay_out_of_the_checkpoint(tiny_sites, tmp_path):
-    ws = tmp_path / "ws"
-    run = _simulate(_export(tmp_path, "scaffold", rounds=3), ws, tiny_sites, threads=2)
+def _scaffold(run, ws):
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):  # both load: no arrays in their meta
         ckpt = torch.load(run / "app_server" / name, weights_only=True)
         assert "scaffold_c_global" not in (ckpt.get("meta_props") or {}), name
     log = (ws / "server" / "log.txt").read_text()
     assert log.count("SCAFFOLD control variate moved by the mean of 2 site changes") == 3
-    c_local = {}
-    for s in ("site-1", "site-2"):
-        st = torch.load(ws / s / "simulate_job" / "fedharmony" / s / "site_state.pt", weights_only=True)
-        assert st["round"] == 3 and st["method"]["name"] == "scaffold"
-        c_local[s] = st["method"]["state"]["c_local"]
-        assert all(torch.isfinite(v).all() for v in c_local[s].values())
-        assert any(v.abs().sum() > 0 for v in c_local[s].values())
+    c_local = {s: _site_state(ws, s)["method"]["state"]["c_local"] for s in SITES}
+    for c in c_local.values():
+        assert all(torch.isfinite(v).all() for v in c.values()) and any(v.abs().sum() > 0 for v in c.values())
     key = next(k for k in c_local["site-1"] if k.endswith("conv.weight"))
     assert not torch.equal(c_local["site-1"][key], c_local["site-2"][key])  # each site its own drift
+
+
+# method: (extra flags, rounds, simulator threads, deeper checks); every other method: 2 rounds, -t 2, generic checks.
+# -t 2 runs both sites at once; -t 1 (IOP-FL) starts a fresh site process for every task, so a method's state must
+# come back from disk (restoring Ditto's and PRR-FL's is covered by their unit tests)
+RUNS = {
+    "fedbn": ((), 2, 2, _fedbn),
+    "harmofl": (("--image-size", "32", "--amp-ratio", "0.1"), 2, 2, _harmofl),
+    "iopfl": (("--iop-alpha", "0.2"), 2, 1, _iopfl),
+    "ditto": (("--ditto-lambda", "0.5"), 2, 2, _ditto),
+    "scaffold": ((), 3, 2, _scaffold),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_registered_method_trains_tracks_scores_and_returns_its_models_on_two_sites(method, tiny_sites,
+                                                                                          tmp_path):
+    flags, rounds, threads, deeper = RUNS.get(method, ((), 2, 2, None))
+    site_cls = site_method_class(method)
+    ws = tmp_path / "ws"
+    run = _simulate(_export(tmp_path, method, *flags, rounds=rounds), ws, tiny_sites, threads=threads)
+
+    # per-round, per-site tracking -> CSV / JSON / plot / TensorBoard
+    rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
+    assert {(r["site"], int(r["round"])) for r in rows if r["tag"] == "val_mean_dice"} == \
+        {(s, r) for s in SITES for r in range(rounds)}
+    assert (run / "results" / "val_mean_dice_by_round.png").stat().st_size > 0
+    assert any((run / "tb_events").rglob("events.out.tfevents.*"))
+    for s in SITES:  # every site trained every round with this method; its weights are finite
+        st = _site_state(ws, s)
+        assert st["round"] == rounds and st["method"]["name"] == method
+        assert all(torch.isfinite(v).all() for v in st["network"].values() if v.is_floating_point())
+
+    # cross-site matrix: every site scored every site's model (and the global one, where there is one)
+    has_global = recipe_class(method).has_global_model
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    for s in SITES:
+        assert {"site-1", "site-2"} | ({"SRV_FL_global_model.pt"} if has_global else set()) <= set(cse[s])
+        assert all(0.0 <= v["val_mean_dice"] <= 1.0 for v in cse[s].values())
+
+    if has_global:  # the global model has the bundle network's weights and moved away from the seeded initial ones
+        config = ["configs/train.json"] + ([site_cls.overlay] if site_cls.overlay else [])
+        init = build_network(str(BUNDLE), config, overrides=TINY_OVERRIDES, seed=0).state_dict()
+        glob = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+        conv = [k for k in init if k.endswith("conv.weight")]
+        assert conv and all(tuple(glob[k].shape) == tuple(init[k].shape) for k in conv)
+        assert not all(torch.equal(torch.as_tensor(glob[k]), init[k]) for k in conv)
+    if deeper:
+        deeper(run, ws)
 
 
 def test_corrupt_nifti_is_named_in_the_server_log(tiny_sites, tmp_path):

@@ -68,7 +68,7 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.methods.harmofl.harmonize import amplitude_normalize, batch_amplitude
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
@@ -140,7 +140,7 @@ def gpu_section(args, images, target):
         frac = f"{100 * nbytes / sec / bandwidth:.0f}%" if bandwidth else "-"
         print(f"| {backend} | {1e3 * sec:.2f} | {gbs:.0f} | {frac} |")
 
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.methods.harmofl.perturbation import perturbed_step
 
     net = build_network(str(REPO / "bundles" / "prostate_mri_seg"), ["configs/train.json", "configs/harmofl.json"],

@@ -56,7 +56,7 @@ def write_models(work: Path, size: int) -> dict:
     """Untrained checkpoints of each architecture, and a pool for routing: {config: extra CLI args}."""
     import torch
 
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.methods.iopfl.model_pool import write_pool
 
     plain = build_network(str(BUNDLE), "configs/train.json", overrides={"image_size": size})

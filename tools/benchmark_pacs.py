@@ -30,7 +30,7 @@ def main() -> int:
     from conftest import BUNDLE, phantom_series_image, write_series
     from test_pacs import CALLING_AE, ORTHANC_AE, PASSWORD, USER, _upload, orthanc_binary, orthanc_server
 
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     if orthanc_binary() is None:
         sys.exit("needs Orthanc and its DICOMweb plugin: apt-get install orthanc orthanc-dicomweb")

@@ -110,7 +110,7 @@ class NotAvailable(Exception):
 
 def sizes_for(tiny: bool) -> dict:
     """What each part runs: the prostate ``paper`` preset (``--tiny``: ``smoke``) and the bundle's own values."""
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.study.tasks import preset_for
 
     preset = preset_for("smoke" if tiny else "paper", "prostate")
@@ -348,7 +348,7 @@ def _training_step(files, overrides, images, labels, device):
     """The bundle's network, loss and optimizer, and one training step of it as the bundle's trainer takes it
     (HarmoFL's ``WeightPerturbedIteration`` when harmofl.json is layered: alpha 0 is MONAI's plain step)."""
     from fedharmony.bundle.optim import build_optimizer
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
     from fedharmony.methods.harmofl.networks import prime_targets, use_global_targets
     from fedharmony.methods.harmofl.perturbation import frozen_norm_statistics, perturbed_step
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                                     "prostate_mri_seg)")
     args = p.parse_args(argv)
 
-    from fedharmony.fl.job_policy import PolicyError, site_bundle_root
+    from fedharmony.bundle.job_policy import PolicyError, site_bundle_root
     from fedharmony.methods.iopfl.model_pool import PoolError, load_pool, stamp_pool
 
     try:

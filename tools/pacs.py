@@ -19,7 +19,6 @@ unreachable. docs/pacs.md
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -44,7 +44,7 @@ MAX_PROCESSES = 0  # 0: one process per site
 _STEP = r"""
 import json, resource, statistics, sys, time
 import torch
-from fedharmony.bundle.site import build_network
+from fedharmony.bundle.networks import build_network
 torch.set_num_threads(1)
 size = int(sys.argv[1])
 net = build_network(sys.argv[2], overrides={"image_size": size}, seed=0).train()

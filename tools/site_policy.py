@@ -19,7 +19,7 @@
 
   Such a job still names a bundle and overrides: the installed package runs the site's own
   installed bundle and takes overrides only as plain values of its tunable ids
-  (``fedharmony.fl.job_policy``), so nothing the job carries is evaluated.
+  (``fedharmony.bundle.job_policy``), so nothing the job carries is evaluated.
 * ``local/authorization.json`` (``--forbid-custom-code``): the kit's policy with the
   ``byoc`` right ("bring your own code") set to ``none`` for every role, so this site
   refuses any job that carries a ``custom/`` folder, whoever submits it.

@@ -13,7 +13,6 @@ with the arguments unchanged; the tools keep working on their own.
 
 from __future__ import annotations
 
-import inspect
 import runpy
 import sys
 from pathlib import Path
@@ -39,14 +38,9 @@ def _usage() -> str:
 
 
 def list_methods() -> int:
-    from fedharmony.methods import METHODS, site_method_class
+    from fedharmony.methods import method_table
 
-    print("| method | each site ends with | site settings |")
-    print("|---|---|---|")
-    for name in METHODS:
-        cls = site_method_class(name)
-        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        print(f"| {name} | {cls.result} | {', '.join(params) or '-'} |")
+    print(method_table())
     return 0
 
 
@@ -59,7 +53,7 @@ def run_job(argv) -> int:
     sys.argv = [str(script) if script.is_file() else "fedharmony", *argv[1:]]
     # imported only now: NVFlare takes its --export / --export-dir out of sys.argv when it is imported
     from fedharmony.fl.cli import main as job_main
-    from fedharmony.fl.job_policy import site_bundle_root
+    from fedharmony.bundle.job_policy import site_bundle_root
 
     bundle, defaults = TASKS[argv[0]]
     return job_main(str(site_bundle_root() / bundle), default_overrides=defaults)

@@ -125,7 +125,7 @@ def dataset_landmarks(dataset_dir, split: str = "training", bias_correction: boo
                       percentiles: Sequence[float] = LANDMARK_PERCENTILES) -> dict:
     """:func:`site_landmarks` of a site's ``split`` (its ``datalist.json``), each volume as the bundle loads it
     (N4-corrected first with ``bias_correction``, as the bundle does before standardization)."""
-    from monai.transforms import EnsureChannelFirst, LoadImage
+    from monai.transforms import LoadImage
 
     from fedharmony.data.datalist import load_datalist
 

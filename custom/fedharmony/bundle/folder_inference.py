@@ -53,7 +53,7 @@ from monai.transforms import MapTransform
 from fedharmony.core.files import atomic_write_text
 
 __all__ = ["SKIPPED", "InputRejected", "ScreenedDataset", "screened_collate", "FolderEvaluator", "SaveMaskd",
-           "mask_and_affine", "InferenceSummary", "input_of", "refuse_existing"]
+           "mask_and_affine", "InferenceSummary", "input_of", "refuse_existing", "OUTPUT_FORMATS", "parse_output_format"]
 
 logger = logging.getLogger("fedharmony.inference")
 
@@ -63,6 +63,22 @@ SUMMARY_CSV = "inference_summary.csv"  # one row per input: status, gland volume
 PREPROCESS_SECONDS = "preprocess_s"  # per item, from ScreenedDataset: loading and preprocessing time
 SERIES = "series"  # an input's DICOM series record (fedharmony.data.images.find_inputs), for the summary only
 NOT_SELECTED, NOTE = "not selected", "note"  # statuses of an unusable record that are no error
+OUTPUT_FORMATS = ("nifti", "dicom_seg", "rtstruct")  # what a run writes per prediction (bundle/results.py)
+
+
+def parse_output_format(value: Union[str, Sequence[str], None]) -> List[str]:
+    """``"nifti"``, ``"dicom_seg"``, ``"rtstruct"``, a list of them, or their comma-separated text -> the list.
+
+    Raises:
+        ValueError: an unknown format (the message lists the known ones).
+    """
+    if value is None or value == "":
+        return ["nifti"]
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    unknown = [v for v in items if v not in OUTPUT_FORMATS]
+    if unknown or not items:
+        raise ValueError(f"output_format {value!r}: unknown {unknown}; use one or a list of {list(OUTPUT_FORMATS)}")
+    return list(dict.fromkeys(items))
 
 
 class InputRejected(ValueError):
@@ -374,7 +390,7 @@ class SaveMaskd(MapTransform):
         overwrite: replace existing masks.
         summary: where to record each written file (optional).
         dtype: stored data type.
-        output_format: the run's ``output_format`` (:func:`fedharmony.bundle.results.parse_output_format`):
+        output_format: the run's ``output_format`` (:func:`parse_output_format`):
             without ``nifti`` a DICOM input gets no NIfTI mask (its DICOM results come from
             :class:`fedharmony.bundle.results.SaveResultsd`); a NIfTI input always does.
     """
@@ -382,8 +398,6 @@ class SaveMaskd(MapTransform):
     def __init__(self, keys, output_dir: str, name_key: str = "name", postfix: str = "_seg", overwrite: bool = False,
                  summary: Optional[InferenceSummary] = None, dtype=np.uint8, allow_missing_keys: bool = False,
                  output_format: Union[str, Sequence[str]] = "nifti"):
-        from fedharmony.bundle.results import parse_output_format
-
         super().__init__(keys, allow_missing_keys)
         self.formats = parse_output_format(output_format)
         self.output_dir = Path(output_dir)

@@ -29,7 +29,7 @@ Example::
     >>> validate_overrides({"learning_rate": "$__import__('os').system('id')"}, tunables)
     Traceback (most recent call last):
     ...
-    fedharmony.fl.job_policy.PolicyError: override 'learning_rate': ... starts with '$' (a MONAI expression)...
+    fedharmony.bundle.job_policy.PolicyError: override 'learning_rate': ... starts with '$' (a MONAI expression)...
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def check_tunable_values(overrides: Mapping, tunables: Mapping[str, Tunable]) ->
         >>> check_tunable_values({"lr_round_step": 0}, {"lr_round_step": Tunable("integer", minimum=1)})
         Traceback (most recent call last):
         ...
-        fedharmony.fl.job_policy.PolicyError: override 'lr_round_step': must be >= 1, got 0
+        fedharmony.bundle.job_policy.PolicyError: override 'lr_round_step': must be >= 1, got 0
 
     Raises:
         PolicyError: naming every refused id and the reason.
@@ -251,7 +251,7 @@ def site_bundle_root() -> Path:
         if not root.is_dir():
             raise PolicyError(f"{BUNDLE_ROOT_ENV} is set but is not a folder")
         return root
-    beside_package = Path(__file__).resolve().parents[3] / "bundles"  # <checkout>/custom/fedharmony/fl/job_policy.py
+    beside_package = Path(__file__).resolve().parents[3] / "bundles"  # <checkout>/custom/fedharmony/bundle/job_policy.py
     if beside_package.is_dir():
         return beside_package
     raise PolicyError(f"this site has no installed bundles: set {BUNDLE_ROOT_ENV} to the folder holding them")

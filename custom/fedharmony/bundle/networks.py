@@ -1,4 +1,5 @@
-"""Network settings of the bundles that a user picks by name (no NVFlare import).
+"""The bundles' networks: built from a bundle's configs (:func:`build_network`, no data needed), and the
+network settings a user picks by name (no NVFlare import).
 
 ``norm`` names the normalization layer of the bundle's MONAI UNet / classifier:
 
@@ -19,9 +20,14 @@ Example::
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["NORMS", "norm_layer"]
+import torch
+
+__all__ = ["NORMS", "norm_layer", "ConfigFiles", "config_paths", "build_network"]
+
+ConfigFiles = Union[str, Sequence[str]]
 
 NORMS = {
     "batch": "batch",
@@ -39,3 +45,36 @@ def norm_layer(name: str) -> Union[str, Tuple[str, dict]]:
         raise ValueError(f"unknown norm {name!r}; choose one of {sorted(NORMS)}")
     spec = NORMS[name]
     return (spec[0], dict(spec[1])) if isinstance(spec, tuple) else spec
+
+
+def config_paths(bundle_root: str, config_file: ConfigFiles) -> List[str]:
+    """Bundle config file(s), relative to ``bundle_root``, as existing absolute paths (later files override)."""
+    files = [config_file] if isinstance(config_file, str) else list(config_file)
+    paths = [Path(bundle_root) / f for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise FileNotFoundError(f"bundle config not found: {missing or files}")
+    return [str(p) for p in paths]
+
+
+def build_network(bundle_root: str, config_file: ConfigFiles = "configs/train.json", key: str = "network_def",
+                  overrides: Optional[dict] = None, seed: Optional[int] = 0) -> torch.nn.Module:
+    """Instantiate the bundle's network definition (no data needed; used by the server).
+
+    ``overrides`` are the same config overrides the sites get (e.g. ``base_features``),
+    so server and sites build the same architecture; ``seed`` makes the initial weights
+    reproducible (None leaves torch's RNG alone).
+    """
+    from monai.bundle import ConfigParser
+
+    paths = config_paths(bundle_root, config_file)
+    parser = ConfigParser()
+    parser.read_config(paths)
+    parser["bundle_root"] = str(bundle_root)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    if key not in parser:
+        raise KeyError(f"{paths} has no {key!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return parser.get_parsed_content(key)

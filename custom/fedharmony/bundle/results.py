@@ -33,31 +33,16 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 from monai.transforms import MapTransform
 
-from fedharmony.bundle.folder_inference import InferenceSummary, InputRejected, input_of, mask_and_affine
+from fedharmony.bundle.folder_inference import (OUTPUT_FORMATS, InferenceSummary, InputRejected, input_of,
+                                                mask_and_affine, parse_output_format)
 
 __all__ = ["OUTPUT_FORMATS", "parse_output_format", "mask_report", "SaveResultsd", "DEFAULT_REVIEW"]
 
 logger = logging.getLogger("fedharmony.inference")
 
-OUTPUT_FORMATS = ("nifti", "dicom_seg", "rtstruct")
 DICOM_FORMATS = ("dicom_seg", "rtstruct")
 # the plausible whole-gland range: adult prostates are about 15-150 mL, large benign hyperplasia reaches ~300 mL
 DEFAULT_REVIEW = {"plausible_volume_ml": [10.0, 300.0], "min_piece_fraction": 0.05}
-
-
-def parse_output_format(value: Union[str, Sequence[str], None]) -> List[str]:
-    """``"nifti"``, ``"dicom_seg"``, ``"rtstruct"``, a list of them, or their comma-separated text -> the list.
-
-    Raises:
-        ValueError: an unknown format (the message lists the known ones).
-    """
-    if value is None or value == "":
-        return ["nifti"]
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    unknown = [v for v in items if v not in OUTPUT_FORMATS]
-    if unknown or not items:
-        raise ValueError(f"output_format {value!r}: unknown {unknown}; use one or a list of {list(OUTPUT_FORMATS)}")
-    return list(dict.fromkeys(items))
 
 
 def mask_report(mask: np.ndarray, affine: np.ndarray, segments: Mapping[int, str],

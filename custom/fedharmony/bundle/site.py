@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from monai.bundle import ConfigWorkflow
@@ -34,6 +34,7 @@ from fedharmony.core.aggregation import is_local_key
 from fedharmony.core.files import atomic_torch_save
 from fedharmony.methods import SiteMethod, make_site_method
 from fedharmony.core.results import AFTER_TRAINING_SUFFIX, EXCHANGED_SUFFIX
+from fedharmony.bundle.networks import ConfigFiles, build_network, config_paths  # noqa: F401 (build_network: re-exported)
 from fedharmony.bundle.optim import RoundSchedule
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ FL_OVERRIDES = {
 }
 
 
-ConfigFiles = Union[str, Sequence[str]]
 
 
 @dataclass
@@ -79,16 +79,6 @@ class RoundReport:
     meta: Dict[str, object] = field(default_factory=dict)
     eval_seconds: float = 0.0
     seconds: float = 0.0
-
-
-def config_paths(bundle_root: str, config_file: ConfigFiles) -> List[str]:
-    """Bundle config file(s), relative to ``bundle_root``, as existing absolute paths (later files override)."""
-    files = [config_file] if isinstance(config_file, str) else list(config_file)
-    paths = [Path(bundle_root) / f for f in files]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing or not paths:
-        raise FileNotFoundError(f"bundle config not found: {missing or files}")
-    return [str(p) for p in paths]
 
 
 class BundleSite:
@@ -375,26 +365,3 @@ class BundleSite:
         self.best_metric, self.best_round = state["best_metric"], state["best_round"]
         logger.info("site %s: restored state from %s (round %d, epoch %d)", self.site_name, path, self.round,
                     state["epoch"])
-
-
-def build_network(bundle_root: str, config_file: ConfigFiles = "configs/train.json", key: str = "network_def",
-                  overrides: Optional[dict] = None, seed: Optional[int] = 0) -> torch.nn.Module:
-    """Instantiate the bundle's network definition (no data needed; used by the server).
-
-    ``overrides`` are the same config overrides the sites get (e.g. ``base_features``),
-    so server and sites build the same architecture; ``seed`` makes the initial weights
-    reproducible (None leaves torch's RNG alone).
-    """
-    from monai.bundle import ConfigParser
-
-    paths = config_paths(bundle_root, config_file)
-    parser = ConfigParser()
-    parser.read_config(paths)
-    parser["bundle_root"] = str(bundle_root)
-    for k, v in (overrides or {}).items():
-        parser[k] = v
-    if key not in parser:
-        raise KeyError(f"{paths} has no {key!r}")
-    if seed is not None:
-        torch.manual_seed(seed)
-    return parser.get_parsed_content(key)

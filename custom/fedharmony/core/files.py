@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Dict, Sequence, Union
 
-__all__ = ["SITE_MAP_NAME", "atomic_torch_save", "atomic_write_text", "write_site_map", "read_site_map"]
+__all__ = ["SITE_MAP_NAME", "DATALIST_NAME", "atomic_torch_save", "atomic_write_text", "write_site_map", "read_site_map"]
 
 SITE_MAP_NAME = "sites.json"
+DATALIST_NAME = "datalist.json"  # a site folder's split (fedharmony.data.datalist)
 
 PathLike = Union[str, Path]
 

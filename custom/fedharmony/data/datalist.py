@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fedharmony.core.files import DATALIST_NAME  # defined beside the site map: the image readers skip both
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("training", "validation", "testing")
-DATALIST_NAME = "datalist.json"
 _CASE_RE = re.compile(r"^(Case\d+)\.nii(\.gz)?$", re.IGNORECASE)
 _MASK_SUFFIXES = ("_segmentation", "_Segmentation")
 _CASE_DIR_RE = re.compile(r"^Case\d+(_segmentation)?$", re.IGNORECASE)

@@ -40,8 +40,7 @@ from monai.data.image_reader import _copy_compatible_dict, _stack_images  # the 
 from monai.data.utils import orientation_ras_lps
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from fedharmony.core.files import SITE_MAP_NAME
-from fedharmony.data.datalist import DATALIST_NAME
+from fedharmony.core.files import DATALIST_NAME, SITE_MAP_NAME
 
 __all__ = ["SimpleITKReader", "find_inputs", "attach_labels", "convert_to_nifti", "dicom_stack"]
 

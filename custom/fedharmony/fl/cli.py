@@ -29,6 +29,7 @@ from fedharmony.core.files import read_site_map
 from fedharmony.data.datalist import smallest_split
 from fedharmony.fl.job import ALGORITHMS, FedHarmonyRecipe
 from fedharmony.fl.summary import ROUND_MARK
+from fedharmony.methods import SPECS
 from fedharmony.methods.protocols import PROTOCOLS, check_protocol, needs_smallest_site, released_methods
 
 CHILD_ENV = "FEDHARMONY_JOB_CHILD"  # set in the process that runs the simulator for a quiet parent
@@ -48,23 +49,12 @@ def saved_round(checkpoint: str) -> int:
     return int(meta["current_round"])
 
 
-def main(default_bundle: str, description: str = __doc__, argv=None, default_overrides: Optional[dict] = None) -> int:
-    """Parse the job flags, build the recipe, run it in the simulator (or export it with NVFlare's
-    own ``--export`` / ``--export-dir`` flags, which ``SimEnv`` consumes).
-
-    ``default_overrides``: bundle overrides of this job script (e.g. ``{"task": "histology"}``),
-    under the user's ``--override``.
-    """
+def job_parser(default_bundle: str, description: str = __doc__) -> argparse.ArgumentParser:
+    """Every flag of a job script: the common ones here, each method's from its ``SPEC`` (:func:`add_method_flags`)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--mu", type=float, help="FedProx proximal strength (default 0.01)")
-    p.add_argument("--amp-mode", choices=["paper", "released", "off"], help="HarmoFL amplitude normalization")
-    p.add_argument("--amp-ratio", type=float, help="HarmoFL window ratio L in [0, 0.5]")
-    p.add_argument("--wp-alpha", type=float, help="HarmoFL weight perturbation strength (0 = off)")
-    p.add_argument("--image-size", type=int, help="HarmoFL common in-plane size (multiple of 16)")
-    p.add_argument("--iop-alpha", type=float, help="IOP-FL personalization weight a in [0, 1) (default 0.1)")
     p.add_argument("--sites", type=int, default=6, help="number of simulated sites (site-1 ... site-N)")
     p.add_argument("--threads", type=int, default=0, help="simulator threads (default: one per site)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads per site process")
@@ -89,16 +79,6 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--memory-gc-rounds", type=int, default=0, help="server gc + malloc_trim every N rounds")
     p.add_argument("--patience", type=int, help="early stopping (NVFlare's): stop after N rounds in which the sites' "
                                                 "mean validation key metric did not improve")
-    p.add_argument("--prrfl-r0", type=float, help="PRR-FL: shared spectral ratio at round 0 (default 0.7)")
-    p.add_argument("--prrfl-r1", type=float, help="PRR-FL: ratio the schedule grows towards (default 0.95)")
-    p.add_argument("--prrfl-alpha1", type=float, help="PRR-FL: recover threshold (default 0.7)")
-    p.add_argument("--prrfl-alpha2", type=float, help="PRR-FL: sublimate threshold (default 0.9)")
-    p.add_argument("--prrfl-box", choices=["symmetric", "half_open"],
-                   help="PRR-FL: shared low-frequency box (default symmetric; half_open is the released code's)")
-    p.add_argument("--prrfl-weighted", action="store_true",
-                   help="PRR-FL: weight the mean amplitude by training-set size (default uniform)")
-    p.add_argument("--ditto-lambda", type=float, help="Ditto: pull of the personalized model (default 0.1)")
-    p.add_argument("--ditto-epochs", type=int, help="Ditto: epochs of the personalized model per round (default 1)")
     p.add_argument("--tracking", choices=["tensorboard", "mlflow", "wandb"], default="tensorboard",
                    help="experiment tracking on the server (NVFlare's receivers; default tensorboard)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="paper",
@@ -108,6 +88,18 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
     p.add_argument("--score-after-training", action="store_true",
                    help="sites also score their model after local training (the retrogress curve), and PRR-FL's "
                         "deputy after it takes the server's answer and after training")
+    add_method_flags(p)
+    return p
+
+
+def main(default_bundle: str, description: str = __doc__, argv=None, default_overrides: Optional[dict] = None) -> int:
+    """Parse the job flags, build the recipe, run it in the simulator (or export it with NVFlare's
+    own ``--export`` / ``--export-dir`` flags, which ``SimEnv`` consumes).
+
+    ``default_overrides``: bundle overrides of this job script (e.g. ``{"task": "histology"}``),
+    under the user's ``--override``.
+    """
+    p = job_parser(default_bundle, description)
     args = p.parse_args(argv)
     try:
         overrides = json.loads(args.override)
@@ -136,12 +128,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
                 p.error(f"--protocol {args.protocol}: cannot size the smallest site's training set: {e}")
             print(f"protocol {args.protocol}: every site trains on {protocol_flags['max_train_cases']} cases "
                   f"(the smallest site, {smallest})", flush=True)
-    # a method's own flags go to its recipe only when given: the recipe refuses another method's
-    method_flags = {"mu": args.mu, "amp_mode": args.amp_mode, "amp_ratio": args.amp_ratio, "wp_alpha": args.wp_alpha,
-                    "image_size": args.image_size, "iop_alpha": args.iop_alpha, "prrfl_r0": args.prrfl_r0,
-                    "prrfl_r1": args.prrfl_r1, "prrfl_alpha1": args.prrfl_alpha1, "prrfl_alpha2": args.prrfl_alpha2,
-                    "prrfl_weighted": args.prrfl_weighted or None, "prrfl_box": args.prrfl_box, "ditto_lambda": args.ditto_lambda,
-                    "ditto_epochs": args.ditto_epochs}
+    method_flags = given_method_flags(p, args)
     try:
         recipe = FedHarmonyRecipe(
             args.algorithm, bundle_dir=args.bundle, num_rounds=args.rounds,
@@ -154,7 +141,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
             privacy_gamma=args.privacy_gamma, ship_code=not args.no_custom_code,
             memory_gc_rounds=args.memory_gc_rounds, cross_site_timeout=args.cross_site_timeout,
             score_after_training=args.score_after_training, tracking=args.tracking, patience=args.patience,
-            **protocol_flags, **{k: v for k, v in method_flags.items() if v is not None})
+            **protocol_flags, **method_flags)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
     script = os.path.abspath(sys.argv[0])
@@ -171,6 +158,41 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
         print(f"workspace: {run.get_result()}")
     return 0
 
+
+
+def add_method_flags(parser: argparse.ArgumentParser):
+    """One flag per setting of every method, from the methods' ``SPEC`` (a group per method)."""
+    for spec in SPECS.values():
+        if not spec.settings:
+            continue
+        group = parser.add_argument_group(f"{spec.name} settings (only with --algorithm {spec.name})")
+        for s in spec.settings:
+            if s.default is None:
+                default = "default: the bundle's" if s.goes_to == "bundle" else ""
+            else:
+                default = f"default {str(s.default).lower() if s.type is bool else s.default}"
+            if s.type is bool:
+                group.add_argument(s.flag, dest=s.name, action="store_true", default=None,
+                                   help=f"{s.help}; {default}")
+            else:
+                notes = ", ".join(x for x in ("" if s.choices else s.range_text(), default) if x)
+                group.add_argument(s.flag, dest=s.name, type=s.type, choices=s.choices or None, default=None,
+                                   metavar=None if s.choices else s.type.__name__.upper(),
+                                   help=f"{s.help}" + (f" ({notes})" if notes else ""))
+
+
+def given_method_flags(parser: argparse.ArgumentParser, args) -> Dict[str, object]:
+    """The method settings given on the command line; one of another method's is an error naming both."""
+    given = {}
+    for spec in SPECS.values():
+        for s in spec.settings:
+            value = getattr(args, s.name)
+            if value is None:
+                continue
+            if spec.name != args.algorithm:
+                parser.error(f"{s.flag} is a setting of {spec.name}, not of --algorithm {args.algorithm}")
+            given[s.name] = value
+    return given
 
 
 def site_names(data_root: str, sites: int) -> Dict[str, str]:

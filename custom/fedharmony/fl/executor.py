@@ -62,8 +62,9 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedharmony.bundle.site import BundleSite
 from fedharmony.core.files import SITE_MAP_NAME, read_site_map
-from fedharmony.fl.job_policy import PolicyError, redact_paths
+from fedharmony.bundle.job_policy import PolicyError, redact_paths
 from fedharmony.methods import make_site_method
+from fedharmony.methods import spec as method_spec
 from fedharmony.fl.aggregator import NUM_SAMPLES
 from fedharmony.fl.policy import JobBundle, resolve_job_bundle
 from fedharmony.fl.site_errors import ERROR_HEADER
@@ -192,6 +193,9 @@ class BundleExecutor(Executor):
                 bundle_version=self.bundle_version, bundle_digest=self.bundle_digest,
                 config_files=self.config_files, overrides=self.overrides, data_root=self.data_root)
             make_site_method(self.method, self.method_settings)  # a name and plain settings, checked before use
+            if not self.bundle.trusted and not method_spec(self.method).no_code:
+                raise PolicyError(f"method {self.method!r} needs the job's code (its SPEC says no_code=False), and "
+                                  f"this job runs the site's installed package")
         except PolicyError as e:
             self.refusal = f"{name}: job refused by this site's policy: {e}"
             self.log_error(fl_ctx, self.refusal)

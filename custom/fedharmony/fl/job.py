@@ -1,13 +1,10 @@
 """Pick a method's recipe by name: ``FedHarmonyRecipe(algorithm="fedbn", bundle_dir=..., num_rounds=10)``.
 
-Each method has its own recipe (``fedharmony/methods/<name>/server.py``, keyword-only
-settings, validated there; the common ones are :class:`fedharmony.fl.recipe.BundleRecipe`'s).
-This function is the one entry point for code that chooses the method at run time (the job
-scripts, the study tool): it builds ``recipe_class(algorithm)(**settings)`` and turns a
-setting the method does not have into a clear error instead of a bare ``TypeError``.
+Each method has its own recipe (``fedharmony/methods/<name>/server.py``); its own settings are
+declared in its ``SPEC`` and checked by :class:`fedharmony.fl.recipe.BundleRecipe`, which also holds
+the settings every method shares. This function is the one entry point for code that chooses the
+method at run time (the job scripts, the study tool).
 """
-
-import inspect
 
 from fedharmony.methods import METHODS, recipe_class
 from fedharmony.fl.recipe import BundleRecipe
@@ -21,21 +18,6 @@ def FedHarmonyRecipe(algorithm: str = "fedavg", **settings) -> BundleRecipe:  # 
     """The recipe of method ``algorithm`` with ``settings``.
 
     Raises:
-        ValueError: an unknown method, or a setting the method's recipe does not take.
+        ValueError: an unknown method, or a setting the method does not have (named, with the method's own).
     """
-    cls = recipe_class(algorithm)
-    accepted = set()
-    for klass in cls.__mro__:
-        if issubclass(klass, BundleRecipe):
-            accepted |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
-                         if p.kind == p.KEYWORD_ONLY}
-    foreign = sorted(set(settings) - accepted)
-    if foreign:
-        raise ValueError(f"{foreign} {'is not a setting' if len(foreign) == 1 else 'are not settings'} of "
-                         f"{algorithm} ({cls.__module__}.{cls.__name__}); its own settings: "
-                         f"{sorted(accepted - _common())}")
-    return cls(**settings)
-
-
-def _common():
-    return {n for n, p in inspect.signature(BundleRecipe.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    return recipe_class(algorithm)(**settings)

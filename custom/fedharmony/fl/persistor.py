@@ -10,8 +10,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
-from fedharmony.bundle.site import build_network
-from fedharmony.fl.job_policy import PolicyError
+from fedharmony.bundle.networks import build_network
+from fedharmony.bundle.job_policy import PolicyError
 from fedharmony.fl.policy import resolve_job_bundle
 
 

@@ -1,4 +1,4 @@
-"""Which bundle, configs and overrides a site or the server may use for a job (see :mod:`fedharmony.fl.job_policy`).
+"""Which bundle, configs and overrides a site or the server may use for a job (see :mod:`fedharmony.bundle.job_policy`).
 
 The mode is the site's, read from what NVFlare deployed, never from the job's arguments:
 a job that carries code (NVFlare marks it ``byoc``: its app has a ``custom/`` folder) runs
@@ -14,7 +14,7 @@ from typing import List, Optional
 from nvflare.apis.fl_constant import FLContextKey, WorkspaceConstants
 from nvflare.apis.fl_context import FLContext
 
-from fedharmony.fl import job_policy
+from fedharmony.bundle import job_policy
 
 BYOC_META_KEY = "byoc"  # NVFlare's AppValidationKey.BYOC, set on the deployed job's meta
 
@@ -34,7 +34,7 @@ class JobBundle:
 
     ``trusted``: the job ships code (its bundle copy and overrides are used as they are);
     otherwise ``root`` is the participant's installed bundle and ``overrides`` passed
-    :func:`fedharmony.fl.job_policy.validate_overrides`.
+    :func:`fedharmony.bundle.job_policy.validate_overrides`.
     """
 
     root: str

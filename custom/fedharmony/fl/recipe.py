@@ -19,7 +19,7 @@ With ``ship_code=False`` (sites that forbid custom code) the job carries neither
 the bundle (name, version, ``configs/`` digest) that the server and sites run from their
 own installation, and its overrides must be plain values of the bundle's tunable ids
 (``configs/tunables.json``), checked here and again on every participant
-(:mod:`fedharmony.fl.job_policy`). The method travels as a name and plain settings.
+(:mod:`fedharmony.bundle.job_policy`). The method travels as a name and plain settings.
 """
 
 import atexit
@@ -44,7 +44,9 @@ from nvflare.recipe.utils import add_experiment_tracking
 
 import fedharmony
 
-from fedharmony.fl import job_policy
+from fedharmony.bundle import job_policy
+from fedharmony.methods import SPECS
+from fedharmony.methods import spec as method_spec
 from fedharmony.methods import site_method_class
 from fedharmony.methods.protocols import check_protocol, protocol_overrides
 from fedharmony.fl.aggregator import SiteUpdateAggregator
@@ -109,9 +111,14 @@ class BundleRecipe(Recipe):
             every site to it (HarmoFL's). The sites' data is not visible where a job is built, so
             it is given (the job scripts count it: ``fedharmony.data.datalist.smallest_split``), here
             or as the ``max_train_cases`` override.
+        **method_settings: the method's own settings, as its ``SPEC`` declares them
+            (:class:`fedharmony.methods.spec.Setting`: type, range, default), checked here; the values
+            are in ``self.settings`` (defaults filled in), and go to the sites, the bundle overrides or
+            the method's server side as each setting says (``python -m fedharmony methods`` lists them).
     """
 
     method = "fedavg"  # the registry name; each method's recipe sets its own
+    has_global_model = True  # the server's checkpoint is a model (cross-site evaluation scores it)
 
     def __init__(self, *, bundle_dir: str = "bundles/prostate_mri_seg", num_rounds: int = 10, min_clients: int = 2,
                  local_epochs: int = 1, data_root: str = "", overrides: Optional[dict] = None, num_threads: int = 0,
@@ -119,28 +126,25 @@ class BundleRecipe(Recipe):
                  task_request_interval: float = 0.25, initial_model: Optional[str] = None, start_round: int = 0,
                  privacy_percentile: Optional[float] = None, privacy_gamma: float = 0.01, ship_code: bool = True,
                  memory_gc_rounds: int = 0, score_after_training: bool = False, tracking: str = "tensorboard",
-                 protocol: str = "paper", max_train_cases: Optional[int] = None, patience: Optional[int] = None):
+                 protocol: str = "paper", max_train_cases: Optional[int] = None, patience: Optional[int] = None,
+                 **method_settings):
+        spec = method_spec(self.method)
+        self.settings = _method_settings(spec, method_settings)
         site_cls = site_method_class(self.method)
         self.protocol = check_protocol(protocol, self.method)
         if not os.path.isfile(os.path.join(bundle_dir, "configs", "train.json")):
             raise FileNotFoundError(f"{bundle_dir} is not a bundle with configs/train.json")
-        if num_rounds < 1 or min_clients < 1 or local_epochs < 1:
-            raise ValueError("num_rounds, min_clients and local_epochs must be >= 1")
-        if start_round < 0 or memory_gc_rounds < 0:
-            raise ValueError("start_round and memory_gc_rounds must be >= 0")
-        if cross_site_timeout is not None and cross_site_timeout < 1:
-            raise ValueError(f"cross_site_timeout must be >= 1 s, got {cross_site_timeout}")
-        if initial_model is not None and not os.path.isabs(initial_model):
-            raise ValueError(f"initial_model must be an absolute path on the server, got {initial_model!r}")
-        if privacy_percentile is not None and not (0 <= privacy_percentile < 100 and privacy_gamma > 0):
-            raise ValueError(f"privacy_percentile must be in [0, 100) and privacy_gamma > 0, "
-                             f"got {privacy_percentile}, {privacy_gamma}")
-        if overrides is not None and not isinstance(overrides, dict):
-            raise TypeError(f"overrides must be a dict of bundle config ids, got {type(overrides).__name__}")
-        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-            raise ValueError(f"patience must be a whole number of rounds >= 1, got {patience!r}")
-        if tracking not in TRACKING:
-            raise ValueError(f"tracking must be one of {TRACKING}, got {tracking!r}")
+        kind = bundle_kind(bundle_dir)
+        if kind not in spec.bundle_kinds:
+            raise ValueError(f"{self.method} trains {' and '.join(spec.bundle_kinds)} bundles; {bundle_dir} is a "
+                             f"{kind} bundle")
+        if not ship_code and not spec.no_code:
+            raise ValueError(f"{self.method} cannot run on sites without job code (its SPEC says no_code=False); "
+                             f"ship the code (ship_code=True)")
+        _check_common(num_rounds=num_rounds, min_clients=min_clients, local_epochs=local_epochs, start_round=start_round,
+                      memory_gc_rounds=memory_gc_rounds, cross_site_timeout=cross_site_timeout,
+                      initial_model=initial_model, privacy_percentile=privacy_percentile,
+                      privacy_gamma=privacy_gamma, overrides=overrides, patience=patience, tracking=tracking)
         self.bundle_dir, self.num_rounds, self.start_round = bundle_dir, num_rounds, start_round
         self.privacy_percentile, self.initial_model, self.cross_site_eval = privacy_percentile, initial_model, cross_site_eval
         config_files = ["configs/train.json"]
@@ -183,11 +187,11 @@ class BundleRecipe(Recipe):
         stopping = {"stop_cond": f"{key_metric} > {NEVER_MET}", "patience": patience} if patience else {}
         job.to_server(FedAvg(num_clients=0, num_rounds=num_rounds, start_round=start_round, persistor_id="persistor",
                              aggregator=self.aggregator(), memory_gc_rounds=memory_gc_rounds, **stopping), id="fedavg")
-        if self.has_global_model():  # best_FL_global_model.pt: the persistor saves it when this selector says so
+        if self.has_global_model:  # best_FL_global_model.pt: the persistor saves it when this selector says so
             job.to_server(IntimeModelSelector(key_metric=key_metric), id="model_selector")
         if cross_site_eval:
             locator = ""
-            if self.has_global_model():
+            if self.has_global_model:
                 locator = "model_locator"
                 job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id=locator)
             timeouts = {} if cross_site_timeout is None else {"submit_model_timeout": int(cross_site_timeout),
@@ -233,23 +237,79 @@ class BundleRecipe(Recipe):
         """Refuse generic settings this method cannot run with (called before anything is built)."""
 
     def bundle_overrides(self) -> Dict[str, object]:
-        """Bundle config values the method's settings set (e.g. HarmoFL's ``amp_ratio``)."""
-        return {}
+        """Bundle config values the method's settings set (its ``goes_to="bundle"`` settings, e.g. HarmoFL's
+        ``amp_ratio``)."""
+        return method_spec(self.method).going_to("bundle", self.settings)
 
     def site_settings(self) -> Dict[str, object]:
-        """The settings the sites' method object gets (plain values)."""
-        return {}
+        """The settings the sites' method object gets (its ``goes_to="site"`` settings, plain values)."""
+        return method_spec(self.method).going_to("site", self.settings)
 
     def aggregator(self) -> ModelAggregator:
         """The server's aggregator (default: the sample-weighted mean, with the method's local keys)."""
         return SiteUpdateAggregator(local_keys=self.local_keys, persistor_id="persistor")
 
-    def has_global_model(self) -> bool:
-        """Whether the server's checkpoint is a model (cross-site evaluation scores it)."""
-        return True
-
     def add_server_components(self, job: FedJob):
         """Extra server components (IOP-FL: the model pool writer)."""
+
+
+def _check_common(*, num_rounds, min_clients, local_epochs, start_round, memory_gc_rounds, cross_site_timeout,
+                  initial_model, privacy_percentile, privacy_gamma, overrides, patience, tracking):
+    """Refuse a setting every method shares that no job can run with (each error names it)."""
+    if num_rounds < 1 or min_clients < 1 or local_epochs < 1:
+        raise ValueError("num_rounds, min_clients and local_epochs must be >= 1")
+    if start_round < 0 or memory_gc_rounds < 0:
+        raise ValueError("start_round and memory_gc_rounds must be >= 0")
+    if cross_site_timeout is not None and cross_site_timeout < 1:
+        raise ValueError(f"cross_site_timeout must be >= 1 s, got {cross_site_timeout}")
+    if initial_model is not None and not os.path.isabs(initial_model):
+        raise ValueError(f"initial_model must be an absolute path on the server, got {initial_model!r}")
+    if privacy_percentile is not None and not (0 <= privacy_percentile < 100 and privacy_gamma > 0):
+        raise ValueError(f"privacy_percentile must be in [0, 100) and privacy_gamma > 0, "
+                         f"got {privacy_percentile}, {privacy_gamma}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict of bundle config ids, got {type(overrides).__name__}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a whole number of rounds >= 1, got {patience!r}")
+    if tracking not in TRACKING:
+        raise ValueError(f"tracking must be one of {TRACKING}, got {tracking!r}")
+
+
+def _method_settings(spec, method_settings: dict) -> Dict[str, object]:
+    """The method's own settings checked against its ``SPEC``, defaults filled in; a name the method does not
+    have is refused naming the method that has it, or the settings every method shares."""
+    foreign = sorted(set(method_settings) - {s.name for s in spec.settings})
+    if foreign:
+        owners = {x.name: s.name for s in SPECS.values() for x in s.settings}
+        where = "; ".join(f"{k!r} is {owners[k]}'s" if k in owners else f"{k!r} is no setting of any method"
+                          for k in foreign)
+        raise ValueError(f"{foreign} {'is not a setting' if len(foreign) == 1 else 'are not settings'} of "
+                         f"{spec.name} ({where}); its own settings: {[s.name for s in spec.settings]}; "
+                         f"every method's: {sorted(_common_settings())}")
+    return spec.resolve(method_settings)
+
+
+def _common_settings():
+    import inspect
+
+    return {n for n, p in inspect.signature(BundleRecipe.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+
+def bundle_kind(bundle_dir: str) -> str:
+    """``segmentation`` or ``classification``: the bundle's ``network_data_format.outputs.pred.format``
+    (``segmentation`` / ``classes``) in ``configs/metadata.json``."""
+    import json
+
+    path = os.path.join(bundle_dir, "configs", "metadata.json")
+    try:
+        with open(path) as f:
+            fmt = json.load(f)["network_data_format"]["outputs"]["pred"]["format"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read network_data_format.outputs.pred.format ({type(e).__name__}: {e})")
+    kinds = {"segmentation": "segmentation", "classes": "classification"}
+    if fmt not in kinds:
+        raise ValueError(f"{path}: output format {fmt!r} is neither 'segmentation' nor 'classes'")
+    return kinds[fmt]
 
 
 def _package_to_ship() -> str:

@@ -1,7 +1,7 @@
 """What a federated method does on a site, as one object the site runner calls (no NVFlare import).
 
 :class:`fedharmony.bundle.site.BundleSite` runs a MONAI bundle's trainer and evaluators; it
-knows no method. Each round it calls the :class:`SiteMethod` chosen by the job, in this order::
+knows no method. A method sees it only through :class:`fedharmony.methods.contract.SiteContract`. Each round it calls the :class:`SiteMethod` chosen by the job, in this order::
 
     receive(weights, meta)        the server's answer (default: load the global weights)
     prepare()                     before the round-start score (HarmoFL: prime the amplitude target)
@@ -16,21 +16,24 @@ knows no method. Each round it calls the :class:`SiteMethod` chosen by the job, 
 A method keeps its own state (:meth:`state_dict` / :meth:`load_state_dict`); the site saves it
 with the model, optimizer and counters in one file, so a restarted site process resumes it.
 
-Adding a method: a subpackage ``fedharmony/methods/<name>/`` with ``site.py`` (a
-``SiteMethod`` subclass, exported as ``Site``) and ``server.py`` (its recipe, a
-:class:`fedharmony.fl.recipe.BundleRecipe` subclass exported as ``Recipe``), and the name in
-:data:`fedharmony.methods.METHODS`. Nothing else changes.
+Adding a method: a subpackage ``fedharmony/methods/<name>/`` with ``__init__.py`` (its ``SPEC``,
+:class:`fedharmony.methods.spec.MethodSpec`: settings, site class, recipe, server components),
+``site.py`` (a ``SiteMethod`` subclass) and ``server.py`` (its recipe, a
+:class:`fedharmony.fl.recipe.BundleRecipe` subclass), and one line in
+:data:`fedharmony.methods.REGISTRY`. The flags, the recipe's validation, the allow-lists, the
+method table and the tests that run over :data:`fedharmony.methods.METHODS` follow; a method with
+a bundle overlay (``overlay``) also needs that config file in each bundle it supports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-if TYPE_CHECKING:  # the site runner imports this module; no cycle at run time
-    from fedharmony.bundle.site import BundleSite
+from fedharmony.methods.contract import SiteContract
+from fedharmony.methods.spec import MethodSpec
 
 __all__ = ["SiteMethod", "RoundNotes", "PLAIN_TYPES"]
 
@@ -58,6 +61,8 @@ class SiteMethod:
     Class attributes (read by the recipe, the study tool and the reports as well):
 
     * ``name``: the registry name (``fedavg``).
+    * ``spec``: the method's declaration (its package's ``SPEC``), whose ``goes_to="site"`` settings are the
+      keyword arguments of ``__init__``.
     * ``overlay``: a bundle config layered on ``configs/train.json`` (``configs/harmofl.json``), or None.
     * ``local_keys``: regex of state-dict keys that never leave the site ("" = none).
     * ``personalized``: the site's result is its own model (its best ``best_model.pt``), not the global one.
@@ -83,6 +88,7 @@ class SiteMethod:
     """
 
     name = "fedavg"
+    spec: Optional[MethodSpec] = None
     overlay: Optional[str] = None
     local_keys = ""
     personalized = False
@@ -98,26 +104,33 @@ class SiteMethod:
     released_elsewhere = ""
 
     def __init__(self):
-        self.site: Optional["BundleSite"] = None
+        self.site: Optional[SiteContract] = None
 
     @classmethod
     def from_settings(cls, settings: Optional[Mapping[str, object]] = None) -> "SiteMethod":
-        """Build from a job's settings dict, refusing unknown names and non-plain values with a clear error."""
+        """Build from a job's settings dict: only the method's settings that go to the site
+        (:class:`fedharmony.methods.spec.Setting`, ``goes_to="site"``), plain values; anything else is
+        refused with a clear error (the constructor checks each value against its declaration)."""
         settings = dict(settings or {})
+        accepted = {s.name for s in (cls.spec.settings if cls.spec else ()) if s.goes_to == "site"}
+        foreign = sorted(str(k) for k in settings if k not in accepted)
+        if foreign:
+            raise ValueError(f"method {cls.name!r}: {foreign} {'is not a site setting' if len(foreign) == 1 else 'are not site settings'}"
+                             f" of {cls.name}; its site settings: {sorted(accepted)}")
         for k, v in settings.items():
-            if not isinstance(k, str) or (v is not None and not isinstance(v, PLAIN_TYPES)):
+            if v is not None and not isinstance(v, PLAIN_TYPES):
                 raise ValueError(f"method {cls.name!r}: setting {k!r} must be a plain number, bool or string, "
                                  f"got {type(v).__name__}")
         try:
-            return cls(**settings)
-        except TypeError as e:
+            return cls(**{k: v for k, v in settings.items() if v is not None})
+        except (TypeError, ValueError) as e:
             raise ValueError(f"method {cls.name!r}: {e}") from None
 
     def settings(self) -> Dict[str, object]:
         """The settings this method was built with (for logs and the job's record)."""
         return {}
 
-    def attach(self, site: "BundleSite"):
+    def attach(self, site: SiteContract):
         """Called once the site's bundle is parsed, before its saved state is restored."""
         self.site = site
 

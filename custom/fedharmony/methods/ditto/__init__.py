@@ -13,3 +13,17 @@ validation split every round, tracked as ``<key metric>_personalized``, kept as 
 and returned for cross-site evaluation. lambda -> infinity gives FedAvg's model, lambda = 0
 plain local training.
 """
+
+from fedharmony.methods.spec import MethodSpec, Setting
+
+SPEC = MethodSpec(
+    name="ditto",
+    summary="FedAvg + per-site model pulled towards it (Li et al. 2021)",
+    site="fedharmony.methods.ditto.site.DittoSite",
+    recipe="fedharmony.methods.ditto.server.DittoRecipe",
+    settings=(
+        Setting("ditto_lambda", float, 0.1, "Ditto: pull of the personalized model towards the global one (0.1 is NVFlare's)",
+                minimum=0.0, exclusive_minimum=True),
+        Setting("ditto_epochs", int, 1, "Ditto: epochs of the personalized model per round", minimum=1),
+    ),
+)

@@ -1,44 +1,42 @@
 """Ditto on a site: FedAvg's global model plus a personalized model pulled towards it."""
 
 import copy
-import math
 
 import torch
 
 from fedharmony.bundle.losses import ProximalLoss
 from fedharmony.core.results import PERSONALIZED_SUFFIX
 from fedharmony.methods.base import RoundNotes, SiteMethod
+from fedharmony.methods.ditto import SPEC
 
-DEFAULT_LAMBDA = 0.1  # NVFlare's PTDittoHelper default
-DEFAULT_EPOCHS = 1
+DEFAULT_LAMBDA = SPEC.setting("ditto_lambda").default  # NVFlare's PTDittoHelper default
+DEFAULT_EPOCHS = SPEC.setting("ditto_epochs").default
 
 
 class DittoSite(SiteMethod):
     """Args:
-        lam: lambda, the pull of the personalized model towards the round's global model (> 0).
-        epochs: epochs the personalized model trains each round (>= 1)."""
+        ditto_lambda: lambda, the pull of the personalized model towards the round's global model (> 0).
+        ditto_epochs: epochs the personalized model trains each round (>= 1)."""
 
     name = "ditto"
+    spec = SPEC
     personalized = True
     result = "the site's personalized model, best on its validation split"
     result_tag = PERSONALIZED_SUFFIX
     best_at_round_start = False  # the site's result is its personalized model
     scored_model = "global"
 
-    def __init__(self, lam: float = DEFAULT_LAMBDA, epochs: int = DEFAULT_EPOCHS):
+    def __init__(self, ditto_lambda: float = DEFAULT_LAMBDA, ditto_epochs: int = DEFAULT_EPOCHS):
         super().__init__()
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
-            raise ValueError(f"Ditto lambda must be a finite number > 0, got {lam!r}")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"Ditto epochs must be an integer >= 1, got {epochs!r}")
-        self.lam, self.epochs = float(lam), epochs
+        self.lam = SPEC.setting("ditto_lambda").check(ditto_lambda)
+        self.epochs = SPEC.setting("ditto_epochs").check(ditto_epochs)
         self.personal = None  # the personalized model's state dict
         self.personal_optimizer = None  # its optimizer's state
         self._global = None  # the global model received this round
         self._fresh_optimizer = None
 
     def settings(self):
-        return {"lam": self.lam, "epochs": self.epochs}
+        return {"ditto_lambda": self.lam, "ditto_epochs": self.epochs}
 
     def attach(self, site):
         super().attach(site)
@@ -81,6 +79,3 @@ class DittoSite(SiteMethod):
     def load_state_dict(self, state):
         self.personal = state.get("personal")
         self.personal_optimizer = state.get("personal_optimizer")
-
-
-Site = DittoSite  # the name the registry looks up

@@ -7,6 +7,3 @@ class FedAvgRecipe(BundleRecipe):
     """FedAvg: every setting is :class:`~fedharmony.fl.recipe.BundleRecipe`'s."""
 
     method = "fedavg"
-
-
-Recipe = FedAvgRecipe  # the name the registry looks up

@@ -7,6 +7,3 @@ class FedBNRecipe(BundleRecipe):
     """FedBN: every setting is :class:`~fedharmony.fl.recipe.BundleRecipe`'s."""
 
     method = "fedbn"
-
-
-Recipe = FedBNRecipe  # the name the registry looks up

@@ -17,7 +17,7 @@ receives it), so :func:`load_pool` treats every part of it as untrusted before a
 is built (:func:`validate_manifest`):
 
 * the overrides pass the same allow-list as a no-code job's
-  (:func:`fedharmony.fl.job_policy.validate_overrides`: plain values on the bundle's
+  (:func:`fedharmony.bundle.job_policy.validate_overrides`: plain values on the bundle's
   tunable ids; no ``$`` expression, ``@`` reference, ``%`` macro, nested config or path id),
   because they go into the bundle's config parser when the experts are built;
 * ``config_files`` must be ``configs/<name>.json`` files of the installed bundle;
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedharmony.core.files import atomic_torch_save, atomic_write_text
-from fedharmony.fl import job_policy
+from fedharmony.bundle import job_policy
 
 import torch
 
@@ -182,7 +182,7 @@ def validate_manifest(pool_dir: str | Path, bundle_root: str | Path) -> dict:
 
     ``config_files`` must be ``configs/<name>.json`` files of the installed bundle at
     ``bundle_root``, and ``overrides`` plain values on the ids of its ``configs/tunables.json``
-    (:func:`fedharmony.fl.job_policy.validate_overrides`): a pool is data, and a MONAI
+    (:func:`fedharmony.bundle.job_policy.validate_overrides`): a pool is data, and a MONAI
     expression in it would run at the site when the experts are built.
 
     Example::
@@ -208,7 +208,7 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
             from its recorded digest, NaN/Inf weights, or experts whose keys/shapes differ from each
             other or from the bundle's network.
     """
-    from fedharmony.bundle.site import build_network
+    from fedharmony.bundle.networks import build_network
 
     manifest = validate_manifest(pool_dir, bundle_root)
     weights, _ = _load_weights(pool_dir, manifest, check_digests=True)

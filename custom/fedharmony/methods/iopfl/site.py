@@ -5,15 +5,17 @@ import torch
 from fedharmony.methods.iopfl.personalization import check_personalization_alpha, ema_update
 from fedharmony.core.results import PERSONALIZED_SUFFIX
 from fedharmony.methods.base import RoundNotes, SiteMethod
+from fedharmony.methods.iopfl import SPEC
 
-DEFAULT_ALPHA = 0.1  # the released value
+DEFAULT_ALPHA = SPEC.setting("iop_alpha").default  # the released value
 
 
 class IOPFLSite(SiteMethod):
     """Args:
-        alpha: weight ``a`` of the previous personalized model, in [0, 1)."""
+        iop_alpha: weight ``a`` of the previous personalized model, in [0, 1)."""
 
     name = "iopfl"
+    spec = SPEC
     personalized = True
     result = "the site's personalized model phi, best on its validation split"
     released_elsewhere = ("IOP-FL's released choices are test-time ones: configs/routed_inference.json with "
@@ -22,15 +24,13 @@ class IOPFLSite(SiteMethod):
     needs_cross_site_eval = True  # the model pool is collected that way
     best_at_round_start = False  # the site's result is phi, scored after each update
 
-    def __init__(self, alpha: float = DEFAULT_ALPHA):
+    def __init__(self, iop_alpha: float = DEFAULT_ALPHA):
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ValueError(f"IOP-FL alpha must be a number in [0, 1), got {alpha!r}")
-        self.alpha = check_personalization_alpha(alpha)
+        self.alpha = check_personalization_alpha(SPEC.setting("iop_alpha").check(iop_alpha))
         self.personalized_model = None
 
     def settings(self):
-        return {"alpha": self.alpha}
+        return {"iop_alpha": self.alpha}
 
     def after_training(self):
         self.personalized_model = ema_update(self.personalized_model, self.site.state_dict(), self.alpha)
@@ -46,6 +46,3 @@ class IOPFLSite(SiteMethod):
 
     def load_state_dict(self, state):
         self.personalized_model = state.get("personalized")
-
-
-Site = IOPFLSite  # the name the registry looks up

@@ -1,6 +1,6 @@
 """PRR-FL's server: progressive Fourier aggregation of the deputies, and the recipe that wires it."""
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -9,8 +9,8 @@ from fedharmony.core.aggregation import UpdateRejected
 from fedharmony.methods.prrfl.deputy import DEFAULT_ALPHA1, DEFAULT_ALPHA2, check_alphas
 from fedharmony.fl.aggregator import SiteUpdateAggregator
 from fedharmony.fl.recipe import BundleRecipe
-from fedharmony.methods.prrfl.fourier_aggregation import (DEFAULT_R0, DEFAULT_R1, check_box, check_schedule, mean_amplitudes,
-                                                          ratio_schedule)
+from fedharmony.methods.prrfl.fourier_aggregation import (DEFAULT_R0, DEFAULT_R1, check_box, check_schedule,
+                                                          mean_amplitudes, ratio_schedule)
 from fedharmony.methods.prrfl.site import FOURIER_BOX, FOURIER_RATIO
 
 
@@ -80,7 +80,7 @@ class PRRFLRecipe(BundleRecipe):
     """PRR-FL: the bundle's ``configs/prrfl.json`` layered on ``train.json``; the personalized models
     are the result (there is no global model: the server's checkpoint holds mean amplitudes).
 
-    Keyword-only (None keeps the released value), then every
+    Keyword-only (``fedharmony.methods.prrfl.SPEC``; None keeps the released value), then every
     :class:`~fedharmony.fl.recipe.BundleRecipe` setting:
         prrfl_r0, prrfl_r1: the shared spectral ratio grows from r0 (round 0) towards r1
             (released 0.7, 0.95); both in (0, 1], r0 <= r1.
@@ -95,23 +95,16 @@ class PRRFLRecipe(BundleRecipe):
     """
 
     method = "prrfl"
-
-    def __init__(self, *, prrfl_r0: Optional[float] = None, prrfl_r1: Optional[float] = None,
-                 prrfl_alpha1: Optional[float] = None, prrfl_alpha2: Optional[float] = None,
-                 prrfl_weighted: bool = False, prrfl_box: Optional[str] = None, **kwargs):
-        self.r0, self.r1 = check_schedule(DEFAULT_R0 if prrfl_r0 is None else prrfl_r0,
-                                          DEFAULT_R1 if prrfl_r1 is None else prrfl_r1)
-        check_alphas(DEFAULT_ALPHA1 if prrfl_alpha1 is None else prrfl_alpha1,
-                     DEFAULT_ALPHA2 if prrfl_alpha2 is None else prrfl_alpha2)
-        self.alphas = {"prrfl_alpha1": prrfl_alpha1, "prrfl_alpha2": prrfl_alpha2}
-        self.weighted = bool(prrfl_weighted)
-        self.box_given = None if prrfl_box is None else check_box(prrfl_box)
-        super().__init__(**kwargs)
+    has_global_model = False  # the server's checkpoint holds mean amplitudes
 
     def check(self):
-        if self.protocol == "released" and self.box_given not in (None, "half_open"):
-            raise ValueError(f"protocol 'released' sets prrfl_box='half_open' (given {self.box_given!r})")
-        self.box = "half_open" if self.protocol == "released" else (self.box_given or "symmetric")
+        s = self.settings  # each checked against its SPEC already; here what ties two of them together
+        self.r0, self.r1 = check_schedule(s["prrfl_r0"], s["prrfl_r1"])
+        check_alphas(DEFAULT_ALPHA1 if s["prrfl_alpha1"] is None else s["prrfl_alpha1"],
+                     DEFAULT_ALPHA2 if s["prrfl_alpha2"] is None else s["prrfl_alpha2"])
+        if self.protocol == "released" and s["prrfl_box"] not in (None, "half_open"):
+            raise ValueError(f"protocol 'released' sets prrfl_box='half_open' (given {s['prrfl_box']!r})")
+        self.box = "half_open" if self.protocol == "released" else (s["prrfl_box"] or "symmetric")
         if self.privacy_percentile is not None:
             raise ValueError("PRR-FL's server needs each site's full deputy (Fourier aggregation is not a "
                              "mean of differences); drop privacy_percentile")
@@ -119,16 +112,8 @@ class PRRFLRecipe(BundleRecipe):
             raise ValueError("a PRR-FL job cannot resume from a server checkpoint: it holds mean amplitudes, "
                              "and the personalized models live in the sites' run folders of the old job")
 
-    def bundle_overrides(self):
-        return {k: v for k, v in self.alphas.items() if v is not None}
-
     def aggregator(self):
         return FourierAggregator(num_rounds=self.start_round + self.num_rounds, r0=self.r0, r1=self.r1,
-                                 local_keys=self.local_keys, persistor_id="persistor", weigh_by_samples=self.weighted,
-                                 box=self.box)
+                                 local_keys=self.local_keys, persistor_id="persistor",
+                                 weigh_by_samples=self.settings["prrfl_weighted"], box=self.box)
 
-    def has_global_model(self):
-        return False
-
-
-Recipe = PRRFLRecipe  # the name the registry looks up

@@ -6,6 +6,7 @@ from fedharmony.core.aggregation import is_local_key
 from fedharmony.methods.prrfl.deputy import STAGES, DeputyTransferIteration
 from fedharmony.methods.prrfl.fourier_aggregation import mix_amplitudes
 from fedharmony.core.norm_layers import NORM_LAYER_KEYS
+from fedharmony.methods.prrfl import SPEC
 from fedharmony.methods.base import RoundNotes, SiteMethod
 
 OVERLAY = "configs/prrfl.json"
@@ -15,6 +16,7 @@ FOURIER_BOX = "prrfl_fourier_box"  # meta key: the shared box's shape (symmetric
 
 class PRRFLSite(SiteMethod):
     name = "prrfl"
+    spec = SPEC
     overlay = OVERLAY
     local_keys = NORM_LAYER_KEYS
     personalized = True
@@ -87,6 +89,3 @@ class PRRFLSite(SiteMethod):
         self.transfer.deputy.load_state_dict(state["deputy"])
         self.transfer.deputy_optimizer.load_state_dict(state["deputy_optimizer"])
         self.transfer.history = [tuple(h) for h in state["history"]]
-
-
-Site = PRRFLSite  # the name the registry looks up

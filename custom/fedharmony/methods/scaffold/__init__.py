@@ -25,3 +25,13 @@ The control variate reaches the sites in the global model's meta (``scaffold_c_g
 is not written into the server's checkpoint; a job resumed from a checkpoint restarts it at
 zero, as at the first round.
 """
+
+from fedharmony.methods.spec import MethodSpec
+
+SPEC = MethodSpec(
+    name="scaffold",
+    summary="FedAvg + control variates against client drift (Karimireddy et al. 2020)",
+    site="fedharmony.methods.scaffold.site.ScaffoldSite",
+    recipe="fedharmony.methods.scaffold.server.ScaffoldRecipe",
+    server_components=("fedharmony.methods.scaffold.server.ScaffoldAggregator",),
+)

@@ -67,6 +67,3 @@ class ScaffoldRecipe(BundleRecipe):
 
     def aggregator(self):
         return ScaffoldAggregator(local_keys=self.local_keys, persistor_id="persistor")
-
-
-Recipe = ScaffoldRecipe  # the name the registry looks up

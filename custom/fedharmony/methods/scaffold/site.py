@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 
+from fedharmony.methods.scaffold import SPEC
 from fedharmony.methods.base import SiteMethod
 
 C_GLOBAL = "scaffold_c_global"  # meta key of the server's control variate (NVFlare's AlgorithmConstants name)
@@ -40,6 +41,7 @@ def control_update(c_local: Mapping[str, torch.Tensor], c_global: Mapping[str, t
 
 class ScaffoldSite(SiteMethod):
     name = "scaffold"
+    spec = SPEC
 
     def __init__(self):
         super().__init__()
@@ -102,6 +104,3 @@ class ScaffoldSite(SiteMethod):
     def load_state_dict(self, state):
         if state.get("c_local") is not None:
             self.c_local = state["c_local"]
-
-
-Site = ScaffoldSite  # the name the registry looks up
