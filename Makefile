@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ study-headroom-prostate: setup
 
 study-headroom-dermoscopy: setup
 	$(BIN)/python tools/study.py --plan docs/studies/dermoscopy_headroom/plan.json
+
+## study-harmofl-window: HarmoFL with an amplitude window beyond the DC term (L = 0.025 at 96 px: b = 2), planned
+study-harmofl-window: setup
+	$(BIN)/python tools/study.py --plan docs/studies/prostate_harmofl_window/plan.json
 
 ## study-released-input: FedAvg and HarmoFL on the released 0-255 input at the released learning rate, 1e-4 (one seed:
 ## neither learns; at the bundle's 2e-3, FedAvg collapsed to empty masks by round 5)
