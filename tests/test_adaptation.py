@@ -133,7 +133,8 @@ def test_a_too_small_volume_is_left_out_of_adaptation_and_named_by_the_routed_bu
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing to adapt on: unchanged
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
-           "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(small), "--output_dir", str(tmp_path / "out")]
+           "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(small), "--output_dir", str(tmp_path / "out"),
+           "--method", "routing"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "processed 0, skipped 1" in res.stdout and "tiny.nii.gz" in res.stdout and "at least 32 x 32" in res.stdout
@@ -503,3 +504,21 @@ def test_the_online_schedule_steps_on_each_batch_then_segments_it_with_the_updat
         with_schedule(net, "batch", UnsupervisedLoss(), 1e-3)
     with pytest.raises(ValueError, match="routing_safe judges the adapted network"):
         with_schedule(net, "online", UnsupervisedLoss(), 1e-3, method="routing_safe")
+
+
+def test_routed_inference_defaults_to_the_global_model_and_says_why(tiny_sites, tmp_path):
+    """No test-time method has passed a planned non-inferiority test against the global model on unseen scanners,
+    so the bundle's default is the global model, and its log says so and how to choose another."""
+    config = json.loads((BUNDLE / "configs" / "routed_inference.json").read_text())
+    assert config["method"] == "global"
+    _write_tiny_pool(tmp_path / "pool")
+    out = tmp_path / "masks"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
+           "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tiny_sites / "BIDMC"), "--output_dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-2000:]
+    assert "test-time method: global (the pool's global model, nothing adapts)" in log
+    assert "--method routing (or routing_safe, ...) runs one" in log
+    assert len(list(out.glob("*_seg.nii.gz"))) == 3  # every volume of the site segmented

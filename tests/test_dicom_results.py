@@ -278,7 +278,7 @@ def test_routed_inference_writes_the_seg_and_flags_its_results_too(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE),
            "--pool_dir", str(tmp_path / "pool"), "--dataset_dir", str(tmp_path / "in"), "--output_dir",
-           str(tmp_path / "out"), "--adaptation#passes", "1", "--output_format", "dicom_seg"]
+           str(tmp_path / "out"), "--method", "routing", "--adaptation#passes", "1", "--output_format", "dicom_seg"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rec = json.loads((tmp_path / "out" / "inference_summary.json").read_text())["inputs"][0]

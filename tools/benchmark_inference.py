@@ -9,8 +9,8 @@ right architecture (speed does not depend on the weights):
 
 * plain: ``configs/inference.json``;
 * HarmoFL: ``configs/inference.json`` + ``configs/harmofl.json`` (amplitude normalization first);
-* routed: ``configs/routed_inference.json`` over a pool of 3 experts (2 sites + global), with its
-  default test-time adaptation (2 passes); its adaptation time per volume is its own column.
+* routed: ``configs/routed_inference.json`` over a pool of 3 experts (2 sites + global), with
+  ``--method routing`` (IOP-FL test-time adaptation, 2 passes); its adaptation time per volume is its own column.
 
 Per volume: the median of the seconds the run's ``inference_summary.json`` records for each input
 (loading, preprocessing with orientation and spacing, inference, inverse transforms, saving).
@@ -75,7 +75,7 @@ def write_models(work: Path, size: int) -> dict:
                                                      str(BUNDLE / "configs/harmofl.json")]),
                         "--ckpt_path", str(work / "harmofl.pt"), *size_arg],
             "routed": ["--config_file", str(BUNDLE / "configs/routed_inference.json"),
-                       "--pool_dir", str(work / "pool")]}
+                       "--pool_dir", str(work / "pool"), "--method", "routing"]}
 
 
 def run_config(args, data: Path, out: Path, threads: int, timeout: Optional[float] = None) -> dict:

@@ -30,7 +30,7 @@ batch 4, base_features 4):
   ``fedharmony.methods.harmofl.perturbation.perturbed_step`` as the bundle's trainer runs it) and HarmoFL without
   AmpNorm (amp_mode off); median step time and peak memory of each. AmpNorm's share of the HarmoFL step is
   1 - t(HarmoFL without AmpNorm) / t(HarmoFL), and, as a check, 2 x t(one AmpNorm call) / t(HarmoFL).
-* ``routed_inference``: IOP-FL routed inference (``configs/routed_inference.json`` with its default test-time
+* ``routed_inference``: IOP-FL routed inference (``configs/routed_inference.json`` with ``--method routing``, test-time
   adaptation, ``python -m monai.bundle run``, as ``tools/benchmark_inference.py`` runs it) of 2 phantom volumes
   (12 slices; ``--tiny`` 8) over a pool of 3 untrained experts: seconds per volume, adaptation seconds per volume,
   peak memory.

@@ -36,6 +36,7 @@ from fedharmony.methods.iopfl.routing import (build_routed_network, last_routing
                       use_batch_statistics)
 
 logger = logging.getLogger(__name__)
+DEFAULT_METHOD = "global"  # routed_inference.json's default (docs/methods/iopfl.md, "The default")
 
 METHODS = ("routing", "routing_safe", "routing_released", "routing_sigmoid", "routing_source_stats", "tent", "bn_stats",
            "expert_mean", "global")
@@ -579,10 +580,17 @@ def build_test_time_network(pool, method: str = "routing", device=None, safeguar
     * ``tent``: the global model; norm on batch statistics, norm affine trains (entropy).
     * ``bn_stats``: the global model with norm on batch statistics, nothing trains.
     * ``expert_mean``: the parameter mean of all experts (running statistics too), nothing trains.
-    * ``global`` or an expert's name: that model as trained, nothing trains.
+    * ``global`` (:data:`DEFAULT_METHOD`, the bundle's default) or an expert's name: that model as trained,
+      nothing trains.
     """
     names = list(pool.names)
     check_safeguard(safeguard)
+    if method == DEFAULT_METHOD:
+        logger.info(f"test-time method: {DEFAULT_METHOD} (the pool's global model, nothing adapts). It is the bundle's "
+                    f"default because no test-time method has yet passed a planned non-inferiority test against it "
+                    f"on unseen scanners; --method routing (or routing_safe, ...) runs one")
+    else:
+        logger.info(f"test-time method: {method}")
     if method == "routing_safe":
         fallback = copy.deepcopy(pool.experts[-1])
         train_only(fallback, gates=False, norm_affine=False)
