@@ -2,10 +2,8 @@
 
 import os
 import platform
-import re
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +35,3 @@ def header(script: str, argv=None) -> list:
             f"command: python tools/{script} {args}".rstrip()]
 
 
-_AGGREGATED = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")  # SiteUpdateAggregator's line
-
-
-def aggregation_times(server_log: Path) -> dict:
-    """{round: UNIX time of its aggregation} from a server log."""
-    stamps = {}
-    for line in Path(server_log).read_text().splitlines():
-        m = _AGGREGATED.search(line)
-        if m:
-            stamps[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return stamps

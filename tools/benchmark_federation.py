@@ -33,37 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_common import aggregation_times, ensure_phantom_sites, header  # noqa: E402
-
-
-def _rss_sampler(stop, peaks):
-    """Sample RSS (MiB) of simulator server / client processes every 0.5 s."""
-    while not stop.is_set():
-        out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout
-        for line in out.splitlines()[1:]:
-            rss, _, args = line.strip().partition(" ")
-            if "simulator_worker" in args or "client_train" in args:
-                peaks["client"] = max(peaks.get("client", 0), int(rss) / 1024)
-            elif "nvflare.private.fed.app.simulator.simulator" in args or "nvflare simulator" in args:
-                peaks["server"] = max(peaks.get("server", 0), int(rss) / 1024)
-        stop.wait(0.5)
-
-
-def _round_times(server_log: Path):
-    """Seconds between consecutive aggregations: {round: duration} for rounds 1..N-1."""
-    stamps = aggregation_times(server_log)
-    return {r: stamps[r] - stamps[r - 1] for r in sorted(stamps) if r - 1 in stamps}
-
-
-def _site_times(ws: Path):
-    """Per round: the slowest site's whole train task (validation, training, checkpointing) in seconds."""
-    per_round = {}
-    pat = re.compile(r"round (\d+): (?:global|personalized) \S+ \S+,.*? \d+ local steps, task ([\d.]+) s")
-    for log in ws.glob("site-*/log.txt"):
-        for m in pat.finditer(log.read_text()):
-            r, t = int(m.group(1)), float(m.group(2))
-            per_round[r] = max(per_round.get(r, 0.0), t)
-    return per_round
+from bench_common import ensure_phantom_sites, header  # noqa: E402
+from fedharmony.study.simulator_timing import round_times, rss_sampler, site_task_times  # noqa: E402
 
 
 # label -> (algorithm, extra jobs/prostate.py flags); all at image_size 96
@@ -90,7 +61,7 @@ def run_federation(label, args, data, out, algo=None, extra=()):
            "--local-epochs", str(args.local_epochs), "--sites", "6", "--data-root", str(data),
            "--workspace", str(ws_root), "--name", name, "--verbose", *extra]  # one process: measured as before
     peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=_rss_sampler, args=(stop, peaks), daemon=True)
+    sampler = threading.Thread(target=rss_sampler, args=(stop, peaks), daemon=True)
     sampler.start()
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -106,8 +77,8 @@ def run_federation(label, args, data, out, algo=None, extra=()):
     dice = {s: row["SRV_FL_global_model.pt"] for s, row in matrix.items()}
     if algo == "fedbn":  # the global model has no norm layers of its own: score each site's own model
         dice = {s: row[s] for s, row in matrix.items()}
-    rounds = _round_times(ws / "server" / "log.txt")
-    sites = _site_times(ws)
+    rounds = round_times(ws / "server" / "log.txt")
+    sites = site_task_times(ws)
     overhead = [(rt - sites[r]) / rt for r, rt in rounds.items() if r in sites and rt > 0]
     return {"dice": dice, "wall": wall, "round_s": sum(rounds.values()) / max(len(rounds), 1),
             "site_s": sum(sites[r] for r in rounds if r in sites) / max(len(rounds), 1),

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import poc  # noqa: E402  (tools/poc.py)
-from bench_common import aggregation_times, ensure_phantom_sites, header  # noqa: E402
+from bench_common import ensure_phantom_sites, header  # noqa: E402
+from fedharmony.study.simulator_timing import aggregation_times  # noqa: E402
 
 
 

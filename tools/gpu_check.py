@@ -468,7 +468,7 @@ def part_federation(ctx, rec):
 
 def _federation_run(ctx, algo, data, timeout):
     """One simulator run of jobs/prostate.py, its round times and the peak memory of its processes."""
-    from benchmark_federation import _round_times, _rss_sampler, _site_times
+    from fedharmony.study.simulator_timing import round_times, rss_sampler, site_task_times
 
     s, dev, f = ctx["sizes"], ctx["device"], ctx["sizes"]["federation"]
     name = f"gpu_check_{algo}"
@@ -481,7 +481,7 @@ def _federation_run(ctx, algo, data, timeout):
 
     def sample_rss():
         with contextlib.suppress(OSError):  # no ps on the machine: no RSS figures, the run goes on
-            _rss_sampler(stop, peaks)
+            rss_sampler(stop, peaks)
 
     rss = threading.Thread(target=sample_rss, daemon=True)
     gpu = DeviceMemorySampler() if dev.type == "cuda" else contextlib.nullcontext()
@@ -499,7 +499,7 @@ def _federation_run(ctx, algo, data, timeout):
         raise RuntimeError(f"{algo} federation {'timed out' if rc is None else f'failed (exit {rc})'}; the end of "
                            f"{log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-80:]))
     ws = ctx["work"] / "sim" / name
-    rounds, sites = _round_times(ws / "server" / "log.txt"), _site_times(ws)
+    rounds, sites = round_times(ws / "server" / "log.txt"), site_task_times(ws)
     run = {"status": "ok", "wall_s": wall, "round_s": sum(rounds.values()) / len(rounds) if rounds else None,
            "rounds_timed": len(rounds), "slowest_site_task_s": {str(k): v for k, v in sorted(sites.items())},
            "peak_rss_server_mib": peaks.get("server"), "peak_rss_site_mib": peaks.get("client")}

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             p.error("--out is required")
         if min(args.scale_sites) < 1 or any(s < 16 or s % 16 for s in args.scale_sizes):
             p.error("--scale-sites must be >= 1 and --scale-sizes positive multiples of 16")
-        from scaling import run_scaling
+        from fedharmony.study.scaling import run_scaling
 
         run_scaling(Path(args.out), command=command, sites=args.scale_sites, sizes=args.scale_sizes,
                     max_processes=args.scale_processes)

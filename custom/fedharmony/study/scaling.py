@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """How the cost grows with the number of sites and the image size (``python tools/study.py --scale``).
 
     python tools/study.py --scale --out DIR [--scale-sites 3 6 12 24] [--scale-sizes 64 96 192 384]
@@ -30,11 +29,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from fedharmony.study.simulator_timing import round_times, rss_sampler, site_task_times
+from fedharmony.study.tasks import PRESETS
 
-from benchmark_federation import _round_times, _rss_sampler, _site_times  # noqa: E402
-from fedharmony.study.tasks import PRESETS  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]  # <checkout>/custom/fedharmony/study/scaling.py: jobs/ and bundles/
 
 SITES = (3, 6, 12, 24)
 SIZES = (64, 96, 192, 384)
@@ -87,7 +85,7 @@ def measure_sites(out: Path, n: int, rounds: int = 3, max_processes: int = MAX_P
            "--workspace", str(ws_root), "--name", name, "--override", json.dumps(TINY_OVERRIDES),
            "--no-cross-site-eval", "--verbose"]  # the job script runs the simulator itself: measured as before
     peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=_rss_sampler, args=(stop, peaks), daemon=True)
+    sampler = threading.Thread(target=rss_sampler, args=(stop, peaks), daemon=True)
     sampler.start()
     t0 = time.time()
     with open(out / f"sites_{n}.log", "w") as log:
@@ -98,8 +96,8 @@ def measure_sites(out: Path, n: int, rounds: int = 3, max_processes: int = MAX_P
     if res.returncode != 0:
         raise RuntimeError(f"{n} sites: the simulator run failed; see {out / f'sites_{n}.log'}")
     ws = ws_root / name
-    rounds_s = _round_times(ws / "server" / "log.txt")
-    site_s = _site_times(ws)
+    rounds_s = round_times(ws / "server" / "log.txt")
+    site_s = site_task_times(ws)
     per_round = sum(rounds_s.values()) / max(len(rounds_s), 1)
     slowest = sum(site_s[r] for r in rounds_s if r in site_s) / max(len(rounds_s), 1)
     return {"sites": n, "processes": processes, "wall_s": wall, "round_s": per_round,

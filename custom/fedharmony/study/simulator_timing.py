@@ -1,0 +1,66 @@
+"""Time and memory of an NVFlare simulator run, read from its logs and the process table (no NVFlare import).
+
+Used by the scaling study (:mod:`fedharmony.study.scaling`), the federation benchmark and the GPU check:
+
+* :func:`aggregation_times`: when the server aggregated each round (the aggregator's log line);
+* :func:`round_times`: seconds between consecutive aggregations, per round;
+* :func:`site_task_times`: per round, the slowest site's whole train task (validation, training,
+  checkpointing), from the sites' round lines;
+* :func:`rss_sampler`: peak resident memory of the simulator's server and site processes, sampled
+  with ``ps`` every half second until a stop event.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Dict
+
+__all__ = ["aggregation_times", "round_times", "site_task_times", "rss_sampler"]
+
+_AGGREGATED = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")  # SiteUpdateAggregator's line
+_SITE_TASK = re.compile(r"round (\d+): (?:global|personalized) \S+ \S+,.*? \d+ local steps, task ([\d.]+) s")
+
+
+def aggregation_times(server_log: Path) -> Dict[int, float]:
+    """{round: UNIX time of its aggregation} from a server log."""
+    stamps = {}
+    for line in Path(server_log).read_text().splitlines():
+        m = _AGGREGATED.search(line)
+        if m:
+            stamps[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return stamps
+
+
+def round_times(server_log: Path) -> Dict[int, float]:
+    """Seconds between consecutive aggregations: {round: duration} for rounds 1 .. N - 1."""
+    stamps = aggregation_times(server_log)
+    return {r: stamps[r] - stamps[r - 1] for r in sorted(stamps) if r - 1 in stamps}
+
+
+def site_task_times(workspace: Path) -> Dict[int, float]:
+    """Per round: the slowest site's whole train task (validation, training, checkpointing) in seconds, from
+    ``<workspace>/site-*/log.txt``."""
+    per_round: Dict[int, float] = {}
+    for log in Path(workspace).glob("site-*/log.txt"):
+        for m in _SITE_TASK.finditer(log.read_text()):
+            r, t = int(m.group(1)), float(m.group(2))
+            per_round[r] = max(per_round.get(r, 0.0), t)
+    return per_round
+
+
+def rss_sampler(stop: threading.Event, peaks: dict):
+    """Until ``stop`` is set, record in ``peaks`` the largest RSS (MiB) seen of a simulator server process
+    (``peaks["server"]``) and of a site process (``peaks["client"]``), every 0.5 s. Run it in a thread."""
+    while not stop.is_set():
+        out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout
+        for line in out.splitlines()[1:]:
+            rss, _, args = line.strip().partition(" ")
+            if "simulator_worker" in args or "client_train" in args:
+                peaks["client"] = max(peaks.get("client", 0), int(rss) / 1024)
+            elif "nvflare.private.fed.app.simulator.simulator" in args or "nvflare simulator" in args:
+                peaks["server"] = max(peaks.get("server", 0), int(rss) / 1024)
+        stop.wait(0.5)
