@@ -47,6 +47,10 @@ def _load_specs() -> Dict[str, MethodSpec]:
         found = importlib.import_module(f"{__name__}.{package}").SPEC
         if found.name != package:
             raise ValueError(f"fedharmony.methods.{package}.SPEC is named {found.name!r}, not {package!r}")
+        outside = [p for p in (found.site, found.recipe, *found.server_components)
+                   if not p.startswith(f"{__name__}.{package}.")]
+        if outside:  # a method lives in its own package: what a spec names is imported from there only
+            raise ValueError(f"fedharmony.methods.{package}.SPEC names classes outside its package: {outside}")
         specs[package] = found
     owners: Dict[str, str] = {}  # one flag per setting name across the job scripts
     for s in specs.values():

@@ -1,7 +1,8 @@
 """What a federated method does on a site, as one object the site runner calls (no NVFlare import).
 
 :class:`fedharmony.bundle.site.BundleSite` runs a MONAI bundle's trainer and evaluators; it
-knows no method. A method sees it only through :class:`fedharmony.methods.contract.SiteContract`. Each round it calls the :class:`SiteMethod` chosen by the job, in this order::
+knows no method, and a method sees it only through :class:`fedharmony.methods.contract.SiteContract`.
+Each round it calls the :class:`SiteMethod` chosen by the job, in this order::
 
     receive(weights, meta)        the server's answer (default: load the global weights)
     prepare()                     before the round-start score (HarmoFL: prime the amplitude target)
