@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-unseen-2 study-iopfl-unseen-3 study-iopfl-unseen-4 study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -115,25 +115,21 @@ mkdir -p docs/studies/$(1)
 cp workspace/$(1)/report.md workspace/$(1)/iopfl_study.json workspace/$(1)/outside.csv workspace/$(1)/outside_dice.png docs/studies/$(1)/
 endef
 
-## study-iopfl-unseen: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds, with the routing sweep;
-## resumable, also from the committed results; the report is copied to docs/studies/iopfl_unseen/
+## study-iopfl-unseen SET=N: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds; resumable, also from
+## the committed results; the report is copied to docs/studies/iopfl_unseen[_N]/. The sets (scanner profiles):
+##   SET=1 (default) prostate_unseen_scanners.json, with the routing sweep;
+##   SET=2 prostate_unseen_scanners_2.json, fixed after the consensus safeguard was built (its test on scanners it was
+##         not designed on);
+##   SET=3 prostate_unseen_scanners_3.json, fixed before the departure criterion was written (its independent test);
+##   SET=4 prostate_unseen_scanners_4.json, fixed before the labelled criterion was written (its independent test, and
+##         a second one of departure)
+SET ?= 1
+UNSEEN_NAME = $(if $(filter 1,$(SET)),iopfl_unseen,iopfl_unseen_$(SET))
+UNSEEN_ARGS = $(if $(filter 1,$(SET)),--sweep,--unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_$(SET).json)
 study-iopfl-unseen: setup
-	$(call iopfl_study,iopfl_unseen,--seeds 3 --unseen --holdout --sweep)
-
-## study-iopfl-unseen-2: the same on a second set of 3 new scanners (prostate_unseen_scanners_2.json), fixed after the
-## consensus safeguard was built, so its test there is on scanners it was not designed on; no sweep
-study-iopfl-unseen-2: setup
-	$(call iopfl_study,iopfl_unseen_2,--seeds 3 --unseen --holdout --unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_2.json)
-
-## study-iopfl-unseen-3: the same on a third set of 3 new scanners (prostate_unseen_scanners_3.json), fixed before the
-## departure safeguard criterion was written: its independent test; no sweep
-study-iopfl-unseen-3: setup
-	$(call iopfl_study,iopfl_unseen_3,--seeds 3 --unseen --holdout --unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_3.json)
-
-## study-iopfl-unseen-4: the same on a fourth set of 3 new scanners (prostate_unseen_scanners_4.json), fixed before the
-## labelled safeguard criterion was written: its independent test, and a second one of departure; no sweep
-study-iopfl-unseen-4: setup
-	$(call iopfl_study,iopfl_unseen_4,--seeds 3 --unseen --holdout --unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_4.json)
+	@[ -f custom/fedharmony/phantom/prostate_unseen_scanners$(if $(filter 1,$(SET)),,_$(SET)).json ] || \
+		{ echo "SET=$(SET): no custom/fedharmony/phantom/prostate_unseen_scanners_$(SET).json (sets 1 to 4)"; exit 2; }
+	$(call iopfl_study,$(UNSEEN_NAME),--seeds 3 --unseen --holdout $(UNSEEN_ARGS))
 
 ## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable,
 ## also from the committed results: a fresh checkout starts from docs/studies/iopfl_loso/iopfl_study.json);
