@@ -32,3 +32,19 @@ def test_the_rss_sampler_stops_when_told():
     stop.set()
     rss_sampler(stop, peaks)  # returns at once, having sampled nothing
     assert peaks == {}
+
+
+def test_peak_rss_records_a_site_process_while_the_block_runs_and_stops_after():
+    import subprocess
+    import sys
+
+    from fedharmony.study.simulator_timing import peak_rss
+
+    # a process whose command line says what a simulator site process says
+    with peak_rss() as peaks:
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5)", "simulator_worker"], check=True)
+    assert peaks.get("client", 0) > 1 and "server" not in peaks
+    with pytest.raises(RuntimeError, match="the run failed"):  # an error in the block ends the sampling too
+        with peak_rss():
+            raise RuntimeError("the run failed")
+    assert threading.active_count() == 1

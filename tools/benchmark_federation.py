@@ -26,7 +26,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_common import ensure_phantom_sites, header  # noqa: E402
-from fedharmony.study.simulator_timing import round_times, rss_sampler, site_task_times  # noqa: E402
+from fedharmony.study.simulator_timing import peak_rss, round_times, site_task_times  # noqa: E402
 
 
 # label -> (algorithm, extra jobs/prostate.py flags); all at image_size 96
@@ -60,14 +59,10 @@ def run_federation(label, args, data, out, algo=None, extra=()):
     cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", algo, "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--sites", "6", "--data-root", str(data),
            "--workspace", str(ws_root), "--name", name, "--verbose", *extra]  # one process: measured as before
-    peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=rss_sampler, args=(stop, peaks), daemon=True)
-    sampler.start()
     t0 = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    with peak_rss() as peaks:
+        res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
-    stop.set()
-    sampler.join()
     if res.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
     ws = ws_root / name

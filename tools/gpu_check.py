@@ -468,7 +468,7 @@ def part_federation(ctx, rec):
 
 def _federation_run(ctx, algo, data, timeout):
     """One simulator run of jobs/prostate.py, its round times and the peak memory of its processes."""
-    from fedharmony.study.simulator_timing import round_times, rss_sampler, site_task_times
+    from fedharmony.study.simulator_timing import peak_rss, round_times, site_task_times
 
     s, dev, f = ctx["sizes"], ctx["device"], ctx["sizes"]["federation"]
     name = f"gpu_check_{algo}"
@@ -477,23 +477,11 @@ def _federation_run(ctx, algo, data, timeout):
            "--local-epochs", str(f["local_epochs"]), "--sites", str(len(f["sites"])), "--data-root", str(data),
            "--workspace", str(ctx["work"] / "sim"), "--name", name, "--override", json.dumps(s["overrides"]),
            "--no-cross-site-eval", "--verbose"]
-    peaks, stop = {}, threading.Event()
-
-    def sample_rss():
-        with contextlib.suppress(OSError):  # no ps on the machine: no RSS figures, the run goes on
-            rss_sampler(stop, peaks)
-
-    rss = threading.Thread(target=sample_rss, daemon=True)
     gpu = DeviceMemorySampler() if dev.type == "cuda" else contextlib.nullcontext()
     log = ctx["work"] / f"{name}.log"
-    rss.start()
     start = time.perf_counter()
-    try:
-        with gpu, open(log, "w") as out:
-            rc = run_group(cmd, out, timeout)
-    finally:
-        stop.set()
-        rss.join()
+    with peak_rss() as peaks, gpu, open(log, "w") as out:  # no ps on the machine: no RSS figures, the run goes on
+        rc = run_group(cmd, out, timeout)
     wall = time.perf_counter() - start
     if rc != 0:
         raise RuntimeError(f"{algo} federation {'timed out' if rc is None else f'failed (exit {rc})'}; the end of "

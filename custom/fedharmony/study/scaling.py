@@ -24,12 +24,11 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedharmony.study.simulator_timing import round_times, rss_sampler, site_task_times
+from fedharmony.study.simulator_timing import peak_rss, round_times, site_task_times
 from fedharmony.study.tasks import PRESETS
 
 REPO = Path(__file__).resolve().parents[3]  # <checkout>/custom/fedharmony/study/scaling.py: jobs/ and bundles/
@@ -84,15 +83,10 @@ def measure_sites(out: Path, n: int, rounds: int = 3, max_processes: int = MAX_P
            "--sites", str(n), "--threads", str(processes), "--data-root", str(data),
            "--workspace", str(ws_root), "--name", name, "--override", json.dumps(TINY_OVERRIDES),
            "--no-cross-site-eval", "--verbose"]  # the job script runs the simulator itself: measured as before
-    peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=rss_sampler, args=(stop, peaks), daemon=True)
-    sampler.start()
     t0 = time.time()
-    with open(out / f"sites_{n}.log", "w") as log:
+    with peak_rss() as peaks, open(out / f"sites_{n}.log", "w") as log:
         res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.time() - t0
-    stop.set()
-    sampler.join()
     if res.returncode != 0:
         raise RuntimeError(f"{n} sites: the simulator run failed; see {out / f'sites_{n}.log'}")
     ws = ws_root / name

@@ -6,12 +6,13 @@ Used by the scaling study (:mod:`fedharmony.study.scaling`), the federation benc
 * :func:`round_times`: seconds between consecutive aggregations, per round;
 * :func:`site_task_times`: per round, the slowest site's whole train task (validation, training,
   checkpointing), from the sites' round lines;
-* :func:`rss_sampler`: peak resident memory of the simulator's server and site processes, sampled
-  with ``ps`` every half second until a stop event.
+* :func:`peak_rss`: peak resident memory of the simulator's server and site processes, sampled
+  with ``ps`` every half second while a block runs (:func:`rss_sampler` does the sampling).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import threading
@@ -19,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Dict
 
-__all__ = ["aggregation_times", "round_times", "site_task_times", "rss_sampler"]
+__all__ = ["aggregation_times", "round_times", "site_task_times", "rss_sampler", "peak_rss"]
 
 _AGGREGATED = re.compile(r"^(\S+ \S+) .*round (\d+): aggregated")  # SiteUpdateAggregator's line
 _SITE_TASK = re.compile(r"round (\d+): (?:global|personalized) \S+ \S+,.*? \d+ local steps, task ([\d.]+) s")
@@ -56,7 +57,8 @@ def rss_sampler(stop: threading.Event, peaks: dict):
     """Until ``stop`` is set, record in ``peaks`` the largest RSS (MiB) seen of a simulator server process
     (``peaks["server"]``) and of a site process (``peaks["client"]``), every 0.5 s. Run it in a thread."""
     while not stop.is_set():
-        out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout
+        # -ww: whole command lines (ps cuts them to $COLUMNS otherwise, and the process's name can fall off)
+        out = subprocess.run(["ps", "-eww", "-o", "rss,args"], capture_output=True, text=True).stdout
         for line in out.splitlines()[1:]:
             rss, _, args = line.strip().partition(" ")
             if "simulator_worker" in args or "client_train" in args:
@@ -64,3 +66,24 @@ def rss_sampler(stop: threading.Event, peaks: dict):
             elif "nvflare.private.fed.app.simulator.simulator" in args or "nvflare simulator" in args:
                 peaks["server"] = max(peaks.get("server", 0), int(rss) / 1024)
         stop.wait(0.5)
+
+
+@contextlib.contextmanager
+def peak_rss():
+    """``with peak_rss() as peaks: <run the simulator>``: afterwards ``peaks`` holds the largest RSS (MiB) of a
+    server process (``"server"``) and of a site process (``"client"``) seen while the block ran; empty on a
+    machine without ``ps`` (the run goes on). The sampling thread stops when the block ends, also on an error."""
+    peaks: dict = {}
+    stop = threading.Event()
+
+    def sample():
+        with contextlib.suppress(OSError):
+            rss_sampler(stop, peaks)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
