@@ -34,17 +34,31 @@ def test_the_rss_sampler_stops_when_told():
     assert peaks == {}
 
 
-def test_peak_rss_records_a_site_process_while_the_block_runs_and_stops_after():
+def test_peak_rss_records_its_own_site_process_only_while_the_block_runs():
     import subprocess
     import sys
 
     from fedharmony.study.simulator_timing import peak_rss
 
-    # a process whose command line says what a simulator site process says
+    sleeper = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    # a server-like process that is not this process's child (another run on the machine): started through a
+    # shell that exits at once, so that it is re-parented away from this process
+    subprocess.run(["sh", "-c", " ".join(sleeper[:2] + ["'import time; time.sleep(4)'", "nvflare simulator &"])],
+                   check=True)
+    # a process whose command line says what a simulator site process says, run by this process
     with peak_rss() as peaks:
-        subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5)", "simulator_worker"], check=True)
-    assert peaks.get("client", 0) > 1 and "server" not in peaks
+        subprocess.run([*sleeper, "simulator_worker"], check=True)
+    assert peaks.get("client", 0) > 1
+    assert "server" not in peaks  # the orphaned "nvflare simulator" ran all along but is not this run's
     with pytest.raises(RuntimeError, match="the run failed"):  # an error in the block ends the sampling too
         with peak_rss():
             raise RuntimeError("the run failed")
     assert threading.active_count() == 1
+
+
+def test_process_tree_follows_children_from_the_root():
+    from fedharmony.study.simulator_timing import _process_tree
+
+    table = {1: (0, 10, "init"), 5: (1, 10, "me"), 6: (5, 10, "child"), 7: (6, 10, "grandchild"),
+             8: (1, 10, "someone else"), 9: (8, 10, "their child")}
+    assert _process_tree(table, 5) == {5, 6, 7}

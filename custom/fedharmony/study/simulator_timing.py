@@ -7,18 +7,20 @@ Used by the scaling study (:mod:`fedharmony.study.scaling`), the federation benc
 * :func:`site_task_times`: per round, the slowest site's whole train task (validation, training,
   checkpointing), from the sites' round lines;
 * :func:`peak_rss`: peak resident memory of the simulator's server and site processes, sampled
-  with ``ps`` every half second while a block runs (:func:`rss_sampler` does the sampling).
+  with ``ps`` every half second while a block runs, counting only this process's descendants
+  (:func:`rss_sampler` does the sampling).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 __all__ = ["aggregation_times", "round_times", "site_task_times", "rss_sampler", "peak_rss"]
 
@@ -53,18 +55,43 @@ def site_task_times(workspace: Path) -> Dict[int, float]:
     return per_round
 
 
-def rss_sampler(stop: threading.Event, peaks: dict):
+def _process_tree(table: Dict[int, tuple], root: int) -> set:
+    """The pids of ``root`` and all its descendants, from ``{pid: (ppid, ...)}``."""
+    children: Dict[int, list] = {}
+    for pid, (ppid, *_rest) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, ()))
+    return tree
+
+
+def rss_sampler(stop: threading.Event, peaks: dict, root: Optional[int] = None):
     """Until ``stop`` is set, record in ``peaks`` the largest RSS (MiB) seen of a simulator server process
-    (``peaks["server"]``) and of a site process (``peaks["client"]``), every 0.5 s. Run it in a thread."""
+    (``peaks["server"]``) and of a site process (``peaks["client"]``), every 0.5 s. Run it in a thread.
+
+    Only ``root`` (default: this process) and its descendants count: a simulator that another program runs on
+    the same machine (a background study, a parallel test) must not enter this run's figures."""
+    root = os.getpid() if root is None else root
     while not stop.is_set():
         # -ww: whole command lines (ps cuts them to $COLUMNS otherwise, and the process's name can fall off)
-        out = subprocess.run(["ps", "-eww", "-o", "rss,args"], capture_output=True, text=True).stdout
-        for line in out.splitlines()[1:]:
-            rss, _, args = line.strip().partition(" ")
+        out = subprocess.run(["ps", "-eww", "-o", "pid=,ppid=,rss=,args="], capture_output=True, text=True).stdout
+        table = {}
+        for line in out.splitlines():
+            fields = line.split(None, 3)
+            if len(fields) == 4 and fields[0].isdigit() and fields[1].isdigit() and fields[2].isdigit():
+                table[int(fields[0])] = (int(fields[1]), int(fields[2]), fields[3])
+        for pid in _process_tree(table, root):
+            if pid not in table:
+                continue
+            _, rss, args = table[pid]
             if "simulator_worker" in args or "client_train" in args:
-                peaks["client"] = max(peaks.get("client", 0), int(rss) / 1024)
+                peaks["client"] = max(peaks.get("client", 0), rss / 1024)
             elif "nvflare.private.fed.app.simulator.simulator" in args or "nvflare simulator" in args:
-                peaks["server"] = max(peaks.get("server", 0), int(rss) / 1024)
+                peaks["server"] = max(peaks.get("server", 0), rss / 1024)
         stop.wait(0.5)
 
 
