@@ -104,38 +104,22 @@ study-prrfl-protocols: setup
 study-prrfl-retrogress: setup
 	$(BIN)/python tools/study.py --task dermoscopy --methods fedavg fedbn prrfl prrfl+protocol=released --seeds 5 --preset standard --retrogress --out docs/studies/dermoscopy_prrfl_retrogress
 
-# $(call iopfl_study,NAME,ARGS): tools/iopfl_study.py ARGS --out workspace/NAME, resumed from the committed
-# docs/studies/NAME/iopfl_study.json when the workspace has none (a fresh checkout); the report is copied back there
-define iopfl_study
-mkdir -p workspace/$(1)
-[ -f workspace/$(1)/iopfl_study.json ] || [ ! -f docs/studies/$(1)/iopfl_study.json ] || \
-	cp docs/studies/$(1)/iopfl_study.json workspace/$(1)/
-$(BIN)/python tools/iopfl_study.py $(2) --out workspace/$(1)
-mkdir -p docs/studies/$(1)
-cp workspace/$(1)/report.md workspace/$(1)/iopfl_study.json workspace/$(1)/outside.csv workspace/$(1)/outside_dice.png docs/studies/$(1)/
-endef
-
-## study-iopfl-unseen SET=N: IOP-FL inside (6 sites) and outside on 3 scanners no site has, 3 seeds; resumable, also from
-## the committed results; the report is copied to docs/studies/iopfl_unseen[_N]/. The sets (scanner profiles):
-##   SET=1 (default) prostate_unseen_scanners.json, with the routing sweep;
-##   SET=2 prostate_unseen_scanners_2.json, fixed after the consensus safeguard was built (its test on scanners it was
-##         not designed on);
-##   SET=3 prostate_unseen_scanners_3.json, fixed before the departure criterion was written (its independent test);
-##   SET=4 prostate_unseen_scanners_4.json, fixed before the labelled criterion was written (its independent test, and
-##         a second one of departure)
+## study-iopfl-unseen SET=N: outside study (tools/study.py --outside unseen): IOP-FL inside (6 sites) and its pool on
+## 3 scanners no site has, 3 seeds, in docs/studies/iopfl_unseen[_N]/; resumable, also from the committed runs. The
+## sets are study-only scanner profiles, docs/studies/unseen_scanners/setN.json:
+##   SET=1 (default), with the routing sweep;
+##   SET=2 fixed after the consensus safeguard was built (its test on scanners it was not designed on);
+##   SET=3 fixed before the departure criterion was written (its independent test);
+##   SET=4 fixed before the labelled criterion was written (its independent test, and a second one of departure)
 SET ?= 1
 UNSEEN_NAME = $(if $(filter 1,$(SET)),iopfl_unseen,iopfl_unseen_$(SET))
-UNSEEN_ARGS = $(if $(filter 1,$(SET)),--sweep,--unseen-profiles custom/fedharmony/phantom/prostate_unseen_scanners_$(SET).json)
 study-iopfl-unseen: setup
-	@[ -f custom/fedharmony/phantom/prostate_unseen_scanners$(if $(filter 1,$(SET)),,_$(SET)).json ] || \
-		{ echo "SET=$(SET): no custom/fedharmony/phantom/prostate_unseen_scanners_$(SET).json (sets 1 to 4)"; exit 2; }
-	$(call iopfl_study,$(UNSEEN_NAME),--seeds 3 --unseen --holdout $(UNSEEN_ARGS))
+	$(BIN)/python tools/study.py --outside unseen --unseen-set $(SET) --seeds 3 $(if $(filter 1,$(SET)),--sweep) --out docs/studies/$(UNSEEN_NAME)
 
-## study-iopfl-loso: IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations; resumable,
-## also from the committed results: a fresh checkout starts from docs/studies/iopfl_loso/iopfl_study.json);
-## the report is copied to docs/studies/iopfl_loso/
+## study-iopfl-loso: outside study, IOP-FL leave-one-site-out, each of the 6 sites held out, 5 seeds (30 federations;
+## resumable, also from the committed runs in docs/studies/iopfl_loso/runs/)
 study-iopfl-loso: setup
-	$(call iopfl_study,iopfl_loso,--seeds 5 --no-inside)
+	$(BIN)/python tools/study.py --outside loso --seeds 5 --out docs/studies/iopfl_loso
 
 ## bench-inference: inference seconds per volume and peak memory, plain / HarmoFL / routed, 96 and 384 in-plane
 bench-inference: setup
@@ -171,9 +155,9 @@ gpu-check: setup
 gpu-carry:
 	bash tools/gpu_carry.sh
 
-## bench-iopfl: IOP-FL inside (personalized vs global) and leave-one-site-out outside (routing vs baselines)
+## bench-iopfl: one seed of IOP-FL leave-one-site-out (every test-time method on each held-out site), in workspace/iopfl
 bench-iopfl: setup
-	$(BIN)/python tools/iopfl_study.py
+	$(BIN)/python tools/study.py --outside loso --seeds 1 --out workspace/iopfl
 
 ## bench-dermoscopy: FedAvg, FedBN, HarmoFL, PRR-FL on the 4 phantom dermoscopy sources (accuracy, macro-F1, AUC, retrogress)
 bench-dermoscopy: setup

@@ -12,19 +12,15 @@ def test_default_profiles_are_the_six_real_sites():
     assert list(load_profiles()) == ["BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL"]
 
 
-UNSEEN_SETS = ["prostate_unseen_scanners.json", "prostate_unseen_scanners_2.json", "prostate_unseen_scanners_3.json",
-               "prostate_unseen_scanners_4.json"]
+UNSEEN_SETS = ["set1.json", "set2.json", "set3.json", "set4.json"]  # study-only profiles, docs/studies/unseen_scanners/
 
 
 @pytest.mark.parametrize("name", UNSEEN_SETS)
 def test_unseen_scanner_profiles_are_none_of_the_training_sites_and_differ_in_at_least_two_ways(name):
     """The scanner sets for testing a model on a new site: new names, and each profile differs from every
     training site (and from the other sets' profiles) in at least two of the fields its _doc lists."""
-    from pathlib import Path
+    from fedharmony.study.outside import UNSEEN_SETS as folder
 
-    import fedharmony.phantom
-
-    folder = Path(fedharmony.phantom.__file__).parent
     training = load_profiles()
     unseen = load_profiles(folder / name)
     other = {k: v for other_set in UNSEEN_SETS if other_set != name for k, v in load_profiles(folder / other_set).items()}

@@ -307,7 +307,7 @@ def test_a_run_that_stops_writing_is_stopped_with_its_children_and_a_failing_one
 
 
 def test_a_stalled_run_is_run_once_more_and_a_failed_one_is_not():
-    """The retry rule shared by the study tool and tools/iopfl_study.py."""
+    """The retry rule shared by the study runs and the outside studies' federations."""
     from fedharmony.study.runner import RunStalled, once_more_if_stalled
 
     def flaky(outcomes):

@@ -7,6 +7,8 @@
     python tools/study.py --plan docs/studies/prostate_headroom/plan.json   # a planned study (commit the plan first)
     python tools/study.py --report-only DIR        # rebuild report.md, results.csv and figures from results.json
     python tools/study.py --scale --out DIR        # cost as sites and image size grow (tiny data)
+    python tools/study.py --outside unseen --unseen-set 2 --seeds 3 --out docs/studies/iopfl_unseen_2
+    python tools/study.py --outside loso --seeds 5 --out docs/studies/iopfl_loso   # IOP-FL's pool outside
 
 Every (method, seed) of a federated method is one run of the task's job script
 (``jobs/<task>.py``) in the NVFlare simulator; ``local`` trains each site alone and
@@ -20,7 +22,13 @@ Writes ``DIR/results.json`` (every run's per-site scores, curves, timings), ``re
 ``report.md`` (means and 95% CIs, paired differences to FedAvg with bootstrap CIs and
 Wilcoxon p-values, curves, forest plot) and the figures. ``--retrogress`` adds what each
 communication costs the model a site uses (PRR-FL's "retrogress", its deputy's too), with CIs
-over seeds and a figure. See docs/studies.md.
+over seeds and a figure.
+
+``--outside unseen|loso`` runs an outside study (:mod:`fedharmony.study.outside`): an IOP-FL federation's
+model pool on scanners no site has (``--unseen-set N``: ``docs/studies/unseen_scanners/setN.json``) or on each
+site held out in turn, every test-time method (global, personalized, BN statistics, TENT, routing, the routing
+safeguard's criteria) per target and seed, cached in ``DIR/runs/<target>/seed<k>/``, with the same report
+sections and verdict rules as the other studies. See docs/studies.md.
 """
 
 import argparse
@@ -62,6 +70,19 @@ def main(argv=None) -> int:
                    help="--scale: in-plane sizes, multiples of 16 (default 64 96 192 384)")
     p.add_argument("--scale-processes", type=int, default=0, metavar="N",
                    help="--scale: at most N site processes at a time (default 0: one per site, as the job scripts)")
+    outside = p.add_argument_group("outside studies (IOP-FL's model pool on sites outside its federation)")
+    outside.add_argument("--outside", choices=("unseen", "loso"),
+                         help="unseen: scanners no site has; loso: each site held out in turn")
+    outside.add_argument("--unseen-set", type=int, default=1, metavar="N",
+                         help="--outside unseen: the scanners of docs/studies/unseen_scanners/setN.json (default 1)")
+    outside.add_argument("--holdout", nargs="+", metavar="SITE", help="--outside loso: the sites held out (default all)")
+    outside.add_argument("--cases", type=int, default=10, help="phantom cases per site (default 10)")
+    outside.add_argument("--iop-alpha", type=float, default=0.1, help="IOP-FL's alpha (default 0.1)")
+    outside.add_argument("--passes", type=int, default=2, help="adaptation passes over a target (default 2)")
+    outside.add_argument("--sweep", action="store_true",
+                         help="add routing with 10x the learning rate, 4x the passes and the released online schedule")
+    outside.add_argument("--run-derived", action="store_true",
+                         help="run for real the safeguard criteria that stored results only derive")
     args = p.parse_args(argv)
     command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
@@ -69,11 +90,18 @@ def main(argv=None) -> int:
 
     if args.report_only:
         try:
-            report = write_report(args.report_only, load_results(args.report_only))
+            if _is_outside(args.report_only):
+                from fedharmony.study.outside_report import write_outside_report
+
+                report = write_outside_report(args.report_only)
+            else:
+                report = write_report(args.report_only, load_results(args.report_only))
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
         print(f"report: {report}")
         return 0
+    if args.outside:
+        return _outside(p, args, argv, command)
     if args.scale:
         if not args.out:
             p.error("--out is required")
@@ -113,6 +141,45 @@ def main(argv=None) -> int:
     except PlanError as e:  # a plan refused at the start (changed after its first run, not committed)
         p.error(str(e))
     report = write_report(study.out, results)
+    print(f"results: {study.out / 'results.json'}\nreport: {report}")
+    return 1 if results["failed"] else 0
+
+
+def _is_outside(folder) -> bool:
+    """Whether the study folder holds an outside study's results."""
+    import json
+
+    path = Path(folder) / "results.json"
+    try:
+        return json.loads(path.read_text()).get("study") == "outside"
+    except (OSError, ValueError, AttributeError):
+        return False  # the study report's loader names the problem
+
+
+def _outside(p, args, argv, command) -> int:
+    from fedharmony.study.outside import OutsideStudy, unseen_set
+    from fedharmony.study.outside_report import write_outside_report
+
+    given = argv if argv is not None else sys.argv[1:]
+    wrong = [flag for flag in ("--task", "--methods", "--plan", "--preset", "--test-cases", "--data-root",
+                               "--retrogress", "--keep-workspaces", "--scale") if flag in given]
+    if wrong:
+        p.error(f"{', '.join(wrong)}: not options of an outside study (--outside)")
+    if args.outside == "loso" and "--unseen-set" in given or args.outside == "unseen" and args.holdout:
+        p.error("--unseen-set is for --outside unseen, --holdout for --outside loso")
+    if not args.out:
+        p.error("--out is required")
+    try:
+        study = OutsideStudy(args.outside, args.seeds, args.out,
+                             profiles=unseen_set(args.unseen_set) if args.outside == "unseen" else None,
+                             holdout=args.holdout, cases=args.cases, rounds=args.rounds or 20,
+                             local_epochs=args.local_epochs or 2, iop_alpha=args.iop_alpha, passes=args.passes,
+                             sweep=args.sweep, run_derived=args.run_derived, command=command,
+                             echo=lambda line: print(line, flush=True))
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    results = study.run(collect_only=args.collect_only)
+    report = write_outside_report(study.out, results)
     print(f"results: {study.out / 'results.json'}\nreport: {report}")
     return 1 if results["failed"] else 0
 

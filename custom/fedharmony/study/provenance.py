@@ -103,7 +103,8 @@ def describe(info) -> str:
         return "not recorded"
     if not isinstance(info, dict):
         return f"unreadable record ({type(info).__name__})"
-    return f"code {code_line(info)}, {info.get('cpu', '?')}"
+    recorded = f" (recorded {info['recorded']})" if info.get("recorded") else ""  # e.g. once per study, not per run
+    return f"code {code_line(info)}, {info.get('cpu', '?')}{recorded}"
 
 
 def run_line(run: dict) -> str:

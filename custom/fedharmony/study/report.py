@@ -72,17 +72,23 @@ COMPARISONS = (
 )
 
 
-def load_results(path) -> dict:
-    """``results.json`` (a study folder or the file), checked for the fields the report needs."""
+def read_results_file(path) -> tuple:
+    """``(path, content)`` of a study's ``results.json`` (``path``: the study folder or the file); raises
+    FileNotFoundError or ValueError naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json at {path}")
     try:
-        results = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_results(path) -> dict:
+    """``results.json`` (a study folder or the file), checked for the fields the report needs."""
+    path, results = read_results_file(path)
     for key in ("task", "metric", "runs"):
         if key not in results:
             raise ValueError(f"{path} has no {key!r}")
@@ -446,59 +452,12 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
     for m in summary:
         lines.append(f"- {m}: {results.get('scored_models', {}).get(m, '?')}")
     lines += ["", f"## Test {metric} per site (mean over seeds, 95% t CI)", ""]
-    if summary:
-        sites = sorted(next(iter(summary.values()))["per_site"])
-        lines.append("| method | " + " | ".join(sites) + " | mean over sites | worst site |")
-        lines.append("|---" * (len(sites) + 3) + "|")
-        for m, s in summary.items():
-            cells = [_fmt(*s["per_site"][site]) for site in sites]
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(*s['mean'])} | {_fmt(*s['worst'])} |")
-        se = _test_se(results)
-        if se:
-            lines += ["", "Standard error of a site's test score (mean over runs), from the test set's size: "
-                      + ", ".join(f"{s} {v:.4f}" for s, v in sorted(se.items())) + "."]
-    if comparisons:
-        if plan:
-            rule = ("Verdicts are the plan's (above); a difference the plan does not name is *post hoc*: shown, "
-                    "not judged.")
-            title = "## Paired differences (every pair; post hoc where the plan does not name them)"
-        else:
-            rule = ("*better* / *worse* only where both CIs exclude zero (this study has no analysis plan: the rule "
-                    "is uncorrected; see the post hoc re-analysis under the plan protocol's rule at the end).")
-            title = "## Paired differences"
-        lines += ["", title, "",
-                  "Per seed, the method's score minus the baseline's on the same data. CIs: percentile bootstrap "
-                  "over seeds (10,000 resamples, fixed seed) and Student-t over seeds. Wilcoxon: signed-rank test "
-                  "over all (site, seed) pairs, descriptive only (the pairs of one seed are not independent). "
-                  + rule, "",
-                  "| method - baseline | mean over sites: diff | bootstrap CI | t CI | verdict | worst site: diff "
-                  "| bootstrap CI | t CI | verdict | Wilcoxon p (pairs, descriptive) |", "|---" * 10 + "|"]
-        judged = {(r["arm"], r["baseline"], r["endpoint"]): r["verdict"] for r in planned}
-        for d in comparisons:
-            row = [f"{d['method']} - {d['baseline']}"]
-            for key in ("mean", "worst"):
-                e = d[key]
-                said = judged.get((d["method"], d["baseline"], key), "post hoc") if plan else e["verdict"]
-                row += [f"{e['diff']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*e["bootstrap_ci"]),
-                        "[{:+.3f}, {:+.3f}]".format(*e["t_ci"]) if not math.isnan(e["t_ci"][0]) else "-",
-                        said]
-            p = d["wilcoxon_p"]
-            row.append(f"{p:.3g} ({d['wilcoxon_n']})" if not math.isnan(p) else "-")
-            lines.append("| " + " | ".join(row) + " |")
-    if comparisons:
-        sites = sorted(comparisons[0]["per_site"])
-        lines += ["", "## Paired differences per site", "",
-                  "The same differences site by site: mean over seeds and Student-t 95% CI over seeds. A site is "
-                  "counted below or above the baseline only where its CI excludes zero (no correction for the "
-                  "number of sites).", "",
-                  "| method - baseline | " + " | ".join(sites) + " | below / above (of sites) |",
-                  "|---" * (len(sites) + 2) + "|"]
-        for d in comparisons:
-            below, above = sites_beyond_zero(d)
-            cells = [_fmt_signed(d["per_site"][site], *d["per_site_t_ci"][site]) for site in sites]
-            counted = len(d["seeds"]) >= 2  # one seed has no CI: no site can be counted either way
-            lines.append(f"| {d['method']} - {d['baseline']} | " + " | ".join(cells)
-                         + (f" | {len(below)} / {len(above)} of {len(sites)} |" if counted else " | - |"))
+    lines += site_table_lines(summary)
+    se = _test_se(results)
+    if summary and se:
+        lines += ["", "Standard error of a site's test score (mean over runs), from the test set's size: "
+                  + ", ".join(f"{s} {v:.4f}" for s, v in sorted(se.items())) + "."]
+    lines += difference_lines(comparisons, plan, planned)
     if retrogress:
         lines += ["", "## Retrogress: what a communication costs the model a site uses", "",
                   f"Per run: the mean over rounds t >= 1 of (validation {metric} after local training in round t-1) "
@@ -523,6 +482,68 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
     out = study_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def site_table_lines(summary: dict) -> List[str]:
+    """The table of :func:`summarize`: per method, each site's, the mean over sites' and the worst site's
+    score (mean over seeds, 95% t CI)."""
+    if not summary:
+        return []
+    sites = sorted(next(iter(summary.values()))["per_site"])
+    lines = ["| method | " + " | ".join(sites) + " | mean over sites | worst site |", "|---" * (len(sites) + 3) + "|"]
+    for m, s in summary.items():
+        cells = [_fmt(*s["per_site"][site]) for site in sites]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(*s['mean'])} | {_fmt(*s['worst'])} |")
+    return lines
+
+
+def difference_lines(comparisons: List[dict], plan: Optional[dict], planned: List[dict]) -> List[str]:
+    """The paired-difference sections for :func:`paired_difference` results: endpoints (mean over sites, worst
+    site) with both CIs and the verdict (the plan's, *post hoc* where it names none; without a plan the
+    uncorrected rule's), then every site's difference with its t CI."""
+    if not comparisons:
+        return []
+    if plan:
+        rule = ("Verdicts are the plan's (above); a difference the plan does not name is *post hoc*: shown, "
+                "not judged.")
+        title = "## Paired differences (every pair; post hoc where the plan does not name them)"
+    else:
+        rule = ("*better* / *worse* only where both CIs exclude zero (this study has no analysis plan: the rule "
+                "is uncorrected; see the post hoc re-analysis under the plan protocol's rule at the end).")
+        title = "## Paired differences"
+    lines = ["", title, "",
+             "Per seed, the method's score minus the baseline's on the same data. CIs: percentile bootstrap "
+             "over seeds (10,000 resamples, fixed seed) and Student-t over seeds. Wilcoxon: signed-rank test "
+             "over all (site, seed) pairs, descriptive only (the pairs of one seed are not independent). "
+             + rule, "",
+             "| method - baseline | mean over sites: diff | bootstrap CI | t CI | verdict | worst site: diff "
+             "| bootstrap CI | t CI | verdict | Wilcoxon p (pairs, descriptive) |", "|---" * 10 + "|"]
+    judged = {(r["arm"], r["baseline"], r["endpoint"]): r["verdict"] for r in planned}
+    for d in comparisons:
+        row = [f"{d['method']} - {d['baseline']}"]
+        for key in ("mean", "worst"):
+            e = d[key]
+            said = judged.get((d["method"], d["baseline"], key), "post hoc") if plan else e["verdict"]
+            row += [f"{e['diff']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*e["bootstrap_ci"]),
+                    "[{:+.3f}, {:+.3f}]".format(*e["t_ci"]) if not math.isnan(e["t_ci"][0]) else "-",
+                    said]
+        p = d["wilcoxon_p"]
+        row.append(f"{p:.3g} ({d['wilcoxon_n']})" if not math.isnan(p) else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    sites = sorted(comparisons[0]["per_site"])
+    lines += ["", "## Paired differences per site", "",
+              "The same differences site by site: mean over seeds and Student-t 95% CI over seeds. A site is "
+              "counted below or above the baseline only where its CI excludes zero (no correction for the "
+              "number of sites).", "",
+              "| method - baseline | " + " | ".join(sites) + " | below / above (of sites) |",
+              "|---" * (len(sites) + 2) + "|"]
+    for d in comparisons:
+        below, above = sites_beyond_zero(d)
+        cells = [_fmt_signed(d["per_site"][site], *d["per_site_t_ci"][site]) for site in sites]
+        counted = len(d["seeds"]) >= 2  # one seed has no CI: no site can be counted either way
+        lines.append(f"| {d['method']} - {d['baseline']} | " + " | ".join(cells)
+                     + (f" | {len(below)} / {len(above)} of {len(sites)} |" if counted else " | - |"))
+    return lines
 
 
 def _ci(interval) -> str:

@@ -37,7 +37,7 @@ from fedharmony.methods import site_method_class
 from fedharmony.study.tasks import (CENTRALIZED, FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, job_algorithm,
                                    parse_arm, preset_for, scored_model)
 
-__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "validate_result", "training_configs_digest"]
+__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "read_cache_entry", "validate_result", "training_configs_digest"]
 
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
@@ -50,6 +50,17 @@ def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_cache_entry(path: Path, echo: Callable[[str], None]):
+    """A cached run's ``result.json``, or None: absent, or unreadable (said through ``echo``: it runs again)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        echo(f"cache entry {path} is corrupt ({type(e).__name__}): running it again")
+        return None
 
 
 def validate_result(entry, settings_key: str, sites) -> Optional[str]:
@@ -320,12 +331,8 @@ class Study:
     # ------------------------------------------------------------------ cache
     def cached(self, method: str, seed: int, sites) -> Optional[dict]:
         path = self.run_dir(method, seed) / RESULT_FILE
-        if not path.exists():
-            return None
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            self.echo(f"cache entry {path} is corrupt ({type(e).__name__}): running it again")
+        entry = read_cache_entry(path, self.echo)
+        if entry is None:
             return None
         why = validate_result(entry, self.settings_key(method, seed), sites)
         if why:

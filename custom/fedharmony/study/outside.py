@@ -1,0 +1,703 @@
+"""Outside studies: an IOP-FL model pool on sites outside its federation, run as a study (no NVFlare import).
+
+The study tool's other studies (:class:`fedharmony.study.runner.Study`) train a method per arm and score it on
+the sites that trained it. An outside study asks what IOP-FL was built for: a site that took no part in
+training, with the federation's model pool and a test-time method. Its shape is the same, so it shares the
+tool's cache rules, provenance, plan files, verdicts and report sections:
+
+* the *arms* are test-time methods (:data:`TABLE`: the global model, each personalized model, the expert mean,
+  BN statistics, TENT, routing and its variants, the routing safeguard with each criterion);
+* the *sites* are the outside targets, of one kind per study:
+  ``unseen`` (scanners no site has, drawn from a profile file such as ``docs/studies/unseen_scanners/set1.json``;
+  the pool of one IOP-FL federation on the six phantom sites, which also gives the *inside* table:
+  personalized vs global on each site's test split) or ``loso`` (leave one site out: for each held-out site
+  H, the pool of a federation on the other sites);
+* the *seeds* are the replicates: seed k draws the phantom data with seed k and trains with bundle seed k.
+
+A unit of work is one (target, seed): every method segments every volume of the target with the bundle's
+``configs/routed_inference.json`` (nothing labelled is seen, except by the labelled safeguard, which is given
+the labels of the volumes the other criteria hold out), and the written masks are scored against the labels
+(foreground Dice per volume, native grid). Its ``result.json`` (``runs/<target>/seed<k>/``, written atomically,
+with what it was made on) is reused when the study's settings (:meth:`OutsideStudy.settings`) are the same; a
+method added to the study later runs alone on the stored federation. As in the rest of the tool, the cache keys
+the settings, not the code: the report lists what the runs were made on.
+
+Two criteria can be *derived* rather than run (:data:`DERIVED`): the departure rule judges the consensus run's
+stored agreements, and the labelled criterion the stored per-volume Dice of the same adapted network on the
+volumes it would be given; a stored result made before the criterion existed gets its call that way, marked
+``derived_from`` and counted in the report (``run_derived`` runs them for real instead).
+
+Federations and predictions stay in the study folder (``sim/``, ``predictions/``, ``data/``; not committed).
+``results.json`` holds every target result, the inside table, the bundle CLI's cost on the first target and
+each invocation that ran something; :mod:`fedharmony.study.outside_report` builds the report from it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from fedharmony.study.provenance import code_line, made_on
+from fedharmony.study.runner import (REPO, STALL_S, RunStalled, _atomic_json, once_more_if_stalled, read_cache_entry,
+                                     run_watched)
+
+__all__ = ["OutsideStudy", "TARGETS", "SITES", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
+           "DERIVED", "TABLE", "HOLDOUT_EVERY", "UNSEEN_SETS", "unseen_set", "derive_safeguards", "drop_derived",
+           "labelled_cases", "method_runs", "load_outside_results", "convert_legacy"]
+
+BUNDLE = REPO / "bundles" / "prostate_mri_seg"
+TARGETS = ("unseen", "loso")
+SITES = ("BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL")  # the phantom prostate sites, in the simulator's order
+# the unseen-scanner sets: study-only scanner profiles, none of them a training site's (docs/studies.md says
+# when each set was fixed and which criterion it tests)
+UNSEEN_SETS = REPO / "docs" / "studies" / "unseen_scanners"
+ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe")
+# sweep: routing with larger or more steps; name -> (bundle method, adaptation overrides, passes factor)
+SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
+         "routing passes x4": ("routing", {}, 4),
+         "routing, online schedule": ("routing", {"adaptation#schedule": "online"}, 0)}  # the released schedule
+# the safeguard with another criterion: name -> (bundle method, overrides, passes factor); it adapts exactly as
+# routing_safe does (same seed, same held-out volumes), so its masks are those of routing_safe's candidate or of
+# the global model, whichever its criterion kept
+SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1),
+              "routing_safe (departure)": ("routing_safe", {"adaptation#safeguard": "departure"}, 1),
+              "routing_safe (labelled)": ("routing_safe", {"adaptation#safeguard": "labelled"}, 1)}
+LABELLED = "routing_safe (labelled)"
+SAFE_CANDIDATE = "routing_safe (adapted, always)"
+# routing_safe's holdout_every (the bundle's default): the criteria judge on the first volume and every 4th after it;
+# the labelled criterion is given the labels of exactly those volumes, so it adapts on the same ones as the others
+HOLDOUT_EVERY = 4
+# a criterion that decides from what another one stored: name -> (the run whose record it reads, its rule). The
+# departure rule judges the consensus run's held-out agreements (same adapted network, same volumes). The labelled
+# rule compares the mean Dice of routing_safe's adapted network and of the global model on the volumes it would be
+# given labels for; the study scores each volume on its own grid, as the bundle does with this study's geometry
+# (nothing resampled), so the derived call is the real one (a test checks it on the fourth scanner set, where it ran)
+DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure"),
+           LABELLED: (SAFE_CANDIDATE, "labelled")}
+TABLE = ["global", "personalized (mean)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
+         "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe", *SAFEGUARDS,
+         SAFE_CANDIDATE]
+RESULT_FILE = "result.json"
+RESULTS_FILE = "results.json"
+
+
+def unseen_set(number: int) -> Path:
+    """The profile file of unseen-scanner set ``number`` (``docs/studies/unseen_scanners/set<N>.json``)."""
+    path = UNSEEN_SETS / f"set{number}.json"
+    if not path.is_file():
+        sets = sorted(int(m.group(1)) for p in UNSEEN_SETS.glob("set*.json") if (m := re.fullmatch(r"set(\d+)", p.stem)))
+        raise ValueError(f"no unseen-scanner set {number} ({path} does not exist; the sets are {sets})")
+    return path
+
+
+def _profiles_digest(path: Path) -> str:
+    """sha256 of a profile file's profiles (its ``sites``, canonical JSON): its prose may change, not them."""
+    sites = json.loads(Path(path).read_text())["sites"]
+    return "sha256:" + hashlib.sha256(json.dumps(sites, sort_keys=True).encode()).hexdigest()
+
+
+class OutsideStudy:
+    """An IOP-FL model pool on outside targets, over seeds (see the module docstring).
+
+    Args:
+        target: ``unseen`` (scanners of ``profiles``, pool of a federation on all ``sites``) or ``loso`` (each of
+            ``holdout`` held out in turn, pool of a federation on the others).
+        seeds: seeds 0 .. seeds - 1.
+        out: study folder.
+        profiles: the unseen scanners' profile file (``target="unseen"``); see :func:`unseen_set`.
+        holdout: the held-out sites (``target="loso"``; default every site).
+        sites: how many of the phantom prostate sites take part (the first ones; default all 6).
+        cases, size: phantom cases per site and in-plane size.
+        rounds, local_epochs, iop_alpha: the IOP-FL federation's.
+        passes: adaptation passes over a target.
+        overrides: bundle overrides for the federations (a smoke test's small network).
+        sweep: add routing with 10x the learning rate, 4x the passes and the released online schedule.
+        run_derived: run the :data:`DERIVED` criteria for real where stored results only derive them.
+        cost: measure the bundle CLI's wall time and peak memory (global, routing) on the first target.
+    """
+
+    def __init__(self, target: str, seeds: int, out, *, profiles=None, holdout: Optional[Sequence[str]] = None,
+                 sites: int = len(SITES), cases: int = 10, size: int = 96, rounds: int = 20, local_epochs: int = 2,
+                 iop_alpha: float = 0.1, passes: int = 2, overrides: Optional[dict] = None, sweep: bool = False,
+                 run_derived: bool = False, cost: bool = True, echo: Callable[[str], None] = print,
+                 command: str = "", stall_s: float = STALL_S):
+        if target not in TARGETS:
+            raise ValueError(f"unknown outside target {target!r}; choose one of {list(TARGETS)}")
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        if not 2 <= sites <= len(SITES):
+            raise ValueError(f"sites must be 2 to {len(SITES)}, got {sites}")
+        for name, value, low in (("cases", cases, 3), ("size", size, 16), ("rounds", rounds, 1),
+                                 ("local_epochs", local_epochs, 1), ("passes", passes, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        self.target, self.seeds, self.out = target, list(range(seeds)), Path(out).resolve()
+        self.sites = list(SITES[:sites])
+        if target == "unseen":
+            if profiles is None:
+                raise ValueError("an unseen-scanner study needs its scanners' profile file (profiles=, e.g. "
+                                 "fedharmony.study.outside.unseen_set(1))")
+            self.profiles = Path(profiles).resolve()
+            from fedharmony.phantom import load_profiles
+
+            self.unseen = list(load_profiles(self.profiles))  # refuses a bad file before anything runs
+            self.holdout: List[str] = []
+        else:
+            if profiles is not None:
+                raise ValueError("profiles= is for target='unseen'; a leave-one-site-out study holds out its own sites")
+            self.profiles, self.unseen = None, []
+            self.holdout = list(holdout) if holdout is not None else list(self.sites)
+            unknown = [h for h in self.holdout if h not in self.sites]
+            if unknown or not self.holdout or len(set(self.holdout)) != len(self.holdout):
+                raise ValueError(f"holdout must name distinct sites of {self.sites}, got {self.holdout}")
+        self.cases, self.size, self.rounds, self.local_epochs = cases, size, rounds, local_epochs
+        self.iop_alpha, self.passes = float(iop_alpha), passes
+        self.overrides = dict(overrides or {})
+        self.sweep, self.run_derived, self.measure_cost = bool(sweep), bool(run_derived), bool(cost)
+        self.echo, self.command, self.stall_s = echo, command, float(stall_s)
+
+    # ------------------------------------------------------------------ settings and cache
+    def settings(self) -> dict:
+        """What a target result depends on (its cache key): the federation's and the adaptation's settings and,
+        for unseen scanners, the profiles' content. The methods are not in it: one a stored result lacks runs
+        alone. The bundle's configs and the code are not either (a study's runs take hours); each result
+        records what it was made on."""
+        return {"target": self.target, "sites": self.sites, "cases": self.cases, "size": self.size,
+                "rounds": self.rounds, "local_epochs": self.local_epochs, "iop_alpha": self.iop_alpha,
+                "passes": self.passes, "overrides": self.overrides,
+                **({"profiles": _profiles_digest(self.profiles)} if self.profiles else {})}
+
+    def settings_key(self, target: str, seed: int) -> str:
+        blob = json.dumps({**self.settings(), "outside_site": target, "seed": seed}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def methods(self) -> List[str]:
+        """The report's methods (:data:`TABLE`, and the sweep's)."""
+        return list(TABLE) + (list(SWEEP) if self.sweep else [])
+
+    def targets(self) -> List[str]:
+        return list(self.unseen) if self.target == "unseen" else list(self.holdout)
+
+    def run_dir(self, target: str, seed: int) -> Path:
+        return self.out / "runs" / target / f"seed{seed}"
+
+    def cached(self, target: str, seed: int) -> Optional[dict]:
+        """The stored result of (target, seed), or None (with the reason said) when it cannot be reused."""
+        path = self.run_dir(target, seed) / RESULT_FILE
+        entry = read_cache_entry(path, self.echo)
+        if entry is None:
+            return None
+        if not isinstance(entry, dict) or entry.get("settings_key") != self.settings_key(target, seed):
+            self.echo(f"cache entry {path} was made with other settings: running it again")
+            return None
+        if not all(isinstance(entry.get(k), dict) for k in ("per_volume", "mean", "timings")):
+            self.echo(f"cache entry {path} is incomplete: running it again")
+            return None
+        return entry
+
+    def missing_methods(self, entry: dict) -> List[str]:
+        """The safeguard and sweep variants a stored result lacks (added after it ran)."""
+        return [name for name in [*SAFEGUARDS, *(SWEEP if self.sweep else [])] if name not in entry["mean"]]
+
+    # ------------------------------------------------------------------ data and federations
+    def data(self, seed: int) -> Path:
+        """The seed's phantom sites (``data/seed<k>/``), drawn once."""
+        from fedharmony.phantom import load_profiles
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.sites import write_sites
+
+        root = self.out / "data" / f"seed{seed}"
+        if not (root / "sites.json").is_file():
+            profiles = [p for name, p in load_profiles().items() if name in self.sites]
+            write_sites(root, profiles, seed=seed, cases=self.cases, size=self.size, workers=default_workers())
+        return root
+
+    def unseen_data(self, seed: int) -> Path:
+        """The seed's draw of the unseen scanners (``data/seed<k>/unseen/``)."""
+        from fedharmony.phantom import load_profiles
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.sites import write_sites
+
+        root = self.out / "data" / f"seed{seed}" / "unseen"
+        if not (root / "sites.json").is_file():
+            write_sites(root, list(load_profiles(self.profiles).values()), seed=seed, cases=self.cases, size=self.size,
+                        workers=default_workers())
+        return root
+
+    def federation(self, data_root: Path, n_sites: int, name: str, seed: int) -> Path:
+        """One IOP-FL federation in the simulator (bundle seed = ``seed``), run once; returns its model pool."""
+        ws_root = self.out / "sim"
+        pool = ws_root / name / "server" / "simulate_job" / "model_pool"
+        if (pool / "manifest.json").is_file():
+            _stamp_if_old(pool, self.echo)
+            return pool
+        cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "iopfl", "--rounds", str(self.rounds),
+               "--local-epochs", str(self.local_epochs), "--sites", str(n_sites), "--data-root", str(data_root),
+               "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(self.iop_alpha),
+               "--override", json.dumps({**self.overrides, "seed": seed}), "--verbose"]
+        ws_root.mkdir(parents=True, exist_ok=True)
+        log_path = ws_root / f"{name}.log"
+        t0 = time.time()
+
+        def attempt():
+            with open(log_path, "w") as log:
+                try:
+                    run_watched(cmd, log, dict(os.environ), self.stall_s)
+                except RunStalled:  # a RuntimeError too, but retried by the caller, not a failure
+                    raise
+                except RuntimeError as e:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"federation {name} failed ({e}):\n{tail}") from None
+
+        self.echo(f"  federation {name} (log {log_path})")
+        try:  # the study tool's rule: a run silent for stall_s is stopped and run once more
+            once_more_if_stalled(attempt, lambda why: self.echo(f"  {name}: {why}"))
+        except RunStalled as e:
+            raise RuntimeError(f"federation {name}: {e}, twice") from None
+        if not (pool / "manifest.json").is_file():
+            raise RuntimeError(f"federation {name} wrote no model pool under {pool.parent}")
+        self.echo(f"  federation {name}: {time.time() - t0:.0f} s")
+        return pool
+
+    # ------------------------------------------------------------------ the study
+    def run(self, collect_only: bool = False) -> dict:
+        """Run what is not stored (``collect_only``: nothing) and write ``results.json``; returns it."""
+        t_study = time.time()
+        results = self._stored()
+        if not collect_only:
+            self.echo(f"outside study: {self.target}, {len(self.targets())} target(s) x {len(self.seeds)} seed(s), "
+                      f"out {self.out}")
+            ran = False
+            for seed in self.seeds:
+                ran |= self._run_seed(seed, results)
+            if ran:
+                results["invocations"].append(self._invocation())
+        results["wall_s"] = time.time() - t_study
+        _atomic_json(self.out / RESULTS_FILE, results)
+        return results
+
+    def _stored(self) -> dict:
+        """``results.json``'s frame with every stored target result and inside table of this study's settings."""
+        old = {}
+        if (self.out / RESULTS_FILE).is_file():
+            try:
+                old = json.loads((self.out / RESULTS_FILE).read_text())
+            except (OSError, json.JSONDecodeError):
+                old = {}
+        same = old.get("settings") == self.settings()
+        results = {"study": "outside", "task": "prostate", "metric": "foreground_dice",
+                   "metric_label": "foreground Dice", "baseline": "global", "target": self.target,
+                   "methods": self.methods(), "seeds": self.seeds, "settings": self.settings(),
+                   "profiles_file": _shown(self.profiles) if self.profiles else None,
+                   "invocations": old.get("invocations", []) if same else [],
+                   "inside": old.get("inside", {}) if same else {}, "cost": old.get("cost", {}) if same else {},
+                   "targets": {}, "failed": [], **({"converted": old["converted"]} if same and "converted" in old else {})}
+        for target in self.targets():
+            for seed in self.seeds:
+                entry = self.cached(target, seed)
+                if entry is not None:
+                    results["targets"].setdefault(target, {})[str(seed)] = entry
+        return results
+
+    def _invocation(self) -> dict:
+        import monai
+        import nvflare
+        import torch
+
+        info = made_on()
+        return {"command": self.command, "code": code_line(info), "cpu": info["cpu"],
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+                "versions": {"torch": torch.__version__, "monai": monai.__version__, "nvflare": nvflare.__version__},
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _run_seed(self, seed: int, results: dict) -> bool:
+        """Every target of one seed; returns whether anything ran."""
+        ran = False
+        work = []  # (target, its folder, the pool's site names, the federation's name, the stored entry)
+        for target in self.targets():
+            entry = results["targets"].get(target, {}).get(str(seed))
+            if entry is not None and not self.run_derived:
+                derive_safeguards({"targets": {target: {str(seed): entry}}})  # from before a criterion existed
+            elif entry is not None:
+                drop_derived({"targets": {target: {str(seed): entry}}})
+            if entry is not None and not self.missing_methods(entry):
+                continue
+            if self.target == "unseen":
+                work.append((target, self.out / "data" / f"seed{seed}" / "unseen" / target, self.sites,
+                             f"iopfl_inside_seed{seed}", entry))
+            else:
+                work.append((target, self.out / "data" / f"seed{seed}" / target, [s for s in self.sites if s != target],
+                             f"iopfl_without_{target}_seed{seed}", entry))
+        if not work and (self.target == "loso" or str(seed) in results["inside"]) \
+                and (results["cost"] or not self.measure_cost):
+            return False  # everything stored: not even the data is drawn
+        data = self.data(seed)
+        if self.target == "unseen" and (work or str(seed) not in results["inside"]):
+            pool = self.federation(data, len(self.sites), f"iopfl_inside_seed{seed}", seed)
+            results["inside"][str(seed)] = _inside_scores(pool.parent, data)
+            self.unseen_data(seed)
+            ran = True
+        for target, folder, sources, name, entry in work:
+            self.echo(f"seed {seed}: {'unseen scanner' if self.target == 'unseen' else 'held-out site'} {target} ...")
+            t0, made = time.time(), made_on()
+            try:
+                if self.target == "loso":
+                    root = self.out / "data" / f"seed{seed}" / "loso" / target
+                    root.mkdir(parents=True, exist_ok=True)
+                    (root / "sites.json").write_text(json.dumps({f"site-{i + 1}": str(data / s)
+                                                                 for i, s in enumerate(sources)}, indent=2))
+                    pool = self.federation(root, len(sources), name, seed)
+                else:
+                    pool = self.federation(data, len(self.sites), name, seed)
+                label = {f"site-{i + 1}": s for i, s in enumerate(sources)}
+                result = self.outside_site(pool, folder, self.out / "predictions" / f"seed{seed}" / target, label,
+                                           seed, entry)
+            except Exception as e:  # one failed target must not lose the others: report it, go on
+                results["failed"].append({"target": target, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                self.echo(f"seed {seed}: {target} FAILED ({type(e).__name__}: {e})")
+                continue
+            result.update({"target": target, "seed": seed, "settings_key": self.settings_key(target, seed),
+                           "made_on": (entry or {}).get("made_on", made),
+                           "wall_s": (entry or {}).get("wall_s", 0.0) + time.time() - t0})
+            if entry is not None and entry.get("made_on") != made:  # methods added on other code: say so
+                result["methods_added_on"] = [*entry.get("methods_added_on", []), made]
+            _atomic_json(self.run_dir(target, seed) / RESULT_FILE, result)
+            results["targets"].setdefault(target, {})[str(seed)] = result
+            ran = True
+            self.echo(f"seed {seed}: {target} done, global {result['mean']['global']:.3f}, "
+                      f"routing {result['mean'].get('routing', float('nan')):.3f}")
+            _atomic_json(self.out / RESULTS_FILE, results)  # nothing lost if the study stops here
+        if self.measure_cost and not results["cost"] and results["targets"]:
+            results["cost"] = self._cost(seed, results)
+            ran = True
+        return ran
+
+    def _cost(self, seed: int, results: dict) -> dict:
+        """The bundle CLI run as a user runs it, on the first target with a result of this seed."""
+        found = [(t, by_seed[str(seed)]) for t, by_seed in results["targets"].items() if str(seed) in by_seed]
+        if not found:
+            return {}
+        target, r = found[0]
+        if self.target == "unseen":
+            folder, name = self.unseen_data(seed) / target, f"iopfl_inside_seed{seed}"
+        else:
+            folder, name = self.data(seed) / target, f"iopfl_without_{target}_seed{seed}"
+        pool = self.out / "sim" / name / "server" / "simulate_job" / "model_pool"
+        cost = {}
+        for method in ("global", "routing"):
+            c = cli_cost(method, pool, folder, self.out / "predictions" / "cost" / method,
+                         self.passes if method in ADAPTIVE else 0)
+            t = r["timings"][method]
+            cost[method] = {**c, "site": target, "volumes": r["volumes"], "s_per_volume": c["wall_s"] / r["volumes"],
+                            "in_process_s_per_volume": (t["adapt_s"] + t["infer_s"]) / r["volumes"]}
+        return cost
+
+    def outside_site(self, pool: Path, site_dir: Path, pred_root: Path, label: dict, seed: int,
+                     done: Optional[dict] = None) -> dict:
+        """Segment every volume of one outside site with every method; Dice per volume and per method. With
+        ``done`` (this site's stored result), only the methods it lacks run."""
+        experts = [e["name"] for e in json.loads((pool / "manifest.json").read_text())["experts"]
+                   if e["kind"] == "personalized"]
+        runs = [(m, m, {}, self.passes if m in ADAPTIVE else 0)
+                for m in ["global", *experts, "expert_mean", *ADAPTIVE]]
+        runs += [(name, m, extra, self.passes * k) for name, (m, extra, k) in SAFEGUARDS.items()]
+        if self.sweep:
+            runs += [(name, m, extra, self.passes * k) for name, (m, extra, k) in SWEEP.items()]
+        per_method = dict((done or {}).get("per_volume", {}))
+        timings = dict((done or {}).get("timings", {}))
+        for name, method, extra, passes in runs:
+            key = f"personalized {label[name]}" if name in experts else name
+            if key in per_method:
+                continue
+            pred = pred_root / name.replace(",", "").replace(" ", "_")
+            cand = pred_root / "routing_safe_candidate" if name == "routing_safe" else None
+            if name == LABELLED:  # the site's labelled volumes: those the other criteria hold out
+                extra = {**extra, "labelled_dir": str(labelled_folder(site_dir, pred_root / "labelled"))}
+            t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
+            per_method[key] = score(site_dir, pred)
+            if cand is not None:
+                per_method[SAFE_CANDIDATE] = score(site_dir, cand)
+            timings[key] = {k: v for k, v in t.items() if k != "history"}
+            if t["history"]:
+                timings[key]["history"] = t["history"]
+        mean = {m: sum(v.values()) / len(v) for m, v in per_method.items()}
+        alone = [mean[f"personalized {label[e]}"] for e in experts]
+        mean["personalized (mean)"] = sum(alone) / len(alone)
+        mean["personalized (best, oracle)"] = max(alone)
+        return {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": len(per_method["global"])}
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _inside_scores(run: Path, data: Path) -> dict:
+    """{site: {"global", "personalized"}} from the inside federation's cross-site matrix."""
+    from fedharmony.core.results import load_cross_site
+
+    matrix = load_cross_site(run / "cross_site_val" / "cross_val_results.json")
+    names = json.loads((data / "sites.json").read_text())
+    return {Path(names[s]).name: {"global": row["SRV_FL_global_model.pt"], "personalized": row[s]}
+            for s, row in sorted(matrix.items())}
+
+
+def _stamp_if_old(pool: Path, echo) -> None:
+    """A pool this study's own federation wrote before pools recorded digests: record them (the study made
+    these files, so it can vouch for them; a pool from elsewhere is never stamped here)."""
+    from fedharmony.methods.iopfl.model_pool import OLD_FORMATS, stamp_pool
+
+    if json.loads((pool / "manifest.json").read_text()).get("format") in OLD_FORMATS:
+        stamp_pool(pool, BUNDLE)
+        echo(f"  {pool}: written before pools recorded digests; stamped")
+
+
+def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int, seed: int,
+            extra: Optional[dict] = None, candidate_dir: Optional[Path] = None) -> dict:
+    """Run the bundle's routed inference config in this process for one method; returns timings and the
+    adapter's history. For ``routing_safe`` with ``candidate_dir``, the adapted candidate is also written
+    there, whatever the safeguard decided, so its Dice can be set against the decision."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "routed_inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(site_dir),
+                   "output_dir": str(out_dir), "method": method, "adaptation#passes": passes,
+                   "adaptation#seed": seed, **(extra or {})})
+    parser.get_parsed_content("initialize")
+    adapter, evaluator = parser.get_parsed_content("adapter"), parser.get_parsed_content("evaluator")
+    t0 = time.time()
+    adapter.run()
+    t1 = time.time()
+    if candidate_dir is not None:
+        network = parser.get_parsed_content("network")
+        decided = network.use_fallback
+        network.use_fallback = False
+        evaluator.run()
+        if candidate_dir.exists():
+            shutil.rmtree(candidate_dir)
+        Path(out_dir).rename(candidate_dir)
+        network.use_fallback = decided
+        t1 = time.time()
+    evaluator.run()
+    return {"adapt_s": t1 - t0, "infer_s": time.time() - t1, "history": adapter.history}
+
+
+def score(site_dir: Path, pred_dir: Path) -> dict:
+    """{case: Dice} for every labelled volume of the site."""
+    from fedharmony.core.results import mask_dice
+
+    out = {}
+    for label in sorted(Path(site_dir).glob("*_segmentation.nii.gz")):
+        case = label.name.replace("_segmentation.nii.gz", "")
+        out[case] = mask_dice(Path(pred_dir) / f"{case}_seg.nii.gz", label)
+    if not out:
+        raise RuntimeError(f"no labelled volume in {site_dir}")
+    return out
+
+
+# the bundle CLI, reporting its own peak RSS (VmHWM) at exit: ru_maxrss of a child would
+# include this (large) parent process's memory at fork time
+_CLI_WITH_PEAK = ("import atexit, runpy, sys\n"
+                  "atexit.register(lambda: print('PEAK_KIB', [l.split()[1] for l in open('/proc/self/status') "
+                  "if l.startswith('VmHWM')][0], file=sys.stderr))\n"
+                  "sys.argv[0] = 'monai.bundle'\n"
+                  "runpy.run_module('monai.bundle', run_name='__main__')")
+
+
+def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int) -> dict:
+    """The bundle CLI as a user runs it, in its own process: wall seconds and peak RSS (MiB)."""
+    cmd = [sys.executable, "-c", _CLI_WITH_PEAK, "run", "--config_file",
+           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE), "--pool_dir", str(pool),
+           "--dataset_dir", str(site_dir), "--output_dir", str(out_dir), "--method", method,
+           "--adaptation#passes", str(passes)]
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    peak = [line.split()[1] for line in res.stderr.splitlines() if line.startswith("PEAK_KIB")]
+    if res.returncode != 0 or not peak:
+        raise RuntimeError(f"bundle CLI ({method}) failed:\n{res.stderr[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mib": int(peak[-1]) / 1024}
+
+
+def labelled_cases(cases) -> list:
+    """The cases the labelled criterion is given labels for: the first and every ``HOLDOUT_EVERY``-th after it,
+    in the order the bundle reads them (sorted), as the other criteria hold them out."""
+    return sorted(cases)[::HOLDOUT_EVERY]
+
+
+def labelled_folder(site_dir: Path, folder: Path) -> Path:
+    """``folder`` holding copies of the labels of the site's :func:`labelled_cases` (the ``labelled_dir``)."""
+    labels = {p.name.replace("_segmentation.nii.gz", ""): p for p in Path(site_dir).glob("*_segmentation.nii.gz")}
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for case in labelled_cases(labels):
+        shutil.copyfile(labels[case], folder / labels[case].name)
+    return folder
+
+
+def _derived_decision(r: dict, source: str, criterion: str) -> Optional[dict]:
+    """The decision a ``DERIVED`` criterion makes from a stored (site, seed) result, or None where it lacks the
+    evidence (``departure``: the consensus run's agreements; ``labelled``: the adapted network's per-volume Dice)."""
+    if criterion == "labelled":
+        dice = r["per_volume"].get(source)
+        if not dice:
+            return None
+        cases = labelled_cases(dice)
+        candidate = sum(dice[c] for c in cases) / len(cases)
+        glob = sum(r["per_volume"]["global"][c] for c in cases) / len(cases)
+        return {"criterion": criterion, "candidate_dice": candidate, "global_dice": glob,
+                "kept": "adapted" if candidate > glob else "global", "labelled_volumes": cases}
+    from fedharmony.methods.iopfl.adaptation import SAFEGUARD_MARGIN, departure_keeps
+
+    d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
+    if not d or d.get("candidate_agreement") is None:
+        return None
+    margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
+    keep = departure_keeps(d["candidate_agreement"], d["global_agreement"], margin)
+    return {**{k: v for k, v in d.items() if k != "reason"}, "criterion": criterion,
+            "kept": "adapted" if keep else "global", "margin": margin}
+
+
+def _entries(results: dict):
+    for by_seed in results.get("targets", {}).values():
+        yield from by_seed.values()
+
+
+def derive_safeguards(results: dict) -> int:
+    """Fill each ``DERIVED`` criterion into the stored target results (``results["targets"]``) that lack it,
+    from its source's stored record; returns how many (target, seed) entries were filled."""
+    filled = 0
+    for r in _entries(results):
+        for name, (source, criterion) in DERIVED.items():
+            decision = None if name in r["mean"] else _derived_decision(r, source, criterion)
+            if decision is None:
+                continue
+            kept = SAFE_CANDIDATE if decision["kept"] == "adapted" else "global"
+            r["per_volume"][name] = dict(r["per_volume"][kept])
+            r["mean"][name] = r["mean"][kept]
+            r["timings"][name] = {"derived_from": source, "history": [{"safeguard": decision}]}
+            filled += 1
+    return filled
+
+
+def drop_derived(results: dict) -> int:
+    """Remove the derived entries (they then run for real); returns how many."""
+    dropped = 0
+    for r in _entries(results):
+        for name in DERIVED:
+            if "derived_from" in r["timings"].get(name, {}):
+                for key in ("mean", "per_volume", "timings"):
+                    r[key].pop(name, None)
+                dropped += 1
+    return dropped
+
+
+def method_runs(results: dict) -> List[dict]:
+    """The outside results as the study tool's runs: one entry per (method, seed) with ``site_scores`` (target ->
+    mean Dice over its volumes) and ``made_on``, for the seeds where every target has the method. This is the
+    view :mod:`fedharmony.study.report`'s tables and :mod:`fedharmony.study.analysis`'s verdicts read."""
+    targets = results.get("targets", {})
+    seeds = sorted({int(s) for by_seed in targets.values() for s in by_seed})
+    runs = []
+    for method in results.get("methods", []):
+        for seed in seeds:
+            entries = [by_seed.get(str(seed)) for by_seed in targets.values()]
+            if any(e is None or method not in e["mean"] for e in entries):
+                continue
+            runs.append({"method": method, "seed": seed,
+                         "site_scores": {t: float(by_seed[str(seed)]["mean"][method]) for t, by_seed in targets.items()},
+                         "made_on": entries[0].get("made_on")})
+    return runs
+
+
+def load_outside_results(path) -> dict:
+    """An outside study's ``results.json`` (a folder or the file), checked for what the report reads."""
+    from fedharmony.study.report import _check_scores, read_results_file
+
+    path, results = read_results_file(path)
+    if results.get("study") != "outside":
+        raise ValueError(f"{path} is not an outside study's results (no \"study\": \"outside\")")
+    for key in ("target", "methods", "targets", "settings"):
+        if key not in results:
+            raise ValueError(f"{path} has no {key!r}")
+    for target, by_seed in results["targets"].items():
+        for seed, r in by_seed.items():
+            where = f"{path}: targets[{target!r}][{seed!r}]"
+            if not isinstance(r, dict) or not all(isinstance(r.get(k), dict) for k in ("per_volume", "mean")):
+                raise ValueError(f"{where} needs per_volume and mean")
+            _check_scores(r["mean"], f"{where} mean")
+            for method, volumes in r["per_volume"].items():
+                _check_scores(volumes, f"{where} per_volume[{method!r}]")
+    return results
+
+
+# ---------------------------------------------------------------------- the results of tools/iopfl_study.py
+_LEGACY_SETTING = re.compile(r"phantom sites x (\d+) cases, (\d+) rounds x (\d+) local epochs, a = ([\d.]+), "
+                             r"(\d+) adaptation passes")
+
+
+def convert_legacy(legacy_file, out, profiles=None, command: str = "") -> dict:
+    """Store the results of the retired ``tools/iopfl_study.py`` (one ``iopfl_study.json``) as an outside study
+    in ``out``: one ``runs/<target>/seed<k>/result.json`` per stored (target, seed), numbers unchanged, keyed with
+    the settings the study gets from the same options (so a rerun resumes from them), and ``results.json``.
+    Those runs recorded what they were made on once for the whole study (its header): each gets that record,
+    marked so. ``profiles``: the unseen scanners' file (an unseen study). Returns the results."""
+    legacy = json.loads(Path(legacy_file).read_text())
+    m = _LEGACY_SETTING.fullmatch(legacy["setting"])
+    if not m:
+        raise ValueError(f"{legacy_file}: unknown setting {legacy['setting']!r}")
+    cases, rounds, epochs, alpha, passes = m.groups()
+    kinds = [k for k in TARGETS if legacy.get(k)]
+    if len(kinds) != 1:
+        raise ValueError(f"{legacy_file}: holds {kinds or 'no'} outside results; a study has one kind")
+    target = kinds[0]
+    seeds = sorted({int(s) for by_seed in legacy[target].values() for s in by_seed})
+    sweep = any(name in r["mean"] for by_seed in legacy[target].values() for r in by_seed.values() for name in SWEEP)
+    study = OutsideStudy(target, max(seeds) + 1, out, profiles=profiles,
+                         holdout=list(legacy[target]) if target == "loso" else None, cases=int(cases),
+                         rounds=int(rounds), local_epochs=int(epochs), iop_alpha=float(alpha), passes=int(passes),
+                         sweep=sweep, echo=lambda line: None)
+    headers = [*legacy.get("earlier_headers", []), legacy["header"]]
+    invocations = [_legacy_invocation(h) for h in headers]
+    last = invocations[-1]
+    record = None if not last["code_digest"] else {  # headers before runs recorded their code: not recorded
+        "code": last["code_digest"], "commit": last["commit"], "dirty": None, "cpu": last["cpu"],
+        "versions": last["versions"], "recorded": "once for the whole study, in tools/iopfl_study.py's header"}
+    for name, by_seed in legacy[target].items():
+        for seed, r in by_seed.items():
+            entry = {**r, "target": name, "seed": int(seed), "settings_key": study.settings_key(name, int(seed)),
+                     "made_on": record}
+            _atomic_json(study.run_dir(name, int(seed)) / RESULT_FILE, entry)
+    results = study._stored()
+    results["inside"], results["cost"] = legacy.get("inside", {}), legacy.get("cost", {})
+    results["invocations"] = [{k: v for k, v in i.items() if k not in ("code_digest", "commit")} for i in invocations]
+    results["converted"] = f"from tools/iopfl_study.py's iopfl_study.json by `{command}`" if command else True
+    results["wall_s"] = 0.0
+    _atomic_json(study.out / RESULTS_FILE, results)
+    return results
+
+
+def _legacy_invocation(header: List[str]) -> dict:
+    fields = dict(line.split(": ", 1) for line in header if ": " in line)
+    code = re.match(r"(\S+) \(commit (\S+?)[,)]", fields.get("code", ""))
+    machine = re.match(r"(.*?) \((.*)\), (Python [\d.]+), torch (\S+), monai (\S+), nvflare (\S+)$",
+                       fields.get("machine", ""))
+    return {"command": fields.get("command", ""), "code": fields.get("code"),
+            "code_digest": code.group(1) if code else None, "commit": code.group(2) if code else None,
+            "cpu": machine.group(2) if machine else None,
+            "machine": f"{machine.group(1)}, {machine.group(3)}" if machine else fields.get("machine", "?"),
+            "versions": {"torch": machine.group(4), "monai": machine.group(5), "nvflare": machine.group(6)}
+            if machine else {}, "time": None}
