@@ -94,7 +94,7 @@ def test_committed_outside_results_are_keyed_as_the_same_command_would_key_them(
 
 
 def test_an_unknown_unseen_set_and_bad_settings_are_refused_by_name():
-    with pytest.raises(ValueError, match="no unseen-scanner set 9 .* the sets are \\[1, 2, 3, 4\\]"):
+    with pytest.raises(ValueError, match="no unseen-scanner set 9 .* the sets are \\[1, 2, 3, 4, 5\\]"):
         outside.unseen_set(9)
     with pytest.raises(ValueError, match="needs its scanners' profile file"):
         outside.OutsideStudy("unseen", 1, "/tmp/x")
@@ -243,50 +243,91 @@ def test_derived_labelled_calls_equal_the_real_runs_of_the_fourth_scanner_set():
 TINY = {"samples_per_volume": 4, "batch_size": 1, "base_features": 4}
 
 
-def test_a_small_leave_one_site_out_study_runs_caches_resumes_and_reports(tmp_path):
-    """Three tiny phantom sites, I2CVB held out: one IOP-FL federation on the other two in the NVFlare simulator,
-    then every test-time method through the bundle's routed inference config, scored against the labels."""
-    from fedharmony.study.outside_report import write_outside_report
+def _tiny_plan(tmp_path, arms):
+    plan = {"plan": "fedharmony-study-plan/1", "name": "tiny", "question": "does the harness run a plan?",
+            "task": "prostate", "arms": arms, "seeds": 2, "alpha": 0.05, "margin": 0.03,
+            "outside": {"target": "loso", "sites": 3, "holdout": ["I2CVB"], "cases": 3, "size": 32, "rounds": 1,
+                        "local_epochs": 1, "passes": 1, "first_seed": 7, "overrides": TINY},
+            "comparisons": [{"arm": "routing", "baseline": "global", "test": "noninferiority",
+                             "endpoints": ["sites"], "primary": True}],
+            "power": {"effect": 0.05, "sd": 0.045, "power": 0.8}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
 
+
+def test_a_planned_leave_one_site_out_study_runs_its_arms_caches_resumes_and_reports(tmp_path):
+    """Three tiny phantom sites, I2CVB held out, under a plan (outside a git checkout, so not committed): per seed
+    one IOP-FL federation on the other two in the NVFlare simulator, then only the plan's arms through the
+    bundle's routed inference config, scored against the labels; the plan is locked at the first run."""
+    from fedharmony.study.outside_report import write_outside_report
+    from fedharmony.study.plan import PlanError
+
+    arms = ["global", "routing", "routing_safe (departure)", "routing_safe (consensus)"]
+    plan = _tiny_plan(tmp_path, arms)
     said = []
 
     def make():
-        return outside.OutsideStudy("loso", 1, tmp_path, sites=3, holdout=["I2CVB"], cases=3, size=32, rounds=1,
-                                        local_epochs=1, passes=1, overrides=TINY, cost=False, command="the test",
-                                        echo=said.append)
+        return outside.OutsideStudy.from_plan(plan, tmp_path / "study", cost=False, command="the test",
+                                              echo=said.append)
 
     results = make().run()
-    assert results["failed"] == [] and list(results["targets"]) == ["I2CVB"]
-    entry = results["targets"]["I2CVB"]["0"]
-    methods = ["global", "personalized BIDMC", "personalized HK", *outside.TABLE[3:]]
-    assert set(methods) <= set(entry["mean"]) and entry["volumes"] == 3
-    assert all(len(entry["per_volume"][m]) == 3 and 0 <= entry["mean"][m] <= 1 for m in methods)
-    assert entry["mean"]["personalized (best, oracle)"] == max(entry["mean"]["personalized BIDMC"],
-                                                                entry["mean"]["personalized HK"])
-    stored = tmp_path / "runs" / "I2CVB" / "seed0" / "result.json"
+    assert results["failed"] == [] and list(results["targets"]) == ["I2CVB"] and results["seeds"] == [7, 8]
+    assert results["plan"]["digest"].startswith("sha256:") and results["methods"] == arms
+    entry = results["targets"]["I2CVB"]["7"]
+    # the plan's arms, and routing_safe with its adapted candidate (what the criteria's calls are judged against)
+    assert set(entry["mean"]) == {*arms, "routing_safe", outside.SAFE_CANDIDATE} and entry["volumes"] == 3
+    assert all(len(entry["per_volume"][m]) == 3 and 0 <= entry["mean"][m] <= 1 for m in arms)
+    stored = tmp_path / "study" / "runs" / "I2CVB" / "seed7" / "result.json"
     assert json.loads(stored.read_text())["made_on"]["code"] and results["invocations"][-1]["command"] == "the test"
 
     said.clear()  # everything is stored: nothing runs, not even the federation
     again = make().run()
     assert again["targets"] == results["targets"] and not any("federation" in s or "I2CVB ..." in s for s in said)
 
-    # a criterion added after the run: only it runs, on the stored federation; the rest is kept as it was
+    # a criterion missing from a stored result runs alone, on the stored federation; the rest is kept as it was
     record = json.loads(stored.read_text())
     for key in ("mean", "per_volume", "timings"):
         del record[key]["routing_safe (consensus)"]
     stored.write_text(json.dumps(record))
     said.clear()
-    resumed = make().run()["targets"]["I2CVB"]["0"]
+    resumed = make().run()["targets"]["I2CVB"]["7"]
     assert "routing_safe (consensus)" in resumed["mean"] and not any("federation iopfl" in s for s in said)
-    assert {m: resumed["mean"][m] for m in methods if m != "routing_safe (consensus)"} == \
-        {m: entry["mean"][m] for m in methods if m != "routing_safe (consensus)"}
+    assert {m: resumed["mean"][m] for m in arms[:3]} == {m: entry["mean"][m] for m in arms[:3]}
 
-    report = write_outside_report(tmp_path).read_text()
-    assert "| global | " in report and "## The safeguard's criteria" in report and "## How far routing moved" in report
-    assert (tmp_path / "outside_dice.png").stat().st_size > 0
+    report = write_outside_report(tmp_path / "study").read_text()
+    assert "## Protocol: analysis plan" in report and "| routing - global (primary) | sites | noninferiority | 2 |" \
+        in report and "consensus safeguard" in report
+    assert (tmp_path / "study" / "outside_dice.png").stat().st_size > 0
 
+    plan.write_text(plan.read_text().replace('"margin": 0.03', '"margin": 0.02'))  # changed after its first run
+    with pytest.raises(PlanError, match="A plan is fixed before the first run"):
+        make().run()
     stored.write_text("{ not json")  # a corrupt result is named (and would run again)
-    assert make().cached("I2CVB", 0) is None and any("is corrupt" in s for s in said)
+    said.clear()
+    study = outside.OutsideStudy("loso", 1, tmp_path / "study", sites=3, holdout=["I2CVB"], cases=3, size=32,
+                                 rounds=1, local_epochs=1, passes=1, overrides=TINY, first_seed=7, echo=said.append)
+    assert study.cached("I2CVB", 7) is None and any("is corrupt" in s for s in said)
+
+
+def test_an_outside_plan_is_checked_by_name(tmp_path):
+    from fedharmony.study.plan import PlanError, load_plan
+
+    with pytest.raises(PlanError, match="unknown outside arm"):
+        load_plan(_tiny_plan(tmp_path, ["global", "routing", "routing_magic"]))
+    with pytest.raises(PlanError, match="'global' must be one of its arms"):
+        load_plan(_tiny_plan(tmp_path, ["routing", "tent"]))
+    path = _tiny_plan(tmp_path, ["global", "routing"])
+    path.write_text(path.read_text().replace('"passes": 1', '"passes": 1, "speed": 3'))
+    with pytest.raises(PlanError, match="unknown setting\\(s\\) \\['speed'\\]"):
+        load_plan(path)
+    path.write_text(path.read_text().replace('"target": "loso"', '"target": "unseen"').replace(', "speed": 3', ''))
+    with pytest.raises(PlanError, match="'profiles' must name the unseen scanners' profile file"):
+        load_plan(path)
+    with pytest.raises(PlanError, match="has no 'outside' block"):
+        from conftest import REPO
+
+        outside.OutsideStudy.from_plan(REPO / "docs" / "studies" / "prostate_headroom" / "plan.json")
 
 
 def test_report_only_without_results_names_the_missing_file(tmp_path, capsys):

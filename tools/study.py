@@ -125,6 +125,10 @@ def main(argv=None) -> int:
         if given:
             p.error(f"{', '.join(given)}: a planned study takes these from its plan ({args.plan})")
         try:
+            from fedharmony.study.plan import load_plan
+
+            if load_plan(args.plan).outside is not None:  # an outside study's plan
+                return _outside_planned(p, args, command)
             study = Study.from_plan(args.plan, args.out, **common)
         except (ValueError, FileNotFoundError) as e:
             p.error(str(e))
@@ -179,6 +183,21 @@ def _outside(p, args, argv, command) -> int:
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     results = study.run(collect_only=args.collect_only)
+    report = write_outside_report(study.out, results)
+    print(f"results: {study.out / 'results.json'}\nreport: {report}")
+    return 1 if results["failed"] else 0
+
+
+def _outside_planned(p, args, command) -> int:
+    from fedharmony.study.outside import OutsideStudy
+    from fedharmony.study.outside_report import write_outside_report
+    from fedharmony.study.plan import PlanError
+
+    try:
+        study = OutsideStudy.from_plan(args.plan, args.out, command=command, echo=lambda line: print(line, flush=True))
+        results = study.run(collect_only=args.collect_only)
+    except PlanError as e:  # refused at the start (changed after its first run, not committed)
+        p.error(str(e))
     report = write_outside_report(study.out, results)
     print(f"results: {study.out / 'results.json'}\nreport: {report}")
     return 1 if results["failed"] else 0

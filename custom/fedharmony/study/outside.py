@@ -46,46 +46,17 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from fedharmony.study.outside_arms import (ADAPTIVE, DERIVED, HOLDOUT_EVERY, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, SITES,
+                                           SWEEP, TABLE, TARGETS, UNSEEN_SETS, check_arms, check_outside_plan)
 from fedharmony.study.provenance import code_line, made_on
-from fedharmony.study.runner import (REPO, STALL_S, RunStalled, _atomic_json, once_more_if_stalled, read_cache_entry,
-                                     run_watched)
+from fedharmony.study.runner import (REPO, STALL_S, RunStalled, _atomic_json, lock_plan, once_more_if_stalled,
+                                     plan_results, read_cache_entry, run_watched)
 
-__all__ = ["OutsideStudy", "TARGETS", "SITES", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
+__all__ = ["OutsideStudy", "check_arms", "check_outside_plan", "TARGETS", "SITES", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
            "DERIVED", "TABLE", "HOLDOUT_EVERY", "UNSEEN_SETS", "unseen_set", "derive_safeguards", "drop_derived",
            "labelled_cases", "method_runs", "load_outside_results", "convert_legacy"]
 
 BUNDLE = REPO / "bundles" / "prostate_mri_seg"
-TARGETS = ("unseen", "loso")
-SITES = ("BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL")  # the phantom prostate sites, in the simulator's order
-# the unseen-scanner sets: study-only scanner profiles, none of them a training site's (docs/studies.md says
-# when each set was fixed and which criterion it tests)
-UNSEEN_SETS = REPO / "docs" / "studies" / "unseen_scanners"
-ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe")
-# sweep: routing with larger or more steps; name -> (bundle method, adaptation overrides, passes factor)
-SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
-         "routing passes x4": ("routing", {}, 4),
-         "routing, online schedule": ("routing", {"adaptation#schedule": "online"}, 0)}  # the released schedule
-# the safeguard with another criterion: name -> (bundle method, overrides, passes factor); it adapts exactly as
-# routing_safe does (same seed, same held-out volumes), so its masks are those of routing_safe's candidate or of
-# the global model, whichever its criterion kept
-SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1),
-              "routing_safe (departure)": ("routing_safe", {"adaptation#safeguard": "departure"}, 1),
-              "routing_safe (labelled)": ("routing_safe", {"adaptation#safeguard": "labelled"}, 1)}
-LABELLED = "routing_safe (labelled)"
-SAFE_CANDIDATE = "routing_safe (adapted, always)"
-# routing_safe's holdout_every (the bundle's default): the criteria judge on the first volume and every 4th after it;
-# the labelled criterion is given the labels of exactly those volumes, so it adapts on the same ones as the others
-HOLDOUT_EVERY = 4
-# a criterion that decides from what another one stored: name -> (the run whose record it reads, its rule). The
-# departure rule judges the consensus run's held-out agreements (same adapted network, same volumes). The labelled
-# rule compares the mean Dice of routing_safe's adapted network and of the global model on the volumes it would be
-# given labels for; the study scores each volume on its own grid, as the bundle does with this study's geometry
-# (nothing resampled), so the derived call is the real one (a test checks it on the fourth scanner set, where it ran)
-DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure"),
-           LABELLED: (SAFE_CANDIDATE, "labelled")}
-TABLE = ["global", "personalized (mean)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
-         "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe", *SAFEGUARDS,
-         SAFE_CANDIDATE]
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
 
@@ -128,8 +99,9 @@ class OutsideStudy:
     def __init__(self, target: str, seeds: int, out, *, profiles=None, holdout: Optional[Sequence[str]] = None,
                  sites: int = len(SITES), cases: int = 10, size: int = 96, rounds: int = 20, local_epochs: int = 2,
                  iop_alpha: float = 0.1, passes: int = 2, overrides: Optional[dict] = None, sweep: bool = False,
-                 run_derived: bool = False, cost: bool = True, echo: Callable[[str], None] = print,
-                 command: str = "", stall_s: float = STALL_S):
+                 run_derived: bool = False, cost: bool = True, first_seed: int = 0,
+                 arms: Optional[Sequence[str]] = None, echo: Callable[[str], None] = print, command: str = "",
+                 stall_s: float = STALL_S, analysis_plan=None, plan_path=None):
         if target not in TARGETS:
             raise ValueError(f"unknown outside target {target!r}; choose one of {list(TARGETS)}")
         if seeds < 1:
@@ -140,7 +112,10 @@ class OutsideStudy:
                                  ("local_epochs", local_epochs, 1), ("passes", passes, 1)):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
-        self.target, self.seeds, self.out = target, list(range(seeds)), Path(out).resolve()
+        if first_seed < 0:
+            raise ValueError(f"first_seed must be >= 0, got {first_seed}")
+        self.target, self.out = target, Path(out).resolve()
+        self.seeds = list(range(first_seed, first_seed + seeds))
         self.sites = list(SITES[:sites])
         if target == "unseen":
             if profiles is None:
@@ -164,6 +139,31 @@ class OutsideStudy:
         self.overrides = dict(overrides or {})
         self.sweep, self.run_derived, self.measure_cost = bool(sweep), bool(run_derived), bool(cost)
         self.echo, self.command, self.stall_s = echo, command, float(stall_s)
+        self.arms = check_arms(arms) if arms is not None else None
+        self.analysis_plan = analysis_plan
+        self.plan_path = Path(plan_path).resolve() if plan_path else None
+        if analysis_plan is not None and self.plan_path is None:
+            raise ValueError("a study with an analysis plan needs the plan's file (plan_path)")
+        self._plan_record: Optional[dict] = None
+
+    @classmethod
+    def from_plan(cls, plan_path, out=None, **kwargs) -> "OutsideStudy":
+        """The outside study a plan file describes (its ``outside`` block, arms and seeds), in ``out`` (default:
+        the plan file's folder). It runs only the plan's arms.
+
+        Raises:
+            PlanError: the plan cannot be used, or is not an outside study's.
+        """
+        from fedharmony.study.plan import PlanError, load_plan
+
+        plan = load_plan(plan_path)
+        if plan.outside is None:
+            raise PlanError(f"plan {plan_path} has no 'outside' block: it is not an outside study's plan")
+        settings = dict(plan.outside)
+        profiles = settings.pop("profiles", None)
+        return cls(settings.pop("target"), plan.seeds, out or Path(plan_path).resolve().parent,
+                   profiles=REPO / profiles if profiles else None, arms=list(plan.arms), analysis_plan=plan,
+                   plan_path=plan_path, **settings, **kwargs)
 
     # ------------------------------------------------------------------ settings and cache
     def settings(self) -> dict:
@@ -181,8 +181,23 @@ class OutsideStudy:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def methods(self) -> List[str]:
-        """The report's methods (:data:`TABLE`, and the sweep's)."""
+        """The report's methods: the plan's arms, or :data:`TABLE` (and the sweep's)."""
+        if self.arms is not None:
+            return list(self.arms)
         return list(TABLE) + (list(SWEEP) if self.sweep else [])
+
+    def _runs_needed(self) -> Optional[set]:
+        """The segmentation runs the arms need (None: all): global always (the baseline and the safeguard's
+        fallback), every personalized model for their mean and best, routing_safe (with its adapted candidate)
+        wherever a safeguard is an arm."""
+        if self.arms is None:
+            return None
+        needed = set(self.arms) | {"global"}
+        if needed & {"personalized (mean)", "personalized (best, oracle)"}:
+            needed.add("personalized")
+        if SAFE_CANDIDATE in needed or needed & {"routing_safe", *SAFEGUARDS}:
+            needed.add("routing_safe")  # its adapted candidate, scored alone, tells whether a criterion chose well
+        return needed
 
     def targets(self) -> List[str]:
         return list(self.unseen) if self.target == "unseen" else list(self.holdout)
@@ -205,8 +220,10 @@ class OutsideStudy:
         return entry
 
     def missing_methods(self, entry: dict) -> List[str]:
-        """The safeguard and sweep variants a stored result lacks (added after it ran)."""
-        return [name for name in [*SAFEGUARDS, *(SWEEP if self.sweep else [])] if name not in entry["mean"]]
+        """The methods a stored result lacks (added after it ran): the plan's arms, or the safeguard and sweep
+        variants."""
+        wanted = self.arms if self.arms is not None else [*SAFEGUARDS, *(SWEEP if self.sweep else [])]
+        return [name for name in wanted if name not in entry["mean"]]
 
     # ------------------------------------------------------------------ data and federations
     def data(self, seed: int) -> Path:
@@ -272,6 +289,8 @@ class OutsideStudy:
     def run(self, collect_only: bool = False) -> dict:
         """Run what is not stored (``collect_only``: nothing) and write ``results.json``; returns it."""
         t_study = time.time()
+        if self.analysis_plan is not None and not collect_only:
+            self._plan_record = lock_plan(self.analysis_plan, self.plan_path, self.out)
         results = self._stored()
         if not collect_only:
             self.echo(f"outside study: {self.target}, {len(self.targets())} target(s) x {len(self.seeds)} seed(s), "
@@ -285,6 +304,9 @@ class OutsideStudy:
         _atomic_json(self.out / RESULTS_FILE, results)
         return results
 
+    def _plan_results(self) -> dict:
+        return plan_results(self.analysis_plan, self._plan_record, self.plan_path, self.out)
+
     def _stored(self) -> dict:
         """``results.json``'s frame with every stored target result and inside table of this study's settings."""
         old = {}
@@ -297,10 +319,11 @@ class OutsideStudy:
         results = {"study": "outside", "task": "prostate", "metric": "foreground_dice",
                    "metric_label": "foreground Dice", "baseline": "global", "target": self.target,
                    "methods": self.methods(), "seeds": self.seeds, "settings": self.settings(),
+                   "expected_targets": self.targets(),
                    "profiles_file": _shown(self.profiles) if self.profiles else None,
                    "invocations": old.get("invocations", []) if same else [],
                    "inside": old.get("inside", {}) if same else {}, "cost": old.get("cost", {}) if same else {},
-                   "targets": {}, "failed": [], **({"converted": old["converted"]} if same and "converted" in old else {})}
+                   "targets": {}, "failed": [], **self._plan_results(), **({"converted": old["converted"]} if same and "converted" in old else {})}
         for target in self.targets():
             for seed in self.seeds:
                 entry = self.cached(target, seed)
@@ -325,8 +348,8 @@ class OutsideStudy:
         work = []  # (target, its folder, the pool's site names, the federation's name, the stored entry)
         for target in self.targets():
             entry = results["targets"].get(target, {}).get(str(seed))
-            if entry is not None and not self.run_derived:
-                derive_safeguards({"targets": {target: {str(seed): entry}}})  # from before a criterion existed
+            if entry is not None and not self.run_derived:  # from before a criterion existed: not rerun for it
+                derive_safeguards({"targets": {target: {str(seed): entry}}}, self.methods())
             elif entry is not None:
                 drop_derived({"targets": {target: {str(seed): entry}}})
             if entry is not None and not self.missing_methods(entry):
@@ -410,8 +433,11 @@ class OutsideStudy:
         runs = [(m, m, {}, self.passes if m in ADAPTIVE else 0)
                 for m in ["global", *experts, "expert_mean", *ADAPTIVE]]
         runs += [(name, m, extra, self.passes * k) for name, (m, extra, k) in SAFEGUARDS.items()]
-        if self.sweep:
+        if self.sweep or self.arms is not None:
             runs += [(name, m, extra, self.passes * k) for name, (m, extra, k) in SWEEP.items()]
+        needed = self._runs_needed()
+        if needed is not None:
+            runs = [r for r in runs if r[0] in needed or r[0] in experts and "personalized" in needed]
         per_method = dict((done or {}).get("per_volume", {}))
         timings = dict((done or {}).get("timings", {}))
         for name, method, extra, passes in runs:
@@ -419,6 +445,7 @@ class OutsideStudy:
             if key in per_method:
                 continue
             pred = pred_root / name.replace(",", "").replace(" ", "_")
+            shutil.rmtree(pred, ignore_errors=True)  # masks of an earlier, interrupted or dropped run: never scored
             cand = pred_root / "routing_safe_candidate" if name == "routing_safe" else None
             if name == LABELLED:  # the site's labelled volumes: those the other criteria hold out
                 extra = {**extra, "labelled_dir": str(labelled_folder(site_dir, pred_root / "labelled"))}
@@ -430,9 +457,10 @@ class OutsideStudy:
             if t["history"]:
                 timings[key]["history"] = t["history"]
         mean = {m: sum(v.values()) / len(v) for m, v in per_method.items()}
-        alone = [mean[f"personalized {label[e]}"] for e in experts]
-        mean["personalized (mean)"] = sum(alone) / len(alone)
-        mean["personalized (best, oracle)"] = max(alone)
+        alone = [mean[f"personalized {label[e]}"] for e in experts if f"personalized {label[e]}" in mean]
+        if alone:
+            mean["personalized (mean)"] = sum(alone) / len(alone)
+            mean["personalized (best, oracle)"] = max(alone)
         return {"per_volume": per_method, "mean": mean, "timings": timings, "volumes": len(per_method["global"])}
 
 
@@ -576,12 +604,15 @@ def _entries(results: dict):
         yield from by_seed.values()
 
 
-def derive_safeguards(results: dict) -> int:
-    """Fill each ``DERIVED`` criterion into the stored target results (``results["targets"]``) that lack it,
-    from its source's stored record; returns how many (target, seed) entries were filled."""
+def derive_safeguards(results: dict, names=None) -> int:
+    """Fill each ``DERIVED`` criterion (of ``names``, default all) into the stored target results
+    (``results["targets"]``) that lack it, from its source's stored record; returns how many (target, seed)
+    entries were filled."""
     filled = 0
     for r in _entries(results):
         for name, (source, criterion) in DERIVED.items():
+            if names is not None and name not in names:
+                continue
             decision = None if name in r["mean"] else _derived_decision(r, source, criterion)
             if decision is None:
                 continue

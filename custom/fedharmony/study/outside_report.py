@@ -39,7 +39,7 @@ def write_outside_report(study_dir, results: Optional[dict] = None) -> Path:
 
     study_dir = Path(study_dir)
     results = copy.deepcopy(results or load_outside_results(study_dir))
-    derive_safeguards(results)
+    derive_safeguards(results, results["methods"])
     view = {**results, "runs": method_runs(results)}
     view["methods"] = [m for m in results["methods"] if any(r["method"] == m for r in view["runs"])]
     summary = summarize(view)
@@ -65,6 +65,12 @@ def write_outside_report(study_dir, results: Optional[dict] = None) -> Path:
                                        if results.get("profiles_file") else ""),
               "- score: foreground Dice per volume on its own grid; a target's score is the mean over its volumes; "
               "seeds are the replicates", ""]
+    expected = len(results.get("expected_targets") or results["targets"]) * len(results["seeds"])
+    done = sum(len(by_seed) for by_seed in results["targets"].values())
+    if done < expected:
+        lines += [f"**Incomplete study: {done} of {expected} (target, seed) results.** Rerun the study's command to "
+                  "finish it; until then the tables cover the finished ones, and a comparison uses only the seeds "
+                  "every target has.", ""]
     if results.get("failed"):
         lines += ["**Failed (not in the tables):** "
                   + "; ".join(f"{f['target']} seed {f['seed']}: {f['error']}" for f in results["failed"]), ""]
@@ -194,7 +200,7 @@ def _decisions(runs: dict, name: str, evidence: str):
     for site, by_seed in runs.items():
         for seed, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
             d = r["timings"].get(name, {}).get("history", [{}])[-1].get("safeguard")
-            if d and d.get(evidence) is not None:
+            if d and d.get(evidence) is not None and SAFE_CANDIDATE in r["mean"]:  # the call is judged against it
                 yield site, seed, r, d
 
 
@@ -319,3 +325,35 @@ def routing_rows(runs: dict) -> list:
                 losses = " -> ".join(f"{h['loss']:.3f}" for h in hist)
                 rows.append(f"| {site} | {seed} | {m} | {losses} | {min(w):.3f} .. {max(w):.3f} |")
     return rows
+
+
+CANDIDATES = ("routing", "routing_safe", "routing_safe (consensus)", "routing_safe (departure)")
+"""The unsupervised candidates for routed inference's default (the labelled safeguard needs labels a new site
+does not have, so it is not one)."""
+
+
+def candidate_rows(studies: dict, candidates=CANDIDATES, bar: float = -0.01) -> tuple:
+    """The selection of a default from stored outside studies (``studies``: name -> results). Per candidate,
+    over every target of every study: the targets whose mean difference from the global model (mean over seeds)
+    is below ``bar``, and the worst target. The rule: fewest targets below the bar, ties broken by the higher
+    worst target. Returns ``(markdown rows, the chosen candidate)``."""
+    record = {}
+    for c in candidates:
+        diffs = []
+        for name, results in studies.items():
+            results = copy.deepcopy(results)
+            derive_safeguards(results)
+            for target, by_seed in results["targets"].items():
+                d = [r["mean"][c] - r["mean"]["global"] for r in by_seed.values() if c in r["mean"]]
+                if d:
+                    diffs.append((sum(d) / len(d), f"{name} {target}"))
+        below = [d for d in diffs if d[0] < bar]
+        record[c] = (len(below), min(diffs), len(diffs), sum(d for d, _ in diffs) / len(diffs))
+    chosen = min(candidates, key=lambda c: (record[c][0], -record[c][1][0]))
+    rows = [f"| candidate | targets | mean difference from global | targets below {bar:+g} | worst target |",
+            "|---|---|---|---|---|"]
+    for c in candidates:
+        n_below, (worst, where), n, mean = record[c]
+        rows.append(f"| {c}{' (chosen)' if c == chosen else ''} | {n} | {mean:+.3f} | {n_below} | "
+                    f"{where} {worst:+.3f} |")
+    return rows, chosen

@@ -25,6 +25,12 @@ The plan file (JSON)::
       "seeds": 10
     }
 
+An *outside study* (:mod:`fedharmony.study.outside`: a federation's model pool on sites outside it)
+adds ``"outside": {"target": "unseen", "profiles": "docs/studies/unseen_scanners/set5.json",
+"first_seed": 10, ...}`` (:class:`~fedharmony.study.outside.OutsideStudy`'s settings); its arms are
+test-time methods (``global``, ``routing``, ``routing_safe (departure)``, ...), its sites the
+outside targets, and it runs only the arms the plan names.
+
 Endpoints: ``mean`` (the mean over sites, per seed), ``worst`` (the lowest site score, per seed)
 and, for a non-inferiority comparison, ``sites`` (every site no worse by more than the margin: an
 intersection-union test, so each site is tested at ``alpha`` and the claim needs all of them).
@@ -56,7 +62,7 @@ PLAN_FORMAT = "fedharmony-study-plan/1"
 ENDPOINTS = ("mean", "worst", "sites")
 TESTS = ("superiority", "noninferiority")
 _KEYS = {"plan", "name", "question", "task", "preset", "rounds", "local_epochs", "arms", "comparisons", "alpha",
-         "margin", "power", "seeds", "notes", "written"}
+         "margin", "power", "seeds", "notes", "written", "outside"}
 
 
 class PlanError(ValueError):
@@ -94,6 +100,7 @@ class Plan:
     seeds: int
     digest: str
     raw: dict
+    outside: Optional[dict] = None  # an outside study's settings (fedharmony.study.outside.OutsideStudy's keywords)
 
     def power_summary(self) -> dict:
         """The power calculation: seeds needed, power at the plan's seeds, smallest detectable effect."""
@@ -153,10 +160,17 @@ def load_plan(path) -> Plan:
     arms = raw.get("arms")
     if not isinstance(arms, list) or not all(isinstance(a, str) for a in arms):
         raise PlanError(f"{where}: 'arms' must be a list of arm names")
+    outside = raw.get("outside")
     try:
-        arms = tuple(check_methods(raw["task"], arms))
+        if outside is not None:  # arms are test-time methods on sites outside a federation
+            from fedharmony.study.outside_arms import check_outside_plan
+
+            arms = tuple(check_outside_plan(raw["task"], outside, arms))
+        else:
+            arms = tuple(check_methods(raw["task"], arms))
     except ValueError as e:
-        raise PlanError(f"{where}: 'arms': {e}") from None
+        field = "outside" if outside is not None else "arms"
+        raise PlanError(f"{where}: {field!r}: {e}") from None
     alpha = _number(raw, "alpha", where, 1e-6, 0.5) if "alpha" in raw else 0.05
     margin = _number(raw, "margin", where, 1e-9, 1.0, required=False)
     comparisons = []
@@ -203,7 +217,7 @@ def load_plan(path) -> Plan:
     local_epochs = _number(raw, "local_epochs", where, 1, 100000, integer=True, required=False)
     return Plan(raw["name"], raw["question"], raw["task"], preset, rounds, local_epochs, arms, tuple(comparisons),
                 float(alpha), None if margin is None else float(margin), dict(power), int(seeds),
-                "sha256:" + hashlib.sha256(data).hexdigest(), raw)
+                "sha256:" + hashlib.sha256(data).hexdigest(), raw, dict(outside) if outside is not None else None)
 
 
 def plan_commit(path) -> Tuple[Optional[str], str]:

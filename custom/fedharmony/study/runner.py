@@ -37,7 +37,7 @@ from fedharmony.methods import site_method_class
 from fedharmony.study.tasks import (CENTRALIZED, FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, job_algorithm,
                                    parse_arm, preset_for, scored_model)
 
-__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "read_cache_entry", "validate_result", "training_configs_digest"]
+__all__ = ["Study", "RESULT_FILE", "RESULTS_FILE", "PLAN_LOCK", "lock_plan", "plan_results", "read_cache_entry", "validate_result", "training_configs_digest"]
 
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
@@ -144,6 +144,54 @@ def once_more_if_stalled(attempt, tell):
         return attempt()
 
 
+def lock_plan(plan: Plan, plan_path: Path, out: Path) -> dict:
+    """Check ``plan`` against the one the study in ``out`` started with (``plan.lock.json``), or record it there
+    at the first run: its digest, its commit and the time. The same rule for every study the tool runs.
+
+    Raises:
+        PlanError: the plan file changed after the study's first run; the folder already holds runs
+            made without this plan; or the plan lies in a git checkout but is not committed as it is.
+    """
+    lock = Path(out) / PLAN_LOCK
+    if lock.is_file():
+        try:
+            recorded = json.loads(lock.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PlanError(f"{lock} is unreadable ({type(e).__name__}); it records the plan this study started "
+                            "with and cannot be rebuilt") from None
+        if recorded.get("digest") != plan.digest:
+            raise PlanError(f"study {out} started on {recorded.get('first_run')} with plan digest "
+                            f"{recorded.get('digest')}; {plan_path} now has {plan.digest}. A plan is fixed "
+                            "before the first run: restore it, or write a new plan for a new study folder")
+        return recorded
+    if any((Path(out) / "runs").glob(f"*/*/{RESULT_FILE}")):
+        raise PlanError(f"study {out} already holds runs made without plan {Path(plan_path).name}: a planned "
+                        "study starts in a folder of its own")
+    commit, state = plan_commit(plan_path)
+    if commit is None and state != "outside a git checkout":
+        raise PlanError(f"plan {plan_path} is {state}: commit it before the study's first run, so the "
+                        "record shows the plan was fixed first")
+    try:
+        shown = str(Path(plan_path).relative_to(REPO))
+    except ValueError:
+        shown = str(plan_path)
+    record = {"name": plan.name, "file": shown, "digest": plan.digest, "commit": commit, "commit_state": state,
+              "first_run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _atomic_json(lock, record)
+    return record
+
+
+def plan_results(plan: Optional[Plan], record: Optional[dict], plan_path, out: Path) -> dict:
+    """What a study's ``results.json`` holds of its plan: the lock's record (``record``, or read from ``out``),
+    the plan's content and its power; nothing without a plan."""
+    if plan is None:
+        return {}
+    if record is None and (Path(out) / PLAN_LOCK).is_file():
+        record = lock_plan(plan, plan_path, out)
+    record = record or {"name": plan.name, "digest": plan.digest, "first_run": "not started"}
+    return {"plan": {**record, "content": plan.raw, "power": plan.power_summary()}}
+
+
 class Study:
     """One task, several methods and seeds.
 
@@ -223,54 +271,16 @@ class Study:
 
     # ------------------------------------------------------------------ the plan
     def lock_plan(self) -> Optional[dict]:
-        """Check the plan against the one this study started with, or record it at the first run.
-
-        Raises:
-            PlanError: the plan file changed after the study's first run; the folder already holds runs
-                made without this plan; or the plan lies in a git checkout but is not committed as it is.
-        """
+        """Check the plan against the one this study started with, or record it at the first run
+        (:func:`lock_plan`)."""
         if self.analysis_plan is None:
             return None
-        plan, lock = self.analysis_plan, self.out / PLAN_LOCK
-        if lock.is_file():
-            try:
-                recorded = json.loads(lock.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise PlanError(f"{lock} is unreadable ({type(e).__name__}); it records the plan this study started "
-                                "with and cannot be rebuilt") from None
-            if recorded.get("digest") != plan.digest:
-                raise PlanError(f"study {self.out} started on {recorded.get('first_run')} with plan digest "
-                                f"{recorded.get('digest')}; {self.plan_path} now has {plan.digest}. A plan is fixed "
-                                "before the first run: restore it, or write a new plan for a new study folder")
-            self._plan_record = recorded
-            return recorded
-        if any((self.out / "runs").glob(f"*/*/{RESULT_FILE}")):
-            raise PlanError(f"study {self.out} already holds runs made without plan {self.plan_path.name}: a planned "
-                            "study starts in a folder of its own")
-        commit, state = plan_commit(self.plan_path)
-        if commit is None and state != "outside a git checkout":
-            raise PlanError(f"plan {self.plan_path} is {state}: commit it before the study's first run, so the "
-                            "record shows the plan was fixed first")
-        try:
-            shown = str(self.plan_path.relative_to(REPO))
-        except ValueError:
-            shown = str(self.plan_path)
-        record = {"name": plan.name, "file": shown, "digest": plan.digest, "commit": commit, "commit_state": state,
-                  "first_run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_json(lock, record)
-        self._plan_record = record
-        return record
+        self._plan_record = lock_plan(self.analysis_plan, self.plan_path, self.out)
+        return self._plan_record
 
     def _plan_results(self) -> dict:
         """What ``results.json`` holds of the plan: the lock's record, the plan's content and its power."""
-        if self.analysis_plan is None:
-            return {}
-        record = self._plan_record
-        if record is None and (self.out / PLAN_LOCK).is_file():
-            record = self.lock_plan()
-        record = record or {"name": self.analysis_plan.name, "digest": self.analysis_plan.digest,
-                            "first_run": "not started"}
-        return {"plan": {**record, "content": self.analysis_plan.raw, "power": self.analysis_plan.power_summary()}}
+        return plan_results(self.analysis_plan, self._plan_record, self.plan_path, self.out)
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict:

@@ -1,0 +1,81 @@
+"""What an outside study can run: its targets, its test-time methods (arms) and the checks of an outside plan
+(no NVFlare import, nothing of the harness: :mod:`fedharmony.study.plan` reads it to check a plan).
+
+The harness is :mod:`fedharmony.study.outside`; see its docstring for what the arms and targets are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence
+
+__all__ = ["TARGETS", "SITES", "UNSEEN_SETS", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
+           "HOLDOUT_EVERY", "DERIVED", "TABLE", "PLAN_SETTINGS", "check_arms", "check_outside_plan"]
+
+REPO = Path(__file__).resolve().parents[3]
+TARGETS = ("unseen", "loso")
+SITES = ("BIDMC", "HK", "I2CVB", "RUNMC", "BMC", "UCL")  # the phantom prostate sites, in the simulator's order
+# the unseen-scanner sets: study-only scanner profiles, none of them a training site's (docs/studies.md says
+# when each set was fixed and which criterion it tests)
+UNSEEN_SETS = REPO / "docs" / "studies" / "unseen_scanners"
+ADAPTIVE = ("bn_stats", "tent", "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe")
+# sweep: routing with larger or more steps; name -> (bundle method, adaptation overrides, passes factor)
+SWEEP = {"routing lr x10": ("routing", {"adaptation#lr": 1e-2}, 1),
+         "routing passes x4": ("routing", {}, 4),
+         "routing, online schedule": ("routing", {"adaptation#schedule": "online"}, 0)}  # the released schedule
+# the safeguard with another criterion: name -> (bundle method, overrides, passes factor); it adapts exactly as
+# routing_safe does (same seed, same held-out volumes), so its masks are those of routing_safe's candidate or of
+# the global model, whichever its criterion kept
+SAFEGUARDS = {"routing_safe (consensus)": ("routing_safe", {"adaptation#safeguard": "consensus"}, 1),
+              "routing_safe (departure)": ("routing_safe", {"adaptation#safeguard": "departure"}, 1),
+              "routing_safe (labelled)": ("routing_safe", {"adaptation#safeguard": "labelled"}, 1)}
+LABELLED = "routing_safe (labelled)"
+SAFE_CANDIDATE = "routing_safe (adapted, always)"
+# routing_safe's holdout_every (the bundle's default): the criteria judge on the first volume and every 4th after it;
+# the labelled criterion is given the labels of exactly those volumes, so it adapts on the same ones as the others
+HOLDOUT_EVERY = 4
+# a criterion that decides from what another one stored: name -> (the run whose record it reads, its rule). The
+# departure rule judges the consensus run's held-out agreements (same adapted network, same volumes). The labelled
+# rule compares the mean Dice of routing_safe's adapted network and of the global model on the volumes it would be
+# given labels for; the study scores each volume on its own grid, as the bundle does with this study's geometry
+# (nothing resampled), so the derived call is the real one (a test checks it on the fourth scanner set, where it ran)
+DERIVED = {"routing_safe (departure)": ("routing_safe (consensus)", "departure"),
+           LABELLED: (SAFE_CANDIDATE, "labelled")}
+TABLE = ["global", "personalized (mean)", "personalized (best, oracle)", "expert_mean", "bn_stats", "tent",
+         "routing_released", "routing_sigmoid", "routing_source_stats", "routing", "routing_safe", *SAFEGUARDS,
+         SAFE_CANDIDATE]
+
+def check_arms(arms: Sequence[str]) -> List[str]:
+    """The arms, checked: each a test-time method an outside study runs (:data:`TABLE`, :data:`SWEEP`), no one
+    twice, ``global`` (the baseline) among them (raises ValueError naming the first that is not)."""
+    arms, known = list(arms), [*TABLE, *SWEEP]
+    unknown = [a for a in arms if a not in known]
+    if unknown:
+        raise ValueError(f"unknown outside arm(s) {unknown}; choose from {known}")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"an arm is listed twice: {arms}")
+    if "global" not in arms:
+        raise ValueError("an outside study compares with the global model: 'global' must be one of its arms")
+    return arms
+
+
+# an outside plan's settings: OutsideStudy's keywords (profiles: a file relative to the repository)
+PLAN_SETTINGS = {"target", "profiles", "holdout", "sites", "cases", "size", "rounds", "local_epochs", "iop_alpha",
+                 "passes", "first_seed", "overrides"}
+
+
+def check_outside_plan(task: str, outside, arms) -> List[str]:
+    """An analysis plan's ``outside`` block and arms, checked (raises ValueError naming the field)."""
+    if task != "prostate":
+        raise ValueError(f"outside studies run on the prostate task (routed inference), not {task!r}")
+    if not isinstance(outside, dict) or outside.get("target") not in TARGETS:
+        raise ValueError(f"'outside' must be an object with 'target' one of {list(TARGETS)}")
+    unknown = sorted(set(outside) - PLAN_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} (known: {sorted(PLAN_SETTINGS)})")
+    if outside["target"] == "unseen":
+        profiles = outside.get("profiles")
+        if not isinstance(profiles, str) or not (REPO / profiles).is_file():
+            raise ValueError(f"'profiles' must name the unseen scanners' profile file in the repository, got "
+                             f"{profiles!r}")
+    return check_arms(arms)
