@@ -40,14 +40,15 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from fedharmony.study.outside_arms import (ADAPTIVE, DERIVED, HOLDOUT_EVERY, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, SITES,
-                                           SWEEP, TABLE, TARGETS, UNSEEN_SETS, check_arms, check_outside_plan)
+                                           SWEEP, TABLE, TARGETS, UNSEEN_SETS, check_arms, check_outside_plan,
+                                           derive_safeguards, drop_derived, labelled_cases)
+from fedharmony.study.outside_segment import BUNDLE, cli_cost, labelled_folder, score, segment
 from fedharmony.study.provenance import code_line, made_on
 from fedharmony.study.runner import (REPO, STALL_S, RunStalled, _atomic_json, lock_plan, once_more_if_stalled,
                                      plan_results, read_cache_entry, run_watched)
@@ -56,7 +57,6 @@ __all__ = ["OutsideStudy", "check_arms", "check_outside_plan", "TARGETS", "SITES
            "DERIVED", "TABLE", "HOLDOUT_EVERY", "UNSEEN_SETS", "unseen_set", "derive_safeguards", "drop_derived",
            "labelled_cases", "method_runs", "load_outside_results", "convert_legacy"]
 
-BUNDLE = REPO / "bundles" / "prostate_mri_seg"
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
 
@@ -489,151 +489,6 @@ def _stamp_if_old(pool: Path, echo) -> None:
     if json.loads((pool / "manifest.json").read_text()).get("format") in OLD_FORMATS:
         stamp_pool(pool, BUNDLE)
         echo(f"  {pool}: written before pools recorded digests; stamped")
-
-
-def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int, seed: int,
-            extra: Optional[dict] = None, candidate_dir: Optional[Path] = None) -> dict:
-    """Run the bundle's routed inference config in this process for one method; returns timings and the
-    adapter's history. For ``routing_safe`` with ``candidate_dir``, the adapted candidate is also written
-    there, whatever the safeguard decided, so its Dice can be set against the decision."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "routed_inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(site_dir),
-                   "output_dir": str(out_dir), "method": method, "adaptation#passes": passes,
-                   "adaptation#seed": seed, **(extra or {})})
-    parser.get_parsed_content("initialize")
-    adapter, evaluator = parser.get_parsed_content("adapter"), parser.get_parsed_content("evaluator")
-    t0 = time.time()
-    adapter.run()
-    t1 = time.time()
-    if candidate_dir is not None:
-        network = parser.get_parsed_content("network")
-        decided = network.use_fallback
-        network.use_fallback = False
-        evaluator.run()
-        if candidate_dir.exists():
-            shutil.rmtree(candidate_dir)
-        Path(out_dir).rename(candidate_dir)
-        network.use_fallback = decided
-        t1 = time.time()
-    evaluator.run()
-    return {"adapt_s": t1 - t0, "infer_s": time.time() - t1, "history": adapter.history}
-
-
-def score(site_dir: Path, pred_dir: Path) -> dict:
-    """{case: Dice} for every labelled volume of the site."""
-    from fedharmony.core.results import mask_dice
-
-    out = {}
-    for label in sorted(Path(site_dir).glob("*_segmentation.nii.gz")):
-        case = label.name.replace("_segmentation.nii.gz", "")
-        out[case] = mask_dice(Path(pred_dir) / f"{case}_seg.nii.gz", label)
-    if not out:
-        raise RuntimeError(f"no labelled volume in {site_dir}")
-    return out
-
-
-# the bundle CLI, reporting its own peak RSS (VmHWM) at exit: ru_maxrss of a child would
-# include this (large) parent process's memory at fork time
-_CLI_WITH_PEAK = ("import atexit, runpy, sys\n"
-                  "atexit.register(lambda: print('PEAK_KIB', [l.split()[1] for l in open('/proc/self/status') "
-                  "if l.startswith('VmHWM')][0], file=sys.stderr))\n"
-                  "sys.argv[0] = 'monai.bundle'\n"
-                  "runpy.run_module('monai.bundle', run_name='__main__')")
-
-
-def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int) -> dict:
-    """The bundle CLI as a user runs it, in its own process: wall seconds and peak RSS (MiB)."""
-    cmd = [sys.executable, "-c", _CLI_WITH_PEAK, "run", "--config_file",
-           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE), "--pool_dir", str(pool),
-           "--dataset_dir", str(site_dir), "--output_dir", str(out_dir), "--method", method,
-           "--adaptation#passes", str(passes)]
-    t0 = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    peak = [line.split()[1] for line in res.stderr.splitlines() if line.startswith("PEAK_KIB")]
-    if res.returncode != 0 or not peak:
-        raise RuntimeError(f"bundle CLI ({method}) failed:\n{res.stderr[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mib": int(peak[-1]) / 1024}
-
-
-def labelled_cases(cases) -> list:
-    """The cases the labelled criterion is given labels for: the first and every ``HOLDOUT_EVERY``-th after it,
-    in the order the bundle reads them (sorted), as the other criteria hold them out."""
-    return sorted(cases)[::HOLDOUT_EVERY]
-
-
-def labelled_folder(site_dir: Path, folder: Path) -> Path:
-    """``folder`` holding copies of the labels of the site's :func:`labelled_cases` (the ``labelled_dir``)."""
-    labels = {p.name.replace("_segmentation.nii.gz", ""): p for p in Path(site_dir).glob("*_segmentation.nii.gz")}
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for case in labelled_cases(labels):
-        shutil.copyfile(labels[case], folder / labels[case].name)
-    return folder
-
-
-def _derived_decision(r: dict, source: str, criterion: str) -> Optional[dict]:
-    """The decision a ``DERIVED`` criterion makes from a stored (site, seed) result, or None where it lacks the
-    evidence (``departure``: the consensus run's agreements; ``labelled``: the adapted network's per-volume Dice)."""
-    if criterion == "labelled":
-        dice = r["per_volume"].get(source)
-        if not dice:
-            return None
-        cases = labelled_cases(dice)
-        candidate = sum(dice[c] for c in cases) / len(cases)
-        glob = sum(r["per_volume"]["global"][c] for c in cases) / len(cases)
-        return {"criterion": criterion, "candidate_dice": candidate, "global_dice": glob,
-                "kept": "adapted" if candidate > glob else "global", "labelled_volumes": cases}
-    from fedharmony.methods.iopfl.adaptation import SAFEGUARD_MARGIN, departure_keeps
-
-    d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
-    if not d or d.get("candidate_agreement") is None:
-        return None
-    margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
-    keep = departure_keeps(d["candidate_agreement"], d["global_agreement"], margin)
-    return {**{k: v for k, v in d.items() if k != "reason"}, "criterion": criterion,
-            "kept": "adapted" if keep else "global", "margin": margin}
-
-
-def _entries(results: dict):
-    for by_seed in results.get("targets", {}).values():
-        yield from by_seed.values()
-
-
-def derive_safeguards(results: dict, names=None) -> int:
-    """Fill each ``DERIVED`` criterion (of ``names``, default all) into the stored target results
-    (``results["targets"]``) that lack it, from its source's stored record; returns how many (target, seed)
-    entries were filled."""
-    filled = 0
-    for r in _entries(results):
-        for name, (source, criterion) in DERIVED.items():
-            if names is not None and name not in names:
-                continue
-            decision = None if name in r["mean"] else _derived_decision(r, source, criterion)
-            if decision is None:
-                continue
-            kept = SAFE_CANDIDATE if decision["kept"] == "adapted" else "global"
-            r["per_volume"][name] = dict(r["per_volume"][kept])
-            r["mean"][name] = r["mean"][kept]
-            r["timings"][name] = {"derived_from": source, "history": [{"safeguard": decision}]}
-            filled += 1
-    return filled
-
-
-def drop_derived(results: dict) -> int:
-    """Remove the derived entries (they then run for real); returns how many."""
-    dropped = 0
-    for r in _entries(results):
-        for name in DERIVED:
-            if "derived_from" in r["timings"].get(name, {}):
-                for key in ("mean", "per_volume", "timings"):
-                    r[key].pop(name, None)
-                dropped += 1
-    return dropped
 
 
 def method_runs(results: dict) -> List[dict]:

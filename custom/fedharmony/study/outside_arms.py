@@ -1,5 +1,6 @@
 """What an outside study can run: its targets, its test-time methods (arms) and the checks of an outside plan
-(no NVFlare import, nothing of the harness: :mod:`fedharmony.study.plan` reads it to check a plan).
+(no NVFlare import, nothing of the harness: :mod:`fedharmony.study.plan` reads it to check a plan), and the
+safeguard criteria that stored results can derive rather than run (:data:`DERIVED`).
 
 The harness is :mod:`fedharmony.study.outside`; see its docstring for what the arms and targets are.
 """
@@ -7,10 +8,11 @@ The harness is :mod:`fedharmony.study.outside`; see its docstring for what the a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 __all__ = ["TARGETS", "SITES", "UNSEEN_SETS", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
-           "HOLDOUT_EVERY", "DERIVED", "TABLE", "PLAN_SETTINGS", "check_arms", "check_outside_plan"]
+           "HOLDOUT_EVERY", "DERIVED", "TABLE", "PLAN_SETTINGS", "check_arms", "check_outside_plan", "labelled_cases",
+           "derive_safeguards", "drop_derived"]
 
 REPO = Path(__file__).resolve().parents[3]
 TARGETS = ("unseen", "loso")
@@ -79,3 +81,69 @@ def check_outside_plan(task: str, outside, arms) -> List[str]:
             raise ValueError(f"'profiles' must name the unseen scanners' profile file in the repository, got "
                              f"{profiles!r}")
     return check_arms(arms)
+
+
+def labelled_cases(cases) -> list:
+    """The cases the labelled criterion is given labels for: the first and every ``HOLDOUT_EVERY``-th after it,
+    in the order the bundle reads them (sorted), as the other criteria hold them out."""
+    return sorted(cases)[::HOLDOUT_EVERY]
+
+
+def _derived_decision(r: dict, source: str, criterion: str) -> Optional[dict]:
+    """The decision a ``DERIVED`` criterion makes from a stored (site, seed) result, or None where it lacks the
+    evidence (``departure``: the consensus run's agreements; ``labelled``: the adapted network's per-volume Dice)."""
+    if criterion == "labelled":
+        dice = r["per_volume"].get(source)
+        if not dice:
+            return None
+        cases = labelled_cases(dice)
+        candidate = sum(dice[c] for c in cases) / len(cases)
+        glob = sum(r["per_volume"]["global"][c] for c in cases) / len(cases)
+        return {"criterion": criterion, "candidate_dice": candidate, "global_dice": glob,
+                "kept": "adapted" if candidate > glob else "global", "labelled_volumes": cases}
+    from fedharmony.methods.iopfl.adaptation import SAFEGUARD_MARGIN, departure_keeps
+
+    d = r["timings"].get(source, {}).get("history", [{}])[-1].get("safeguard")
+    if not d or d.get("candidate_agreement") is None:
+        return None
+    margin = SAFEGUARD_MARGIN  # the bundle's default, which the study runs
+    keep = departure_keeps(d["candidate_agreement"], d["global_agreement"], margin)
+    return {**{k: v for k, v in d.items() if k != "reason"}, "criterion": criterion,
+            "kept": "adapted" if keep else "global", "margin": margin}
+
+
+def _entries(results: dict):
+    for by_seed in results.get("targets", {}).values():
+        yield from by_seed.values()
+
+
+def derive_safeguards(results: dict, names=None) -> int:
+    """Fill each ``DERIVED`` criterion (of ``names``, default all) into the stored target results
+    (``results["targets"]``) that lack it, from its source's stored record; returns how many (target, seed)
+    entries were filled."""
+    filled = 0
+    for r in _entries(results):
+        for name, (source, criterion) in DERIVED.items():
+            if names is not None and name not in names:
+                continue
+            decision = None if name in r["mean"] else _derived_decision(r, source, criterion)
+            if decision is None:
+                continue
+            kept = SAFE_CANDIDATE if decision["kept"] == "adapted" else "global"
+            r["per_volume"][name] = dict(r["per_volume"][kept])
+            r["mean"][name] = r["mean"][kept]
+            r["timings"][name] = {"derived_from": source, "history": [{"safeguard": decision}]}
+            filled += 1
+    return filled
+
+
+def drop_derived(results: dict) -> int:
+    """Remove the derived entries (they then run for real); returns how many."""
+    dropped = 0
+    for r in _entries(results):
+        for name in DERIVED:
+            if "derived_from" in r["timings"].get(name, {}):
+                for key in ("mean", "per_volume", "timings"):
+                    r[key].pop(name, None)
+                dropped += 1
+    return dropped
