@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (every kind of study the tool runs)."""
     from fedharmony.study.tasks import METHODS, PRESETS, TASKS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +84,11 @@ def main(argv=None) -> int:
                          help="add routing with 10x the learning rate, 4x the passes and the released online schedule")
     outside.add_argument("--run-derived", action="store_true",
                          help="run for real the safeguard criteria that stored results only derive")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
