@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default study-main-prostate study-main-dermoscopy scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -120,6 +120,14 @@ study-iopfl-unseen: setup
 ## resumable, also from the committed runs in docs/studies/iopfl_loso/runs/)
 study-iopfl-loso: setup
 	$(BIN)/python tools/study.py --outside loso --seeds 5 --out docs/studies/iopfl_loso
+
+## study-main-prostate / study-main-dermoscopy: the README's method comparisons rerun under committed plans
+## (docs/studies/{prostate,dermoscopy}_main/plan.json): 80 rounds, 10 seeds, Holm across each study's verdicts; resumable
+study-main-prostate: setup
+	$(BIN)/python tools/study.py --plan docs/studies/prostate_main/plan.json
+
+study-main-dermoscopy: setup
+	$(BIN)/python tools/study.py --plan docs/studies/dermoscopy_main/plan.json
 
 ## study-routing-default: the planned test of routed inference's default (docs/studies/routing_default/plan.json):
 ## the candidate chosen on the five IOP-FL outside studies, and the runner-up, against the global model on six fresh
