@@ -55,6 +55,8 @@ def test_noninferiority_against_scipy():
     sem = d.std(ddof=1) / math.sqrt(d.size)
     assert r.lower == pytest.approx(d.mean() - sps.t.ppf(0.95, 4) * sem) and r.noninferior
     assert noninferiority_p(d, 0.01) == pytest.approx(sps.ttest_1samp(d, -0.01, alternative="greater").pvalue)
+    assert r.p == noninferiority_p(d, 0.01)  # one test: the bound and the p come from the same SE
+    assert math.isnan(noninferiority([0.01], margin=0.01).p) and noninferiority([0.0, 0.0], margin=0.01).p == 0.0
     assert not noninferiority(d - 0.012, margin=0.01).noninferior  # the mean itself is beyond the margin
     with pytest.raises(ValueError, match="margin must be > 0"):
         noninferiority(d, margin=0)

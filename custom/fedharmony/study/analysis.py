@@ -37,17 +37,9 @@ __all__ = ["paired_per_seed", "planned_verdicts", "posthoc_rule", "noninferiorit
 
 
 def noninferiority_p(differences, margin: float) -> float:
-    """One-sided p of H0 "mean difference <= -margin" (t-test over seeds; NaN for fewer than 2 values)."""
-    from scipy.stats import t as student_t
-
-    d = np.asarray(differences, dtype=float)
-    if d.size < 2:
-        return math.nan
-    sd = float(d.std(ddof=1))
-    shifted = float(d.mean()) + margin
-    if sd == 0:
-        return 0.0 if shifted > 0 else 1.0
-    return float(student_t.sf(shifted / (sd / math.sqrt(d.size)), df=d.size - 1))
+    """One-sided p of H0 "mean difference <= -margin" (t-test over seeds; NaN for fewer than 2 values): the p of
+    :func:`fedharmony.study.stats.noninferiority`'s test."""
+    return noninferiority(differences, margin).p
 
 
 def superiority_verdict(adjusted_p: float, t_ci, boot_ci, alpha: float) -> str:

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
+from fedharmony.core.files import atomic_write_text
 from fedharmony.data.datalist import write_datalist
 
 __all__ = ["TEST_DRAW_OFFSET", "StudyData", "make_phantom_data", "real_data", "pooled_dataset", "iid_dataset",
@@ -212,5 +213,5 @@ def iid_dataset(data: StudyData, out_dir, seed: int) -> StudyData:
     for f in folders:
         (out / f).mkdir(parents=True)
         write_datalist(out / f, dealt[f], f)
-    (out / "sites.json").write_text(json.dumps(data.sites, indent=2) + "\n")
+    atomic_write_text(out / "sites.json", json.dumps(data.sites, indent=2) + "\n")
     return StudyData(train_root=str(out), test_root=str(data.test_root), sites=data.sites)

@@ -211,6 +211,7 @@ class NonInferiority:
     margin: float  # the largest loss still called "no worse"
     level: float  # one-sided confidence level
     noninferior: bool  # lower > -margin
+    p: float = math.nan  # one-sided p of H0 "mean difference <= -margin" (NaN for fewer than 2 values)
 
 
 def noninferiority(differences: Sequence[float], margin: float, level: float = 0.95) -> NonInferiority:
@@ -235,8 +236,11 @@ def noninferiority(differences: Sequence[float], margin: float, level: float = 0
         mean = float(d.mean()) if d.size else math.nan
         return NonInferiority(mean, math.nan, float(margin), level, False)
     mean = float(d.mean())
-    lower = mean - float(student_t.ppf(level, df=d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
-    return NonInferiority(mean, lower, float(margin), level, bool(lower > -margin))
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    lower = mean - float(student_t.ppf(level, df=d.size - 1)) * se
+    shifted = mean + margin
+    p = float(student_t.sf(shifted / se, df=d.size - 1)) if se > 0 else (0.0 if shifted > 0 else 1.0)
+    return NonInferiority(mean, lower, float(margin), level, bool(lower > -margin), p)
 
 
 def paired_t_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
