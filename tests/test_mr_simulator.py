@@ -145,9 +145,10 @@ def test_a_negative_relaxation_time_is_refused_naming_it():
         Relaxation(t1_ms=1000, t2_ms=-5, pd=0.8)
 
 
-def test_the_simulation_grid_must_be_finer_than_the_acquisition():
+def test_an_acquisition_finer_than_the_simulation_grid_interpolates_and_keeps_the_mean():
     site = MRSite.from_dict({"name": "FINE", "field_t": 1.5, "sequence": {"kind": "SE", "tr_ms": 3000, "te_ms": 90},
                              "acquisition": {"fov_mm": [64, 64], "matrix": [128, 128], "slice_mm": 1.0}})
-    with pytest.raises(ValueError, match="coarser than the acquisition"):
-        acquire({"fluid": np.ones((2, 64, 64))}, (1.0, 1.0, 1.0), site)
+    image, spacing = acquire({"fluid": np.ones((2, 64, 64))}, (1.0, 1.0, 1.0), site)
+    expected = 1000 * signal(TISSUES["fluid"][1.5], site.sequence)
+    assert image.shape == (2, 128, 128) and spacing == (1.0, 0.5, 0.5) and np.allclose(image, expected, rtol=1e-5)
     assert isinstance(site.noise, Noise) and site.noise.sigma == 0

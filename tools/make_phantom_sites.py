@@ -30,10 +30,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profiles", help="profile JSON file (default: the built-in six sites)")
     p.add_argument("--list-profiles", action="store_true", help="print the profile table (Markdown) and exit")
+    p.add_argument("--phantom", choices=("v1", "v2"), default="v1",
+                   help="v1: the committed studies' phantom (default); v2: anatomy in mm scanned by the MR physics "
+                        "simulator (fedharmony.phantom.prostate_mr; --size and --slices do not apply: each profile "
+                        "gives its matrix and slices)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes drawing cases (default: the CPUs, at most 8; the files do not depend on it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.phantom == "v2":
+        return _v2(p, args)
     try:
         profiles = select_profiles(load_profiles(args.profiles), args.sites)
     except (KeyError, ValueError, FileNotFoundError) as e:
@@ -50,6 +56,30 @@ def main(argv=None):
     write_sites(args.out, profiles, seed=args.seed, cases=args.cases, size=args.size, slices=args.slices,
                 workers=max(1, args.workers))
     print(f"wrote {len(profiles)} site(s) to {args.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _v2(p, args) -> int:
+    from fedharmony.phantom.mr import ProfileError
+    from fedharmony.phantom.prostate_mr import load_v2_profiles, write_sites_v2
+
+    if args.list_profiles or args.slices is not None:
+        p.error("--list-profiles and --slices are for --phantom v1 (a v2 profile gives its own matrix and slices)")
+    try:
+        profiles = load_v2_profiles(args.profiles)
+        unknown = [s for s in args.sites or [] if s not in profiles]
+        if unknown:
+            raise ProfileError(f"unknown site(s) {unknown}; the profiles have {list(profiles)}")
+    except ProfileError as e:
+        p.error(str(e))
+    if not args.out:
+        p.error("--out is required")
+    if args.cases is not None and args.cases < 3:
+        p.error(f"--cases must be at least 3, got {args.cases}")
+    chosen = [profiles[s] for s in (args.sites or profiles)]
+    t0 = time.time()
+    write_sites_v2(args.out, chosen, seed=args.seed, cases=args.cases, workers=max(1, args.workers))
+    print(f"wrote {len(chosen)} v2 site(s) to {args.out} in {time.time() - t0:.1f} s ({max(1, args.workers)} workers)")
     return 0
 
 

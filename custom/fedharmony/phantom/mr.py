@@ -301,25 +301,25 @@ def kspace_sample(image: np.ndarray, spacing_mm: Tuple[float, float], fov_mm: Tu
                   matrix: Tuple[int, int], ghost_rad: float = 0.0,
                   recon_matrix: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """One slice (y, x) on a fine grid of ``spacing_mm`` seen through the site's k-space: the slice is cut or
-    padded (centred) to ``fov_mm``, and its k-space cut to the central ``matrix`` samples (box truncation); a
+    padded (centred) to ``fov_mm``, and its k-space cut to the central ``matrix`` samples (box truncation; a
+    matrix finer than the grid zero-fills instead: the image is interpolated, with no detail the grid lacks); a
     ``ghost_rad`` phase error on every other phase-encoding (y) line; reconstructed at ``recon_matrix`` (zero
     filling; default ``matrix``). Returns the complex image; its spacing is ``fov_mm / recon_matrix``.
     The mean intensity is kept."""
     recon = tuple(recon_matrix or matrix)
-    fine = []
-    for axis, (n, d, fov, m) in enumerate(zip(image.shape, spacing_mm, fov_mm, matrix)):
-        samples = int(round(fov / d))
-        if m > samples:
-            raise ValueError(f"the simulation grid ({d} mm) is coarser than the acquisition ({fov / m:.2f} mm) on "
-                             f"axis {'yx'[axis]}: simulate on a finer grid")
-        fine.append(samples)
+    fine = [int(round(fov / d)) for d, fov in zip(spacing_mm, fov_mm)]
     grid = np.zeros(fine, dtype=np.float64)  # the field of view on the fine grid, the slice centred in it
     src = [slice(max(0, (n - f) // 2), max(0, (n - f) // 2) + min(n, f)) for n, f in zip(image.shape, fine)]
     dst = [slice(max(0, (f - n) // 2), max(0, (f - n) // 2) + min(n, f)) for n, f in zip(image.shape, fine)]
     grid[tuple(dst)] = image[tuple(src)]
     k = np.fft.fftshift(np.fft.fft2(grid))
-    cut = tuple(slice(f // 2 - m // 2, f // 2 - m // 2 + m) for f, m in zip(fine, matrix))
-    k = k[cut]
+    if any(m > f for m, f in zip(matrix, fine)):  # an acquisition finer than the simulation grid: zero-filled,
+        size = tuple(max(m, f) for m, f in zip(matrix, fine))  # it resolves no detail the grid does not have
+        padded = np.zeros(size, dtype=complex)
+        padded[tuple(slice(s // 2 - f // 2, s // 2 - f // 2 + f) for s, f in zip(size, fine))] = k
+        k = padded
+    centre = k.shape
+    k = k[tuple(slice(c // 2 - m // 2, c // 2 - m // 2 + m) for c, m in zip(centre, matrix))]
     if ghost_rad:
         k[1::2, :] *= np.exp(1j * ghost_rad)
     if recon != tuple(matrix):
