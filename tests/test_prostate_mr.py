@@ -63,3 +63,26 @@ def test_annotation_conventions_move_the_boundary_and_drop_apex_and_base():
 def test_a_bad_v2_profile_is_refused_naming_the_field(extra, message):
     with pytest.raises(ProfileError, match=f"site SMALL: {message}"):
         _profile(**extra)
+
+
+def test_the_phantom_tool_writes_v2_sites_in_the_v1_layout(tmp_path, capsys):
+    import json
+
+    import nibabel as nib
+
+    import make_phantom_sites  # tools/ is on sys.path (conftest)
+
+    profile = {"name": "TINY", "field_t": 1.5, "sequence": {"kind": "SE", "tr_ms": 4000, "te_ms": 100},
+               "acquisition": {"fov_mm": [100, 100], "matrix": [48, 48], "slice_mm": 4.0}, "coverage_mm": 40}
+    (tmp_path / "sites.json").write_text(json.dumps({"sites": [profile]}))
+    out = tmp_path / "data"
+    assert make_phantom_sites.main(["--phantom", "v2", "--profiles", str(tmp_path / "sites.json"), "--out", str(out),
+                                    "--cases", "3", "--workers", "1"]) == 0
+    assert json.loads((out / "sites.json").read_text()) == {"site-1": "TINY"}
+    datalist = json.loads((out / "TINY" / "datalist.json").read_text())
+    assert sum(len(datalist[s]) for s in ("training", "validation", "testing")) == 3
+    image = nib.load(str(out / "TINY" / "Case00.nii.gz"))
+    assert image.shape == (48, 48, 10) and image.get_data_dtype() == "int16"
+    with pytest.raises(SystemExit):
+        make_phantom_sites.main(["--phantom", "v2", "--out", str(out), "--sites", "NOWHERE"])
+    assert "unknown site(s) ['NOWHERE']" in capsys.readouterr().err
