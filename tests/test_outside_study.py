@@ -336,3 +336,16 @@ def test_report_only_without_results_names_the_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--report-only", str(tmp_path)])
     assert f"no results.json at {tmp_path / 'results.json'}" in capsys.readouterr().err
+
+
+def test_data_and_federations_of_other_settings_are_removed_before_a_run(tmp_path):
+    said = []
+    study = outside.OutsideStudy("loso", 1, tmp_path, sites=3, cases=3, echo=said.append)
+    (tmp_path / "sim" / "old").mkdir(parents=True)
+    (tmp_path / "data" / "seed0").mkdir(parents=True)
+    study._drop_work_of_other_settings()  # no record yet (a folder from before the record): kept, recorded
+    assert (tmp_path / "sim" / "old").is_dir() and not said
+    outside.OutsideStudy("loso", 1, tmp_path, sites=3, cases=3, echo=said.append)._drop_work_of_other_settings()
+    assert (tmp_path / "sim" / "old").is_dir() and not said  # the same settings: kept
+    outside.OutsideStudy("loso", 1, tmp_path, sites=3, cases=4, echo=said.append)._drop_work_of_other_settings()
+    assert not (tmp_path / "sim").exists() and not (tmp_path / "data").exists() and "removed" in said[-1]

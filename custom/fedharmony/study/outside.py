@@ -295,6 +295,7 @@ class OutsideStudy:
         if not collect_only:
             self.echo(f"outside study: {self.target}, {len(self.targets())} target(s) x {len(self.seeds)} seed(s), "
                       f"out {self.out}")
+            self._drop_work_of_other_settings()
             ran = False
             for seed in self.seeds:
                 ran |= self._run_seed(seed, results)
@@ -303,6 +304,22 @@ class OutsideStudy:
         results["wall_s"] = time.time() - t_study
         _atomic_json(self.out / RESULTS_FILE, results)
         return results
+
+    def _drop_work_of_other_settings(self) -> None:
+        """The drawn data, federations and predictions (``data/``, ``sim/``, ``predictions/``) are reused by name;
+        made with other settings they are removed first (``work_settings.json`` records theirs). Stored results
+        are checked one by one against their own key."""
+        marker = self.out / "work_settings.json"
+        try:
+            before = json.loads(marker.read_text()) if marker.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            before = {}
+        if before is not None and before != self.settings():
+            for folder in ("data", "sim", "predictions"):
+                if (self.out / folder).exists():
+                    shutil.rmtree(self.out / folder)
+            self.echo(f"{self.out}: data, federations and predictions were made with other settings; removed")
+        _atomic_json(marker, self.settings())
 
     def _plan_results(self) -> dict:
         return plan_results(self.analysis_plan, self._plan_record, self.plan_path, self.out)
