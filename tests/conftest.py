@@ -106,14 +106,47 @@ def export_job(base: Path, name: Optional[str] = None, *flags: str, algorithm: s
     return out / name
 
 
+# NVFlare 2.9's simulator gives a fresh site process 60 s (hard-coded) to open its connection; on a loaded
+# 2-core machine a process importing torch, MONAI and NVFlare can take longer, and the server then waits for that
+# site forever. The same runtime flake the study tool answers by running a silent job once more.
+CHILD_CONNECTION_FAILED = "Failed to create connection to the child process"
+
+
 def simulate(job: Path, ws: Path, data_root: Path, sites: int = 2, threads: int = 1, timeout: int = 900) -> Path:
     """``nvflare simulator`` on an exported job (``-t threads``; with fewer threads than sites every task runs in
-    a fresh site process); returns the server's run folder."""
+    a fresh site process); returns the server's run folder. A run whose server log reports that a site process
+    never connected (:data:`CHILD_CONNECTION_FAILED`) is stopped and run once more, in a fresh workspace."""
+    import shutil
+    import signal
+    import time
+    import warnings
+
     env = {**os.environ, "FEDHARMONY_DATA_ROOT": str(data_root)}
-    res = subprocess.run([NVFLARE, "simulator", str(job), "-w", str(ws), "-n", str(sites), "-t", str(threads)],
-                         env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return ws / "server" / "simulate_job"
+    cmd = [NVFLARE, "simulator", str(job), "-w", str(ws), "-n", str(sites), "-t", str(threads)]
+    for attempt in (1, 2):
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            deadline, stalled = time.time() + timeout, False
+            while proc.poll() is None:
+                time.sleep(2)
+                log = ws / "server" / "log.txt"
+                stalled = log.is_file() and CHILD_CONNECTION_FAILED in log.read_text(errors="replace")
+                if stalled or time.time() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+            out.seek(0)
+            output = out.read()
+        if stalled and attempt == 1:
+            warnings.warn(f"nvflare simulator: a site process never connected ({CHILD_CONNECTION_FAILED}); "
+                          "running the job once more")
+            shutil.rmtree(ws, ignore_errors=True)
+            continue
+        if proc.returncode != 0 or stalled:
+            raise AssertionError(("timed out\n" if time.time() > deadline else "") + output[-6000:])
+        return ws / "server" / "simulate_job"
+    raise AssertionError("unreachable")
 
 
 # tiny classification sites: 32 x 32 images, a few per class and split; the bundle resized to match
