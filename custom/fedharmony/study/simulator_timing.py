@@ -95,6 +95,9 @@ def rss_sampler(stop: threading.Event, peaks: dict, root: Optional[int] = None):
         stop.wait(0.5)
 
 
+SAMPLER_THREAD_NAME = "fedharmony-peak-rss"
+
+
 @contextlib.contextmanager
 def peak_rss():
     """``with peak_rss() as peaks: <run the simulator>``: afterwards ``peaks`` holds the largest RSS (MiB) of a
@@ -107,7 +110,7 @@ def peak_rss():
         with contextlib.suppress(OSError):
             rss_sampler(stop, peaks)
 
-    thread = threading.Thread(target=sample, daemon=True)
+    thread = threading.Thread(target=sample, name=SAMPLER_THREAD_NAME, daemon=True)
     thread.start()
     try:
         yield peaks
