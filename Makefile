@@ -32,9 +32,9 @@ orthanc:
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not integration" --durations=10
 
-## jobs: export self-contained job folders (every algorithm x prostate, dermoscopy, histology) to build/jobs
+## jobs: export self-contained job folders (every algorithm x prostate, brain, dermoscopy, histology) to build/jobs
 jobs: setup
-	for task in prostate dermoscopy histology; do for algo in $$($(BIN)/python -c "from fedharmony.methods import METHODS; print(*METHODS)"); do \
+	for task in prostate brain dermoscopy histology; do for algo in $$($(BIN)/python -c "from fedharmony.methods import METHODS; print(*METHODS)"); do \
 		$(BIN)/python jobs/$$task.py --algorithm $$algo --export --export-dir build/jobs || exit 1; done; done
 
 ## study-*: methods compared over seeds with CIs and a generated report (docs/studies.md)

@@ -52,6 +52,7 @@ SEGMENT_CODES = {
     "prostate": ("41216001", "Prostate"),
     "peripheral zone": ("279706003", "Peripheral zone of the prostate"),
     "transition zone": ("399384005", "Transition zone of the prostate"),
+    "brain": ("12738006", "Brain"),
 }
 _ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
 _ALIGN_TOL = 0.1  # voxels: how far a source pixel may lie from a mask voxel centre and still be "on the grid"

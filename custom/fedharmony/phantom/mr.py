@@ -65,7 +65,7 @@ import numpy as np
 
 __all__ = ["Relaxation", "TISSUES", "PulseSequence", "Acquisition", "Coil", "Noise", "MRSite", "ProfileError",
            "signal", "tissue_signal", "slice_profile", "kspace_sample", "coil_sensitivity", "g_factor_map",
-           "rician", "acquire", "FIELDS_T"]
+           "rician", "acquire", "area_average", "FIELDS_T"]
 
 FIELDS_T = (1.5, 3.0)  # field strengths with relaxation values
 
@@ -386,3 +386,17 @@ def acquire(fractions: Mapping[str, np.ndarray], spacing_mm: Sequence[float], si
         out[i] = np.abs(np.asarray(KSpaceSpikeNoise(loc=loc, k_intensity=level)(out[i][None]))[0])
     step = acq.slice_mm + acq.gap_mm
     return out * np.float32(site.receiver_scale), (step, acq.fov_mm[0] / acq.matrix[0], acq.fov_mm[1] / acq.matrix[1])
+
+
+def area_average(plane: np.ndarray, matrix: Tuple[int, int], spacing_mm, fov_mm) -> np.ndarray:
+    """A fraction map ``(y, x)`` on the fine grid (``spacing_mm``), cut or padded to the field of view and
+    area-averaged to ``matrix``: what share of each acquired pixel a structure fills (labels from anatomy)."""
+    import torch
+    import torch.nn.functional as F
+
+    fine = [int(round(f / d)) for f, d in zip(fov_mm, spacing_mm)]
+    grid = np.zeros(fine, dtype=np.float32)
+    src = [slice(max(0, (n - f) // 2), max(0, (n - f) // 2) + min(n, f)) for n, f in zip(plane.shape, fine)]
+    dst = [slice(max(0, (f - n) // 2), max(0, (f - n) // 2) + min(n, f)) for n, f in zip(plane.shape, fine)]
+    grid[tuple(dst)] = plane[tuple(src)]
+    return F.interpolate(torch.from_numpy(grid)[None, None], size=tuple(matrix), mode="area")[0, 0].numpy()

@@ -40,7 +40,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fedharmony.phantom.mr import MRSite, ProfileError, acquire, slice_profile
+from fedharmony.phantom.mr import MRSite, ProfileError, acquire, area_average, slice_profile
 
 __all__ = ["ProstateMRSite", "draw_patient", "tissue_maps", "annotate", "make_case_v2", "load_v2_profiles",
            "write_sites_v2", "V2_PROFILES", "SIM_SPACING_MM"]
@@ -193,19 +193,6 @@ def tissue_maps(patient: dict, shape: Tuple[int, int, int], spacing_mm: Sequence
     return {name: (m * texture).astype(np.float32) for name, m in maps.items()}, gland_fraction
 
 
-def _area_average(plane: np.ndarray, matrix: Tuple[int, int], spacing_mm, fov_mm) -> np.ndarray:
-    """A fraction map (y, x) on the fine grid, cut or padded to the field of view and area-averaged to ``matrix``."""
-    import torch
-    import torch.nn.functional as F
-
-    fine = [int(round(f / d)) for f, d in zip(fov_mm, spacing_mm)]
-    grid = np.zeros(fine, dtype=np.float32)
-    src = [slice(max(0, (n - f) // 2), max(0, (n - f) // 2) + min(n, f)) for n, f in zip(plane.shape, fine)]
-    dst = [slice(max(0, (f - n) // 2), max(0, (f - n) // 2) + min(n, f)) for n, f in zip(plane.shape, fine)]
-    grid[tuple(dst)] = plane[tuple(src)]
-    return F.interpolate(torch.from_numpy(grid)[None, None], size=tuple(matrix), mode="area")[0, 0].numpy()
-
-
 def annotate(gland_slices: np.ndarray, boundary_voxels: int = 0, apex_base: str = "include") -> np.ndarray:
     """A site's gland mask from the gland's fraction per acquired voxel ``(slices, y, x)``: above one half, then
     eroded (-1) or dilated (+1) by one voxel in-plane, and without its first and last slices for
@@ -240,7 +227,7 @@ def make_case_v2(profile: ProstateMRSite, seed: int, case_index: int):
     fractions, gland = tissue_maps(patient, shape, spacing)
     image, (dz, dy, dx) = acquire(fractions, spacing, profile.scanner, seed=int(rng.integers(2 ** 31)))
     gland_slices = slice_profile(gland, spacing[0], acq.slice_mm, acq.gap_mm)
-    gland_acq = np.stack([_area_average(p, acq.matrix, spacing[1:], acq.fov_mm) for p in gland_slices])
+    gland_acq = np.stack([area_average(p, acq.matrix, spacing[1:], acq.fov_mm) for p in gland_slices])
     mask = annotate(gland_acq, profile.boundary_voxels, profile.apex_base)
     stored = np.clip(np.rint(image), 0, 32767).astype(np.int16)
     # arrays are (z, y, x), z inferior -> superior and y posterior -> anterior (x: the body is symmetric);
@@ -253,26 +240,6 @@ def make_case_v2(profile: ProstateMRSite, seed: int, case_index: int):
 def write_sites_v2(out_dir, profiles: Sequence[ProstateMRSite], seed: int = 0, cases: Optional[int] = None,
                    workers: int = 1) -> Path:
     """Write each site's cases, ``datalist.json`` and ``sites.json`` (the v1 layout) under ``out_dir``."""
-    from fedharmony.core.files import write_site_map
-    from fedharmony.data.datalist import make_datalist, write_datalist
-    from fedharmony.phantom._common import run_jobs
+    from fedharmony.phantom.sites import write_simulated_sites
 
-    out_dir = Path(out_dir)
-    for profile in profiles:
-        site_dir = out_dir / profile.name
-        site_dir.mkdir(parents=True, exist_ok=True)
-        n = cases or profile.cases
-        run_jobs(_write_case_v2, [(profile, seed, i, site_dir) for i in range(n)], workers)
-        pairs = {f"Case{i:02d}": (f"Case{i:02d}.nii.gz", f"Case{i:02d}_segmentation.nii.gz") for i in range(n)}
-        write_datalist(site_dir, make_datalist(pairs, seed), profile.name)
-    write_site_map(out_dir, [p.name for p in profiles])
-    return out_dir
-
-
-def _write_case_v2(job) -> None:
-    import nibabel as nib
-
-    profile, seed, i, site_dir = job
-    image, mask, affine = make_case_v2(profile, seed, i)
-    nib.save(nib.Nifti1Image(image, affine), str(site_dir / f"Case{i:02d}.nii.gz"))
-    nib.save(nib.Nifti1Image(mask, affine), str(site_dir / f"Case{i:02d}_segmentation.nii.gz"))
+    return write_simulated_sites(out_dir, profiles, make_case_v2, seed=seed, cases=cases, workers=workers)

@@ -54,3 +54,31 @@ def write_sites(out_dir: str | Path, profiles: Sequence[SiteProfile], seed: int 
         write_site(out_dir, profile, seed, cases, size, slices, workers)
     write_site_map(out_dir, [p.name for p in profiles])
     return out_dir
+
+
+def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0, cases: Optional[int] = None,
+                          workers: int = 1) -> Path:
+    """Write sites drawn by an MR-simulator phantom: for each profile (with ``name`` and ``cases``),
+    ``make_case(profile, seed, index) -> (image, mask, affine)`` gives ``CaseNN.nii.gz`` and
+    ``CaseNN_segmentation.nii.gz``; then the site's ``datalist.json`` and ``sites.json`` (the v1 layout).
+    ``make_case`` must be a module-level function (cases are drawn in ``workers`` forked processes)."""
+    out_dir = Path(out_dir)
+    for profile in profiles:
+        site_dir = out_dir / profile.name
+        site_dir.mkdir(parents=True, exist_ok=True)
+        n = cases or profile.cases
+        run_jobs(_write_simulated_case, [(make_case, profile, seed, i, site_dir) for i in range(n)], workers)
+        pairs = {f"Case{i:02d}": (f"Case{i:02d}.nii.gz", f"Case{i:02d}_segmentation.nii.gz") for i in range(n)}
+        write_datalist(site_dir, make_datalist(pairs, seed), profile.name)
+        logger.info("%s: %d cases", profile.name, n)
+    write_site_map(out_dir, [p.name for p in profiles])
+    return out_dir
+
+
+def _write_simulated_case(job) -> None:
+    import nibabel as nib
+
+    make_case, profile, seed, i, site_dir = job
+    image, mask, affine = make_case(profile, seed, i)
+    nib.save(nib.Nifti1Image(image, affine), str(site_dir / f"Case{i:02d}.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, affine), str(site_dir / f"Case{i:02d}_segmentation.nii.gz"))

@@ -72,6 +72,13 @@ def _write_draw(task: str, out: Path, seed: int, sites: Optional[int], data: dic
         profiles = list(load_profiles().values())[:sites]
         write_sites(out, profiles, seed=seed, cases=cases or data.get("cases"), size=data.get("size", 96),
                     slices=data.get("slices"), workers=default_workers())
+    elif task == "brain":
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.brain_mr import load_brain_profiles, write_brain_sites
+
+        profiles = list(load_brain_profiles().values())[:sites]
+        write_brain_sites(out, profiles, seed=seed, cases=cases or data.get("cases"), workers=default_workers(),
+                          voxel_scale=data.get("voxel_scale", 1.0), grid_mm=data.get("grid_mm", 1.5))
     elif task == "dermoscopy":
         from fedharmony.phantom._common import default_workers
         from fedharmony.phantom.dermoscopy import load_dermoscopy_profiles, write_dermoscopy_sites
