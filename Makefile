@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default shift-prostate-v1 shift-prostate-v2 study-main-prostate study-main-dermoscopy scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default shift-prostate-v1 shift-prostate-v2 shift-brain study-main-prostate study-main-dermoscopy scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -134,6 +134,11 @@ study-main-dermoscopy: setup
 shift-prostate-v1: setup
 	[ -f data/prostate_v1_seed0/sites.json ] || $(BIN)/python tools/make_phantom_sites.py --out data/prostate_v1_seed0 --cases 10 --size 96 --seed 0
 	$(BIN)/python tools/measure_shift.py --data data/prostate_v1_seed0 --out docs/studies/shift_prostate_v1 --override '{"image_size": 96}' --title "prostate phantom v1, the standard study sites (seed 0)"
+
+## shift-brain: the same on the brain phantom (MNI152 anatomy, three IXI-like scanners), the standard study's sites
+shift-brain: setup
+	[ -f data/brain_seed0/sites.json ] || $(BIN)/python tools/make_phantom_sites.py --phantom brain --out data/brain_seed0 --voxel-scale 2 --seed 0
+	$(BIN)/python tools/measure_shift.py --data data/brain_seed0 --bundle bundles/brain_mri_seg --out docs/studies/shift_brain --override '{"image_size": 96}' --title "brain phantom (MNI152, IXI-like scanners), the standard study's three sites (seed 0)"
 
 ## shift-prostate-v2: the same on prostate phantom v2 (anatomy in mm scanned by the MR physics simulator), seed 0
 shift-prostate-v2: setup
