@@ -61,7 +61,8 @@ def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0,
     """Write sites drawn by an MR-simulator phantom: for each profile (with ``name`` and ``cases``),
     ``make_case(profile, seed, index) -> (image, mask, affine)`` gives ``CaseNN.nii.gz`` and
     ``CaseNN_segmentation.nii.gz``; then the site's ``datalist.json`` and ``sites.json`` (the v1 layout).
-    ``make_case`` must be a module-level function (cases are drawn in ``workers`` forked processes)."""
+    ``make_case`` must pickle (a module-level function, or a ``functools.partial`` of one): cases are drawn in
+    ``workers`` processes."""
     out_dir = Path(out_dir)
     for profile in profiles:
         site_dir = out_dir / profile.name
