@@ -107,9 +107,11 @@ def test_the_generator_writes_the_site_layout_and_refuses_prostate_only_flags(tm
     datalist = json.loads((out / "IOP" / "datalist.json").read_text())
     assert sum(len(datalist[s]) for s in ("training", "validation", "testing")) == 3
     assert nib.load(out / "IOP" / "Case00.nii.gz").shape[:2] == (24, 24)  # 192 / 8
-    for bad in (["--slices", "10"], ["--voxel-scale", "0.5"], ["--sites", "NOPE"]):
+    for bad, message in ((["--slices", "10"], "--list-profiles and --slices are for --phantom v1"),
+                         (["--voxel-scale", "0.5"], "--voxel-scale must be in [1, 16], got 0.5"),
+                         (["--sites", "NOPE"], "unknown site(s) ['NOPE']")):
         res = subprocess.run(cmd[:-6] + bad, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2 and bad[-1] in res.stderr or "slices" in res.stderr, res.stderr
+        assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
 # ------------------------------------------------------------------------------------------------ bundle

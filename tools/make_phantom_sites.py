@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=96, help="base in-plane matrix (default 96; real data: 384)")
     p.add_argument("--slices", type=int, help="slices per volume (default: each profile's count)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profiles", help="profile JSON file (default: the built-in six sites)")
+    p.add_argument("--profiles", help="profile JSON file (default: the phantom's built-in sites)")
     p.add_argument("--list-profiles", action="store_true", help="print the profile table (Markdown) and exit")
     p.add_argument("--phantom", choices=("v1", "v2", "brain"), default="v1",
                    help="v1: the committed studies' phantom (default); v2: anatomy in mm scanned by the MR physics "

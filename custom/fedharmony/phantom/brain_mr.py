@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fedharmony.phantom.mr import MRSite, ProfileError, acquire, area_average, slice_profile
+from fedharmony.phantom.mr import (MRSite, ProfileError, acquire, area_average, load_site_profiles,
+                                   slice_profile)
 
 __all__ = ["BrainMRSite", "template_anatomy", "case_anatomy", "make_brain_case", "load_brain_profiles",
            "write_brain_sites", "BRAIN_PROFILES", "MNI_FILES", "HEAD_SHELLS_MM"]
@@ -103,15 +103,7 @@ class BrainMRSite:
 def load_brain_profiles(path=None) -> Dict[str, BrainMRSite]:
     """The brain site profiles of a JSON file (``{"sites": [...]}``; default: the three of
     ``brain_mr_sites.json``)."""
-    path = Path(path or BRAIN_PROFILES)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProfileError(f"{path}: cannot be read as JSON ({e})") from None
-    sites = [BrainMRSite.from_dict(s) for s in raw.get("sites", [])]
-    if not sites:
-        raise ProfileError(f"{path}: no site under 'sites'")
-    return {s.name: s for s in sites}
+    return load_site_profiles(path or BRAIN_PROFILES, BrainMRSite.from_dict)
 
 
 def _mni_folder() -> Path:

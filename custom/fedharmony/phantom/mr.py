@@ -65,7 +65,7 @@ import numpy as np
 
 __all__ = ["Relaxation", "TISSUES", "PulseSequence", "Acquisition", "Coil", "Noise", "MRSite", "ProfileError",
            "signal", "tissue_signal", "slice_profile", "kspace_sample", "coil_sensitivity", "g_factor_map",
-           "rician", "acquire", "area_average", "FIELDS_T"]
+           "rician", "acquire", "area_average", "load_site_profiles", "FIELDS_T"]
 
 FIELDS_T = (1.5, 3.0)  # field strengths with relaxation values
 
@@ -400,3 +400,21 @@ def area_average(plane: np.ndarray, matrix: Tuple[int, int], spacing_mm, fov_mm)
     dst = [slice(max(0, (f - n) // 2), max(0, (f - n) // 2) + min(n, f)) for n, f in zip(plane.shape, fine)]
     grid[tuple(dst)] = plane[tuple(src)]
     return F.interpolate(torch.from_numpy(grid)[None, None], size=tuple(matrix), mode="area")[0, 0].numpy()
+
+
+def load_site_profiles(path, from_dict) -> dict:
+    """``{name: site}`` from a profile file (``{"sites": [...]}``), each entry made by ``from_dict`` (for
+    example :meth:`MRSite.from_dict`); an unreadable file or one without sites is a :class:`ProfileError`
+    naming it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProfileError(f"{path}: cannot be read as JSON ({e})") from None
+    sites = [from_dict(s) for s in raw.get("sites", [])] if isinstance(raw, dict) else []
+    if not sites:
+        raise ProfileError(f"{path}: no site under 'sites'")
+    return {s.name: s for s in sites}

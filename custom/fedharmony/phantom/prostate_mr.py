@@ -32,7 +32,6 @@ scanners store them.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fedharmony.phantom.mr import MRSite, ProfileError, acquire, area_average, slice_profile
+from fedharmony.phantom.mr import (MRSite, ProfileError, acquire, area_average, load_site_profiles,
+                                   slice_profile)
 
 __all__ = ["ProstateMRSite", "draw_patient", "tissue_maps", "annotate", "make_case_v2", "load_v2_profiles",
            "write_sites_v2", "V2_PROFILES", "SIM_SPACING_MM"]
@@ -96,15 +96,7 @@ class ProstateMRSite:
 
 def load_v2_profiles(path=None) -> Dict[str, ProstateMRSite]:
     """The v2 site profiles of a JSON file (``{"sites": [...]}``; default: the six of ``prostate_mr_sites.json``)."""
-    path = Path(path or V2_PROFILES)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProfileError(f"{path}: cannot be read as JSON ({e})") from None
-    sites = [ProstateMRSite.from_dict(s) for s in raw.get("sites", [])]
-    if not sites:
-        raise ProfileError(f"{path}: no site under 'sites'")
-    return {s.name: s for s in sites}
+    return load_site_profiles(path or V2_PROFILES, ProstateMRSite.from_dict)
 
 
 def draw_patient(rng: np.random.Generator, gland_scale: float = 1.0) -> dict:
