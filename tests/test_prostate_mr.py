@@ -86,3 +86,53 @@ def test_the_phantom_tool_writes_v2_sites_in_the_v1_layout(tmp_path, capsys):
     with pytest.raises(SystemExit):
         make_phantom_sites.main(["--phantom", "v2", "--out", str(out), "--sites", "NOWHERE"])
     assert "unknown site(s) ['NOWHERE']" in capsys.readouterr().err
+
+
+def test_the_gland_has_a_brighter_peripheral_zone_behind_the_central_gland_and_the_label_is_both():
+    """Zonal anatomy as T2-weighted images show it: the peripheral zone (posterior, longer T2) is brighter than
+    the central gland at both field strengths; the gland's fraction, which the label follows, is the two zones."""
+    from fedharmony.phantom.mr import TISSUES, PulseSequence, signal
+    from fedharmony.phantom.prostate_mr import draw_patient, tissue_maps
+
+    patient = draw_patient(np.random.default_rng(3))
+    maps, gland = tissue_maps(patient, (60, 120, 120), (1.0, 1.0, 1.0))
+    pz, tz = maps["prostate_pz"], maps["prostate_tz"]
+    assert pz.sum() > 0 and tz.sum() > 0 and "prostate" not in maps
+    inside = gland > 0.01  # the maps carry a +-4 % tissue texture; the gland's fraction does not
+    assert not (pz + tz)[gland == 0].any()
+    assert np.all(np.abs((pz + tz)[inside] / gland[inside] - 1) <= 0.041)
+    y = np.arange(120) - 59.5  # posterior -> anterior
+    centre_y = {name: float((m.sum(axis=(0, 2)) * y).sum() / m.sum()) for name, m in (("pz", pz), ("tz", tz))}
+    assert centre_y["pz"] < centre_y["tz"]  # the peripheral zone lies behind the central gland
+    t2w = PulseSequence("SE", 4000, 100)
+    for field in (1.5, 3.0):
+        assert signal(TISSUES["prostate_pz"][field], t2w) > 1.1 * signal(TISSUES["prostate_tz"][field], t2w)
+
+
+def test_a_coarser_v2_site_keeps_its_field_of_view_and_scales_matrix_and_slices():
+    bidmc = load_v2_profiles()["BIDMC"]
+    coarse = bidmc.coarser(4)
+    acq, old = coarse.scanner.acquisition, bidmc.scanner.acquisition
+    assert acq.fov_mm == old.fov_mm and acq.matrix == (140, 140) and acq.slice_mm == 12.0
+    assert coarse.boundary_voxels == bidmc.boundary_voxels and coarse.cases == bidmc.cases
+    assert bidmc.coarser(1) is bidmc
+    with pytest.raises(ValueError, match="voxel scale must be in \\[1, 16\\], got 20"):
+        bidmc.coarser(20)
+
+
+def test_the_prostate_v2_study_task_draws_v2_sites_at_each_scanners_own_grid(tmp_path):
+    """``--task prostate_v2``: the prostate job and bundle on v2 sites, each at its scanner's matrix (scaled by the
+    preset's voxel_scale), with a separate test draw."""
+    import nibabel as nib
+
+    from fedharmony.study.data import make_phantom_data
+    from fedharmony.study.tasks import TASKS, preset_for
+
+    assert (TASKS["prostate_v2"].job_script, TASKS["prostate_v2"].bundle) == ("prostate.py", "prostate_mri_seg")
+    preset = preset_for("smoke", "prostate_v2")
+    data = make_phantom_data("prostate_v2", tmp_path, 0, preset.sites, preset.data, preset.test_cases)
+    assert data.sites == {"site-1": "BIDMC", "site-2": "HK"}
+    for site, matrix, mm in (("BIDMC", 70, 2.0), ("HK", 32, 5.0)):
+        image = nib.load(str(data.test_root / site / "Case00.nii.gz"))
+        assert image.shape[:2] == (matrix, matrix) and np.allclose(image.header.get_zooms()[:2], mm)
+    assert len(list((data.test_root / "HK").glob("Case*_segmentation.nii.gz"))) == preset.test_cases

@@ -38,8 +38,8 @@ def main(argv=None):
                         "gives its matrix and slices); brain: the MNI152 template deformed per case, scanned by three "
                         "IXI-like sites (fedharmony.phantom.brain_mr; needs nilearn)")
     p.add_argument("--voxel-scale", type=float, default=1.0,
-                   help="--phantom brain: voxels this many times larger than the profiles' (field of view kept; "
-                        "default 1; the standard study uses 2)")
+                   help="--phantom v2 or brain: voxels this many times larger than the profiles' (field of view "
+                        "kept; default 1; the standard brain study uses 2, the standard v2 study 2.5)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes drawing cases (default: the CPUs, at most 8; the files do not depend on it)")
     args = p.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv=None):
     if args.phantom != "v1":
         return _simulated(p, args)
     if args.voxel_scale != 1.0:
-        p.error("--voxel-scale is for --phantom brain")
+        p.error("--voxel-scale is for --phantom v2 or brain")
     try:
         profiles = select_profiles(load_profiles(args.profiles), args.sites)
     except (KeyError, ValueError, FileNotFoundError) as e:
@@ -76,8 +76,6 @@ def _simulated(p, args) -> int:
     if args.list_profiles or args.slices is not None:
         p.error(f"--list-profiles and --slices are for --phantom v1 (a {args.phantom} profile gives its own matrix "
                 "and slices)")
-    if args.phantom == "v2" and args.voxel_scale != 1.0:
-        p.error("--voxel-scale is for --phantom brain")
     if not 1 <= args.voxel_scale <= 16:
         p.error(f"--voxel-scale must be in [1, 16], got {args.voxel_scale}")
     try:
@@ -95,7 +93,8 @@ def _simulated(p, args) -> int:
     t0 = time.time()
     workers = max(1, args.workers)
     if args.phantom == "v2":
-        write_sites_v2(args.out, chosen, seed=args.seed, cases=args.cases, workers=workers)
+        write_sites_v2(args.out, chosen, seed=args.seed, cases=args.cases, workers=workers,
+                       voxel_scale=args.voxel_scale)
     else:
         write_brain_sites(args.out, chosen, seed=args.seed, cases=args.cases, workers=workers,
                           voxel_scale=args.voxel_scale)

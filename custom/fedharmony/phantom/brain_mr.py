@@ -87,17 +87,8 @@ class BrainMRSite:
         return cls(scanner, boundary, cases)
 
     def coarser(self, factor: float) -> "BrainMRSite":
-        """The same site with voxels ``factor`` times larger in every direction (matrix divided, slices and gap
-        multiplied, field of view kept): smaller data for quick studies and tests, the sites' differences kept."""
-        if factor == 1:
-            return self
-        if not 1 <= factor <= 16:
-            raise ValueError(f"voxel scale must be in [1, 16], got {factor}")
-        acq = self.scanner.acquisition
-        matrix = tuple(max(16, int(round(n / factor))) for n in acq.matrix)
-        scanner = dataclasses.replace(self.scanner, acquisition=dataclasses.replace(
-            acq, matrix=matrix, slice_mm=min(20.0, acq.slice_mm * factor), gap_mm=acq.gap_mm * factor).check())
-        return dataclasses.replace(self, scanner=scanner)
+        """The same site with voxels ``factor`` times larger (:meth:`MRSite.coarser`)."""
+        return self if factor == 1 else dataclasses.replace(self, scanner=self.scanner.coarser(factor))
 
 
 def load_brain_profiles(path=None) -> Dict[str, BrainMRSite]:

@@ -12,8 +12,12 @@ periprostatic fat, the femoral heads and the pubic bones (cortical rim, fatty ma
 muscular wall) above and in front of the gland, the rectum behind it (muscular wall around an air lumen, which
 gives no signal), and the gland: an ellipsoid whose radius varies smoothly with direction (lobulation). Its
 semi-axes are drawn so that its volume spans about 17 to 50 mL (adult glands without enlargement: about 20 to 30
-mL, more with benign hyperplasia); a site's ``population.gland_scale`` scales it (an older population). Tissue
-edges are soft over one grid step, so partial volume is exact in-plane.
+mL, more with benign hyperplasia); a site's ``population.gland_scale`` scales it (an older population). The gland
+has two zones: the central gland (transition and central zone), an ellipsoid in its anterior, upper part whose
+axes are 0.5 to 0.68 of the gland's (larger in an older population), and the peripheral zone around it, which
+is brighter on T2-weighted images (longer T2: :data:`~fedharmony.phantom.mr.TISSUES`); the label is the whole
+gland, as the multi-site dataset annotates it. Tissue edges are soft over one grid step, so partial volume is
+exact in-plane.
 
 **One site** (:class:`ProstateMRSite`, :func:`load_v2_profiles`): an :class:`~fedharmony.phantom.mr.MRSite`
 (field strength, T2-weighted fast spin echo as a spin echo, field of view, matrix, slice thickness, coil, noise),
@@ -32,6 +36,7 @@ scanners store them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,10 @@ class ProstateMRSite:
     @property
     def name(self) -> str:
         return self.scanner.name
+
+    def coarser(self, factor: float) -> "ProstateMRSite":
+        """The same site with voxels ``factor`` times larger (:meth:`MRSite.coarser`)."""
+        return self if factor == 1 else dataclasses.replace(self, scanner=self.scanner.coarser(factor))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ProstateMRSite":
@@ -115,6 +124,9 @@ def draw_patient(rng: np.random.Generator, gland_scale: float = 1.0) -> dict:
         "bladder": (rng.uniform(28, 45), rng.uniform(22, 34), rng.uniform(22, 34)),
         "rectum_mm": rng.uniform(11, 16),
         "texture": rng.normal(size=(6,)),
+        # the central gland (transition + central zone): its semi-axes as a share of the gland's, larger in an
+        # older population (benign hyperplasia grows the transition zone)
+        "central_share": float(np.clip(rng.uniform(0.5, 0.68) * gland_scale ** (1 / 6), 0.4, 0.85)),
     }
 
 
@@ -158,8 +170,14 @@ def tissue_maps(patient: dict, shape: Tuple[int, int, int], spacing_mm: Sequence
                   + patient["lobes"][i, 1] * np.cos((i + 1) * phi + patient["lobe_phase"][i, 1]) for i in range(3))
     rho = np.sqrt((xx / ga[0]) ** 2 + (yy / ga[1]) ** 2 + (zz / ga[2]) ** 2)
     gland = _soft_inside((rho - mod) * min(ga), step)
-    paint("prostate", gland)
-    gland_fraction = maps["prostate"].copy()
+    # zones: the central gland, an ellipsoid in the gland's anterior and upper part, painted first; the
+    # peripheral zone takes the rest of the gland (posterior, lateral and at the apex)
+    share = patient["central_share"]
+    central = _soft_inside(_ellipsoid_distance((zz, yy, xx), (0.15 * ga[2], 0.2 * ga[1], 0.0),
+                                               (share * ga[2], share * ga[1], share * ga[0])), step)
+    paint("prostate_tz", gland * central)
+    paint("prostate_pz", gland)
+    gland_fraction = maps["prostate_tz"] + maps["prostate_pz"]
     bl = patient["bladder"]
     bladder_centre = (ga[2] + bl[2] - 2, 8.0, 0.0)  # (z, y, x): above the gland, a little anterior
     paint("fluid", _soft_inside(_ellipsoid_distance((zz, yy, xx), bladder_centre, (bl[2], bl[1], bl[0])), step))
@@ -230,8 +248,10 @@ def make_case_v2(profile: ProstateMRSite, seed: int, case_index: int):
 
 
 def write_sites_v2(out_dir, profiles: Sequence[ProstateMRSite], seed: int = 0, cases: Optional[int] = None,
-                   workers: int = 1) -> Path:
-    """Write each site's cases, ``datalist.json`` and ``sites.json`` (the v1 layout) under ``out_dir``."""
+                   workers: int = 1, voxel_scale: float = 1.0) -> Path:
+    """Write each site's cases, ``datalist.json`` and ``sites.json`` (the v1 layout) under ``out_dir``.
+    ``voxel_scale`` > 1 scans with voxels that much larger (:meth:`ProstateMRSite.coarser`)."""
     from fedharmony.phantom.sites import write_simulated_sites
 
+    profiles = [p.coarser(voxel_scale) for p in profiles]
     return write_simulated_sites(out_dir, profiles, make_case_v2, seed=seed, cases=cases, workers=workers)

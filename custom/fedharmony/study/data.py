@@ -72,6 +72,13 @@ def _write_draw(task: str, out: Path, seed: int, sites: Optional[int], data: dic
         profiles = list(load_profiles().values())[:sites]
         write_sites(out, profiles, seed=seed, cases=cases or data.get("cases"), size=data.get("size", 96),
                     slices=data.get("slices"), workers=default_workers())
+    elif task == "prostate_v2":
+        from fedharmony.phantom._common import default_workers
+        from fedharmony.phantom.prostate_mr import load_v2_profiles, write_sites_v2
+
+        profiles = list(load_v2_profiles().values())[:sites]
+        write_sites_v2(out, profiles, seed=seed, cases=cases or data.get("cases"), workers=default_workers(),
+                       voxel_scale=data.get("voxel_scale", 1.0))
     elif task == "brain":
         from fedharmony.phantom._common import default_workers
         from fedharmony.phantom.brain_mr import load_brain_profiles, write_brain_sites

@@ -108,6 +108,8 @@ class TaskSpec:
 
 TASKS: Dict[str, TaskSpec] = {
     "prostate": TaskSpec("prostate", "prostate.py", "prostate_mri_seg", "val_mean_dice", "Dice", METHODS),
+    # the same job and bundle as prostate, on phantom v2 (anatomy in mm, MR physics: fedharmony.phantom.prostate_mr)
+    "prostate_v2": TaskSpec("prostate_v2", "prostate.py", "prostate_mri_seg", "val_mean_dice", "Dice", METHODS),
     "brain": TaskSpec("brain", "brain.py", "brain_mri_seg", "val_mean_dice", "Dice", METHODS),
     "dermoscopy": TaskSpec("dermoscopy", "dermoscopy.py", "image_classification", "val_macro_f1", "macro-F1",
                            METHODS),
@@ -135,6 +137,9 @@ PRESETS: Dict[str, Dict[str, Preset]] = {
     "smoke": {
         "prostate": Preset(2, 1, 2, {"cases": 3, "size": 32, "slices": 8}, test_cases=4,
                            overrides={"samples_per_volume": 4, "batch_size": 1, "base_features": 4}),
+        "prostate_v2": Preset(2, 1, 2, {"cases": 3, "voxel_scale": 8}, test_cases=3,
+                              overrides={"samples_per_volume": 4, "batch_size": 1, "base_features": 4,
+                                         "image_size": 32}),
         "brain": Preset(2, 1, 2, {"cases": 3, "voxel_scale": 8, "grid_mm": 4}, test_cases=3,
                         overrides={"samples_per_volume": 4, "batch_size": 1, "base_features": 4, "image_size": 32}),
         "dermoscopy": Preset(2, 1, 2, {"images_per_site": 36, "size": 32}, test_cases=40,
@@ -145,6 +150,10 @@ PRESETS: Dict[str, Dict[str, Preset]] = {
     "standard": {
         "prostate": Preset(12, 2, None, {"cases": 10, "size": 96}, test_cases=50,
                            overrides={"image_size": 96, "samples_per_volume": 4}),
+        # v1's size (10 cases a site, 96 px in-plane for the network), each site at its own scanner's matrix and
+        # slices (256 to 560 px, 1.25 to 3.6 mm), 20 test cases a site
+        "prostate_v2": Preset(12, 2, None, {"cases": 10}, test_cases=20,
+                              overrides={"image_size": 96, "samples_per_volume": 4}),
         # the three sites' own case counts (16, 10, 6), voxels twice the profiles' (about 1.9 x 1.9 x 2.4 mm)
         "brain": Preset(12, 2, None, {"voxel_scale": 2}, test_cases=20,
                         overrides={"image_size": 96, "samples_per_volume": 4}),
@@ -155,6 +164,7 @@ PRESETS: Dict[str, Dict[str, Preset]] = {
     },
     "paper": {
         "prostate": Preset(100, 1, None, {"size": 384}, test_cases=100, overrides={"image_size": 384}),
+        "prostate_v2": Preset(100, 1, None, {}, test_cases=50, overrides={"image_size": 384}),
         "brain": Preset(100, 1, None, {}, test_cases=50, overrides={"image_size": 256}),
         "dermoscopy": Preset(100, 5, None, {"images_per_site": 1000, "size": 128}, test_cases=2000),
         "histology": Preset(100, 1, None, {"patches_per_hospital": 2000, "size": 96}, test_cases=2000),
