@@ -204,3 +204,44 @@ def test_server_builds_the_same_network_as_the_sites(tiny_sites, tmp_path):
     assert ({k: v.shape for k, v in server.state_dict().items()}
             == {k: v.shape for k, v in default_site.network.state_dict().items()})
     assert site.network.state_dict().keys() == server.state_dict().keys()
+
+
+def _training_samples(tiny_sites, spatial_augmentation, drop_last=False, draws=6):
+    """The training pipeline's samples from the HK phantom site, seeded as MONAI seeds it (Compose at seed 0)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser["bundle_root"], parser["dataset_dir"] = str(BUNDLE), str(tiny_sites / "HK")
+    for k, v in {**TINY_OVERRIDES, "spatial_augmentation": spatial_augmentation}.items():
+        parser[k] = v
+    if drop_last:  # the augmentation list as it was before bundle 0.14.0
+        parser["train#augmentation"] = parser["train#augmentation"][:-1]
+    pipeline = parser.get_parsed_content("train#preprocessing")
+    pipeline.set_random_state(0)
+    item = parser.get_parsed_content("train#datalist")[0]
+    return [s for _ in range(draws) for s in pipeline(item)]
+
+
+def test_spatial_augmentation_none_is_the_earlier_training_exactly_and_zoom_rotate_changes_the_samples(tiny_sites):
+    """Bundle 0.14.0 adds in-plane zoom and rotation last in the random transforms: ``none`` gives the samples of
+    the pipeline without it, bit for bit (committed studies stay reproducible); ``zoom_rotate`` keeps their
+    shapes and the label binary, and changes the label's area in some samples (the anatomy's size in pixels)."""
+    old = _training_samples(tiny_sites, "none", drop_last=True)
+    none = _training_samples(tiny_sites, "none")
+    assert len(old) == len(none) > 0
+    for a, b in zip(old, none):
+        assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
+        assert torch.equal(torch.as_tensor(a["label"]), torch.as_tensor(b["label"]))
+    zoomed = _training_samples(tiny_sites, "zoom_rotate")
+    assert [tuple(s["image"].shape) for s in zoomed] == [tuple(s["image"].shape) for s in none]
+    assert all(set(torch.unique(s["label"]).tolist()) <= {0.0, 1.0} for s in zoomed)
+    areas = [(float(a["label"].sum()), float(b["label"].sum())) for a, b in zip(none, zoomed)]
+    assert any(x != y for x, y in areas)
+
+
+def test_an_unknown_spatial_augmentation_is_refused_naming_the_choices():
+    from fedharmony.bundle.transforms import spatial_augmentation
+
+    with pytest.raises(ValueError, match=r"spatial_augmentation must be one of \['zoom_rotate', 'none'\], got 'big'"):
+        spatial_augmentation("big", "image", "label")

@@ -122,6 +122,10 @@ def test_a_plan_loads_and_says_its_power(tmp_path):
     ({"power": {"effect": 0.02, "sd": 0.03, "power": 0.8, "alpha": 0.9}}, "'alpha' must be a number in"),
     ({"seeds": 1}, "'seeds' must be an integer in [2, 1000]"),
     ({"extra": 1}, "unknown fields ['extra']"),
+    ({"comparisons": [{"arm": "fedavg_iid", "baseline": "fedavg", "test": "superiority", "endpoints": ["mean@1.25"]}]},
+     "endpoints must be distinct entries"),  # a pixel-scale endpoint needs the factor among the plan's pixel_scales
+    ({"pixel_scales": [0.8, 9]}, "'pixel_scales': a pixel scale must be a number in [0.25, 4], got 9"),
+    ({"pixel_scales": "0.8"}, "'pixel_scales' must be a list of factors"),
     ({"plan": "something else"}, "not a study plan"),
 ])
 def test_a_bad_plan_is_refused_naming_the_field(tmp_path, changes, message):
@@ -208,6 +212,27 @@ def test_planned_verdicts_by_hand():
     assert rows[0]["verdict"] == rows[1]["verdict"] == "better"
     assert rows[2]["verdict"] == "no difference shown"
     assert rows[3]["verdict"] == "no worse (margin 0.01)" and rows[4]["verdict"] == "every site no worse (margin 0.01)"
+
+
+def test_a_pixel_scale_endpoint_is_judged_on_that_scales_scores_and_counted_in_holms_family(tmp_path):
+    """``mean@F`` / ``worst@F``: the same test on the scores of the test scans at F times their pixel size."""
+    from fedharmony.study.runner import Study
+
+    plan = _plan(pixel_scales=[0.8, 1.25], comparisons=[
+        {"arm": "fedavg_iid", "baseline": "fedavg", "test": "superiority", "endpoints": ["mean", "mean@1.25"],
+         "primary": True}])
+    loaded = load_plan(_write(tmp_path / "plan.json", plan))
+    assert loaded.comparisons[0].endpoints == ("mean", "mean@1.25")
+    assert Study.from_plan(tmp_path / "plan.json", tmp_path / "out").pixel_scales == (0.8, 1.0, 1.25)
+    stored = _scores({"fedavg_iid": [(0.0, 0.0, 0.0)] * 4})  # no difference as stored
+    at = {"1.25": _scores({"fedavg_iid": [(0.2, 0.2, 0.2), (0.25, 0.25, 0.25), (0.3, 0.3, 0.3), (0.2, 0.2, 0.2)]})}
+    rows = planned_verdicts(stored, plan, at)
+    assert [r["endpoint"] for r in rows] == ["mean", "mean@1.25"]
+    assert rows[0]["diff"] == pytest.approx(0.0) and rows[0]["verdict"] == "no difference shown"
+    assert rows[1]["diff"] == pytest.approx(0.2375) and rows[1]["verdict"] == "better"
+    assert rows[1]["p_holm"] == pytest.approx(min(1.0, 2 * sps.ttest_1samp([0.2, 0.25, 0.3, 0.2], 0).pvalue))
+    # without the scale's scores (runs made without --pixel-scales) the endpoint has no seeds and no verdict
+    assert planned_verdicts(stored, plan)[1]["n"] == 0
 
 
 def test_holm_can_take_back_a_verdict_the_uncorrected_rule_gave():

@@ -17,12 +17,11 @@ for federations that also set ``bias_correction``. The math: fedharmony/bundle/c
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from fedharmony.bundle.classical_harmonization import dataset_landmarks, format_scale, standard_scale
-from fedharmony.core.files import atomic_write_text
+from fedharmony.core.files import read_json_files, write_new_json
 
 
 def main(argv=None) -> int:
@@ -40,21 +39,16 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "site":
-            out = Path(args.out)
-            if out.exists() and not args.overwrite:
-                raise FileExistsError(f"{out} exists: pass --overwrite to replace it")
+            if Path(args.out).exists() and not args.overwrite:  # refused before the volumes are read
+                raise FileExistsError(f"{args.out} exists: pass --overwrite to replace it")
             summary = dataset_landmarks(args.dataset_dir, args.split, args.bias_correction)
             summary["bias_correction"] = bool(args.bias_correction)
-            atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+            out = write_new_json(args.out, summary, args.overwrite)
             print(f"{Path(args.dataset_dir).name}: landmarks of {summary['count']} {args.split} volumes -> {out}")
             return 0
-        summaries = []
-        for path in args.summaries:
-            try:
-                summaries.append(json.loads(Path(path).read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: not a landmark summary ({type(e).__name__}: {e})") from None
-            if not isinstance(summaries[-1], dict) or not {"percentiles", "landmarks", "count"} <= set(summaries[-1]):
+        summaries = read_json_files(args.summaries, "a landmark summary")
+        for path, summary in zip(args.summaries, summaries):
+            if not isinstance(summary, dict) or not {"percentiles", "landmarks", "count"} <= set(summary):
                 raise ValueError(f"{path}: not a landmark summary (needs percentiles, landmarks and count)")
         if len({bool(s.get("bias_correction", False)) for s in summaries}) > 1:
             raise ValueError("some sites computed their landmarks after N4 and some without: use one setting")

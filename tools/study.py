@@ -61,6 +61,10 @@ def parser() -> argparse.ArgumentParser:
                    help="sites also score their model after local training (and PRR-FL's deputy): the report adds "
                         "what each communication costs (a setting of the runs: they are not shared with a study "
                         "without it)")
+    p.add_argument("--pixel-scales", type=float, nargs="+", metavar="F",
+                   help="also score every run's models on the test scans resampled in-plane to F times their pixel "
+                        "size over the same field of view (e.g. 0.6 0.8 1.25 1.5; 1 is always added); the report "
+                        "adds a pixel-size table and figure (a setting of the runs, like --retrogress)")
     p.add_argument("--report-only", metavar="DIR", help="rebuild the report of a finished study from results.json")
     p.add_argument("--collect-only", action="store_true",
                    help="write results.json and the report from the cached runs; run nothing")
@@ -123,9 +127,12 @@ def main(argv=None) -> int:
 
     common = dict(test_cases=args.test_cases, data_root=args.data_root, keep_workspaces=args.keep_workspaces,
                   echo=lambda line: print(line, flush=True), command=command, retrogress=args.retrogress)
+    if args.pixel_scales:
+        common["pixel_scales"] = args.pixel_scales
     if args.plan:
         given = [flag for flag, value in (("--task", args.task), ("--methods", args.methods), ("--rounds", args.rounds),
-                                          ("--local-epochs", args.local_epochs)) if value]
+                                          ("--local-epochs", args.local_epochs), ("--pixel-scales", args.pixel_scales))
+                 if value]
         given += ["--seeds"] if "--seeds" in (argv if argv is not None else sys.argv[1:]) else []
         given += ["--preset"] if "--preset" in (argv if argv is not None else sys.argv[1:]) else []
         if given:
@@ -172,7 +179,7 @@ def _outside(p, args, argv, command) -> int:
 
     given = argv if argv is not None else sys.argv[1:]
     wrong = [flag for flag in ("--task", "--methods", "--plan", "--preset", "--test-cases", "--data-root",
-                               "--retrogress", "--keep-workspaces", "--scale") if flag in given]
+                               "--retrogress", "--keep-workspaces", "--scale", "--pixel-scales") if flag in given]
     if wrong:
         p.error(f"{', '.join(wrong)}: not options of an outside study (--outside)")
     if args.outside == "loso" and "--unseen-set" in given or args.outside == "unseen" and args.holdout:

@@ -3,12 +3,14 @@ input, and three adjacent axial slices as three channels."""
 
 from __future__ import annotations
 
+import math
 from typing import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Compose, MapTransform, Orientationd, Resized, ResizeWithPadOrCropd, Spacingd
+from monai.transforms import (Compose, EnsureTyped, Identityd, MapTransform, Orientationd, RandRotated, RandZoomd, Resized,
+                              ResizeWithPadOrCropd, Spacingd)
 
 from fedharmony.bundle.folder_inference import InputRejected
 
@@ -165,4 +167,60 @@ class SelectVolumed(MapTransform):
         return d
 
 
-__all__: Sequence[str] = ["VolumeGeometryd", "SelectVolumed", "SlabToChannelsd", "volume_to_slabs"]
+# spatial_augmentation recipes: "none" is the training before bundle 0.14.0 (flip and intensity jitter only)
+SPATIAL_AUGMENTATIONS = ("zoom_rotate", "none")
+ZOOM_RANGE = (0.7, 1.4)  # nnU-Net's default scale range: the anatomy 0.7x to 1.4x its size in pixels
+ROTATE_DEG = 15.0
+SPATIAL_PROB = 0.5
+
+
+def spatial_augmentation(recipe: str, image_keys: KeysCollection, label_keys: KeysCollection = ()):
+    """The in-plane spatial augmentation of a 2.5D training sample, by recipe name (the bundle's
+    ``spatial_augmentation``).
+
+    * ``"zoom_rotate"``: with probability 0.5 an isotropic in-plane zoom by a factor drawn from 0.7 to 1.4 (the
+      anatomy as it would look with pixels 1/1.4 = 0.71x to 1/0.7 = 1.43x the size; the sample keeps its size,
+      edges replicated or cropped), then with probability 0.5 a rotation by up to 15 degrees either way;
+      images bilinear, labels nearest. A model trained on one pixel size otherwise learns the anatomy's size in
+      pixels and loses it when a scanner's matrix or field of view differs.
+    * ``"none"``: no spatial change (the recipe before bundle 0.14.0: flips and intensity jitter only).
+
+    Put it last in the random part of the training transforms: MONAI's ``Compose`` seeds its random transforms
+    in order, so the transforms before it draw the same numbers under either recipe, and ``"none"`` reproduces
+    the earlier training exactly.
+
+    Args:
+        recipe: one of :data:`SPATIAL_AUGMENTATIONS`.
+        image_keys: keys of (C, H, W) images (2.5D samples: C = 3 slices).
+        label_keys: keys of (1, H, W) labels.
+
+    Returns:
+        A MONAI transform: a ``Compose`` of ``RandZoomd`` and ``RandRotated`` (plain tensors out), or ``Identityd``.
+
+    Example::
+
+        >>> aug = spatial_augmentation("zoom_rotate", "image", "label")
+        >>> _ = aug.set_random_state(0)
+        >>> out = aug({"image": torch.rand(3, 96, 96), "label": torch.zeros(1, 96, 96)})
+        >>> tuple(out["image"].shape), tuple(out["label"].shape)
+        ((3, 96, 96), (1, 96, 96))
+    """
+    image_keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
+    label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+    keys = image_keys + label_keys
+    if recipe == "none":
+        return Identityd(keys=keys)
+    if recipe != "zoom_rotate":
+        raise ValueError(f"spatial_augmentation must be one of {list(SPATIAL_AUGMENTATIONS)}, got {recipe!r}")
+    modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
+    return Compose([
+        RandZoomd(keys, prob=SPATIAL_PROB, min_zoom=ZOOM_RANGE[0], max_zoom=ZOOM_RANGE[1], mode=modes,
+                  padding_mode="edge", keep_size=True),
+        RandRotated(keys, range_x=math.radians(ROTATE_DEG), prob=SPATIAL_PROB, mode=modes, padding_mode="border",
+                    keep_size=True),
+        EnsureTyped(keys, track_meta=False),  # plain tensors, as SlabToChannelsd leaves them: a 2-D sample has no affine
+    ])
+
+
+__all__: Sequence[str] = ["VolumeGeometryd", "SelectVolumed", "SlabToChannelsd", "volume_to_slabs",
+                          "spatial_augmentation", "SPATIAL_AUGMENTATIONS"]

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Dict, Sequence, Union
 
-__all__ = ["SITE_MAP_NAME", "DATALIST_NAME", "atomic_torch_save", "atomic_write_text", "write_site_map", "read_site_map"]
+__all__ = ["SITE_MAP_NAME", "DATALIST_NAME", "atomic_torch_save", "atomic_write_text", "write_site_map", "read_site_map",
+           "write_new_json", "read_json_files"]
 
 SITE_MAP_NAME = "sites.json"
 DATALIST_NAME = "datalist.json"  # a site folder's split (fedharmony.data.datalist)
@@ -36,6 +37,28 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_new_json(path: PathLike, obj, overwrite: bool = False) -> Path:
+    """``obj`` as indented JSON, atomically; an existing file is refused (FileExistsError) unless ``overwrite``.
+    What a site's summary tools write: the file a site is about to send never silently replaces another."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --overwrite to replace it")
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+def read_json_files(paths: Sequence[PathLike], what: str) -> list:
+    """The JSON content of each file (what sites sent a coordinator); ValueError naming the file when one cannot
+    be read or parsed (``what`` says what it should have been)."""
+    out = []
+    for path in paths:
+        try:
+            out.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not {what} ({type(e).__name__}: {e})") from None
+    return out
 
 
 def write_site_map(out_dir: PathLike, folders: Sequence[str]) -> Path:

@@ -88,6 +88,13 @@ def job_parser(default_bundle: str, description: str = __doc__) -> argparse.Argu
     p.add_argument("--score-after-training", action="store_true",
                    help="sites also score their model after local training (the retrogress curve), and PRR-FL's "
                         "deputy after it takes the server's answer and after training")
+    p.add_argument("--fingerprint", action="store_true",
+                   help="before round 1 the sites send their training scans' header numbers (spacing, matrix, field "
+                        "of view) and the server chooses pixdim (their median in-plane spacing) and image_size (a crop "
+                        "holding their median field of view) for every site; written to the server's "
+                        "fingerprint.json (not with a hand-set pixdim / image_size)")
+    p.add_argument("--fingerprint-max-image-size", type=int,
+                   help="with --fingerprint: the largest crop (a multiple of 16); coarser pixels beyond it")
     add_method_flags(p)
     return p
 
@@ -141,6 +148,7 @@ def main(default_bundle: str, description: str = __doc__, argv=None, default_ove
             privacy_gamma=args.privacy_gamma, ship_code=not args.no_custom_code,
             memory_gc_rounds=args.memory_gc_rounds, cross_site_timeout=args.cross_site_timeout,
             score_after_training=args.score_after_training, tracking=args.tracking, patience=args.patience,
+            fingerprint=args.fingerprint, fingerprint_max_image_size=args.fingerprint_max_image_size,
             **protocol_flags, **method_flags)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))

@@ -235,8 +235,48 @@ class BundleExecutor(Executor):
                                   f"{len(self.site.local_key_names)} local keys")
         return self.site
 
+    def _fingerprint(self, fl_ctx: FLContext) -> Shareable:
+        """This site's data fingerprint: header numbers of its training scans (fedharmony.data.fingerprint)."""
+        from fedharmony.data.fingerprint import site_fingerprint
+
+        self._apply_policy(fl_ctx)
+        if self.refusal:
+            raise PolicyError(self.refusal)
+        name = fl_ctx.get_identity_name()
+        dataset_dir = resolve_dataset_dir(name, self.data_root)
+        fingerprint = site_fingerprint(dataset_dir)
+        fingerprint["site"] = name  # the server knows the site by its name, not by its folder's
+        fingerprint["unread_names"] = [redact_paths(n, self.redact_roots) for n in fingerprint["unread_names"]]
+        self.log_info(fl_ctx, f"{name}: fingerprint of {fingerprint['count']} training scans sent "
+                              f"({fingerprint['unread']} unread)")
+        return DXO(DataKind.COLLECTION, data=fingerprint).to_shareable()
+
+    def _set_preprocessing(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Take the federation's ``pixdim`` / ``image_size`` (checked as any job override) before the bundle is
+        built; refused once it is (training has started with other values)."""
+        from fedharmony.bundle.job_policy import load_tunables, validate_overrides
+        from fedharmony.fl.fingerprint import PREPROCESSING_KEYS
+
+        self._apply_policy(fl_ctx)
+        if self.refusal:
+            raise PolicyError(self.refusal)
+        settings = from_shareable(shareable).data
+        if not isinstance(settings, dict) or not settings or set(settings) - set(PREPROCESSING_KEYS):
+            raise ValueError(f"set_preprocessing takes {list(PREPROCESSING_KEYS)} only, got {settings!r}")
+        validate_overrides(settings, load_tunables(self.bundle.root))
+        if self.site is not None:
+            raise ValueError("set_preprocessing after the bundle was built: the site already trains with other values")
+        self.bundle.overrides = {**self.bundle.overrides, **settings}
+        self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()}: preprocessing from the federation's fingerprint: "
+                              f"{settings}")
+        return make_reply(ReturnCode.OK)
+
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         try:
+            if task_name == "fingerprint":  # before the bundle is built: it reads headers, not the data
+                return self._fingerprint(fl_ctx)
+            if task_name == "set_preprocessing":
+                return self._set_preprocessing(shareable, fl_ctx)
             site = self._site(fl_ctx)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)

@@ -51,6 +51,7 @@ from fedharmony.methods import site_method_class
 from fedharmony.methods.protocols import check_protocol, protocol_overrides
 from fedharmony.fl.aggregator import SiteUpdateAggregator
 from fedharmony.fl.executor import BundleExecutor
+from fedharmony.fl.fingerprint import FINGERPRINT_TASK, PREPROCESSING_KEYS, PREPROCESSING_TASK, FingerprintController
 from fedharmony.fl.persistor import BundleModelPersistor
 from fedharmony.fl.site_errors import SiteErrorLogger
 from fedharmony.fl.summary import RoundSummaryWriter
@@ -107,6 +108,10 @@ class BundleRecipe(Recipe):
             methods that have them (:mod:`fedharmony.methods.protocols`). Its bundle settings are
             merged into ``overrides`` here (an override that contradicts one is refused); a
             method's recipe makes its server-side choices from ``self.protocol``.
+        fingerprint: before round 1, the sites' data fingerprints (header numbers) choose ``pixdim`` and
+            ``image_size`` for every site (:mod:`fedharmony.fl.fingerprint`); refused with a hand-set
+            ``pixdim`` / ``image_size`` and for a method whose network is built for one image size (HarmoFL).
+        fingerprint_max_image_size: with ``fingerprint``, the largest crop (a multiple of 16).
         max_train_cases: the smallest site's training-set size, for a released protocol that cuts
             every site to it (HarmoFL's). The sites' data is not visible where a job is built, so
             it is given (the job scripts count it: ``fedharmony.data.datalist.smallest_split``), here
@@ -127,7 +132,7 @@ class BundleRecipe(Recipe):
                  privacy_percentile: Optional[float] = None, privacy_gamma: float = 0.01, ship_code: bool = True,
                  memory_gc_rounds: int = 0, score_after_training: bool = False, tracking: str = "tensorboard",
                  protocol: str = "paper", max_train_cases: Optional[int] = None, patience: Optional[int] = None,
-                 **method_settings):
+                 fingerprint: bool = False, fingerprint_max_image_size: Optional[int] = None, **method_settings):
         spec = method_spec(self.method)
         self.settings = _method_settings(spec, method_settings)
         site_cls = site_method_class(self.method)
@@ -152,6 +157,10 @@ class BundleRecipe(Recipe):
             if not os.path.isfile(os.path.join(bundle_dir, site_cls.overlay)):
                 raise FileNotFoundError(f"{bundle_dir} has no {site_cls.overlay} (needed by {self.method})")
             config_files.append(site_cls.overlay)
+        if fingerprint:
+            _check_fingerprint(bundle_dir, config_files, overrides, fingerprint_max_image_size, self.method)
+        elif fingerprint_max_image_size is not None:
+            raise ValueError("fingerprint_max_image_size is for fingerprint=True")
         self.check()
         overrides = protocol_overrides(self.method, self.protocol, {**(overrides or {}), **self.bundle_overrides()},
                                        max_train_cases)
@@ -185,6 +194,8 @@ class BundleRecipe(Recipe):
         # is NVFlare's: FedAvg's patience counts rounds whose key metric did not improve; it needs a stop condition,
         # given here as one the metric never meets (Dice and F1 are at most 1), so patience alone decides.
         stopping = {"stop_cond": f"{key_metric} > {NEVER_MET}", "patience": patience} if patience else {}
+        if fingerprint:  # the first workflow: the preprocessing is planned before round 1
+            job.to_server(FingerprintController(max_image_size=fingerprint_max_image_size), id="fingerprint")
         job.to_server(FedAvg(num_clients=0, num_rounds=num_rounds, start_round=start_round, persistor_id="persistor",
                              aggregator=self.aggregator(), memory_gc_rounds=memory_gc_rounds, **stopping), id="fedavg")
         if self.has_global_model:  # best_FL_global_model.pt: the persistor saves it when this selector says so
@@ -209,7 +220,8 @@ class BundleRecipe(Recipe):
                                   overrides=overrides, num_threads=num_threads,
                                   send_weight_diff=privacy_percentile is not None,
                                   score_after_training=score_after_training)
-        job.to_clients(executor, tasks=["train", "validate", "submit_model"])
+        job.to_clients(executor, tasks=["train", "validate", "submit_model"]
+                       + ([FINGERPRINT_TASK, PREPROCESSING_TASK] if fingerprint else []))
         job.to_clients(TBWriter(event_type="analytix_log_stats"), id="log_writer")
         job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
                        id="event_to_fed")
@@ -251,6 +263,24 @@ class BundleRecipe(Recipe):
 
     def add_server_components(self, job: FedJob):
         """Extra server components (IOP-FL: the model pool writer)."""
+
+
+def _check_fingerprint(bundle_dir: str, config_files, overrides: Optional[dict], max_image_size, method: str):
+    """Refuse what a fingerprint-planned job cannot do: a hand-set ``pixdim`` / ``image_size`` (the fingerprint
+    would silently replace it), a bad cap, a method whose network is built for one image size."""
+    given = sorted(set(overrides or {}) & set(PREPROCESSING_KEYS))
+    if given:
+        raise ValueError(f"fingerprint chooses {list(PREPROCESSING_KEYS)}; the overrides set {given} by hand: drop "
+                         f"one or the other (fingerprint_max_image_size caps the crop)")
+    if max_image_size is not None and (isinstance(max_image_size, bool) or not isinstance(max_image_size, int)
+                                       or max_image_size < 16 or max_image_size % 16):
+        raise ValueError(f"fingerprint_max_image_size must be a positive multiple of 16, got {max_image_size!r}")
+    for name in config_files[1:]:  # a method overlay that builds its network for @image_size (HarmoFL's AmpNorm)
+        with open(os.path.join(bundle_dir, name)) as f:
+            if "@image_size" in f.read():
+                raise ValueError(f"{method}'s network ({name}) is built for one image_size before the sites send "
+                                 f"their fingerprints: plan pixdim and image_size with tools/fingerprint.py and pass "
+                                 f"them as overrides instead")
 
 
 def _check_common(*, num_rounds, min_clients, local_epochs, start_round, memory_gc_rounds, cross_site_timeout,

@@ -70,17 +70,25 @@ def paired_per_seed(scores, arm: str, baseline: str):
     return seeds, sites, by_endpoint, by_site
 
 
-def planned_verdicts(scores: Dict[str, Dict[int, Dict[str, float]]], plan: dict) -> List[dict]:
+def planned_verdicts(scores: Dict[str, Dict[int, Dict[str, float]]], plan: dict,
+                     scores_at: Optional[Dict[str, Dict[str, Dict[int, Dict[str, float]]]]] = None) -> List[dict]:
     """One row per (planned comparison, endpoint), in the plan's order, with the Holm-adjusted verdict.
 
-    ``scores``: method -> seed -> site -> score; ``plan``: the plan file's content.
+    ``scores``: method -> seed -> site -> score; ``plan``: the plan file's content. An endpoint ``mean@F`` or
+    ``worst@F`` is the same endpoint on the test scans at F times their pixel size: its scores come from
+    ``scores_at[F]`` (F as the plan writes it; :mod:`fedharmony.study.robustness`).
     """
     alpha = float(plan.get("alpha", 0.05))
     margin = plan.get("margin")
     rows = []
     for c in plan["comparisons"]:
-        seeds, sites, by_endpoint, by_site = paired_per_seed(scores, c["arm"], c["baseline"])
+        paired = {}
         for endpoint in c["endpoints"]:
+            factor = endpoint.partition("@")[2]
+            if factor not in paired:
+                source = scores if not factor else (scores_at or {}).get(factor, {})
+                paired[factor] = paired_per_seed(source, c["arm"], c["baseline"])
+            seeds, sites, by_endpoint, by_site = paired[factor]
             row = {"arm": c["arm"], "baseline": c["baseline"], "test": c["test"], "endpoint": endpoint,
                    "primary": bool(c.get("primary")), "seeds": seeds, "n": len(seeds)}
             if len(seeds) < 2:
@@ -94,7 +102,7 @@ def planned_verdicts(scores: Dict[str, Dict[int, Dict[str, float]]], plan: dict)
                            lower=min(r.lower for r in per_site.values()), margin=margin,
                            weakest_site=min(per_site, key=lambda s: per_site[s].lower))
             else:
-                d = by_endpoint[endpoint]
+                d = by_endpoint[endpoint.partition("@")[0]]
                 t = t_interval(d)
                 boot = bootstrap_ci(d)
                 row.update(diff=t[0], t_ci=t[1:], bootstrap_ci=boot[1:], per_seed=d)

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 __all__ = ["train_reference", "mean_site_steps"]
 
@@ -35,8 +36,10 @@ logger = logging.getLogger("fedharmony.study")
 
 
 def train_reference(mode: str, bundle_dir: str, config_files, overrides: dict, data: dict, out_dir: str,
-                    rounds: int, local_epochs: int, metric: str) -> dict:
-    """Train the ``local`` or ``pooled`` reference; returns ``{"site_scores", "site_results", "curve"}``.
+                    rounds: int, local_epochs: int, metric: str, pixel_scale_roots: Optional[dict] = None) -> dict:
+    """Train the ``local`` or ``pooled`` reference; returns ``{"site_scores", "site_results", "curve"}`` and, with
+    ``pixel_scale_roots`` (factor as text -> a resampled test root, :mod:`fedharmony.study.robustness`),
+    ``"pixel_scale_scores"``.
 
     ``data`` is a :class:`fedharmony.study.data.StudyData` (as a dict).
     """
@@ -80,8 +83,18 @@ def train_reference(mode: str, bundle_dir: str, config_files, overrides: dict, d
                                              config_files, overrides)
         logger.info("%s: %s on %s's test split: %.4f (n=%d)", mode, metric, folder, site_results[folder]["score"],
                     site_results[folder]["n"])
-    return {"site_scores": {s: r["score"] for s, r in site_results.items()}, "site_results": site_results,
-            "curve": curve}
+    site_scores = {s: r["score"] for s, r in site_results.items()}
+    extra = {}
+    if pixel_scale_roots:
+        from fedharmony.study.robustness import score_pixel_scales
+
+        def score(root, folder):
+            weights = finals[folder] if mode == "local" else finals["pooled"]
+            return score_on_site(bundle_dir, root / folder, weights, metric, config_files, overrides)["score"]
+
+        scored = score_pixel_scales(score, {k: Path(v) for k, v in pixel_scale_roots.items()}, list(sites.values()))
+        extra["pixel_scale_scores"] = {"1": site_scores, **scored}
+    return {"site_scores": site_scores, "site_results": site_results, "curve": curve, **extra}
 
 
 def mean_site_steps(data, batch_size: int) -> int:

@@ -62,7 +62,7 @@ PLAN_FORMAT = "fedharmony-study-plan/1"
 ENDPOINTS = ("mean", "worst", "sites")
 TESTS = ("superiority", "noninferiority")
 _KEYS = {"plan", "name", "question", "task", "preset", "rounds", "local_epochs", "arms", "comparisons", "alpha",
-         "margin", "power", "seeds", "notes", "written", "outside"}
+         "margin", "power", "seeds", "notes", "written", "outside", "pixel_scales"}
 
 
 class PlanError(ValueError):
@@ -171,6 +171,17 @@ def load_plan(path) -> Plan:
     except ValueError as e:
         field = "outside" if outside is not None else "arms"
         raise PlanError(f"{where}: {field!r}: {e}") from None
+    scales = None
+    if raw.get("pixel_scales") is not None:
+        from fedharmony.study.robustness import check_pixel_scales
+
+        if not isinstance(raw["pixel_scales"], list):
+            raise PlanError(f"{where}: 'pixel_scales' must be a list of factors, got {raw['pixel_scales']!r}")
+        try:
+            scales = check_pixel_scales(raw["pixel_scales"])
+        except ValueError as e:
+            raise PlanError(f"{where}: 'pixel_scales': {e}") from None
+    known = set(ENDPOINTS) | {f"{e}@{f:g}" for e in ("mean", "worst") for f in scales or ()}
     alpha = _number(raw, "alpha", where, 1e-6, 0.5) if "alpha" in raw else 0.05
     margin = _number(raw, "margin", where, 1e-9, 1.0, required=False)
     comparisons = []
@@ -189,9 +200,10 @@ def load_plan(path) -> Plan:
         if c["test"] not in TESTS:
             raise PlanError(f"{cw}: test {c['test']!r} is not one of {list(TESTS)}")
         endpoints = c["endpoints"]
-        if not isinstance(endpoints, list) or not endpoints or any(e not in ENDPOINTS for e in endpoints) \
+        if not isinstance(endpoints, list) or not endpoints or any(e not in known for e in endpoints) \
                 or len(set(endpoints)) != len(endpoints):
-            raise PlanError(f"{cw}: endpoints must be distinct entries of {list(ENDPOINTS)}, got {endpoints!r}")
+            raise PlanError(f"{cw}: endpoints must be distinct entries of {list(ENDPOINTS)} (or mean@F, worst@F "
+                            f"for a factor F of the plan's pixel_scales), got {endpoints!r}")
         if "sites" in endpoints and c["test"] != "noninferiority":
             raise PlanError(f"{cw}: the 'sites' endpoint is a non-inferiority claim (every site no worse)")
         if c["test"] == "noninferiority" and margin is None:

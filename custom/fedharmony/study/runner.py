@@ -32,6 +32,7 @@ from fedharmony.methods.protocols import check_protocol, needs_smallest_site, pr
 from fedharmony.study.data import StudyData, iid_dataset, make_phantom_data, real_data
 from fedharmony.study.plan import Plan, PlanError, plan_commit
 from fedharmony.study.provenance import code_digest, cpu_description, describe, made_on
+from fedharmony.study.robustness import check_pixel_scales, resampled_test_root, score_pixel_scales
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
 from fedharmony.study.tasks import (CENTRALIZED, FEDERATED, PERSONALIZED, TASKS, Preset, check_methods, job_algorithm,
@@ -211,6 +212,9 @@ class Study:
             network that takes the server's answer where the site uses another (PRR-FL's deputy), so the
             report can show what a communication costs (the retrogress of PRR-FL's paper). A setting of
             the runs: the cache of a study without it is not reused.
+        pixel_scales: score each run's models also on the test scans resampled in-plane to these factors times
+            their pixel size (:mod:`fedharmony.study.robustness`; 1 is added: the scans as stored). A setting of
+            the runs: the cache of a study without it is not reused.
         analysis_plan, plan_path: the study's analysis plan (:mod:`fedharmony.study.plan`) and its file;
             use :meth:`from_plan`, which takes the task, arms, seeds and sizes from the plan. The first run
             locks the plan (``plan.lock.json``: digest, commit, time); a later start with a changed plan
@@ -227,6 +231,8 @@ class Study:
         from fedharmony.study.plan import load_plan
 
         plan = load_plan(plan_path)
+        if plan.raw.get("pixel_scales") is not None:
+            kwargs.setdefault("pixel_scales", plan.raw["pixel_scales"])
         return cls(plan.task, list(plan.arms), plan.seeds, plan.preset, out or Path(plan_path).resolve().parent,
                    rounds=plan.rounds, local_epochs=plan.local_epochs, analysis_plan=plan, plan_path=plan_path,
                    **kwargs)
@@ -235,7 +241,7 @@ class Study:
                  data_root: Optional[str] = None, rounds: Optional[int] = None, local_epochs: Optional[int] = None,
                  keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = "",
                  stall_s: float = STALL_S, retrogress: bool = False, analysis_plan: Optional[Plan] = None,
-                 plan_path=None):
+                 plan_path=None, pixel_scales=None):
         self.spec = TASKS.get(task)
         self.methods = check_methods(task, methods)
         if seeds < 1:
@@ -255,13 +261,14 @@ class Study:
             real_data(self.data_root)  # refuse a folder that is not prepared data before anything runs
         self.keep_workspaces = keep_workspaces
         self.retrogress = bool(retrogress)
+        self.pixel_scales = check_pixel_scales(pixel_scales)
         if stall_s <= 0:
             raise ValueError(f"stall_s must be > 0, got {stall_s}")
         self.stall_s = float(stall_s)
         self.echo = echo
         self.command = command
         self.bundle_dir = REPO / "bundles" / self.spec.bundle
-        self._scales: Dict[tuple, str] = {}
+        self._scales: Dict[tuple, object] = {}  # federated settings per seed: histogram scales, fingerprints
         self._code: Optional[str] = None  # this checkout's code digest, read when a cached run is met
         self.analysis_plan = analysis_plan
         self.plan_path = Path(plan_path).resolve() if plan_path else None
@@ -291,7 +298,8 @@ class Study:
                 "sites": p.sites, "data": p.data, "test_cases": None if self.data_root else p.test_cases,
                 "overrides": p.overrides, "data_root": self.data_root, "threads_per_site": p.threads_per_site,
                 "bundle": self.spec.bundle, "training_configs_digest": training_configs_digest(self.bundle_dir),
-                **({"retrogress": True} if self.retrogress else {})}  # absent when off: older caches stay valid
+                **({"retrogress": True} if self.retrogress else {}),  # absent when off: older caches stay valid
+                **({"pixel_scales": list(self.pixel_scales)} if self.pixel_scales else {})}
 
     def settings_key(self, method: str, seed: int) -> str:
         blob = json.dumps({**self.settings(), "method": method, "seed": seed}, sort_keys=True)
@@ -306,6 +314,9 @@ class Study:
         base, settings = parse_arm(method)
         if settings.get("histogram_scale") == "federated":
             settings["histogram_scale"] = self.federated_histogram_scale(seed, bool(settings.get("bias_correction")))
+        if settings.get("pixdim") == "fingerprint":  # spacing and crop from the sites' fingerprints
+            cap = settings.get("image_size", self.preset.overrides.get("image_size"))
+            settings.update(self.fingerprint_settings(seed, cap if isinstance(cap, int) and cap > 0 else None))
         protocol = settings.pop("protocol", "paper")  # a job flag, expanded here into its bundle settings
         overrides = {**extra, **self.preset.overrides, **settings, "seed": seed}
         smallest = None
@@ -313,6 +324,23 @@ class Study:
             data = self.data(seed)
             smallest = smallest_split(data.train_root, num_sites=len(data.sites))[0]
         return protocol_overrides(base, protocol, overrides, smallest)
+
+    def fingerprint_settings(self, seed: int, max_image_size: Optional[int] = None) -> dict:
+        """The arm setting ``pixdim=fingerprint``: the ``pixdim`` and ``image_size`` the seed's sites agree on from
+        their training scans' header fingerprints (what ``tools/fingerprint.py`` does across real sites), the
+        crop at most ``max_image_size`` (the preset's or the arm's ``image_size``). Said on the terminal once."""
+        from fedharmony.data.fingerprint import combine_fingerprints, site_fingerprint
+
+        key = ("fingerprint", seed, max_image_size)
+        if key not in self._scales:
+            data = self.data(seed)
+            folders = list(data.sites.values())
+            choice = combine_fingerprints([site_fingerprint(data.train_root / f) for f in folders], folders,
+                                          max_image_size)
+            for line in choice["why"] + [f"unlike the rest: {o}" for o in choice["outliers"]]:
+                self.echo(f"  fingerprint, seed {seed}: {line}")
+            self._scales[key] = choice["settings"]
+        return dict(self._scales[key])
 
     def federated_histogram_scale(self, seed: int, bias_correction: bool = False) -> str:
         """The arm setting ``histogram_scale=federated``: the scale the seed's sites agree on from their training
@@ -326,6 +354,12 @@ class Study:
                          for folder in data.sites.values()]
             self._scales[key] = format_scale(standard_scale(summaries))
         return self._scales[key]
+
+    def pixel_scale_roots(self, seed: int, data: StudyData) -> Dict[str, str]:
+        """Factor (as text) -> the seed's test draw resampled to it (written once), for every pixel scale but 1."""
+        return {f"{f:g}": str(resampled_test_root(data.test_root, data.sites, f,
+                                                  self.out / "data" / f"seed{seed}" / f"test_px{f:g}"))
+                for f in self.pixel_scales or () if f != 1.0}
 
     def config_files(self, method: str) -> List[str]:
         method = job_algorithm(method)
@@ -378,7 +412,7 @@ class Study:
         # suffix -> site -> round -> score ("": the model the site uses, at round start)
         retrogress = {suffix: {data.sites.get(k, k): v for k, v in curves[self.spec.metric + suffix].items()}
                       for suffix in suffixes if curves[self.spec.metric + suffix]}
-        site_results = {}
+        site_results, weights = {}, {}
         for client, folder in data.sites.items():
             if method in PERSONALIZED:
                 found = sorted(ws.rglob(f"fedharmony/{client}/best_model.pt"))
@@ -386,19 +420,29 @@ class Study:
                 found = sorted(ws.rglob("app_server/FL_global_model.pt"))
             if not found:
                 raise FileNotFoundError(f"{method} seed {seed}: no model to score for {client} in {ws}")
-            site_results[folder] = score_on_site(self.bundle_dir, data.test_root / folder, load_weights(found[0]),
+            weights[folder] = load_weights(found[0])
+            site_results[folder] = score_on_site(self.bundle_dir, data.test_root / folder, weights[folder],
                                                  self.spec.metric, self.config_files(method), self.overrides(seed, arm))
+        site_scores = {s: r["score"] for s, r in site_results.items()}
+        extra = {}
+        if self.pixel_scales:  # the same models on the test scans at other pixel sizes
+            scored = score_pixel_scales(
+                lambda root, folder: score_on_site(self.bundle_dir, root / folder, weights[folder], self.spec.metric,
+                                                   self.config_files(method), self.overrides(seed, arm))["score"],
+                {k: Path(v) for k, v in self.pixel_scale_roots(seed, data).items()}, list(weights))
+            extra["pixel_scale_scores"] = {"1": site_scores, **scored}
         curve = {data.sites.get(k, k): v for k, v in curve.items()}
         if not self.keep_workspaces:
             _keep_logs_only(ws_root)
-        return {"site_scores": {s: r["score"] for s, r in site_results.items()}, "site_results": site_results,
-                "curve": curve, **({"retrogress_curves": retrogress} if self.retrogress else {})}
+        return {"site_scores": site_scores, "site_results": site_results,
+                "curve": curve, **({"retrogress_curves": retrogress} if self.retrogress else {}), **extra}
 
     def _run_reference(self, method: str, seed: int, data: StudyData, run_dir: Path, log) -> dict:
         spec = {"mode": parse_arm(method)[0], "bundle_dir": str(self.bundle_dir), "config_files": self.config_files(method),
                 "overrides": self.overrides(seed, method), "data": dict(data), "out_dir": str(run_dir / "workspace"),
                 "rounds": self.preset.rounds, "local_epochs": self.preset.local_epochs, "metric": self.spec.metric,
-                "threads": self.preset.threads_per_site}
+                "threads": self.preset.threads_per_site,
+                **({"pixel_scale_roots": self.pixel_scale_roots(seed, data)} if self.pixel_scales else {})}
         spec_path, out_path = run_dir / "reference_spec.json", run_dir / "reference_result.json"
         _atomic_json(spec_path, spec)
         self._subprocess([sys.executable, "-m", "fedharmony.study.centralized", str(spec_path), str(out_path)], log)

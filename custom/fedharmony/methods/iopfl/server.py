@@ -1,5 +1,6 @@
 """IOP-FL's server: FedAvg's mean, and the model pool (global + personalized models) written at the end."""
 
+import json
 import os
 from typing import Optional
 
@@ -11,6 +12,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from fedharmony.bundle import job_policy
+from fedharmony.fl.fingerprint import RESULT_FILE as FINGERPRINT_RESULT
 from fedharmony.fl.recipe import BundleRecipe
 from fedharmony.methods.iopfl.model_pool import write_pool
 
@@ -68,8 +70,13 @@ class ModelPoolWriter(FLComponent):
         if learnable is None:
             self.log_warning(fl_ctx, f"persistor has no {self.global_model_file}: no model pool written")
             return
+        overrides = dict(self.overrides)
+        planned = os.path.join(run_dir, FINGERPRINT_RESULT)
+        if os.path.isfile(planned):  # --fingerprint: the sites trained at the planned spacing; routing must too
+            with open(planned) as f:
+                overrides.update(json.load(f)["settings"])
         manifest = write_pool(os.path.join(run_dir, self.out_folder), learnable[ModelLearnableKey.WEIGHTS],
-                              personalized, self.config_files, self.overrides, info,
+                              personalized, self.config_files, overrides, info,
                               job={"job_id": fl_ctx.get_job_id()})
         self.log_info(fl_ctx, f"model pool: global + {len(personalized)} site models written, manifest {manifest}")
         evaluated = sorted(k for k, v in self.overrides.items() if not job_policy.is_plain_value(v))
