@@ -349,3 +349,29 @@ def test_data_and_federations_of_other_settings_are_removed_before_a_run(tmp_pat
     assert (tmp_path / "sim" / "old").is_dir() and not said  # the same settings: kept
     outside.OutsideStudy("loso", 1, tmp_path, sites=3, cases=4, echo=said.append)._drop_work_of_other_settings()
     assert not (tmp_path / "sim").exists() and not (tmp_path / "data").exists() and "removed" in said[-1]
+
+
+def test_a_leave_one_site_out_plan_on_prostate_v2_draws_v2_sites_and_routes_on_the_held_out_scanner(tmp_path):
+    """Task prostate_v2: the same harness on v2 sites (each scanner's own matrix and slices), HK held out; the
+    federation trains at the plan's image_size, routed inference reads HK's scans at their own grid."""
+    import nibabel as nib
+
+    plan = {"plan": "fedharmony-study-plan/1", "name": "tiny_v2", "question": "does the harness run on v2?",
+            "task": "prostate_v2", "arms": ["global", "routing"], "seeds": 2, "alpha": 0.05, "margin": 0.03,
+            "outside": {"target": "loso", "sites": 3, "holdout": ["HK"], "cases": 3, "rounds": 1, "local_epochs": 1,
+                        "passes": 1, "first_seed": 3, "overrides": {**TINY, "image_size": 32}},
+            "comparisons": [{"arm": "routing", "baseline": "global", "test": "noninferiority",
+                             "endpoints": ["sites"], "primary": True}],
+            "power": {"effect": 0.05, "sd": 0.045, "power": 0.8}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    study = outside.OutsideStudy.from_plan(path, tmp_path / "study", cost=False, echo=lambda _: None)
+    assert study.phantom == "v2" and study.settings()["phantom"] == "v2"
+    assert "phantom" not in outside.OutsideStudy("loso", 1, tmp_path / "v1", sites=3).settings()  # v1 keys unchanged
+    study.seeds = [3]  # one seed is enough to show the path
+    results = study.run()
+    assert results["failed"] == [] and results["task"] == "prostate_v2" and list(results["targets"]) == ["HK"]
+    entry = results["targets"]["HK"]["3"]
+    assert entry["volumes"] == 3 and all(0.0 <= entry["mean"][m] <= 1.0 for m in ("global", "routing"))
+    held_out = nib.load(str(tmp_path / "study" / "data" / "seed3" / "HK" / "Case00.nii.gz"))
+    assert held_out.shape[:2] == (256, 256)  # the v2 HK scanner's matrix, not a v1 size

@@ -12,7 +12,10 @@ tool's cache rules, provenance, plan files, verdicts and report sections:
   the pool of one IOP-FL federation on the six phantom sites, which also gives the *inside* table:
   personalized vs global on each site's test split) or ``loso`` (leave one site out: for each held-out site
   H, the pool of a federation on the other sites);
-* the *seeds* are the replicates: seed k draws the phantom data with seed k and trains with bundle seed k.
+* the *seeds* are the replicates: seed k draws the phantom data with seed k and trains with bundle seed k;
+* the *phantom*: ``v1`` (:mod:`fedharmony.phantom.prostate`, the studies before it) or ``v2``
+  (:mod:`fedharmony.phantom.prostate_mr`: anatomy in mm, MR physics, each scanner's own matrix; a plan whose task is
+  ``prostate_v2``, whose ``overrides`` should then give the network its ``image_size``).
 
 A unit of work is one (target, seed): every method segments every volume of the target with the bundle's
 ``configs/routed_inference.json`` (nothing labelled is seen, except by the labelled safeguard, which is given
@@ -45,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from fedharmony.study.outside_arms import (ADAPTIVE, DERIVED, HOLDOUT_EVERY, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, SITES,
+from fedharmony.study.outside_arms import (OUTSIDE_TASKS, PHANTOMS, ADAPTIVE, DERIVED, HOLDOUT_EVERY, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, SITES,
                                            SWEEP, TABLE, TARGETS, UNSEEN_SETS, check_arms, check_outside_plan,
                                            derive_safeguards, drop_derived, labelled_cases)
 from fedharmony.study.outside_segment import BUNDLE, cli_cost, labelled_folder, score, segment
@@ -87,7 +90,8 @@ class OutsideStudy:
         profiles: the unseen scanners' profile file (``target="unseen"``); see :func:`unseen_set`.
         holdout: the held-out sites (``target="loso"``; default every site).
         sites: how many of the phantom prostate sites take part (the first ones; default all 6).
-        cases, size: phantom cases per site and in-plane size.
+        cases, size: phantom cases per site and in-plane size (v1; a v2 site has its scanner's matrix).
+        phantom: ``v1`` or ``v2`` (see the module docstring); a plan's task decides it.
         rounds, local_epochs, iop_alpha: the IOP-FL federation's.
         passes: adaptation passes over a target.
         overrides: bundle overrides for the federations (a smoke test's small network).
@@ -101,7 +105,10 @@ class OutsideStudy:
                  iop_alpha: float = 0.1, passes: int = 2, overrides: Optional[dict] = None, sweep: bool = False,
                  run_derived: bool = False, cost: bool = True, first_seed: int = 0,
                  arms: Optional[Sequence[str]] = None, echo: Callable[[str], None] = print, command: str = "",
-                 stall_s: float = STALL_S, analysis_plan=None, plan_path=None):
+                 stall_s: float = STALL_S, analysis_plan=None, plan_path=None, phantom: str = "v1"):
+        if phantom not in PHANTOMS:
+            raise ValueError(f"phantom must be one of {list(PHANTOMS)}, got {phantom!r}")
+        self.phantom = phantom
         if target not in TARGETS:
             raise ValueError(f"unknown outside target {target!r}; choose one of {list(TARGETS)}")
         if seeds < 1:
@@ -122,9 +129,7 @@ class OutsideStudy:
                 raise ValueError("an unseen-scanner study needs its scanners' profile file (profiles=, e.g. "
                                  "fedharmony.study.outside.unseen_set(1))")
             self.profiles = Path(profiles).resolve()
-            from fedharmony.phantom import load_profiles
-
-            self.unseen = list(load_profiles(self.profiles))  # refuses a bad file before anything runs
+            self.unseen = list(self._load_profiles(self.profiles))  # refuses a bad file before anything runs
             self.holdout: List[str] = []
         else:
             if profiles is not None:
@@ -163,7 +168,7 @@ class OutsideStudy:
         profiles = settings.pop("profiles", None)
         return cls(settings.pop("target"), plan.seeds, out or Path(plan_path).resolve().parent,
                    profiles=REPO / profiles if profiles else None, arms=list(plan.arms), analysis_plan=plan,
-                   plan_path=plan_path, **settings, **kwargs)
+                   plan_path=plan_path, phantom=OUTSIDE_TASKS[plan.task], **settings, **kwargs)
 
     # ------------------------------------------------------------------ settings and cache
     def settings(self) -> dict:
@@ -174,7 +179,8 @@ class OutsideStudy:
         return {"target": self.target, "sites": self.sites, "cases": self.cases, "size": self.size,
                 "rounds": self.rounds, "local_epochs": self.local_epochs, "iop_alpha": self.iop_alpha,
                 "passes": self.passes, "overrides": self.overrides,
-                **({"profiles": _profiles_digest(self.profiles)} if self.profiles else {})}
+                **({"profiles": _profiles_digest(self.profiles)} if self.profiles else {}),
+                **({"phantom": self.phantom} if self.phantom != "v1" else {})}  # absent for v1: older caches valid
 
     def settings_key(self, target: str, seed: int) -> str:
         blob = json.dumps({**self.settings(), "outside_site": target, "seed": seed}, sort_keys=True)
@@ -226,28 +232,40 @@ class OutsideStudy:
         return [name for name in wanted if name not in entry["mean"]]
 
     # ------------------------------------------------------------------ data and federations
+    def _load_profiles(self, path=None) -> dict:
+        """Site profiles of the study's phantom (v1: ``SiteProfile``; v2: the MR simulator's ``ProstateMRSite``)."""
+        if self.phantom == "v2":
+            from fedharmony.phantom.prostate_mr import load_v2_profiles
+
+            return load_v2_profiles(path)
+        from fedharmony.phantom import load_profiles
+
+        return load_profiles(path)
+
+    def _write(self, root: Path, profiles: list, seed: int) -> None:
+        from fedharmony.phantom._common import default_workers
+
+        if self.phantom == "v2":  # each scanner's own matrix and slices (size does not apply)
+            from fedharmony.phantom.prostate_mr import write_sites_v2
+
+            write_sites_v2(root, profiles, seed=seed, cases=self.cases, workers=default_workers())
+        else:
+            from fedharmony.phantom.sites import write_sites
+
+            write_sites(root, profiles, seed=seed, cases=self.cases, size=self.size, workers=default_workers())
+
     def data(self, seed: int) -> Path:
         """The seed's phantom sites (``data/seed<k>/``), drawn once."""
-        from fedharmony.phantom import load_profiles
-        from fedharmony.phantom._common import default_workers
-        from fedharmony.phantom.sites import write_sites
-
         root = self.out / "data" / f"seed{seed}"
         if not (root / "sites.json").is_file():
-            profiles = [p for name, p in load_profiles().items() if name in self.sites]
-            write_sites(root, profiles, seed=seed, cases=self.cases, size=self.size, workers=default_workers())
+            self._write(root, [p for name, p in self._load_profiles().items() if name in self.sites], seed)
         return root
 
     def unseen_data(self, seed: int) -> Path:
         """The seed's draw of the unseen scanners (``data/seed<k>/unseen/``)."""
-        from fedharmony.phantom import load_profiles
-        from fedharmony.phantom._common import default_workers
-        from fedharmony.phantom.sites import write_sites
-
         root = self.out / "data" / f"seed{seed}" / "unseen"
         if not (root / "sites.json").is_file():
-            write_sites(root, list(load_profiles(self.profiles).values()), seed=seed, cases=self.cases, size=self.size,
-                        workers=default_workers())
+            self._write(root, list(self._load_profiles(self.profiles).values()), seed)
         return root
 
     def federation(self, data_root: Path, n_sites: int, name: str, seed: int) -> Path:
@@ -333,7 +351,8 @@ class OutsideStudy:
             except (OSError, json.JSONDecodeError):
                 old = {}
         same = old.get("settings") == self.settings()
-        results = {"study": "outside", "task": "prostate", "metric": "foreground_dice",
+        results = {"study": "outside", "task": "prostate" if self.phantom == "v1" else "prostate_v2",
+                   "metric": "foreground_dice",
                    "metric_label": "foreground Dice", "baseline": "global", "target": self.target,
                    "methods": self.methods(), "seeds": self.seeds, "settings": self.settings(),
                    "expected_targets": self.targets(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-__all__ = ["TARGETS", "SITES", "UNSEEN_SETS", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
+__all__ = ["PHANTOMS", "OUTSIDE_TASKS", "TARGETS", "SITES", "UNSEEN_SETS", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
            "HOLDOUT_EVERY", "DERIVED", "TABLE", "PLAN_SETTINGS", "check_arms", "check_outside_plan", "labelled_cases",
            "derive_safeguards", "drop_derived"]
 
@@ -66,10 +66,15 @@ PLAN_SETTINGS = {"target", "profiles", "holdout", "sites", "cases", "size", "rou
                  "passes", "first_seed", "overrides"}
 
 
+PHANTOMS = ("v1", "v2")  # the prostate phantoms an outside study draws its sites from
+OUTSIDE_TASKS = {"prostate": "v1", "prostate_v2": "v2"}  # a plan's task -> its phantom
+
+
 def check_outside_plan(task: str, outside, arms) -> List[str]:
     """An analysis plan's ``outside`` block and arms, checked (raises ValueError naming the field)."""
-    if task != "prostate":
-        raise ValueError(f"outside studies run on the prostate task (routed inference), not {task!r}")
+    if task not in OUTSIDE_TASKS:
+        raise ValueError(f"outside studies run on the prostate tasks {list(OUTSIDE_TASKS)} (routed inference), "
+                         f"not {task!r}")
     if not isinstance(outside, dict) or outside.get("target") not in TARGETS:
         raise ValueError(f"'outside' must be an object with 'target' one of {list(TARGETS)}")
     unknown = sorted(set(outside) - PLAN_SETTINGS)
