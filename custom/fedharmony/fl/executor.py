@@ -17,6 +17,9 @@ Tasks:
     *testing* split, with the site's local keys (FedBN norm layers) kept.
   * ``submit_model``: send the site's own model: its best on its validation split (for a
     personalized method, IOP-FL or Ditto, its best personalized model).
+  * ``fingerprint`` and ``set_preprocessing`` (jobs built with ``--fingerprint``, before round 1): send the
+    header numbers of the site's training scans; take the federation's ``pixdim`` / ``image_size``, checked
+    as any override, before the bundle is built (:mod:`fedharmony.fl.fingerprint`).
 
 The executor names no method: ``method`` (a name from :data:`fedharmony.methods.METHODS`) and
 ``method_settings`` (plain values, checked by the method) come from the job, and everything a
@@ -66,6 +69,7 @@ from fedharmony.bundle.job_policy import PolicyError, redact_paths
 from fedharmony.methods import make_site_method
 from fedharmony.methods import spec as method_spec
 from fedharmony.fl.aggregator import NUM_SAMPLES
+from fedharmony.fl.fingerprint import FINGERPRINT_TASK, PREPROCESSING_KEYS, PREPROCESSING_TASK
 from fedharmony.fl.policy import JobBundle, resolve_job_bundle
 from fedharmony.fl.site_errors import ERROR_HEADER
 
@@ -255,7 +259,6 @@ class BundleExecutor(Executor):
         """Take the federation's ``pixdim`` / ``image_size`` (checked as any job override) before the bundle is
         built; refused once it is (training has started with other values)."""
         from fedharmony.bundle.job_policy import load_tunables, validate_overrides
-        from fedharmony.fl.fingerprint import PREPROCESSING_KEYS
 
         self._apply_policy(fl_ctx)
         if self.refusal:
@@ -273,9 +276,9 @@ class BundleExecutor(Executor):
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         try:
-            if task_name == "fingerprint":  # before the bundle is built: it reads headers, not the data
+            if task_name == FINGERPRINT_TASK:  # before the bundle is built: it reads headers, not the data
                 return self._fingerprint(fl_ctx)
-            if task_name == "set_preprocessing":
+            if task_name == PREPROCESSING_TASK:
                 return self._set_preprocessing(shareable, fl_ctx)
             site = self._site(fl_ctx)
             if abort_signal.triggered:
