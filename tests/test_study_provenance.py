@@ -84,3 +84,27 @@ def test_the_report_warns_where_runs_were_made_on_different_code(tmp_path):
     results["runs"][1]["made_on"] = ["not", "an", "object"]  # a damaged record is named, not a crash
     text = write_report(tmp_path, results).read_text()
     assert "- fedavg: not recorded (1 of 2); unreadable record (list) (1 of 2)" in text
+
+
+def test_a_report_names_the_bundle_version_and_the_training_defaults_its_runs_had(tmp_path):
+    """New defaults are labelled: results.json records the bundle's version and its spatial_augmentation default,
+    and the report says them; results written before the record (the committed studies) get no such line."""
+    import json
+
+    from conftest import REPO
+    from fedharmony.study.provenance import bundle_line, bundle_record
+    from fedharmony.study.report import write_report
+
+    record = bundle_record(REPO / "bundles" / "prostate_mri_seg")
+    train = json.loads((REPO / "bundles" / "prostate_mri_seg" / "configs" / "train.json").read_text())
+    assert record["training_defaults"] == {"spatial_augmentation": train["spatial_augmentation"]}
+    assert bundle_record(REPO / "bundles" / "image_classification")["training_defaults"] == {}
+    results = {"task": "prostate", "metric": "val_mean_dice", "methods": ["fedavg"], "seeds": [0], "bundle": record,
+               "runs": [{"method": "fedavg", "seed": 0, "site_scores": {"A": 0.5}}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert f"- bundle: prostate_mri_seg {record['version']}; training defaults: spatial_augmentation " \
+           f"{train['spatial_augmentation']}" in text
+    del results["bundle"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "- bundle:" not in write_report(tmp_path).read_text() and bundle_line(None) is None

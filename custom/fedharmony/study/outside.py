@@ -52,7 +52,7 @@ from fedharmony.study.outside_arms import (OUTSIDE_TASKS, PHANTOMS, ADAPTIVE, DE
                                            SWEEP, TABLE, TARGETS, UNSEEN_SETS, check_arms, check_outside_plan,
                                            derive_safeguards, drop_derived, labelled_cases)
 from fedharmony.study.outside_segment import BUNDLE, cli_cost, labelled_folder, score, segment
-from fedharmony.study.provenance import code_line, made_on
+from fedharmony.study.provenance import bundle_record, code_line, made_on
 from fedharmony.study.runner import (REPO, STALL_S, RunStalled, _atomic_json, lock_plan, once_more_if_stalled,
                                      plan_results, read_cache_entry, run_watched)
 
@@ -357,6 +357,7 @@ class OutsideStudy:
                    "methods": self.methods(), "seeds": self.seeds, "settings": self.settings(),
                    "expected_targets": self.targets(),
                    "profiles_file": _shown(self.profiles) if self.profiles else None,
+                   "bundle": bundle_record(REPO / "bundles" / "prostate_mri_seg"),
                    "invocations": old.get("invocations", []) if same else [],
                    "inside": old.get("inside", {}) if same else {}, "cost": old.get("cost", {}) if same else {},
                    "targets": {}, "failed": [], **self._plan_results(), **({"converted": old["converted"]} if same and "converted" in old else {})}

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 from fedharmony.study.outside import (DERIVED, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, derive_safeguards,
                                       load_outside_results, method_runs)
+from fedharmony.study.provenance import bundle_line
 from fedharmony.study.report import (_made_on_lines, _posthoc_lines, _protocol_lines, _scores, difference_lines,
                                      paired_difference, site_table_lines, summarize)
 
@@ -64,7 +65,7 @@ def write_outside_report(study_dir, results: Optional[dict] = None) -> Path:
               f"{results['seeds']}" + (f"; unseen scanners: `{results['profiles_file']}`"
                                        if results.get("profiles_file") else ""),
               "- score: foreground Dice per volume on its own grid; a target's score is the mean over its volumes; "
-              "seeds are the replicates", ""]
+              "seeds are the replicates", *([bundle_line(results["bundle"])] if results.get("bundle") else []), ""]
     expected = len(results.get("expected_targets") or results["targets"]) * len(results["seeds"])
     done = sum(len(by_seed) for by_seed in results["targets"].values())
     if done < expected:

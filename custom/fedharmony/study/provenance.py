@@ -27,8 +27,8 @@ import subprocess
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-__all__ = ["CODE_DIRS", "code_digest", "git_state", "cpu_description", "made_on", "code_line", "describe",
-           "run_line", "differing"]
+__all__ = ["CODE_DIRS", "TRAINING_DEFAULTS", "code_digest", "git_state", "cpu_description", "made_on", "code_line",
+           "describe", "run_line", "differing", "bundle_record", "bundle_line"]
 
 REPO = Path(__file__).resolve().parents[3]
 # what a run executes besides the bundle (whose configs the settings key already holds)
@@ -117,3 +117,28 @@ def differing(runs: Iterable[dict]) -> List[str]:
     """The :func:`run_line` of each of ``runs`` (study result entries), each once, in first-seen order; more than
     one means the runs were not all made on the same code and CPU."""
     return list(dict.fromkeys(run_line(run) for run in runs))
+
+
+# bundle training settings whose default changed between versions: a report says which default its runs had
+TRAINING_DEFAULTS = ("spatial_augmentation",)
+
+
+def bundle_record(bundle_dir) -> Dict[str, object]:
+    """The bundle a study trains: its name, version and the defaults of :data:`TRAINING_DEFAULTS` it has, for
+    ``results.json``."""
+    import json
+
+    bundle_dir = Path(bundle_dir)
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    train = json.loads((bundle_dir / "configs" / "train.json").read_text())
+    return {"name": bundle_dir.name, "version": metadata.get("version"),
+            "training_defaults": {key: train[key] for key in TRAINING_DEFAULTS if key in train}}
+
+
+def bundle_line(record: Optional[dict]) -> Optional[str]:
+    """The report's line for :func:`bundle_record` (None for results that predate it)."""
+    if not isinstance(record, dict):
+        return None
+    defaults = ", ".join(f"{k} {v}" for k, v in (record.get("training_defaults") or {}).items())
+    return (f"- bundle: {record.get('name')} {record.get('version')}"
+            + (f"; training defaults: {defaults} (an arm's own settings replace them)" if defaults else ""))

@@ -45,7 +45,7 @@ import numpy as np
 
 from fedharmony.core.results import RETROGRESS_CURVES
 from fedharmony.study.tasks import parse_arm
-from fedharmony.study.provenance import differing, run_line
+from fedharmony.study.provenance import bundle_line, differing, run_line
 from fedharmony.study.robustness import robustness_lines, robustness_plot, robustness_summary
 from fedharmony.study.analysis import (PLATEAU_RULE, fmt_p, paired_per_seed, plateau, plateau_rounds, planned_verdicts,
                                        posthoc_rule)
@@ -448,6 +448,7 @@ def write_report(study_dir, results: Optional[dict] = None) -> Path:
               f"{settings.get('local_epochs')} local epochs, test cases per site "
               f"{settings.get('test_cases') or 'the datalists own'}, seeds {results.get('seeds')}",
               f"- data: {'prepared real data at ' + settings['data_root'] if settings.get('data_root') else 'phantom sites; seed k draws the training data with seed k and a separate test draw'}",
+              *([bundle_line(results["bundle"])] if results.get("bundle") else []),
               ""]
     if results.get("pending"):
         done = len(results["runs"])

@@ -31,7 +31,7 @@ from fedharmony.data.datalist import smallest_split
 from fedharmony.methods.protocols import check_protocol, needs_smallest_site, protocol_overrides
 from fedharmony.study.data import StudyData, iid_dataset, make_phantom_data, real_data
 from fedharmony.study.plan import Plan, PlanError, plan_commit
-from fedharmony.study.provenance import code_digest, cpu_description, describe, made_on
+from fedharmony.study.provenance import bundle_record, code_digest, cpu_description, describe, made_on
 from fedharmony.study.robustness import check_pixel_scales, resampled_test_root, score_pixel_scales
 from fedharmony.study.scoring import load_weights, score_on_site
 from fedharmony.methods import site_method_class
@@ -565,6 +565,7 @@ class Study:
             "versions": {"torch": torch.__version__, "monai": monai.__version__, "nvflare": nvflare.__version__},
             "command": self.command, "wall_s": wall_s,
             "run_wall_s": sum(r.get("wall_s", 0.0) for r in runs),
+            "bundle": bundle_record(self.bundle_dir),
             **self._plan_results(),
         }
 
