@@ -11,7 +11,8 @@ is :mod:`fedharmony.data.fingerprint`).
    are unlike the rest, and writes ``fingerprint.json`` (the choice, its reasons, each site's medians) into the
    server's run folder, beside the global model;
 3. it sends every site the task ``set_preprocessing`` with the two bundle settings (``pixdim``, ``image_size``);
-   a site checks them as it checks any job override and builds its bundle with them.
+   a site checks them as it checks any job override and builds its bundle with them. A site that does not take
+   them stops the job (it would train on other inputs than the rest).
 
 Then the training workflow starts as usual. A setting the job gives by hand (``--override '{"pixdim": ...}'``)
 is not overridden: the job builder refuses ``--fingerprint`` together with a hand-set ``pixdim`` or
@@ -95,6 +96,18 @@ class FingerprintController(Controller):
         with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
             json.dump({**choice, "fingerprints": self._fingerprints}, f, indent=2)
         settings = DXO(DataKind.COLLECTION, data=dict(choice["settings"])).to_shareable()
-        self.broadcast_and_wait(Task(PREPROCESSING_TASK, settings, timeout=self.task_timeout),
+        applied = set()
+
+        def took_it(client_task: ClientTask, fl_ctx: FLContext):
+            if client_task.result.get_return_code() == ReturnCode.OK:
+                applied.add(client_task.client.name)
+
+        self.broadcast_and_wait(Task(PREPROCESSING_TASK, settings, timeout=self.task_timeout,
+                                     result_received_cb=took_it),
                                 min_responses=0, fl_ctx=fl_ctx, abort_signal=abort_signal)
+        missing = sorted({c.name for c in fl_ctx.get_engine().get_clients()} - applied)
+        if missing:  # a site that trains at another spacing would join the federation with other inputs
+            self.system_panic(f"fingerprint: {missing} did not take the planned preprocessing "
+                              f"{choice['settings']}: the job stops rather than train on different inputs", fl_ctx)
+            return
         self.log_info(fl_ctx, f"fingerprint: every site builds its bundle with {choice['settings']}")
