@@ -3,12 +3,15 @@ and crop a federation derives from them."""
 
 import gzip
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO
 from fedharmony.data.fingerprint import check_fingerprint, combine_fingerprints, scan_geometry, site_fingerprint
@@ -143,6 +146,26 @@ def test_a_federation_plans_its_spacing_from_the_sites_fingerprints_before_round
         site_log = (tmp_path / "ws" / site / "log.txt").read_text()
         assert f"preprocessing from the federation's fingerprint: {chosen['settings']}" in site_log
     assert (run / "app_server" / "FL_global_model.pt").is_file()  # training ran after the planning
+    # every global checkpoint records the planned geometry as data, and the bundle's inference resamples with it
+    meta = torch.load(run / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=True)["meta_props"]
+    assert meta["preprocessing"] == {**chosen["settings"], "source": "fingerprint"}
+    folder, out = tmp_path / "incoming", tmp_path / "masks"
+    folder.mkdir()
+    shutil.copy(tiny_sites / "HK" / "Case00.nii.gz", folder)
+    bundle = REPO / "bundles" / "prostate_mri_seg"
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+             "--bundle_root", str(bundle), "--dataset_dir", str(folder), "--output_dir", str(out), "--ckpt_path",
+             str(run / "app_server" / "FL_global_model.pt"), "--base_features", "4"]
+    res = subprocess.run(infer, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (f"pixdim {chosen['settings']['pixdim']:g} mm, image_size {chosen['settings']['image_size']}"
+            in res.stdout + res.stderr)
+    mask = next(out.rglob("Case00*seg*.nii.gz"))  # put back on the scan's own grid
+    assert nib.load(mask).shape == nib.load(folder / "Case00.nii.gz").shape
+    res = subprocess.run(infer + ["--pixdim", "1.5", "--output_dir", str(tmp_path / "other")], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode != 0 and "GeometryMismatch" in res.stdout + res.stderr
+    assert f"trained at pixdim {chosen['settings']['pixdim']:g}" in res.stdout + res.stderr
     # IOP-FL's model pool records the planned spacing, so routed inference resamples as the sites trained
     manifest = json.loads((run / "model_pool" / "manifest.json").read_text())
     assert {k: manifest["overrides"][k] for k in ("pixdim", "image_size")} == chosen["settings"]
@@ -154,3 +177,30 @@ def test_a_federation_plans_its_spacing_from_the_sites_fingerprints_before_round
     res = subprocess.run([sys.executable, str(REPO / "jobs" / "prostate.py"), "--fingerprint", "--algorithm",
                           "harmofl", "--export", "--export-dir", str(tmp_path / "x")], capture_output=True, text=True)
     assert res.returncode == 2 and "plan pixdim and image_size with tools/fingerprint.py" in res.stderr
+
+
+@pytest.mark.integration
+def test_a_job_stops_before_training_when_a_site_does_not_take_the_planned_preprocessing(tmp_path):
+    """Headers in the wrong unit (150 mm pixels at both sites) plan a pixdim the sites' bundle does not accept (its
+    tunables stop at 100 mm): every site refuses ``set_preprocessing``, and the server stops the job before round 1,
+    naming the sites and the settings, rather than let them train on other inputs than the plan."""
+    from conftest import NVFLARE, export_job
+
+    root = tmp_path / "data"
+    for name in ("site-1", "site-2"):
+        _site(root, name, [150.0, 150.0], matrix=32)
+    job = export_job(tmp_path, "fp_refused", "--fingerprint", "--no-cross-site-eval", rounds=1, sites=2)
+    ws = tmp_path / "ws"
+    subprocess.run([NVFLARE, "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"], capture_output=True,
+                   text=True, timeout=900, env={**os.environ, "FEDHARMONY_DATA_ROOT": str(root)})
+    run = ws / "server" / "simulate_job"
+    chosen = json.loads((run / "fingerprint.json").read_text())
+    assert chosen["settings"]["pixdim"] == 150.0
+    server_log = (ws / "server" / "log.txt").read_text()
+    assert "did not take the planned preprocessing" in server_log and "['site-1', 'site-2']" in server_log
+    assert "every site builds its bundle with" not in server_log
+    for site in ("site-1", "site-2"):
+        site_log = (ws / site / "log.txt").read_text()
+        assert "task 'set_preprocessing' not run: override 'pixdim': must be <= 100, got 150.0" in site_log
+        assert "preprocessing from the federation's fingerprint" not in site_log
+    assert not (run / "app_server" / "FL_global_model.pt").exists()  # no round ran

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["NORMS", "norm_layer", "ConfigFiles", "config_paths", "build_network"]
+__all__ = ["NORMS", "norm_layer", "ConfigFiles", "config_paths", "bundle_parser", "build_network"]
 
 ConfigFiles = Union[str, Sequence[str]]
 
@@ -57,6 +57,19 @@ def config_paths(bundle_root: str, config_file: ConfigFiles) -> List[str]:
     return [str(p) for p in paths]
 
 
+def bundle_parser(bundle_root: str, config_file: ConfigFiles = "configs/train.json", overrides: Optional[dict] = None):
+    """MONAI's ``ConfigParser`` over the bundle's config file(s), layered, with ``bundle_root`` and ``overrides`` set
+    (nothing is instantiated until asked)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_paths(bundle_root, config_file))
+    parser["bundle_root"] = str(bundle_root)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    return parser
+
+
 def build_network(bundle_root: str, config_file: ConfigFiles = "configs/train.json", key: str = "network_def",
                   overrides: Optional[dict] = None, seed: Optional[int] = 0) -> torch.nn.Module:
     """Instantiate the bundle's network definition (no data needed; used by the server).
@@ -65,16 +78,9 @@ def build_network(bundle_root: str, config_file: ConfigFiles = "configs/train.js
     so server and sites build the same architecture; ``seed`` makes the initial weights
     reproducible (None leaves torch's RNG alone).
     """
-    from monai.bundle import ConfigParser
-
-    paths = config_paths(bundle_root, config_file)
-    parser = ConfigParser()
-    parser.read_config(paths)
-    parser["bundle_root"] = str(bundle_root)
-    for k, v in (overrides or {}).items():
-        parser[k] = v
+    parser = bundle_parser(bundle_root, config_file, overrides)
     if key not in parser:
-        raise KeyError(f"{paths} has no {key!r}")
+        raise KeyError(f"{config_paths(bundle_root, config_file)} has no {key!r}")
     if seed is not None:
         torch.manual_seed(seed)
     return parser.get_parsed_content(key)

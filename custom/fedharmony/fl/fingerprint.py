@@ -32,6 +32,7 @@ from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
+from fedharmony.bundle.trained_geometry import check_geometry
 from fedharmony.data.fingerprint import check_fingerprint, combine_fingerprints
 
 FINGERPRINT_TASK = "fingerprint"
@@ -47,14 +48,18 @@ class FingerprintController(Controller):
         max_image_size: the largest crop (a multiple of 16); a larger one keeps the median field of view with
             coarser pixels. None: no cap.
         task_timeout: seconds to wait for the sites' answers (0: no limit).
+        persistor_id: the global model's persistor; a job that resumes from a checkpoint recording another
+            geometry than the one planned is stopped before round 1.
     """
 
-    def __init__(self, max_image_size: Optional[int] = None, task_timeout: int = 600):
+    def __init__(self, max_image_size: Optional[int] = None, task_timeout: int = 600,
+                 persistor_id: str = "persistor"):
         super().__init__()
         if max_image_size is not None and (max_image_size < 16 or max_image_size % 16):
             raise ValueError(f"max_image_size must be a positive multiple of 16, got {max_image_size}")
         self.max_image_size = max_image_size
         self.task_timeout = task_timeout
+        self.persistor_id = persistor_id
         self._fingerprints: Dict[str, dict] = {}
 
     def start_controller(self, fl_ctx: FLContext):
@@ -92,6 +97,12 @@ class FingerprintController(Controller):
             self.log_info(fl_ctx, f"fingerprint: {line}")
         for line in choice["outliers"]:
             self.log_warning(fl_ctx, f"fingerprint: a site unlike the rest: {line}")
+        resumed = getattr(fl_ctx.get_engine().get_component(self.persistor_id), "initial_geometry", None)
+        if resumed and resumed != check_geometry(choice["settings"], "the fingerprint's choice"):
+            self.system_panic(f"fingerprint: the model this job resumes from was trained at {resumed}; the sites' "
+                              f"fingerprints plan {choice['settings']}: the job stops rather than train it on "
+                              f"other inputs (resume without --fingerprint, with the checkpoint's values)", fl_ctx)
+            return
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
             json.dump({**choice, "fingerprints": self._fingerprints}, f, indent=2)

@@ -188,7 +188,8 @@ class BundleRecipe(Recipe):
 
         # server
         persistor = BundleModelPersistor(config_file=config_files, overrides=overrides,
-                                         source_ckpt_file_full_name=initial_model, **bundle_args)
+                                         source_ckpt_file_full_name=initial_model, planned_geometry=fingerprint,
+                                         **bundle_args)
         job.to_server(persistor, id="persistor")
         # num_clients=0: every round goes to all connected sites (a number would sample that many). Early stopping
         # is NVFlare's: FedAvg's patience counts rounds whose key metric did not improve; it needs a stop condition,
