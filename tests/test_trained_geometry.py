@@ -99,3 +99,33 @@ def test_a_job_resumed_from_a_model_trained_at_another_geometry_stops_naming_bot
     for site in ("site-1", "site-2"):
         log = ws / site / "log.txt"
         assert not log.is_file() or "bundle ready" not in log.read_text()  # no site built its bundle to train
+
+
+@pytest.mark.integration
+def test_a_fingerprint_job_resumed_from_a_model_trained_at_another_geometry_stops_before_round_1(tiny_sites,
+                                                                                                tmp_path):
+    """With ``--fingerprint`` the geometry is planned after the start, so the check comes then: a checkpoint trained
+    at 2 mm / 48 px against the sites' plan (their median spacing, at most 32 px) stops the job before any site
+    takes the plan or trains, naming both."""
+    import os
+    import subprocess
+
+    from conftest import NVFLARE, REPO, TINY_OVERRIDES, export_job
+    from fedharmony.bundle.networks import build_network
+
+    network = build_network(str(REPO / "bundles" / "prostate_mri_seg"), overrides=TINY_OVERRIDES)
+    ckpt = tmp_path / "FL_global_model.pt"
+    trained = {"pixdim": 2.0, "image_size": 48}
+    torch.save({"model": network.state_dict(), "meta_props": {
+        "current_round": 1, "preprocessing": {**trained, "source": "fingerprint"}}}, ckpt)
+    job = export_job(tmp_path, "resumed_fp", "--fingerprint", "--fingerprint-max-image-size", "32", "--initial-model",
+                     str(ckpt), "--no-cross-site-eval", rounds=1, sites=2)
+    ws = tmp_path / "ws"
+    subprocess.run([NVFLARE, "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"], capture_output=True,
+                   text=True, timeout=900, env={**os.environ, "FEDHARMONY_DATA_ROOT": str(tiny_sites)})
+    server_log = (ws / "server" / "log.txt").read_text()
+    assert f"the model this job resumes from was trained at {trained}; the sites' fingerprints plan" in server_log
+    assert not (ws / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").exists()
+    for site in ("site-1", "site-2"):
+        log = ws / site / "log.txt"
+        assert not log.is_file() or "preprocessing from the federation's fingerprint" not in log.read_text()
