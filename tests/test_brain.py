@@ -106,12 +106,35 @@ def test_the_generator_writes_the_site_layout_and_refuses_prostate_only_flags(tm
     assert json.loads((out / "sites.json").read_text()) == {"site-1": "IOP"}
     datalist = json.loads((out / "IOP" / "datalist.json").read_text())
     assert sum(len(datalist[s]) for s in ("training", "validation", "testing")) == 3
+    tissue = json.loads((out / "IOP" / "datalist_tissue.json").read_text())  # the same cases and splits
+    for split in ("training", "validation", "testing"):
+        assert [(i["case"], i["image"]) for i in tissue[split]] == [(i["case"], i["image"]) for i in datalist[split]]
+        assert all(i["label"] == f"{i['case']}_tissue.nii.gz" for i in tissue[split])
     assert nib.load(out / "IOP" / "Case00.nii.gz").shape[:2] == (24, 24)  # 192 / 8
     for bad, message in ((["--slices", "10"], "--list-profiles and --slices are for --phantom v1"),
                          (["--voxel-scale", "0.5"], "--voxel-scale must be in [1, 16], got 0.5"),
                          (["--sites", "NOPE"], "unknown site(s) ['NOPE']")):
         res = subprocess.run(cmd[:-6] + bad, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_the_tissue_labels_are_grey_and_white_matter_inside_the_brain_mask_and_leave_the_case_unchanged():
+    from fedharmony.phantom.brain_mr import load_brain_profiles, make_brain_case
+
+    profile = load_brain_profiles()["HH"].coarser(4)
+    image, mask, affine = make_brain_case(profile, 0, 1, grid_mm=4)
+    image_t, mask_t, affine_t, extra = make_brain_case(profile, 0, 1, grid_mm=4, tissue=True)
+    assert np.array_equal(image, image_t) and np.array_equal(mask, mask_t) and np.array_equal(affine, affine_t)
+    tissue = extra["tissue"]
+    assert tissue.shape == mask.shape and set(np.unique(tissue)) == {0, 1, 2}
+    assert not tissue[mask == 0].any()  # grey and white matter only inside the brain mask
+    grey, white = (tissue == 1).sum(), (tissue == 2).sum()
+    assert 0.5 < grey / white < 3.0, (grey, white)  # adult brains: about 1.2 to 1.5 times more grey than white
+    # white matter lies deeper: its voxels are farther from outside the mask than grey matter's, on average
+    from scipy.ndimage import distance_transform_edt
+
+    depth = distance_transform_edt(mask > 0)
+    assert depth[tissue == 2].mean() > depth[tissue == 1].mean()
 
 
 # ------------------------------------------------------------------------------------------------ bundle
@@ -188,3 +211,41 @@ def test_a_federated_brain_job_trains_and_its_global_model_segments_a_folder_wit
     for case in ("Case00", "Case01"):
         mask = next(out.rglob(f"{case}*seg*.nii.gz"))
         assert nib.load(mask).shape == nib.load(folder / f"{case}.nii.gz").shape
+
+
+@pytest.mark.integration
+def test_the_bundle_trains_and_segments_grey_and_white_matter_as_a_second_label_set(brain_sites, tmp_path):
+    """``--num_classes 3 --datalist_file datalist_tissue.json``: one site trains a three-class network with
+    ``monai.bundle run`` (validated on the mean Dice of grey and white matter), and inference writes each voxel's
+    class; a datalist_file that is a path is refused."""
+    import torch
+
+    site = brain_sites / "HH"
+    ckpt, evals = tmp_path / "models", tmp_path / "eval"
+    tissue = {"num_classes": 3, "datalist_file": "datalist_tissue.json"}
+    args = [a for k, v in {**TINY, **tissue, "num_epochs": 1, "val_interval": 1}.items()
+            for a in (f"--{k}", json.dumps(v))]
+    train = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BRAIN / "configs" / "train.json"),
+             "--bundle_root", str(BRAIN), "--dataset_dir", str(site), "--ckpt_dir", str(ckpt), "--output_dir",
+             str(evals)]
+    res = subprocess.run(train + args, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    weights = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    last = [v for k, v in weights.items() if k.endswith("weight") and v.ndim == 4][-1]
+    assert 3 in last.shape[:2]  # the last convolution gives three classes
+    details = (evals / "val_mean_dice_raw.csv").read_text().splitlines()
+    assert len(details[0].split(",")) == 1 + 2 + 1  # per case: filename, grey and white matter Dice, their mean
+    folder, out = tmp_path / "incoming", tmp_path / "masks"
+    folder.mkdir()
+    shutil.copy(site / "Case00.nii.gz", folder)
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BRAIN / "configs" / "inference.json"),
+             "--bundle_root", str(BRAIN), "--dataset_dir", str(folder), "--output_dir", str(out), "--ckpt_path",
+             str(ckpt / "model.pt"), *[a for k, v in {**TINY, "num_classes": 3}.items()
+                                       for a in (f"--{k}", json.dumps(v))]]
+    res = subprocess.run(infer, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    mask = np.asarray(nib.load(next(out.rglob("Case00*seg*.nii.gz"))).dataobj)
+    assert mask.shape == nib.load(folder / "Case00.nii.gz").shape and set(np.unique(mask)) <= {0, 1, 2}
+    res = subprocess.run(train + args + ["--datalist_file", json.dumps("../IOP/datalist.json")], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode != 0 and "datalist_file must be a .json file name" in res.stdout + res.stderr

@@ -284,6 +284,10 @@ def test_the_iid_deal_keeps_sizes_and_gives_every_site_the_same_mix(tmp_path):
             "training": [{"image": f"{site}_t{i}.nii.gz", "label": f"{site}_t{i}_seg.nii.gz"} for i in range(n_train)],
             "validation": [{"image": f"{site}_v{i}.nii.gz", "label": f"{site}_v{i}_seg.nii.gz"} for i in range(n_val)]},
             site)
+        write_datalist(train / site, {  # a second label set of the same cases (the brain phantom's tissue labels)
+            "training": [{"image": f"{site}_t{i}.nii.gz", "label": f"{site}_t{i}_tissue.nii.gz"} for i in range(n_train)],
+            "validation": [{"image": f"{site}_v{i}.nii.gz", "label": f"{site}_v{i}_tissue.nii.gz"}
+                           for i in range(n_val)]}, site, "datalist_tissue.json")
     data = StudyData(train_root=str(train), test_root=str(tmp_path / "test"), sites={"site-1": "A", "site-2": "B",
                                                                                        "site-3": "C"})
     iid = iid_dataset(data, tmp_path / "iid", seed=0)
@@ -300,6 +304,11 @@ def test_the_iid_deal_keeps_sizes_and_gives_every_site_the_same_mix(tmp_path):
                 assert abs(share - n[i] * m[i] / total[split]) <= 1, (split, site, source)
             assert all(item["image"].startswith(str(train)) for item in items)  # absolute paths
         assert len(seen) == len(set(seen)) == total[split]  # every case exactly once
+        for site in sizes:  # every label set is dealt the same way: the same images, each with its own label
+            brain = json.loads((iid.train_root / site / "datalist.json").read_text())[split]
+            tissue = json.loads((iid.train_root / site / "datalist_tissue.json").read_text())[split]
+            assert [i["image"] for i in tissue] == [i["image"] for i in brain]
+            assert [i["label"] for i in tissue] == [i["label"].replace("_seg", "_tissue") for i in brain]
     again = iid_dataset(data, tmp_path / "iid2", seed=0)
     assert (again.train_root / "A" / "datalist.json").read_text() == (iid.train_root / "A" / "datalist.json").read_text()
 

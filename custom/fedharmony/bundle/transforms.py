@@ -9,8 +9,8 @@ from typing import Hashable, Mapping, Sequence
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (Compose, EnsureTyped, Identityd, MapTransform, Orientationd, RandRotated, RandZoomd, Resized,
-                              ResizeWithPadOrCropd, Spacingd)
+from monai.transforms import (AsDiscreted, Compose, EnsureTyped, Identityd, MapTransform, Orientationd, RandRotated,
+                              RandZoomd, Resized, ResizeWithPadOrCropd, Spacingd)
 
 from fedharmony.bundle.folder_inference import InputRejected
 
@@ -36,6 +36,42 @@ class SlabToChannelsd(MapTransform):
             if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
                 raise ValueError(f"SlabToChannelsd: {key!r} must be a (1, H, W, 3) slab, got {tuple(x.shape)}")
             d[key] = x[0].permute(2, 0, 1).contiguous() if key in self.image_keys else x[..., 1].contiguous()
+        return d
+
+
+class LabelClassesd(MapTransform):
+    """A stored label as the network's classes: ``num_classes`` 2 makes any label > 0 foreground (a threshold at
+    0.5, MONAI ``AsDiscreted``: a zonal prostate mask holding 1 and 2 becomes the gland, as before this transform
+    existed); more classes keep the label values 0 .. num_classes - 1 (a grey / white matter map: 0, 1, 2), rounded
+    to integers, and refuse a value outside that range, naming the file, since the loss would read it as another
+    class.
+
+    Example::
+
+        >>> LabelClassesd("label", num_classes=3)({"label": torch.tensor([[0.0, 1.0, 2.0]])})["label"]
+        tensor([[0., 1., 2.]])
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int = 2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
+        self.num_classes = num_classes
+        self._binary = AsDiscreted(keys, threshold=0.5, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        if self.num_classes == 2:
+            return self._binary(data)
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key])
+            label = torch.round(value.float())  # a MetaTensor keeps its metadata and applied operations
+            low, high = float(label.min()), float(label.max())
+            if low < 0 or high > self.num_classes - 1:
+                where = getattr(value, "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{where}: label values {low:g} to {high:g}, but num_classes {self.num_classes} "
+                                 f"takes 0 to {self.num_classes - 1}")
+            d[key] = label
         return d
 
 
@@ -222,5 +258,5 @@ def spatial_augmentation(recipe: str, image_keys: KeysCollection, label_keys: Ke
     ])
 
 
-__all__: Sequence[str] = ["VolumeGeometryd", "SelectVolumed", "SlabToChannelsd", "volume_to_slabs",
+__all__: Sequence[str] = ["VolumeGeometryd", "SelectVolumed", "SlabToChannelsd", "LabelClassesd", "volume_to_slabs",
                           "spatial_augmentation", "SPATIAL_AUGMENTATIONS"]

@@ -177,8 +177,8 @@ def make_datalist(cases: Dict[str, Tuple[str, str]], seed: int, fractions=(0.6, 
     }
 
 
-def write_datalist(site_dir: str | Path, datalist: dict, site: str = "") -> Path:
-    path = Path(site_dir) / DATALIST_NAME
+def write_datalist(site_dir: str | Path, datalist: dict, site: str = "", name: str = DATALIST_NAME) -> Path:
+    path = Path(datalist_path(site_dir, name))
     payload = {"name": site or Path(site_dir).name, **datalist}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
@@ -256,6 +256,19 @@ def smallest_split(data_root: str | Path, split: str = "training", num_sites: Op
              for folder in site_map.values()}
     site = min(sizes, key=sizes.get)
     return sizes[site], site
+
+
+def datalist_path(dataset_dir: str | Path, name: str = "datalist.json") -> str:
+    """The datalist ``name`` in ``dataset_dir``: a plain ``.json`` file name, never a path, so that a job's
+    setting cannot point a site at a list outside its data folder.
+
+    Raises:
+        ValueError: ``name`` holds a folder separator, is ``..``-like or does not end in ``.json``.
+    """
+    if (not isinstance(name, str) or not name.endswith(".json") or name != Path(name).name or name.startswith(".")
+            or "/" in name or "\\" in name):
+        raise ValueError(f"datalist_file must be a .json file name in the site's data folder, got {name!r}")
+    return str(Path(dataset_dir) / name)
 
 
 def load_datalist(datalist: str | Path, split: str, base_dir: Optional[str | Path] = None,

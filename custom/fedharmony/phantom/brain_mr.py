@@ -164,9 +164,12 @@ def case_anatomy(seed_sequence, grid_mm: float = 1.5) -> Tuple[Dict[str, np.ndar
     return {t: out[i] for i, t in enumerate(TISSUE_ORDER)}, out[-1]
 
 
-def make_brain_case(profile: BrainMRSite, seed: int, case_index: int, grid_mm: float = 1.5):
+def make_brain_case(profile: BrainMRSite, seed: int, case_index: int, grid_mm: float = 1.5, tissue: bool = False):
     """One case: (image (x, y, z) int16, brain mask (x, y, z) uint8, RAS affine (4, 4)); reproducible from
-    (profile, seed, case index)."""
+    (profile, seed, case index). With ``tissue``, a fourth item ``{"tissue": (x, y, z) uint8}``: inside the brain
+    mask, 1 where grey matter fills most of the acquired voxel, 2 where white matter does, 0 elsewhere (CSF and
+    outside the mask); the fractions go through the same slice profile and area average as the mask, and no random
+    number is drawn for it, so the image and mask are the same with or without it."""
     from fedharmony.phantom._common import site_key
     from fedharmony.phantom.prostate_mr import annotate
 
@@ -181,17 +184,28 @@ def make_brain_case(profile: BrainMRSite, seed: int, case_index: int, grid_mm: f
     stored = np.clip(np.rint(image), 0, 32767).astype(np.int16)
     affine = np.diag([dx, dy, dz, 1.0])
     affine[:3, 3] = -0.5 * np.array([acq.matrix[1] * dx, acq.matrix[0] * dy, len(image) * dz])
-    return stored.transpose(2, 1, 0), mask.transpose(2, 1, 0), affine
+    if not tissue:
+        return stored.transpose(2, 1, 0), mask.transpose(2, 1, 0), affine
+    grey, white = (np.stack([area_average(p, acq.matrix, spacing[1:], acq.fov_mm)
+                             for p in slice_profile(fractions[t], grid_mm, acq.slice_mm, acq.gap_mm)])
+                   for t in ("grey_matter", "white_matter"))
+    labels = np.where((white >= grey) & (white >= 1 - grey - white), 2,
+                      np.where((grey > white) & (grey >= 1 - grey - white), 1, 0)).astype(np.uint8)
+    labels[mask == 0] = 0
+    return stored.transpose(2, 1, 0), mask.transpose(2, 1, 0), affine, {"tissue": labels.transpose(2, 1, 0)}
 
 
 def write_brain_sites(out_dir, profiles: Sequence[BrainMRSite], seed: int = 0, cases: Optional[int] = None,
                       workers: int = 1, voxel_scale: float = 1.0, grid_mm: float = 1.5) -> Path:
-    """Write each site's cases (``CaseNN.nii.gz``, ``CaseNN_segmentation.nii.gz``: the brain mask),
-    ``datalist.json`` and ``sites.json`` under ``out_dir``. ``voxel_scale`` > 1 scans with voxels that much
-    larger (:meth:`BrainMRSite.coarser`); ``grid_mm``: the anatomy's grid (finer than the voxels)."""
+    """Write each site's cases (``CaseNN.nii.gz``, ``CaseNN_segmentation.nii.gz``: the brain mask;
+    ``CaseNN_tissue.nii.gz``: grey matter 1, white matter 2), ``datalist.json`` (brain masks), ``datalist_tissue.json``
+    (the same cases and splits, tissue labels: the bundle's ``datalist_file``, with ``num_classes`` 3) and
+    ``sites.json`` under ``out_dir``. ``voxel_scale`` > 1 scans with voxels that much larger
+    (:meth:`BrainMRSite.coarser`); ``grid_mm``: the anatomy's grid (finer than the voxels)."""
     from fedharmony.phantom.sites import write_simulated_sites
 
     profiles = [p.coarser(voxel_scale) for p in profiles]
     template_anatomy(grid_mm)  # built once here, so that forked workers inherit it
-    make_case = make_brain_case if grid_mm == 1.5 else functools.partial(make_brain_case, grid_mm=grid_mm)
-    return write_simulated_sites(out_dir, profiles, make_case, seed=seed, cases=cases, workers=workers)
+    make_case = functools.partial(make_brain_case, grid_mm=grid_mm, tissue=True)
+    return write_simulated_sites(out_dir, profiles, make_case, seed=seed, cases=cases, workers=workers,
+                                 label_sets=("tissue",))

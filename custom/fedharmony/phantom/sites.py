@@ -57,10 +57,12 @@ def write_sites(out_dir: str | Path, profiles: Sequence[SiteProfile], seed: int 
 
 
 def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0, cases: Optional[int] = None,
-                          workers: int = 1) -> Path:
+                          workers: int = 1, label_sets: Sequence[str] = ()) -> Path:
     """Write sites drawn by an MR-simulator phantom: for each profile (with ``name`` and ``cases``),
     ``make_case(profile, seed, index) -> (image, mask, affine)`` gives ``CaseNN.nii.gz`` and
     ``CaseNN_segmentation.nii.gz``; then the site's ``datalist.json`` and ``sites.json`` (the v1 layout).
+    With ``label_sets``, ``make_case`` returns a fourth item ``{name: labels}`` for each, written as
+    ``CaseNN_<name>.nii.gz`` and listed in ``datalist_<name>.json`` with the same splits.
     ``make_case`` must pickle (a module-level function, or a ``functools.partial`` of one): cases are drawn in
     ``workers`` processes."""
     out_dir = Path(out_dir)
@@ -68,9 +70,13 @@ def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0,
         site_dir = out_dir / profile.name
         site_dir.mkdir(parents=True, exist_ok=True)
         n = cases or profile.cases
-        run_jobs(_write_simulated_case, [(make_case, profile, seed, i, site_dir) for i in range(n)], workers)
+        run_jobs(_write_simulated_case, [(make_case, profile, seed, i, site_dir, tuple(label_sets))
+                                         for i in range(n)], workers)
         pairs = {f"Case{i:02d}": (f"Case{i:02d}.nii.gz", f"Case{i:02d}_segmentation.nii.gz") for i in range(n)}
         write_datalist(site_dir, make_datalist(pairs, seed), profile.name)
+        for name in label_sets:
+            other = {case: (image, f"{case}_{name}.nii.gz") for case, (image, _) in pairs.items()}
+            write_datalist(site_dir, make_datalist(other, seed), profile.name, f"datalist_{name}.json")
         logger.info("%s: %d cases", profile.name, n)
     write_site_map(out_dir, [p.name for p in profiles])
     return out_dir
@@ -79,7 +85,13 @@ def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0,
 def _write_simulated_case(job) -> None:
     import nibabel as nib
 
-    make_case, profile, seed, i, site_dir = job
-    image, mask, affine = make_case(profile, seed, i)
+    make_case, profile, seed, i, site_dir, label_sets = job
+    image, mask, affine, *extra = make_case(profile, seed, i)
     nib.save(nib.Nifti1Image(image, affine), str(site_dir / f"Case{i:02d}.nii.gz"))
     nib.save(nib.Nifti1Image(mask, affine), str(site_dir / f"Case{i:02d}_segmentation.nii.gz"))
+    others = extra[0] if extra else {}
+    if set(others) != set(label_sets):
+        raise ValueError(f"{profile.name} Case{i:02d}: the case has label sets {sorted(others)}, the site "
+                         f"{sorted(label_sets)}")
+    for name, labels in others.items():
+        nib.save(nib.Nifti1Image(labels, affine), str(site_dir / f"Case{i:02d}_{name}.nii.gz"))

@@ -108,15 +108,25 @@ def _write_draw(task: str, out: Path, seed: int, sites: Optional[int], data: dic
         raise ValueError(f"no phantom generator for task {task!r}")
 
 
+def _label_sets(site_dirs) -> list:
+    """The datalist file names every one of ``site_dirs`` holds: ``datalist.json`` first, then other label sets
+    (``datalist_<name>.json``, e.g. the brain phantom's tissue labels) in name order."""
+    common = None
+    for site_dir in site_dirs:
+        names = {p.name for p in Path(site_dir).glob("datalist_*.json")}
+        common = names if common is None else common & names
+    return ["datalist.json"] + sorted(common or ())
+
+
 def _all_to_testing(root: Path) -> None:
-    """Turn every site datalist of a draw into a single ``testing`` list (all its cases)."""
+    """Turn every site datalist of a draw (each label set's) into a single ``testing`` list (all its cases)."""
     for folder in site_map(root).values():
-        path = root / folder / "datalist.json"
-        content = json.loads(path.read_text())
-        items = [item for split in SPLITS for item in content.get(split, [])]
-        out = {k: v for k, v in content.items() if k not in SPLITS}
-        out["testing"] = items
-        write_datalist(root / folder, out, folder)
+        for name in _label_sets([root / folder]):
+            content = json.loads((root / folder / name).read_text())
+            items = [item for split in SPLITS for item in content.get(split, [])]
+            out = {k: v for k, v in content.items() if k not in SPLITS}
+            out["testing"] = items
+            write_datalist(root / folder, out, folder, name)
 
 
 def make_phantom_data(task: str, out_dir, seed: int, sites: Optional[int], data: dict, test_cases: int) -> StudyData:
@@ -173,16 +183,18 @@ def pooled_dataset(data: StudyData, out_dir) -> Path:
     paths): the centralized reference trains on it. Its ``testing`` list is the pooled test set."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pooled = {s: [] for s in SPLITS}
-    extra = {}
-    for root, splits in ((data.train_root, ("training", "validation")), (data.test_root, ("testing",))):
-        for folder in data.sites.values():
-            site_dir = root / folder
-            content = json.loads((site_dir / "datalist.json").read_text())
-            extra.update({k: v for k, v in content.items() if k not in SPLITS})
-            for split in splits:
-                pooled[split] += _absolute_items(site_dir, content.get(split, []), folder)
-    write_datalist(out, {**extra, **pooled}, "pooled")
+    names = _label_sets([root / f for root in (data.train_root, data.test_root) for f in data.sites.values()])
+    for name in names:  # one pooled datalist per label set the sites share
+        pooled = {s: [] for s in SPLITS}
+        extra = {}
+        for root, splits in ((data.train_root, ("training", "validation")), (data.test_root, ("testing",))):
+            for folder in data.sites.values():
+                site_dir = root / folder
+                content = json.loads((site_dir / name).read_text())
+                extra.update({k: v for k, v in content.items() if k not in SPLITS})
+                for split in splits:
+                    pooled[split] += _absolute_items(site_dir, content.get(split, []), folder)
+        write_datalist(out, {**extra, **pooled}, "pooled", name)
     return out
 
 
@@ -209,23 +221,31 @@ def iid_dataset(data: StudyData, out_dir, seed: int) -> StudyData:
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     folders = list(data.sites.values())
-    contents = {f: json.loads((data.train_root / f / "datalist.json").read_text()) for f in folders}
-    dealt: Dict[str, dict] = {f: {k: v for k, v in contents[f].items() if k not in SPLITS} for f in folders}
+    names = _label_sets([data.train_root / f for f in folders])
+    sets = {name: {f: json.loads((data.train_root / f / name).read_text()) for f in folders} for name in names}
+    contents = sets["datalist.json"]
+    # the deal is drawn once, on datalist.json, as (source site, index) per place; every label set follows it
+    deal: Dict[str, Dict[str, list]] = {f: {} for f in folders}
     for split in ("training", "validation"):
         keyed = []
         for f in folders:
-            items = _absolute_items(data.train_root / f, contents[f].get(split, []), f)
-            order = rng.permutation(len(items))
-            keyed += [((rank + 0.5) / len(items), f, items[j]) for rank, j in enumerate(order)]
+            order = rng.permutation(len(contents[f].get(split, [])))
+            keyed += [((rank + 0.5) / len(order), f, int(j)) for rank, j in enumerate(order)]
         keyed.sort(key=lambda k: (k[0], folders.index(k[1])))
         start = 0
         for f in folders:
             size = len(contents[f].get(split, []))
-            dealt[f][split] = [item for _, _, item in keyed[start:start + size]]
+            deal[f][split] = [(source, j) for _, source, j in keyed[start:start + size]]
             start += size
     shutil.rmtree(out, ignore_errors=True)
     for f in folders:
         (out / f).mkdir(parents=True)
-        write_datalist(out / f, dealt[f], f)
+    for name, content in sets.items():
+        for f in folders:
+            dealt = {k: v for k, v in content[f].items() if k not in SPLITS}
+            for split, places in deal[f].items():
+                dealt[split] = [_absolute_items(data.train_root / source, [content[source][split][j]], source)[0]
+                                for source, j in places]
+            write_datalist(out / f, dealt, f, name)
     atomic_write_text(out / "sites.json", json.dumps(data.sites, indent=2) + "\n")
     return StudyData(train_root=str(out), test_root=str(data.test_root), sites=data.sites)
