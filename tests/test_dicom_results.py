@@ -96,6 +96,26 @@ def test_the_seg_read_back_equals_the_nifti_mask_voxel_for_voxel_however_the_ser
     assert positions == sorted(positions)  # sorted spatially, not by name or instance number
 
 
+def test_a_grey_and_white_matter_mask_gives_a_seg_with_two_coded_segments_that_reads_back(tmp_path):
+    from pydicom.sr.codedict import codes
+
+    folder = _series(tmp_path, "axial")
+    reader = SimpleITKReader()
+    arr, meta = reader.get_data(reader.read(str(folder)))
+    mask = _ball(arr.shape, (14, 22, 4), 9).astype(np.uint8)
+    mask[_ball(arr.shape, (14, 22, 4), 5) > 0] = 2  # white matter inside, grey matter around it
+    series = read_source_series(folder, "axial")
+    frames = mask_on_source_frames(mask, meta["affine"], series)
+    out = write_seg(series, frames, {1: "grey matter", 2: "white matter"}, tmp_path / "seg.dcm",
+                    algorithm="brain_mri_seg", version="0.4.0")
+    seg = highdicom.seg.segread(out)
+    coded = [d.SegmentedPropertyTypeCodeSequence[0].CodeValue for d in seg.SegmentSequence]
+    assert coded == [codes.SCT.GrayMatter.value, codes.SCT.WhiteMatter.value]  # the DICOM standard's codes
+    back = seg.get_pixels_by_source_instance(series.instance_uids, combine_segments=True)
+    for ds, frame in zip(series.datasets, back):
+        np.testing.assert_array_equal(frame, _expected_frame(mask, meta["affine"], ds))
+
+
 @pytest.mark.parametrize("how", ["axial", "oblique"])
 def test_the_rtstruct_contours_give_back_the_mask_one_roi_per_label_on_the_same_instances(tmp_path, how):
     pytest.importorskip("rt_utils")

@@ -53,6 +53,10 @@ SEGMENT_CODES = {
     "peripheral zone": ("279706003", "Peripheral zone of the prostate"),
     "transition zone": ("399384005", "Transition zone of the prostate"),
     "brain": ("12738006", "Brain"),
+    # the DICOM standard's codes for the CNS tissues (as pydicom's codes.SCT.GrayMatter / WhiteMatter): the brain
+    # bundle's second label set holds cerebellum and brainstem too, so not the cerebral-only concepts
+    "grey matter": ("389081007", "Gray matter"),
+    "white matter": ("389080008", "White matter"),
 }
 _ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
 _ALIGN_TOL = 0.1  # voxels: how far a source pixel may lie from a mask voxel centre and still be "on the grid"
