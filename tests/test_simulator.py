@@ -196,6 +196,9 @@ def test_the_best_global_model_is_written_and_patience_stops_a_run_that_no_longe
     best = torch.load(run / "app_server" / "best_FL_global_model.pt", weights_only=True)
     build_network(str(BUNDLE), overrides=TINY_OVERRIDES).load_state_dict(
         {k: torch.as_tensor(v) for k, v in best["model"].items()}, strict=True)
+    # both checkpoints record the geometry the sites trained at: the bundle config's, no fingerprint planned
+    for ckpt in (best, torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)):
+        assert ckpt["meta_props"]["preprocessing"] == {"pixdim": 0.0, "image_size": -1, "source": "bundle config"}
     rows = list(csv.DictReader(open(run / "results" / "metrics_by_round.csv")))
     by_round = {}
     for r in rows:
