@@ -127,11 +127,25 @@ def test_a_plan_loads_and_says_its_power(tmp_path):
     ({"pixel_scales": [0.8, 9]}, "'pixel_scales': a pixel scale must be a number in [0.25, 4], got 9"),
     ({"pixel_scales": "0.8"}, "'pixel_scales' must be a list of factors"),
     ({"plan": "something else"}, "not a study plan"),
+    ({"data": {"voxel_scale": 2}}, "'data' may set nothing for task 'prostate'"),  # v1 has no voxel scale
+    ({"task": "prostate_v2", "data": {"cases": 3}}, "'data' may set ['voxel_scale'] for task 'prostate_v2'"),
+    ({"task": "brain", "data": {"voxel_scale": 40}}, "'data': 'voxel_scale' must be a number in [1, 16]"),
 ])
 def test_a_bad_plan_is_refused_naming_the_field(tmp_path, changes, message):
     path = _write(tmp_path / "plan.json", {k: v for k, v in _plan(**changes).items() if v is not None})
     with pytest.raises(PlanError, match=f"plan {tmp_path / 'plan.json'}: .*" + __import__("re").escape(message)):
         load_plan(path)
+
+
+def test_a_plans_data_setting_changes_the_phantom_draw_and_the_runs_cache_key(tmp_path):
+    from fedharmony.study.runner import Study
+
+    plain = Study.from_plan(_write(tmp_path / "a.json", _plan(task="prostate_v2")), tmp_path / "a")
+    coarse = Study.from_plan(_write(tmp_path / "b.json", _plan(task="prostate_v2", data={"voxel_scale": 2})),
+                             tmp_path / "b")
+    assert coarse.preset.data == {**plain.preset.data, "voxel_scale": 2}  # the preset's other settings kept
+    assert coarse.settings()["data"]["voxel_scale"] == 2
+    assert coarse.settings_key("fedavg", 0) != plain.settings_key("fedavg", 0)
 
 
 def test_a_study_refuses_a_plan_changed_after_its_first_run(tmp_path):

@@ -62,7 +62,9 @@ PLAN_FORMAT = "fedharmony-study-plan/1"
 ENDPOINTS = ("mean", "worst", "sites")
 TESTS = ("superiority", "noninferiority")
 _KEYS = {"plan", "name", "question", "task", "preset", "rounds", "local_epochs", "arms", "comparisons", "alpha",
-         "margin", "power", "seeds", "notes", "written", "outside", "pixel_scales"}
+         "margin", "power", "seeds", "notes", "written", "outside", "pixel_scales", "data"}
+# a plan's "data": the phantom generator's settings it may change from the preset's, per task
+DATA_SETTINGS = {"prostate_v2": ("voxel_scale",), "brain": ("voxel_scale",)}
 
 
 class PlanError(ValueError):
@@ -181,6 +183,12 @@ def load_plan(path) -> Plan:
             scales = check_pixel_scales(raw["pixel_scales"])
         except ValueError as e:
             raise PlanError(f"{where}: 'pixel_scales': {e}") from None
+    if raw.get("data") is not None:  # the phantom data's size, where the preset's is too costly for the question
+        allowed = DATA_SETTINGS.get(raw["task"], ())
+        if not isinstance(raw["data"], dict) or not raw["data"] or set(raw["data"]) - set(allowed):
+            raise PlanError(f"{where}: 'data' may set {list(allowed) or 'nothing'} for task {raw['task']!r}, got "
+                            f"{raw['data']!r}")
+        _number(raw["data"], "voxel_scale", f"{where}: 'data'", 1, 16)
     known = set(ENDPOINTS) | {f"{e}@{f:g}" for e in ("mean", "worst") for f in scales or ()}
     alpha = _number(raw, "alpha", where, 1e-6, 0.5) if "alpha" in raw else 0.05
     margin = _number(raw, "margin", where, 1e-9, 1.0, required=False)

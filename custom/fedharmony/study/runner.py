@@ -233,6 +233,8 @@ class Study:
         plan = load_plan(plan_path)
         if plan.raw.get("pixel_scales") is not None:
             kwargs.setdefault("pixel_scales", plan.raw["pixel_scales"])
+        if plan.raw.get("data") is not None:
+            kwargs.setdefault("data", plan.raw["data"])
         return cls(plan.task, list(plan.arms), plan.seeds, plan.preset, out or Path(plan_path).resolve().parent,
                    rounds=plan.rounds, local_epochs=plan.local_epochs, analysis_plan=plan, plan_path=plan_path,
                    **kwargs)
@@ -241,7 +243,7 @@ class Study:
                  data_root: Optional[str] = None, rounds: Optional[int] = None, local_epochs: Optional[int] = None,
                  keep_workspaces: bool = False, echo: Callable[[str], None] = print, command: str = "",
                  stall_s: float = STALL_S, retrogress: bool = False, analysis_plan: Optional[Plan] = None,
-                 plan_path=None, pixel_scales=None):
+                 plan_path=None, pixel_scales=None, data: Optional[dict] = None):
         self.spec = TASKS.get(task)
         self.methods = check_methods(task, methods)
         if seeds < 1:
@@ -249,7 +251,8 @@ class Study:
         base = preset_for(preset, task)
         self.preset_name = preset
         self.preset = Preset(rounds=rounds or base.rounds, local_epochs=local_epochs or base.local_epochs,
-                             sites=base.sites, data=dict(base.data), test_cases=test_cases or base.test_cases,
+                             sites=base.sites, data={**base.data, **(data or {})},
+                             test_cases=test_cases or base.test_cases,
                              overrides=dict(base.overrides), threads_per_site=base.threads_per_site)
         if self.preset.rounds < 1 or self.preset.local_epochs < 1 or self.preset.test_cases < 1:
             raise ValueError("rounds, local_epochs and test_cases must be >= 1")
