@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default shift-prostate-v1 shift-prostate-v2 shift-brain study-main-prostate study-main-dermoscopy study-main-prostate-v2 study-iopfl-v2-loso study-pixel-size study-pixel-size-brain study-pixel-size-v2 study-headroom-v2-augmented study-brain scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default shift-prostate-v1 shift-prostate-v2 shift-brain study-main-prostate study-main-dermoscopy study-main-prostate-v2 study-iopfl-v2-loso study-iopfl-brain-loso study-pixel-size study-pixel-size-brain study-pixel-size-v2 study-headroom-v2-augmented study-brain scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -138,6 +138,10 @@ study-main-prostate-v2: setup
 ## committed plan (docs/studies/iopfl_v2_loso/plan.json)
 study-iopfl-v2-loso: setup
 	$(BIN)/python tools/study.py --plan docs/studies/iopfl_v2_loso/plan.json
+
+## study-iopfl-brain-loso: the same on the brain phantom, HH and IOP held out (docs/studies/iopfl_brain_loso/plan.json)
+study-iopfl-brain-loso: setup
+	$(BIN)/python tools/study.py --plan docs/studies/iopfl_brain_loso/plan.json
 
 ## study-pixel-size: the spatial augmentation against the recipe before it, scored at 0.6x to 1.5x the test scans'
 ## pixel size, under a committed plan (docs/studies/prostate_pixel_size/plan.json)

@@ -109,13 +109,25 @@ def test_the_generator_writes_the_site_layout_and_refuses_prostate_only_flags(tm
     tissue = json.loads((out / "IOP" / "datalist_tissue.json").read_text())  # the same cases and splits
     for split in ("training", "validation", "testing"):
         assert [(i["case"], i["image"]) for i in tissue[split]] == [(i["case"], i["image"]) for i in datalist[split]]
-        assert all(i["label"] == f"{i['case']}_tissue.nii.gz" for i in tissue[split])
+        assert all(i["label"] == f"{i['case']}_tissue_segmentation.nii.gz" for i in tissue[split])
     assert nib.load(out / "IOP" / "Case00.nii.gz").shape[:2] == (24, 24)  # 192 / 8
     for bad, message in ((["--slices", "10"], "--list-profiles and --slices are for --phantom v1"),
                          (["--voxel-scale", "0.5"], "--voxel-scale must be in [1, 16], got 0.5"),
                          (["--sites", "NOPE"], "unknown site(s) ['NOPE']")):
         res = subprocess.run(cmd[:-6] + bad, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_a_site_folder_with_two_label_sets_gives_its_scans_alone_to_inference_and_to_preparation(brain_sites):
+    from fedharmony.data.datalist import find_cases
+    from fedharmony.data.images import find_inputs
+
+    site = brain_sites / "HH"
+    assert (site / "Case00_tissue_segmentation.nii.gz").is_file() and (site / "datalist_tissue.json").is_file()
+    inputs, unusable = find_inputs(site)
+    assert sorted(item["name"] for item in inputs) == ["Case00", "Case01", "Case02"] and unusable == []
+    cases, skipped = find_cases(site)
+    assert cases["Case00"] == ("Case00.nii.gz", "Case00_segmentation.nii.gz") and skipped == []
 
 
 def test_the_tissue_labels_are_grey_and_white_matter_inside_the_brain_mask_and_leave_the_case_unchanged():

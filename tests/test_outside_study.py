@@ -375,3 +375,39 @@ def test_a_leave_one_site_out_plan_on_prostate_v2_draws_v2_sites_and_routes_on_t
     assert entry["volumes"] == 3 and all(0.0 <= entry["mean"][m] <= 1.0 for m in ("global", "routing"))
     held_out = nib.load(str(tmp_path / "study" / "data" / "seed3" / "HK" / "Case00.nii.gz"))
     assert held_out.shape[:2] == (256, 256)  # the v2 HK scanner's matrix, not a v1 size
+
+
+def test_a_leave_one_site_out_plan_on_the_brain_task_runs_the_brain_job_and_bundle_on_the_held_out_hospital(
+        tmp_path):
+    """Task brain: the harness draws the three IXI-like brain sites (voxels 4x the profiles', a plan's
+    voxel_scale), trains IOP-FL with jobs/brain.py on two of them and routes the held-out IOP scans through the
+    brain bundle's routed inference; an unseen-scanner brain plan is refused (there are no brain scanner sets)."""
+    import nibabel as nib
+
+    from fedharmony.study.plan import PlanError, load_plan
+
+    plan = {"plan": "fedharmony-study-plan/1", "name": "tiny_brain", "question": "does the harness run on brain?",
+            "task": "brain", "arms": ["global", "routing"], "seeds": 2, "alpha": 0.05, "margin": 0.03,
+            "outside": {"target": "loso", "holdout": ["IOP"], "cases": 3, "rounds": 1, "local_epochs": 1,
+                        "passes": 1, "first_seed": 5, "voxel_scale": 4, "overrides": {**TINY, "image_size": 32}},
+            "comparisons": [{"arm": "routing", "baseline": "global", "test": "noninferiority",
+                             "endpoints": ["sites"], "primary": True}],
+            "power": {"effect": 0.05, "sd": 0.045, "power": 0.8}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    study = outside.OutsideStudy.from_plan(path, tmp_path / "study", cost=False, echo=lambda _: None)
+    assert study.sites == ["Guys", "HH", "IOP"] and study.settings()["voxel_scale"] == 4.0
+    study.seeds = [5]
+    results = study.run()
+    assert results["failed"] == [] and results["task"] == "brain" and list(results["targets"]) == ["IOP"]
+    assert results["bundle"]["name"] == "brain_mri_seg"
+    entry = results["targets"]["IOP"]["5"]
+    assert entry["volumes"] == 3 and all(0.0 <= entry["mean"][m] <= 1.0 for m in ("global", "routing"))
+    log = (tmp_path / "study" / "sim" / "iopfl_without_IOP_seed5.log").read_text()
+    assert "brain_mri_seg" in log  # the brain job trained the pool
+    held_out = nib.load(str(tmp_path / "study" / "data" / "seed5" / "IOP" / "Case00.nii.gz"))
+    assert held_out.shape[:2] == (48, 48)  # the IOP scanner's 192 px matrix at 4x voxels
+    path.write_text(json.dumps({**plan, "outside": {**plan["outside"], "target": "unseen",
+                                                    "profiles": "docs/studies/unseen_scanners/set1.json"}}))
+    with pytest.raises(PlanError, match="the brain task's outside studies hold out one of its sites"):
+        load_plan(path)

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("training", "validation", "testing")
 _CASE_RE = re.compile(r"^(Case\d+)\.nii(\.gz)?$", re.IGNORECASE)
+_LABEL_SET_RE = re.compile(r"^(Case\d+)_[A-Za-z0-9]+_segmentation\.nii(\.gz)?$", re.IGNORECASE)
 _MASK_SUFFIXES = ("_segmentation", "_Segmentation")
 _CASE_DIR_RE = re.compile(r"^Case\d+(_segmentation)?$", re.IGNORECASE)
 
@@ -83,6 +84,9 @@ def find_cases(site_dir: str | Path) -> Tuple[Dict[str, Tuple[str, str]], List[s
         masks.add(mask)
     for name in names:
         if name in masks or _CASE_RE.match(name) or name == DATALIST_NAME:
+            continue
+        other = _LABEL_SET_RE.match(name)  # another label set of a listed case, and its datalist: not skipped
+        if other and other.group(1) in cases or re.match(r"^datalist_[A-Za-z0-9]+\.json$", name):
             continue
         if any(s in name for s in _MASK_SUFFIXES):
             skipped.append(f"{site_dir.name}/{name}: mask without its image")

@@ -65,6 +65,7 @@ _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dico
 _NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _MASK_RE = re.compile(r"_(segmentation|seg)(\.nii(\.gz)?)?$", re.IGNORECASE)  # masks are not inputs
 _IGNORED_NAMES = {DATALIST_NAME, SITE_MAP_NAME}
+_DATALIST_RE = re.compile(r"^datalist_[A-Za-z0-9]+\.json$")  # another label set's datalist (datalist_tissue.json)
 
 
 def dicom_stack(names: Sequence[PathLike]) -> Optional[List[str]]:
@@ -307,8 +308,8 @@ def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[Path
             not an error: ``"not selected"`` (a series this bundle does not take: another modality, a
             localizer) or ``"note"`` (a DICOMDIR read, a file it lists whose UIDs differ); series records
             carry ``series`` too. A series alone in its folder is named by the folder, any other by
-            ``patient / study / series N 'description' (UID)``. Hidden files, ``datalist.json`` and
-            ``sites.json`` are ignored silently.
+            ``patient / study / series N 'description' (UID)``. Hidden files, ``datalist.json`` (and another
+            label set's ``datalist_<name>.json``) and ``sites.json`` are ignored silently.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist or is not a folder.
@@ -371,7 +372,7 @@ def find_inputs(folder: PathLike, *, recursive: bool = True, exclude: Union[Path
         rel = here.relative_to(root).parts
         for name in sorted(files):
             path = here / name
-            if name.startswith(".") or name in _IGNORED_NAMES or path.resolve() in excluded:
+            if name.startswith(".") or name in _IGNORED_NAMES or _DATALIST_RE.match(name) or path.resolve() in excluded:
                 continue
             if _NIFTI_RE.search(name):
                 if not _MASK_RE.search(name):

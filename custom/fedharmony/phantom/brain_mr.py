@@ -198,7 +198,7 @@ def make_brain_case(profile: BrainMRSite, seed: int, case_index: int, grid_mm: f
 def write_brain_sites(out_dir, profiles: Sequence[BrainMRSite], seed: int = 0, cases: Optional[int] = None,
                       workers: int = 1, voxel_scale: float = 1.0, grid_mm: float = 1.5) -> Path:
     """Write each site's cases (``CaseNN.nii.gz``, ``CaseNN_segmentation.nii.gz``: the brain mask;
-    ``CaseNN_tissue.nii.gz``: grey matter 1, white matter 2), ``datalist.json`` (brain masks), ``datalist_tissue.json``
+    ``CaseNN_tissue_segmentation.nii.gz``: grey matter 1, white matter 2), ``datalist.json`` (brain masks), ``datalist_tissue.json``
     (the same cases and splits, tissue labels: the bundle's ``datalist_file``, with ``num_classes`` 3) and
     ``sites.json`` under ``out_dir``. ``voxel_scale`` > 1 scans with voxels that much larger
     (:meth:`BrainMRSite.coarser`); ``grid_mm``: the anatomy's grid (finer than the voxels)."""

@@ -62,7 +62,8 @@ def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0,
     ``make_case(profile, seed, index) -> (image, mask, affine)`` gives ``CaseNN.nii.gz`` and
     ``CaseNN_segmentation.nii.gz``; then the site's ``datalist.json`` and ``sites.json`` (the v1 layout).
     With ``label_sets``, ``make_case`` returns a fourth item ``{name: labels}`` for each, written as
-    ``CaseNN_<name>.nii.gz`` and listed in ``datalist_<name>.json`` with the same splits.
+    ``CaseNN_<name>_segmentation.nii.gz`` (a mask by its name: inference on the folder leaves it out) and listed
+    in ``datalist_<name>.json`` with the same splits.
     ``make_case`` must pickle (a module-level function, or a ``functools.partial`` of one): cases are drawn in
     ``workers`` processes."""
     out_dir = Path(out_dir)
@@ -75,7 +76,7 @@ def write_simulated_sites(out_dir, profiles: Sequence, make_case, seed: int = 0,
         pairs = {f"Case{i:02d}": (f"Case{i:02d}.nii.gz", f"Case{i:02d}_segmentation.nii.gz") for i in range(n)}
         write_datalist(site_dir, make_datalist(pairs, seed), profile.name)
         for name in label_sets:
-            other = {case: (image, f"{case}_{name}.nii.gz") for case, (image, _) in pairs.items()}
+            other = {case: (image, f"{case}_{name}_segmentation.nii.gz") for case, (image, _) in pairs.items()}
             write_datalist(site_dir, make_datalist(other, seed), profile.name, f"datalist_{name}.json")
         logger.info("%s: %d cases", profile.name, n)
     write_site_map(out_dir, [p.name for p in profiles])
@@ -94,4 +95,4 @@ def _write_simulated_case(job) -> None:
         raise ValueError(f"{profile.name} Case{i:02d}: the case has label sets {sorted(others)}, the site "
                          f"{sorted(label_sets)}")
     for name, labels in others.items():
-        nib.save(nib.Nifti1Image(labels, affine), str(site_dir / f"Case{i:02d}_{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, affine), str(site_dir / f"Case{i:02d}_{name}_segmentation.nii.gz"))

@@ -13,9 +13,11 @@ tool's cache rules, provenance, plan files, verdicts and report sections:
   personalized vs global on each site's test split) or ``loso`` (leave one site out: for each held-out site
   H, the pool of a federation on the other sites);
 * the *seeds* are the replicates: seed k draws the phantom data with seed k and trains with bundle seed k;
-* the *phantom*: ``v1`` (:mod:`fedharmony.phantom.prostate`, the studies before it) or ``v2``
+* the *phantom*: ``v1`` (:mod:`fedharmony.phantom.prostate`, the studies before it), ``v2``
   (:mod:`fedharmony.phantom.prostate_mr`: anatomy in mm, MR physics, each scanner's own matrix; a plan whose task is
-  ``prostate_v2``, whose ``overrides`` should then give the network its ``image_size``).
+  ``prostate_v2``, whose ``overrides`` should then give the network its ``image_size``) or ``brain``
+  (:mod:`fedharmony.phantom.brain_mr`, the three IXI hospitals' scanners, the brain job and bundle; a plan whose
+  task is ``brain``; leave one site out only). ``voxel_scale`` scans v2 and brain sites with coarser voxels.
 
 A unit of work is one (target, seed): every method segments every volume of the target with the bundle's
 ``configs/routed_inference.json`` (nothing labelled is seen, except by the labelled safeguard, which is given
@@ -48,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from fedharmony.study.outside_arms import (OUTSIDE_TASKS, PHANTOMS, ADAPTIVE, DERIVED, HOLDOUT_EVERY, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, SITES,
+from fedharmony.study.outside_arms import (OUTSIDE_TASKS, PHANTOM_JOBS, PHANTOM_SITES, PHANTOMS, ADAPTIVE, DERIVED, HOLDOUT_EVERY, LABELLED, SAFE_CANDIDATE, SAFEGUARDS, SITES,
                                            SWEEP, TABLE, TARGETS, UNSEEN_SETS, check_arms, check_outside_plan,
                                            derive_safeguards, drop_derived, labelled_cases)
 from fedharmony.study.outside_segment import BUNDLE, cli_cost, labelled_folder, score, segment
@@ -89,9 +91,10 @@ class OutsideStudy:
         out: study folder.
         profiles: the unseen scanners' profile file (``target="unseen"``); see :func:`unseen_set`.
         holdout: the held-out sites (``target="loso"``; default every site).
-        sites: how many of the phantom prostate sites take part (the first ones; default all 6).
-        cases, size: phantom cases per site and in-plane size (v1; a v2 site has its scanner's matrix).
-        phantom: ``v1`` or ``v2`` (see the module docstring); a plan's task decides it.
+        sites: how many of the phantom's sites take part (the first ones; default all: 6 prostate, 3 brain).
+        cases, size: phantom cases per site and in-plane size (v1; a v2 or brain site has its scanner's matrix).
+        phantom: ``v1``, ``v2`` or ``brain`` (see the module docstring); a plan's task decides it.
+        voxel_scale: v2 and brain: voxels that much larger than the profiles' (field of view kept).
         rounds, local_epochs, iop_alpha: the IOP-FL federation's.
         passes: adaptation passes over a target.
         overrides: bundle overrides for the federations (a smoke test's small network).
@@ -101,20 +104,31 @@ class OutsideStudy:
     """
 
     def __init__(self, target: str, seeds: int, out, *, profiles=None, holdout: Optional[Sequence[str]] = None,
-                 sites: int = len(SITES), cases: int = 10, size: int = 96, rounds: int = 20, local_epochs: int = 2,
+                 sites: Optional[int] = None, cases: int = 10, size: int = 96, rounds: int = 20, local_epochs: int = 2,
                  iop_alpha: float = 0.1, passes: int = 2, overrides: Optional[dict] = None, sweep: bool = False,
                  run_derived: bool = False, cost: bool = True, first_seed: int = 0,
                  arms: Optional[Sequence[str]] = None, echo: Callable[[str], None] = print, command: str = "",
-                 stall_s: float = STALL_S, analysis_plan=None, plan_path=None, phantom: str = "v1"):
+                 stall_s: float = STALL_S, analysis_plan=None, plan_path=None, phantom: str = "v1",
+                 voxel_scale: float = 1.0):
         if phantom not in PHANTOMS:
             raise ValueError(f"phantom must be one of {list(PHANTOMS)}, got {phantom!r}")
         self.phantom = phantom
+        phantom_sites = PHANTOM_SITES[phantom]
+        script, bundle = PHANTOM_JOBS[phantom]
+        self.job_script, self.bundle = REPO / "jobs" / script, REPO / "bundles" / bundle
+        sites = len(phantom_sites) if sites is None else sites
+        if phantom == "brain" and target != "loso":
+            raise ValueError("the brain phantom's outside studies hold out one of its sites (target 'loso'); there "
+                             "are no unseen brain scanner sets")
+        if not 1.0 <= voxel_scale <= 16.0 or (phantom == "v1" and voxel_scale != 1.0):
+            raise ValueError(f"voxel_scale must be in [1, 16] (v2 and brain phantoms only), got {voxel_scale}")
+        self.voxel_scale = float(voxel_scale)
         if target not in TARGETS:
             raise ValueError(f"unknown outside target {target!r}; choose one of {list(TARGETS)}")
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {seeds}")
-        if not 2 <= sites <= len(SITES):
-            raise ValueError(f"sites must be 2 to {len(SITES)}, got {sites}")
+        if not 2 <= sites <= len(phantom_sites):
+            raise ValueError(f"sites must be 2 to {len(phantom_sites)}, got {sites}")
         for name, value, low in (("cases", cases, 3), ("size", size, 16), ("rounds", rounds, 1),
                                  ("local_epochs", local_epochs, 1), ("passes", passes, 1)):
             if value < low:
@@ -123,7 +137,7 @@ class OutsideStudy:
             raise ValueError(f"first_seed must be >= 0, got {first_seed}")
         self.target, self.out = target, Path(out).resolve()
         self.seeds = list(range(first_seed, first_seed + seeds))
-        self.sites = list(SITES[:sites])
+        self.sites = list(phantom_sites[:sites])
         if target == "unseen":
             if profiles is None:
                 raise ValueError("an unseen-scanner study needs its scanners' profile file (profiles=, e.g. "
@@ -180,7 +194,8 @@ class OutsideStudy:
                 "rounds": self.rounds, "local_epochs": self.local_epochs, "iop_alpha": self.iop_alpha,
                 "passes": self.passes, "overrides": self.overrides,
                 **({"profiles": _profiles_digest(self.profiles)} if self.profiles else {}),
-                **({"phantom": self.phantom} if self.phantom != "v1" else {})}  # absent for v1: older caches valid
+                **({"phantom": self.phantom} if self.phantom != "v1" else {}),  # absent for v1: older caches valid
+                **({"voxel_scale": self.voxel_scale} if self.voxel_scale != 1.0 else {})}
 
     def settings_key(self, target: str, seed: int) -> str:
         blob = json.dumps({**self.settings(), "outside_site": target, "seed": seed}, sort_keys=True)
@@ -238,6 +253,10 @@ class OutsideStudy:
             from fedharmony.phantom.prostate_mr import load_v2_profiles
 
             return load_v2_profiles(path)
+        if self.phantom == "brain":
+            from fedharmony.phantom.brain_mr import load_brain_profiles
+
+            return load_brain_profiles(path)
         from fedharmony.phantom import load_profiles
 
         return load_profiles(path)
@@ -248,7 +267,13 @@ class OutsideStudy:
         if self.phantom == "v2":  # each scanner's own matrix and slices (size does not apply)
             from fedharmony.phantom.prostate_mr import write_sites_v2
 
-            write_sites_v2(root, profiles, seed=seed, cases=self.cases, workers=default_workers())
+            write_sites_v2(root, profiles, seed=seed, cases=self.cases, workers=default_workers(),
+                           voxel_scale=self.voxel_scale)
+        elif self.phantom == "brain":  # the MNI152 template per case, scanned as each IXI hospital's scanner
+            from fedharmony.phantom.brain_mr import write_brain_sites
+
+            write_brain_sites(root, profiles, seed=seed, cases=self.cases, workers=default_workers(),
+                              voxel_scale=self.voxel_scale)
         else:
             from fedharmony.phantom.sites import write_sites
 
@@ -275,7 +300,7 @@ class OutsideStudy:
         if (pool / "manifest.json").is_file():
             _stamp_if_old(pool, self.echo)
             return pool
-        cmd = [sys.executable, str(REPO / "jobs" / "prostate.py"), "--algorithm", "iopfl", "--rounds", str(self.rounds),
+        cmd = [sys.executable, str(self.job_script), "--algorithm", "iopfl", "--rounds", str(self.rounds),
                "--local-epochs", str(self.local_epochs), "--sites", str(n_sites), "--data-root", str(data_root),
                "--workspace", str(ws_root), "--name", name, "--iop-alpha", str(self.iop_alpha),
                "--override", json.dumps({**self.overrides, "seed": seed}), "--verbose"]
@@ -351,13 +376,14 @@ class OutsideStudy:
             except (OSError, json.JSONDecodeError):
                 old = {}
         same = old.get("settings") == self.settings()
-        results = {"study": "outside", "task": "prostate" if self.phantom == "v1" else "prostate_v2",
+        task = next(t for t, phantom in OUTSIDE_TASKS.items() if phantom == self.phantom)
+        results = {"study": "outside", "task": task,
                    "metric": "foreground_dice",
                    "metric_label": "foreground Dice", "baseline": "global", "target": self.target,
                    "methods": self.methods(), "seeds": self.seeds, "settings": self.settings(),
                    "expected_targets": self.targets(),
                    "profiles_file": _shown(self.profiles) if self.profiles else None,
-                   "bundle": bundle_record(REPO / "bundles" / "prostate_mri_seg"),
+                   "bundle": bundle_record(self.bundle),
                    "invocations": old.get("invocations", []) if same else [],
                    "inside": old.get("inside", {}) if same else {}, "cost": old.get("cost", {}) if same else {},
                    "targets": {}, "failed": [], **self._plan_results(), **({"converted": old["converted"]} if same and "converted" in old else {})}
@@ -455,7 +481,7 @@ class OutsideStudy:
         cost = {}
         for method in ("global", "routing"):
             c = cli_cost(method, pool, folder, self.out / "predictions" / "cost" / method,
-                         self.passes if method in ADAPTIVE else 0)
+                         self.passes if method in ADAPTIVE else 0, bundle=self.bundle)
             t = r["timings"][method]
             cost[method] = {**c, "site": target, "volumes": r["volumes"], "s_per_volume": c["wall_s"] / r["volumes"],
                             "in_process_s_per_volume": (t["adapt_s"] + t["infer_s"]) / r["volumes"]}
@@ -486,7 +512,7 @@ class OutsideStudy:
             cand = pred_root / "routing_safe_candidate" if name == "routing_safe" else None
             if name == LABELLED:  # the site's labelled volumes: those the other criteria hold out
                 extra = {**extra, "labelled_dir": str(labelled_folder(site_dir, pred_root / "labelled"))}
-            t = segment(method, pool, site_dir, pred, passes, seed, extra, cand)
+            t = segment(method, pool, site_dir, pred, passes, seed, extra, cand, bundle=self.bundle)
             per_method[key] = score(site_dir, pred)
             if cand is not None:
                 per_method[SAFE_CANDIDATE] = score(site_dir, cand)

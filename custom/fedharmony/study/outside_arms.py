@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-__all__ = ["PHANTOMS", "OUTSIDE_TASKS", "TARGETS", "SITES", "UNSEEN_SETS", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
+__all__ = ["PHANTOMS", "OUTSIDE_TASKS", "PHANTOM_SITES", "PHANTOM_JOBS", "TARGETS", "SITES", "UNSEEN_SETS", "ADAPTIVE", "SWEEP", "SAFEGUARDS", "LABELLED", "SAFE_CANDIDATE",
            "HOLDOUT_EVERY", "DERIVED", "TABLE", "PLAN_SETTINGS", "check_arms", "check_outside_plan", "labelled_cases",
            "derive_safeguards", "drop_derived"]
 
@@ -63,20 +63,27 @@ def check_arms(arms: Sequence[str]) -> List[str]:
 
 # an outside plan's settings: OutsideStudy's keywords (profiles: a file relative to the repository)
 PLAN_SETTINGS = {"target", "profiles", "holdout", "sites", "cases", "size", "rounds", "local_epochs", "iop_alpha",
-                 "passes", "first_seed", "overrides"}
+                 "passes", "first_seed", "overrides", "voxel_scale"}
 
 
-PHANTOMS = ("v1", "v2")  # the prostate phantoms an outside study draws its sites from
-OUTSIDE_TASKS = {"prostate": "v1", "prostate_v2": "v2"}  # a plan's task -> its phantom
+PHANTOMS = ("v1", "v2", "brain")  # the phantoms an outside study draws its sites from
+OUTSIDE_TASKS = {"prostate": "v1", "prostate_v2": "v2", "brain": "brain"}  # a plan's task -> its phantom
+# each phantom's sites (in the simulator's order), job script and bundle
+PHANTOM_SITES = {"v1": SITES, "v2": SITES, "brain": ("Guys", "HH", "IOP")}
+PHANTOM_JOBS = {"v1": ("prostate.py", "prostate_mri_seg"), "v2": ("prostate.py", "prostate_mri_seg"),
+                "brain": ("brain.py", "brain_mri_seg")}
 
 
 def check_outside_plan(task: str, outside, arms) -> List[str]:
     """An analysis plan's ``outside`` block and arms, checked (raises ValueError naming the field)."""
     if task not in OUTSIDE_TASKS:
-        raise ValueError(f"outside studies run on the prostate tasks {list(OUTSIDE_TASKS)} (routed inference), "
+        raise ValueError(f"outside studies run on the segmentation tasks {list(OUTSIDE_TASKS)} (routed inference), "
                          f"not {task!r}")
     if not isinstance(outside, dict) or outside.get("target") not in TARGETS:
         raise ValueError(f"'outside' must be an object with 'target' one of {list(TARGETS)}")
+    if task == "brain" and outside["target"] != "loso":
+        raise ValueError("the brain task's outside studies hold out one of its sites ('target': 'loso'); there are "
+                         "no unseen brain scanner sets")
     unknown = sorted(set(outside) - PLAN_SETTINGS)
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown} (known: {sorted(PLAN_SETTINGS)})")

@@ -60,7 +60,12 @@ def write_outside_report(study_dir, results: Optional[dict] = None) -> Path:
     if results.get("converted"):
         lines.append("- stored by tools/iopfl_study.py (retired) and converted to the study tool's layout, numbers "
                      "unchanged")
-    lines += [f"- setting: {len(s['sites'])} phantom sites x {s['cases']} cases ({s['size']} px), {s['rounds']} rounds "
+    if s.get("phantom"):  # v2, brain: each scanner's own matrix (v1 reports keep their line as they were)
+        grid = f"phantom {s['phantom']}, each scanner's own matrix" + (
+            f", voxels {s['voxel_scale']:g}x the profiles'" if s.get("voxel_scale") else "")
+    else:
+        grid = f"{s['size']} px"
+    lines += [f"- setting: {len(s['sites'])} phantom sites x {s['cases']} cases ({grid}), {s['rounds']} rounds "
               f"x {s['local_epochs']} local epochs, a = {s['iop_alpha']}, {s['passes']} adaptation passes, seeds "
               f"{results['seeds']}" + (f"; unseen scanners: `{results['profiles_file']}`"
                                        if results.get("profiles_file") else ""),

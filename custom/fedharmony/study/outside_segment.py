@@ -1,7 +1,8 @@
 """One outside target through the bundle: segment it with a test-time method, score the masks, measure the bundle
 CLI (no NVFlare import). Used by :class:`fedharmony.study.outside.OutsideStudy`.
 
-Every method is one ``method`` of the prostate bundle's ``configs/routed_inference.json`` (parsed with MONAI's
+Every method is one ``method`` of the task's bundle's ``configs/routed_inference.json`` (the prostate bundle's
+unless told) (parsed with MONAI's
 ``ConfigParser``, as ``python -m monai.bundle run`` does); the written NIfTI masks are scored against the site's
 labels afterwards (foreground Dice per volume, on the volume's own grid).
 """
@@ -23,15 +24,15 @@ BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "prostate_mri_seg"
 
 
 def segment(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int, seed: int,
-            extra: Optional[dict] = None, candidate_dir: Optional[Path] = None) -> dict:
+            extra: Optional[dict] = None, candidate_dir: Optional[Path] = None, bundle: Path = BUNDLE) -> dict:
     """Run the bundle's routed inference config in this process for one method; returns timings and the
     adapter's history. For ``routing_safe`` with ``candidate_dir``, the adapted candidate is also written
     there, whatever the safeguard decided, so its Dice can be set against the decision."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "routed_inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(site_dir),
+    parser.read_config(str(Path(bundle) / "configs" / "routed_inference.json"))
+    parser.update({"bundle_root": str(bundle), "pool_dir": str(pool), "dataset_dir": str(site_dir),
                    "output_dir": str(out_dir), "method": method, "adaptation#passes": passes,
                    "adaptation#seed": seed, **(extra or {})})
     parser.get_parsed_content("initialize")
@@ -58,8 +59,7 @@ def score(site_dir: Path, pred_dir: Path) -> dict:
     from fedharmony.core.results import mask_dice
 
     out = {}
-    for label in sorted(Path(site_dir).glob("*_segmentation.nii.gz")):
-        case = label.name.replace("_segmentation.nii.gz", "")
+    for case, label in _labels(site_dir).items():
         out[case] = mask_dice(Path(pred_dir) / f"{case}_seg.nii.gz", label)
     if not out:
         raise RuntimeError(f"no labelled volume in {site_dir}")
@@ -75,10 +75,10 @@ _CLI_WITH_PEAK = ("import atexit, runpy, sys\n"
                   "runpy.run_module('monai.bundle', run_name='__main__')")
 
 
-def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int) -> dict:
+def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int, bundle: Path = BUNDLE) -> dict:
     """The bundle CLI as a user runs it, in its own process: wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-c", _CLI_WITH_PEAK, "run", "--config_file",
-           str(BUNDLE / "configs" / "routed_inference.json"), "--bundle_root", str(BUNDLE), "--pool_dir", str(pool),
+           str(Path(bundle) / "configs" / "routed_inference.json"), "--bundle_root", str(bundle), "--pool_dir", str(pool),
            "--dataset_dir", str(site_dir), "--output_dir", str(out_dir), "--method", method,
            "--adaptation#passes", str(passes)]
     t0 = time.time()
@@ -90,9 +90,16 @@ def cli_cost(method: str, pool: Path, site_dir: Path, out_dir: Path, passes: int
     return {"wall_s": wall, "peak_rss_mib": int(peak[-1]) / 1024}
 
 
+def _labels(site_dir: Path) -> dict:
+    """{case: its label file}: each ``CaseNN_segmentation.nii.gz`` whose scan ``CaseNN.nii.gz`` is there (another
+    label set's ``CaseNN_<set>_segmentation.nii.gz`` has no scan of that name)."""
+    found = {p.name[:-len("_segmentation.nii.gz")]: p for p in sorted(Path(site_dir).glob("*_segmentation.nii.gz"))}
+    return {case: p for case, p in found.items() if (Path(site_dir) / f"{case}.nii.gz").is_file()}
+
+
 def labelled_folder(site_dir: Path, folder: Path) -> Path:
     """``folder`` holding copies of the labels of the site's :func:`labelled_cases` (the ``labelled_dir``)."""
-    labels = {p.name.replace("_segmentation.nii.gz", ""): p for p in Path(site_dir).glob("*_segmentation.nii.gz")}
+    labels = _labels(site_dir)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
