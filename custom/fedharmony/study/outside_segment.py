@@ -1,10 +1,9 @@
 """One outside target through the bundle: segment it with a test-time method, score the masks, measure the bundle
 CLI (no NVFlare import). Used by :class:`fedharmony.study.outside.OutsideStudy`.
 
-Every method is one ``method`` of the task's bundle's ``configs/routed_inference.json`` (the prostate bundle's
-unless told) (parsed with MONAI's
-``ConfigParser``, as ``python -m monai.bundle run`` does); the written NIfTI masks are scored against the site's
-labels afterwards (foreground Dice per volume, on the volume's own grid).
+Every method is one ``method`` of the task's bundle's ``configs/routed_inference.json`` (``bundle``: the prostate
+bundle unless given), parsed with MONAI's ``ConfigParser`` as ``python -m monai.bundle run`` does; the written NIfTI
+masks are scored against the site's labels afterwards (foreground Dice per volume, on the volume's own grid).
 """
 
 from __future__ import annotations
