@@ -229,7 +229,8 @@ def test_a_federated_brain_job_trains_and_its_global_model_segments_a_folder_wit
 def test_the_bundle_trains_and_segments_grey_and_white_matter_as_a_second_label_set(brain_sites, tmp_path):
     """``--num_classes 3 --datalist_file datalist_tissue.json``: one site trains a three-class network with
     ``monai.bundle run`` (validated on the mean Dice of grey and white matter), and inference writes each voxel's
-    class; a datalist_file that is a path is refused."""
+    class, with one segment name for each class (the default single name is refused before any input); a
+    datalist_file that is a path is refused."""
     import torch
 
     site = brain_sites / "HH"
@@ -254,10 +255,18 @@ def test_the_bundle_trains_and_segments_grey_and_white_matter_as_a_second_label_
              "--bundle_root", str(BRAIN), "--dataset_dir", str(folder), "--output_dir", str(out), "--ckpt_path",
              str(ckpt / "model.pt"), *[a for k, v in {**TINY, "num_classes": 3}.items()
                                        for a in (f"--{k}", json.dumps(v))]]
+    # the default segments ({"1": "brain"}) would drop white matter from the volumes and DICOM results: refused
     res = subprocess.run(infer, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "segments names labels [1], but the network has num_classes 3" in res.stdout + res.stderr
+    assert not list(out.rglob("*.nii.gz"))
+    tissues = {"1": "grey matter", "2": "white matter"}
+    res = subprocess.run(infer + ["--segments", json.dumps(tissues)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     mask = np.asarray(nib.load(next(out.rglob("Case00*seg*.nii.gz"))).dataobj)
     assert mask.shape == nib.load(folder / "Case00.nii.gz").shape and set(np.unique(mask)) <= {0, 1, 2}
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert set(summary["inputs"][0]["volumes_ml"]) == {"grey matter", "white matter"}
     res = subprocess.run(train + args + ["--datalist_file", json.dumps("../IOP/datalist.json")], capture_output=True,
                          text=True, timeout=600)
     assert res.returncode != 0 and "datalist_file must be a .json file name" in res.stdout + res.stderr

@@ -121,3 +121,19 @@ def test_prepare_tool_keeps_an_existing_different_split(tiny_sites, tmp_path, ca
     assert mine.read_text() == before and "kept (use --overwrite)" in capsys.readouterr().out
     prepare_prostate_data.main(["--root", str(root), "--seed", "7", "--overwrite"])
     assert json.loads(mine.read_text())["testing"]
+
+
+@pytest.mark.parametrize("name", ["../IOP/datalist.json", "/etc/datalist.json", "sub/datalist.json",
+                                  "a\\datalist.json", ".datalist.json", "..json", "datalist.txt", "", 5, None])
+def test_datalist_file_is_a_json_file_name_in_the_site_folder_never_a_path(tmp_path, name):
+    from fedharmony.data.datalist import datalist_path
+
+    with pytest.raises(ValueError, match="datalist_file must be a .json file name in the site's data folder"):
+        datalist_path(tmp_path, name)
+
+
+def test_datalist_file_names_a_list_in_the_site_folder(tmp_path):
+    from fedharmony.data.datalist import datalist_path
+
+    assert datalist_path(tmp_path) == str(tmp_path / "datalist.json")
+    assert datalist_path(tmp_path, "datalist_tissue.json") == str(tmp_path / "datalist_tissue.json")

@@ -21,7 +21,7 @@ from conftest import BUNDLE, phantom_series_image, sitk_image, write_series
 highdicom = pytest.importorskip("highdicom")
 
 from fedharmony.bundle.folder_inference import InferenceSummary  # noqa: E402
-from fedharmony.bundle.results import mask_report, parse_output_format  # noqa: E402
+from fedharmony.bundle.results import SaveResultsd, check_segments, mask_report, parse_output_format  # noqa: E402
 from fedharmony.data.dicom_out import (DicomOutputError, mask_on_source_frames, read_source_series,  # noqa: E402
                                        write_rtstruct, write_seg)
 from fedharmony.data.images import SimpleITKReader  # noqa: E402
@@ -220,6 +220,30 @@ def test_gland_volume_in_ml_and_the_review_flag_for_empty_implausible_and_broken
     zonal[40:60] *= 2
     rep = mask_report(zonal, affine, {1: "peripheral zone", 2: "transition zone"})
     assert rep["volumes_ml"] == {"peripheral zone": 12.0, "transition zone": 12.0} and rep["gland_volume_ml"] == 24.0
+
+
+def test_segments_must_name_every_class_of_the_network_before_any_input_is_read(tmp_path):
+    """A label without a name would vanish from the volumes and the DICOM results: the results step refuses
+    segments that do not name exactly the labels 1 .. num_classes - 1, when it is built."""
+    assert check_segments({"1": "grey matter", "2": "white matter"}, 3) == {1: "grey matter", 2: "white matter"}
+    assert check_segments({1: "prostate"}, 2) == {1: "prostate"}
+    with pytest.raises(ValueError, match=r"segments names labels \[1\], but the network has num_classes 3 "
+                                         r"\(labels 1 to 2 besides background\)"):
+        check_segments({"1": "brain"}, 3)
+    with pytest.raises(ValueError, match=r"names labels \[1, 2\], but the network has num_classes 2"):
+        check_segments({"1": "peripheral zone", "2": "transition zone"}, 2)
+    with pytest.raises(ValueError, match="labels 1 to 2"):
+        check_segments({"0": "background", "1": "grey matter"}, 3)
+    with pytest.raises(ValueError, match="must map labels"):
+        check_segments({"one": "prostate"}, 2)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        check_segments({"1": "prostate"}, 1)
+    with pytest.raises(ValueError, match="num_classes 3"):
+        SaveResultsd("pred", output_dir=str(tmp_path), segments={"1": "brain"}, num_classes=3)
+    step = SaveResultsd("pred", output_dir=str(tmp_path), segments={"1": "grey matter", "2": "white matter"},
+                        num_classes=3)
+    assert step.segments == {1: "grey matter", 2: "white matter"}
+    assert SaveResultsd("pred", output_dir=str(tmp_path), num_classes=2).segments == {1: "prostate"}
 
 
 def test_output_format_takes_one_a_list_or_text_and_names_an_unknown_one():

@@ -185,3 +185,33 @@ def test_the_model_pool_tool_checks_and_stamps(pool):
     assert res.returncode == 1 and "expert 'global'" in res.stderr and "does not match its digest" in res.stderr
     res = subprocess.run(tool + ["stamp", str(pool), "--bundle", str(BUNDLE)], capture_output=True, text=True)
     assert res.returncode == 1 and "expert 'global': cannot read" in res.stderr  # stamps only loadable experts
+
+
+def test_a_pool_of_three_class_experts_routes_three_classes_and_needs_a_name_for_each(tmp_path):
+    """The pool's manifest says how many classes its experts give (num_classes 3: grey and white matter); routed
+    inference names each class in its results, so the default single segment name is refused before any input."""
+    from monai.bundle import ConfigParser
+
+    pool = _write_pool(tmp_path / "pool", overrides={**TINY_OVERRIDES, "num_classes": 3})
+    loaded = load_pool(pool, BUNDLE)
+    assert loaded.num_classes == 3
+    assert all(net(torch.zeros(1, 3, 32, 32)).shape[1] == 3 for net in loaded.experts)
+    assert load_pool(_write_pool(tmp_path / "pool2", n=2), BUNDLE).num_classes == 2
+
+    def results_step(segments=None):
+        parser = ConfigParser()
+        parser.read_config(BUNDLE / "configs" / "routed_inference.json")
+        (tmp_path / "in").mkdir(exist_ok=True)
+        parser.update({"bundle_root": str(BUNDLE), "pool_dir": str(pool), "dataset_dir": str(tmp_path / "in"),
+                       "output_dir": str(tmp_path / "out"), **({"segments": segments} if segments else {})})
+        return [t for t in parser.get_parsed_content("postprocessing").transforms
+                if type(t).__name__ == "SaveResultsd"][0]
+
+    with pytest.raises(Exception) as refused:  # MONAI wraps the transform's error in its own
+        results_step()
+    chain = [refused.value]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    assert any("segments names labels [1], but the network has num_classes 3" in str(e) for e in chain), chain
+    assert results_step({"1": "peripheral zone", "2": "transition zone"}).segments == {
+        1: "peripheral zone", 2: "transition zone"}

@@ -351,18 +351,24 @@ def test_data_and_federations_of_other_settings_are_removed_before_a_run(tmp_pat
     assert not (tmp_path / "sim").exists() and not (tmp_path / "data").exists() and "removed" in said[-1]
 
 
+def _tiny_loso_plan(task: str, holdout: str, first_seed: int, **outside_settings) -> dict:
+    """A leave-one-site-out plan small enough for the suite: 3 cases a site, one round, one routing pass."""
+    return {"plan": "fedharmony-study-plan/1", "name": f"tiny_{task}", "question": f"does the harness run on {task}?",
+            "task": task, "arms": ["global", "routing"], "seeds": 2, "alpha": 0.05, "margin": 0.03,
+            "outside": {"target": "loso", "holdout": [holdout], "cases": 3, "rounds": 1, "local_epochs": 1,
+                        "passes": 1, "first_seed": first_seed, **outside_settings,
+                        "overrides": {**TINY, "image_size": 32}},
+            "comparisons": [{"arm": "routing", "baseline": "global", "test": "noninferiority",
+                             "endpoints": ["sites"], "primary": True}],
+            "power": {"effect": 0.05, "sd": 0.045, "power": 0.8}}
+
+
 def test_a_leave_one_site_out_plan_on_prostate_v2_draws_v2_sites_and_routes_on_the_held_out_scanner(tmp_path):
     """Task prostate_v2: the same harness on v2 sites (each scanner's own matrix and slices), HK held out; the
     federation trains at the plan's image_size, routed inference reads HK's scans at their own grid."""
     import nibabel as nib
 
-    plan = {"plan": "fedharmony-study-plan/1", "name": "tiny_v2", "question": "does the harness run on v2?",
-            "task": "prostate_v2", "arms": ["global", "routing"], "seeds": 2, "alpha": 0.05, "margin": 0.03,
-            "outside": {"target": "loso", "sites": 3, "holdout": ["HK"], "cases": 3, "rounds": 1, "local_epochs": 1,
-                        "passes": 1, "first_seed": 3, "overrides": {**TINY, "image_size": 32}},
-            "comparisons": [{"arm": "routing", "baseline": "global", "test": "noninferiority",
-                             "endpoints": ["sites"], "primary": True}],
-            "power": {"effect": 0.05, "sd": 0.045, "power": 0.8}}
+    plan = _tiny_loso_plan("prostate_v2", holdout="HK", first_seed=3, sites=3)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     study = outside.OutsideStudy.from_plan(path, tmp_path / "study", cost=False, echo=lambda _: None)
@@ -386,13 +392,7 @@ def test_a_leave_one_site_out_plan_on_the_brain_task_runs_the_brain_job_and_bund
 
     from fedharmony.study.plan import PlanError, load_plan
 
-    plan = {"plan": "fedharmony-study-plan/1", "name": "tiny_brain", "question": "does the harness run on brain?",
-            "task": "brain", "arms": ["global", "routing"], "seeds": 2, "alpha": 0.05, "margin": 0.03,
-            "outside": {"target": "loso", "holdout": ["IOP"], "cases": 3, "rounds": 1, "local_epochs": 1,
-                        "passes": 1, "first_seed": 5, "voxel_scale": 4, "overrides": {**TINY, "image_size": 32}},
-            "comparisons": [{"arm": "routing", "baseline": "global", "test": "noninferiority",
-                             "endpoints": ["sites"], "primary": True}],
-            "power": {"effect": 0.05, "sd": 0.045, "power": 0.8}}
+    plan = _tiny_loso_plan("brain", holdout="IOP", first_seed=5, voxel_scale=4)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     study = outside.OutsideStudy.from_plan(path, tmp_path / "study", cost=False, echo=lambda _: None)

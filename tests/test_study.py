@@ -236,15 +236,18 @@ def test_smoke_study_through_the_simulator_is_cached_resumable_and_reproducible(
     log = (out / "runs" / "fedavg" / "seed0" / "log.txt").read_text()
     assert "Round 1 started" in log or "round 1" in log  # NVFlare's output went to the run's log
 
-    # rerun: everything cached; a corrupt entry is named, run again, and gives the same scores
-    (out / "runs" / "fedavg" / "seed0" / "result.json").write_text("{truncated")
+    # rerun: everything cached; a corrupt entry is named, run again, and gives the same scores; the resumed
+    # study's first fresh run is given a time estimate from the cached runs' times
+    # (the runs go seed by seed: fedavg 0, pooled 0, fedavg 1, pooled 1)
+    (out / "runs" / "fedavg" / "seed1" / "result.json").write_text("{truncated")
     res = subprocess.run(STUDY + argv, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count(": cached") == 3 and "made on other code" not in res.stdout
-    assert f"cache entry {out / 'runs' / 'fedavg' / 'seed0' / 'result.json'} is corrupt" in res.stdout
+    assert f"cache entry {out / 'runs' / 'fedavg' / 'seed1' / 'result.json'} is corrupt" in res.stdout
+    assert "[3/4] fedavg seed 1: running, about " in res.stdout
     again = json.loads((out / "results.json").read_text())
-    rerun = next(r for r in again["runs"] if r["method"] == "fedavg" and r["seed"] == 0)
-    assert rerun["site_scores"] == fedavg[0]  # same (method, seed, preset) on the same machine: same scores
+    rerun = next(r for r in again["runs"] if r["method"] == "fedavg" and r["seed"] == 1)
+    assert rerun["site_scores"] == fedavg[1]  # same (method, seed, preset) on the same machine: same scores
 
 
 def test_a_seed_draws_training_data_and_a_separate_test_draw(tmp_path):

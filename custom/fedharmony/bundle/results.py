@@ -20,7 +20,8 @@ In a bundle config::
 
     {"_target_": "fedharmony.bundle.results.SaveResultsd", "keys": "pred", "output_dir": "@output_dir",
      "output_format": "@output_format", "sources": "@datalist", "segments": "@segments", "review": "@review",
-     "metadata_file": "$@bundle_root + '/configs/metadata.json'", "overwrite": "@overwrite", "summary": "@summary"}
+     "num_classes": "@num_classes", "metadata_file": "$@bundle_root + '/configs/metadata.json'",
+     "overwrite": "@overwrite", "summary": "@summary"}
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from monai.transforms import MapTransform
 from fedharmony.bundle.folder_inference import (OUTPUT_FORMATS, InferenceSummary, InputRejected, input_of,
                                                 mask_and_affine, parse_output_format)
 
-__all__ = ["OUTPUT_FORMATS", "parse_output_format", "mask_report", "SaveResultsd", "DEFAULT_REVIEW"]
+__all__ = ["OUTPUT_FORMATS", "parse_output_format", "mask_report", "check_segments", "SaveResultsd", "DEFAULT_REVIEW"]
 
 logger = logging.getLogger("fedharmony.inference")
 
@@ -85,6 +86,34 @@ def mask_report(mask: np.ndarray, affine: np.ndarray, segments: Mapping[int, str
     return out
 
 
+def check_segments(segments: Mapping, num_classes: int) -> Dict[int, str]:
+    """``segments`` (label -> name) as ``{int: str}``, refused unless it names exactly the labels 1 to
+    ``num_classes`` - 1 of the network's output.
+
+    A label without a name would vanish from the volumes and the DICOM results without a word (a grey / white
+    matter model with the default ``{"1": "brain"}`` would write its grey matter as "brain" and drop its white
+    matter), so the run stops before the first input instead.
+
+    Example::
+
+        >>> check_segments({"1": "grey matter", "2": "white matter"}, 3)
+        {1: 'grey matter', 2: 'white matter'}
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
+    try:
+        named = {int(k): str(v) for k, v in dict(segments).items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"segments must map labels (integers) to names, got {segments!r}") from e
+    wanted = list(range(1, num_classes))
+    if sorted(named) != wanted:
+        example = ", ".join(f"'{k}': '...'" for k in wanted)
+        raise ValueError(f"segments names labels {sorted(named)}, but the network has num_classes {num_classes} "
+                         f"(labels {wanted[0]} to {wanted[-1]} besides background): name each, e.g. "
+                         f"--segments \"{{{example}}}\"")
+    return named
+
+
 def _metadata(path: Optional[str]) -> tuple:
     """(bundle id, version) from a bundle's ``configs/metadata.json``."""
     if not path or not Path(path).is_file():
@@ -106,6 +135,8 @@ class SaveResultsd(MapTransform):
             "2": "transition zone"}``); names need a SNOMED CT code in
             :data:`fedharmony.data.dicom_out.SEGMENT_CODES`.
         review: ``plausible_volume_ml`` ([low, high] whole gland) and ``min_piece_fraction``.
+        num_classes: the network's classes with background; given, ``segments`` must name exactly the labels
+            1 to ``num_classes`` - 1 (:func:`check_segments`), checked when the transform is built.
         metadata_file: the bundle's ``configs/metadata.json`` (its name and version go into the DICOM series).
         overwrite: replace existing DICOM results.
         summary: the run's :class:`InferenceSummary`.
@@ -114,14 +145,16 @@ class SaveResultsd(MapTransform):
 
     def __init__(self, keys, output_dir: str, output_format: Union[str, Sequence[str]] = "nifti",
                  sources: Sequence[Mapping] = (), segments: Optional[Mapping] = None,
-                 review: Optional[Mapping[str, Any]] = None, metadata_file: Optional[str] = None,
-                 overwrite: bool = False, summary: Optional[InferenceSummary] = None, name_key: str = "name",
-                 allow_missing_keys: bool = False):
+                 review: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None,
+                 metadata_file: Optional[str] = None, overwrite: bool = False,
+                 summary: Optional[InferenceSummary] = None, name_key: str = "name", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.formats = parse_output_format(output_format)
         self.sources = {input_of(item): item.get("image") for item in sources if isinstance(item, Mapping)}
         self.segments = {int(k): str(v) for k, v in (segments or {1: "prostate"}).items()}
+        if num_classes is not None:
+            self.segments = check_segments(self.segments, num_classes)
         self.review = {**DEFAULT_REVIEW, **(review or {})}
         self.algorithm, self.version = _metadata(metadata_file)
         self.overwrite, self.summary, self.name_key = bool(overwrite), summary, name_key

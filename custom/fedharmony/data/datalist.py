@@ -269,8 +269,9 @@ def datalist_path(dataset_dir: str | Path, name: str = "datalist.json") -> str:
     Raises:
         ValueError: ``name`` holds a folder separator, is ``..``-like or does not end in ``.json``.
     """
+    # name != Path(name).name catches "/" (and "a/.."); a backslash is a separator only on Windows
     if (not isinstance(name, str) or not name.endswith(".json") or name != Path(name).name or name.startswith(".")
-            or "/" in name or "\\" in name):
+            or "\\" in name):
         raise ValueError(f"datalist_file must be a .json file name in the site's data folder, got {name!r}")
     return str(Path(dataset_dir) / name)
 

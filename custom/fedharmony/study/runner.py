@@ -519,7 +519,7 @@ class Study:
         t_study = time.time()
         self.lock_plan()
         plan = self.plan()
-        runs, fresh_times, failed = [], [], []
+        runs, fresh_times, cached_times, failed = [], [], [], []
         self.echo(f"study: {self.task}, preset {self.preset_name}, {len(self.methods)} method(s) x "
                   f"{len(self.seeds)} seed(s) = {len(plan)} runs, out {self.out}")
         for i, (method, seed) in enumerate(plan, start=1):
@@ -528,9 +528,14 @@ class Study:
             if entry is not None:
                 self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: cached{self._made_elsewhere(entry)}")
                 runs.append(entry)
+                if isinstance(entry.get("wall_s"), (int, float)) and entry["wall_s"] > 0:
+                    cached_times.append(float(entry["wall_s"]))
                 continue
             left = len(plan) - i + 1
-            eta = f", about {_duration(left * sum(fresh_times) / len(fresh_times))} left" if fresh_times else ""
+            # this invocation's runs say most about the machine as it is now; a resumed study's first run
+            # estimates from the cached runs' own times
+            times = fresh_times or cached_times
+            eta = f", about {_duration(left * sum(times) / len(times))} left" if times else ""
             self.echo(f"[{i}/{len(plan)}] {method} seed {seed}: running{eta} (log {self.run_dir(method, seed)}/log.txt)")
             t0 = time.time()
             try:

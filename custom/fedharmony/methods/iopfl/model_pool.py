@@ -155,6 +155,11 @@ class ModelPool:
         return float(self.overrides.get("pixdim", 0.0))
 
     @property
+    def num_classes(self) -> int:
+        """The classes the experts output, background included (the bundle's default 2: one structure)."""
+        return int(self.overrides.get("num_classes", 2))
+
+    @property
     def intensity(self) -> str:
         """How the federation scaled intensities (``zscore``, ``released`` or ``raw``; see fedharmony.bundle.intensity)."""
         return str(self.overrides.get("intensity", "zscore"))
