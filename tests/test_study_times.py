@@ -1,0 +1,71 @@
+"""The wall-time table of stored studies (fedharmony.study.times, tools/study_times.py): read, never rerun."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from fedharmony.study.times import study_time, times_table
+
+
+def _write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+
+
+def test_a_finished_study_sums_its_runs_wall_times(tmp_path):
+    runs = [{"method": "fedavg", "seed": s, "wall_s": 600.0} for s in range(3)] + [{"method": "pooled", "seed": 0}]
+    _write(tmp_path / "done" / "results.json", {"runs": runs, "pending": [], "machine": "2 cores"})
+    row = study_time(tmp_path / "done")
+    assert row == {"study": "done", "kind": "runs", "done": 4, "planned": 4, "timed": 3, "run_hours": 0.5,
+                   "finished": True, "machine": "2 cores"}
+    assert "| done | runs | 4 of 4 | 0.5 (3 timed) | 10.0 | finished |" in times_table([row])
+
+
+def test_a_running_planned_study_counts_its_stored_runs_against_the_plan(tmp_path):
+    folder = tmp_path / "headroom"
+    _write(folder / "plan.json", {"arms": ["fedavg", "fedavg_iid"], "seeds": 5})
+    _write(folder / "runs" / "fedavg" / "seed0" / "result.json", {"method": "fedavg", "wall_s": 540.0})
+    _write(folder / "runs" / "fedavg_iid" / "seed0" / "result.json", {"method": "fedavg_iid", "wall_s": 660.0})
+    (folder / "runs" / "fedavg" / "seed1").mkdir(parents=True)  # a run under way: no result yet
+    row = study_time(folder)
+    assert (row["kind"], row["done"], row["planned"], row["finished"]) == ("runs", 2, 10, False)
+    assert row["run_hours"] == pytest.approx(1200 / 3600)
+    assert "| headroom | runs | 2 of 10 | 0.3 | 10.0 | running |" in times_table([row])
+
+
+def test_outside_studies_with_and_without_recorded_times_and_a_plan_not_yet_run(tmp_path):
+    _write(tmp_path / "old" / "results.json", {"targets": {"BIDMC": {"0": {"mean": {}}, "1": {"mean": {}}}}})
+    old = study_time(tmp_path / "old")
+    assert (old["kind"], old["done"], old["run_hours"]) == ("outside", 2, None)
+    repo = tmp_path / "repo"  # an unseen-scanner plan names its profile file from the repository root
+    _write(repo / "docs" / "studies" / "sets" / "set9.json", {"sites": [{"name": "A"}, {"name": "B"}]})
+    folder = repo / "docs" / "studies" / "routing"
+    _write(folder / "plan.json", {"arms": ["global", "routing"], "seeds": 3,
+                                  "outside": {"target": "unseen", "profiles": "docs/studies/sets/set9.json"}})
+    _write(folder / "runs" / "A" / "seed100" / "result.json", {"target": "A", "wall_s": 360.0})
+    running = study_time(folder)
+    assert (running["kind"], running["done"], running["planned"]) == ("outside", 1, 6)
+    _write(tmp_path / "queued" / "plan.json", {"arms": ["fedavg"], "seeds": 4})
+    queued = study_time(tmp_path / "queued")
+    table = times_table([old, running, queued])
+    assert "| old | outside | 2 of 2 | not recorded | not recorded | finished |" in table
+    assert "| routing | outside | 1 of 6 | 0.1 | 6.0 | running |" in table
+    assert "| queued | runs | 0 of 4 | - | - | planned |" in table
+    (tmp_path / "empty").mkdir()
+    assert study_time(tmp_path / "empty") is None
+
+
+def test_the_tool_lists_every_study_folder_and_names_a_folder_without_one(tmp_path):
+    tool = [sys.executable, str(REPO / "tools" / "study_times.py")]
+    _write(tmp_path / "studies" / "a" / "results.json", {"runs": [{"wall_s": 60.0}], "pending": []})
+    (tmp_path / "studies" / "notes").mkdir()
+    res = subprocess.run(tool + [str(tmp_path / "studies")], capture_output=True, text=True)
+    assert res.returncode == 0 and "| a | runs | 1 of 1 | 0.0 | 1.0 | finished |" in res.stdout
+    assert "notes" not in res.stdout
+    res = subprocess.run(tool + [str(tmp_path / "studies" / "notes")], capture_output=True, text=True)
+    assert res.returncode == 2 and "holds no study results" in res.stderr
+    res = subprocess.run(tool + [str(tmp_path / "missing")], capture_output=True, text=True)
+    assert res.returncode == 2 and "missing: no such folder" in res.stderr
