@@ -8,7 +8,9 @@ and one resumed over several sessions took longer in calendar time. Both kinds o
 * a study of runs (``tools/study.py --task`` / ``--plan``): ``results.json`` with ``runs``, or, while it
   is still running, ``runs/<arm>/seed<k>/result.json`` (the planned count from ``plan.json``);
 * an outside study (``--outside``): ``results.json`` with ``targets``, or ``runs/<target>/seed<k>/result.json``
-  while running; outside studies made before 2026-12-07 did not record their federations' times;
+  while running; outside studies made before 2026-12-07 did not record their federations' times, and an
+  unseen-scanner study's per-scanner times leave out the federation each seed trains once for all its
+  scanners (a leave-one-site-out target's time includes its own federation);
 * a plan not yet run (``plan.json`` alone): 0 of its planned runs.
 
     python tools/study_times.py docs/studies          # the markdown table of every study folder
