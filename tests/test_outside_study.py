@@ -55,7 +55,7 @@ def test_the_consensus_table_scores_each_call_and_checks_the_masks_are_the_kept_
                for r in rows)
 
 
-STUDIES = ["iopfl_unseen", "iopfl_unseen_2", "iopfl_unseen_3", "iopfl_unseen_4", "iopfl_loso"]
+STUDIES = ["iopfl_unseen", "iopfl_unseen_2", "iopfl_unseen_3", "iopfl_unseen_4", "iopfl_loso", "routing_default"]
 
 
 @pytest.mark.parametrize("name", STUDIES)
