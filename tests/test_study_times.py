@@ -65,6 +65,12 @@ def test_the_tool_lists_every_study_folder_and_names_a_folder_without_one(tmp_pa
     res = subprocess.run(tool + [str(tmp_path / "studies")], capture_output=True, text=True)
     assert res.returncode == 0 and "| a | runs | 1 of 1 | 0.0 | 1.0 | finished |" in res.stdout
     assert "notes" not in res.stdout
+    _write(tmp_path / "studies" / "b" / "runs" / "fedavg" / "seed0" / "result.json", {"wall_s": 120.0})
+    (tmp_path / "studies" / "b" / "runs" / "fedavg" / "seed1").mkdir(parents=True)
+    (tmp_path / "studies" / "b" / "runs" / "fedavg" / "seed1" / "result.json").write_text("{truncated")
+    res = subprocess.run(tool + [str(tmp_path / "studies")], capture_output=True, text=True)
+    assert res.returncode == 0 and "| b | runs | 1 | 0.0 | 2.0 | running |" in res.stdout  # the good run counts
+    assert "seed1/result.json: not read (JSONDecodeError" in res.stderr  # the corrupt one is named
     res = subprocess.run(tool + [str(tmp_path / "studies" / "notes")], capture_output=True, text=True)
     assert res.returncode == 2 and "holds no study results" in res.stderr
     res = subprocess.run(tool + [str(tmp_path / "missing")], capture_output=True, text=True)

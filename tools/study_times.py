@@ -21,14 +21,18 @@ def main(argv=None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="a study folder, or a folder of study folders")
     args = parser.parse_args(argv)
     rows = []
+
+    def warn(line: str) -> None:
+        print(f"warning: {line}", file=sys.stderr)
+
     for folder in args.folders:
         if not folder.is_dir():
             parser.error(f"{folder}: no such folder")
-        row = study_time(folder)
+        row = study_time(folder, warn)
         if row is not None:
             rows.append(row)
             continue
-        found = [r for r in (study_time(p) for p in sorted(folder.iterdir()) if p.is_dir()) if r is not None]
+        found = [r for r in (study_time(p, warn) for p in sorted(folder.iterdir()) if p.is_dir()) if r is not None]
         if not found:
             parser.error(f"{folder}: holds no study results (results.json or runs/*/seed*/result.json)")
         rows += found

@@ -25,17 +25,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 __all__ = ["study_time", "times_table"]
 
 
-def _read(path: Path) -> Optional[dict]:
+def _read(path: Path, warn: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+    """A JSON object, or None: missing silently, unreadable or not an object named through ``warn``."""
     try:
         content = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return content if isinstance(content, dict) else None
+    except (OSError, ValueError) as e:
+        if warn:
+            warn(f"{path}: not read ({type(e).__name__}: {e}); left out of the table")
+        return None
+    if not isinstance(content, dict):
+        if warn:
+            warn(f"{path}: holds a {type(content).__name__}, not a JSON object; left out of the table")
+        return None
+    return content
 
 
 def _seconds(value) -> Optional[float]:
@@ -58,15 +67,16 @@ def _planned_runs(folder: Path, outside: bool) -> Optional[int]:
     return len(plan["arms"]) * plan["seeds"] if isinstance(plan.get("arms"), list) else None
 
 
-def study_time(folder: str | Path) -> Optional[dict]:
+def study_time(folder: str | Path, warn: Optional[Callable[[str], None]] = None) -> Optional[dict]:
     """The stored time of the study in ``folder``; None when the folder holds no study results.
 
     Returns ``{"study", "kind": "runs" | "outside", "done", "planned" (None: not known), "timed" (runs that
     recorded a time), "run_hours" (sum of the timed runs' wall times; None when none recorded one), "finished"
-    (results.json written with nothing pending), "machine"}``.
+    (results.json written with nothing pending), "machine"}``. A corrupt ``results.json`` or ``result.json``
+    is named through ``warn`` and left out (the folder's other files still count).
     """
     folder = Path(folder)
-    results = _read(folder / "results.json")
+    results = _read(folder / "results.json", warn)
     if results is not None and isinstance(results.get("runs"), list):
         times = [_seconds(r.get("wall_s")) for r in results["runs"] if isinstance(r, dict)]
         kind, done, finished = "runs", len(results["runs"]), not results.get("pending")
@@ -75,7 +85,7 @@ def study_time(folder: str | Path) -> Optional[dict]:
         times = [_seconds(e.get("wall_s")) if isinstance(e, dict) else None for e in entries]
         kind, done, finished = "outside", len(entries), True
     else:
-        stored = [_read(p) for p in sorted((folder / "runs").glob("*/seed*/result.json"))]
+        stored = [_read(p, warn) for p in sorted((folder / "runs").glob("*/seed*/result.json"))]
         stored = [r for r in stored if r is not None]
         plan = _read(folder / "plan.json")
         if not stored and plan is None:
