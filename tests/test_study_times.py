@@ -15,6 +15,14 @@ def _write(path, content):
     path.write_text(json.dumps(content))
 
 
+def _plan(arms, seeds=None, **extra):
+    """A plan the study tool accepts (fedharmony.study.plan.load_plan): the first arm against the second."""
+    plan = {"plan": "fedharmony-study-plan/1", "name": "t", "question": "q", "task": "prostate", "arms": arms,
+            "comparisons": [{"arm": arms[1], "baseline": arms[0], "test": "superiority", "endpoints": ["mean"]}],
+            "power": {"effect": 0.02, "sd": 0.015, "power": 0.8}, **extra}
+    return plan if seeds is None else {**plan, "seeds": seeds}
+
+
 def test_a_finished_study_sums_its_runs_wall_times(tmp_path):
     runs = [{"method": "fedavg", "seed": s, "wall_s": 600.0} for s in range(3)] + [{"method": "pooled", "seed": 0}]
     _write(tmp_path / "done" / "results.json", {"runs": runs, "pending": [], "machine": "2 cores"})
@@ -26,7 +34,7 @@ def test_a_finished_study_sums_its_runs_wall_times(tmp_path):
 
 def test_a_running_planned_study_counts_its_stored_runs_against_the_plan(tmp_path):
     folder = tmp_path / "headroom"
-    _write(folder / "plan.json", {"arms": ["fedavg", "fedavg_iid"], "seeds": 5})
+    _write(folder / "plan.json", _plan(["fedavg", "fedavg_iid"], 5))
     _write(folder / "runs" / "fedavg" / "seed0" / "result.json", {"method": "fedavg", "wall_s": 540.0})
     _write(folder / "runs" / "fedavg_iid" / "seed0" / "result.json", {"method": "fedavg_iid", "wall_s": 660.0})
     (folder / "runs" / "fedavg" / "seed1").mkdir(parents=True)  # a run under way: no result yet
@@ -40,19 +48,17 @@ def test_outside_studies_with_and_without_recorded_times_and_a_plan_not_yet_run(
     _write(tmp_path / "old" / "results.json", {"targets": {"BIDMC": {"0": {"mean": {}}, "1": {"mean": {}}}}})
     old = study_time(tmp_path / "old")
     assert (old["kind"], old["done"], old["run_hours"]) == ("outside", 2, None)
-    repo = tmp_path / "repo"  # an unseen-scanner plan names its profile file from the repository root
-    _write(repo / "docs" / "studies" / "sets" / "set9.json", {"sites": [{"name": "A"}, {"name": "B"}]})
-    folder = repo / "docs" / "studies" / "routing"
-    _write(folder / "plan.json", {"arms": ["global", "routing"], "seeds": 3,
-                                  "outside": {"target": "unseen", "profiles": "docs/studies/sets/set9.json"}})
+    # an unseen-scanner plan names its profile file from the repository root, as the study tool reads it
+    folder = tmp_path / "routing"
+    _write(folder / "plan.json", json.loads((REPO / "docs/studies/routing_default/plan.json").read_text()))
     _write(folder / "runs" / "A" / "seed100" / "result.json", {"target": "A", "wall_s": 360.0})
     running = study_time(folder)
-    assert (running["kind"], running["done"], running["planned"]) == ("outside", 1, 6)
-    _write(tmp_path / "queued" / "plan.json", {"arms": ["fedavg"], "seeds": 4})
+    assert (running["kind"], running["done"], running["planned"]) == ("outside", 1, 6 * 9)  # 6 scanners x 9 seeds
+    _write(tmp_path / "queued" / "plan.json", _plan(["fedavg", "fedbn"], 2))
     queued = study_time(tmp_path / "queued")
     table = times_table([old, running, queued])
     assert "| old | outside | 2 of 2 | not recorded | not recorded | finished |" in table
-    assert "| routing | outside | 1 of 6 | 0.1 | 6.0 | running |" in table
+    assert "| routing | outside | 1 of 54 | 0.1 | 6.0 | running |" in table
     assert "| queued | runs | 0 of 4 | - | - | planned |" in table
     (tmp_path / "empty").mkdir()
     assert study_time(tmp_path / "empty") is None
@@ -75,3 +81,27 @@ def test_the_tool_lists_every_study_folder_and_names_a_folder_without_one(tmp_pa
     assert res.returncode == 2 and "holds no study results" in res.stderr
     res = subprocess.run(tool + [str(tmp_path / "missing")], capture_output=True, text=True)
     assert res.returncode == 2 and "missing: no such folder" in res.stderr
+
+
+def test_planned_runs_are_counted_as_the_study_tool_reads_the_plan(tmp_path):
+    from fedharmony.study.plan import load_plan
+    from fedharmony.study.stats import seeds_for_power
+
+    # no "seeds": the power calculation's number, as tools/study.py --plan runs it
+    _write(tmp_path / "powered" / "plan.json", _plan(["fedavg", "fedbn", "fedprox"]))
+    needed = seeds_for_power(0.02, 0.015, 0.8, 0.05)
+    assert load_plan(tmp_path / "powered" / "plan.json").seeds == needed
+    assert study_time(tmp_path / "powered")["planned"] == 3 * needed
+    # a leave-one-site-out plan without "holdout" holds out each of the six prostate sites
+    loso = json.loads((REPO / "docs/studies/iopfl_v2_loso/plan.json").read_text())
+    del loso["outside"]["holdout"]
+    _write(tmp_path / "loso" / "plan.json", loso)
+    assert study_time(tmp_path / "loso")["planned"] == 6 * 9
+    # a plan the study tool refuses: named, its planned count unknown, the stored runs still counted
+    warnings = []
+    _write(tmp_path / "broken" / "plan.json", {**_plan(["fedavg", "no_such_method"], 3)})
+    _write(tmp_path / "broken" / "runs" / "fedavg" / "seed0" / "result.json", {"wall_s": 60.0})
+    row = study_time(tmp_path / "broken", warnings.append)
+    assert (row["done"], row["planned"]) == (1, None)
+    assert len(warnings) == 1 and "broken/plan.json: planned runs not known" in warnings[0]
+    assert "no_such_method" in warnings[0]

@@ -51,20 +51,29 @@ def _seconds(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _planned_runs(folder: Path, outside: bool) -> Optional[int]:
-    """Runs a plan asks for: arms x seeds, or (outside) held-out targets x seeds; None without a plan."""
-    plan = _read(folder / "plan.json")
-    if plan is None or not isinstance(plan.get("seeds"), int):
+def _planned_runs(folder: Path, outside: bool, warn: Optional[Callable[[str], None]] = None) -> Optional[int]:
+    """Runs a plan asks for: arms x seeds, or (outside) held-out sites or unseen scanners x seeds; None without a
+    plan. The plan is read as the study tool reads it (:func:`fedharmony.study.plan.load_plan`: seeds from its power
+    calculation where it gives none; an outside plan's scanners from its profile file, named from the repository
+    root, and a leave-one-site-out plan without ``holdout`` holding out every site); one it refuses is named
+    through ``warn``."""
+    path = folder / "plan.json"
+    if not path.is_file():
         return None
-    if outside:
-        settings = plan.get("outside") or {}
-        targets = settings.get("holdout")
-        if targets is None and isinstance(settings.get("profiles"), str):
-            # unseen scanners: the profile file, named from the repository root (docs/studies/<name>/plan.json)
-            profiles = _read(folder.resolve().parents[2] / settings["profiles"]) or {}
-            targets = profiles.get("sites")
-        return len(targets) * plan["seeds"] if isinstance(targets, list) else None
-    return len(plan["arms"]) * plan["seeds"] if isinstance(plan.get("arms"), list) else None
+    from fedharmony.study.plan import PlanError, load_plan
+
+    try:
+        if outside:
+            from fedharmony.study.outside import OutsideStudy
+
+            study = OutsideStudy.from_plan(path, out=folder)
+            return len(study.unseen or study.holdout) * len(study.seeds)
+        plan = load_plan(path)
+        return len(plan.arms) * plan.seeds
+    except (PlanError, ValueError, OSError) as e:
+        if warn:
+            warn(f"{path}: planned runs not known ({e})")
+        return None
 
 
 def study_time(folder: str | Path, warn: Optional[Callable[[str], None]] = None) -> Optional[dict]:
@@ -94,7 +103,7 @@ def study_time(folder: str | Path, warn: Optional[Callable[[str], None]] = None)
         kind = "outside" if (plan is not None and "outside" in plan) or any("target" in r for r in stored) else "runs"
         done, finished = len(stored), False
     timed = [t for t in times if t is not None]
-    planned = _planned_runs(folder, kind == "outside")
+    planned = _planned_runs(folder, kind == "outside", warn)
     machine = results.get("machine") if results else None
     if machine is None and results and isinstance(results.get("invocations"), list) and results["invocations"]:
         machine = results["invocations"][-1].get("machine") if isinstance(results["invocations"][-1], dict) else None
