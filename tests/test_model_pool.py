@@ -1,8 +1,9 @@
 """The IOP-FL model pool is data: its manifest is validated, its files checked by digest, before anything is built."""
 
 import json
-import re
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -197,6 +198,15 @@ def test_a_pool_of_three_class_experts_routes_three_classes_and_needs_a_name_for
     assert loaded.num_classes == 3
     assert all(net(torch.zeros(1, 3, 32, 32)).shape[1] == 3 for net in loaded.experts)
     assert load_pool(_write_pool(tmp_path / "pool2", n=2), BUNDLE).num_classes == 2
+    # no override: the classes and intensity scheme are the bundle's own (a bundle whose training says 3, released)
+    three = tmp_path / "bundle3"
+    shutil.copytree(BUNDLE, three, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    train = json.loads((three / "configs" / "train.json").read_text())
+    (three / "configs" / "train.json").write_text(json.dumps({**train, "num_classes": 3, "intensity": "released"}))
+    experts = [build_network(str(three), overrides=TINY_OVERRIDES, seed=s).state_dict() for s in range(2)]
+    write_pool(tmp_path / "pool3", experts[-1], {"site-1": experts[0]}, overrides=TINY_OVERRIDES)
+    loaded = load_pool(tmp_path / "pool3", three)
+    assert (loaded.num_classes, loaded.intensity, loaded.image_size) == (3, "released", -1)
 
     def results_step(segments=None):
         parser = ConfigParser()

@@ -40,7 +40,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedharmony.core.files import atomic_torch_save, atomic_write_text
 from fedharmony.bundle import job_policy
@@ -131,13 +131,20 @@ def check_same_architecture(models: Mapping[str, Mapping[str, torch.Tensor]]):
                                 f"{ref_name!r} has {tuple(ref[k].shape)}")
 
 
+# the training settings routed inference must repeat: read from the bundle's configs under the pool's overrides
+INFERENCE_SETTINGS = ("image_size", "pixdim", "intensity", "num_classes")
+
+
 @dataclass
 class ModelPool:
-    """A loaded pool: expert networks in routing order (global last) and the manifest."""
+    """A loaded pool: expert networks in routing order (global last), the training settings inference repeats
+    (:data:`INFERENCE_SETTINGS`: the bundle's values under the pool's overrides, as the experts were trained) and
+    the manifest."""
 
     names: List[str]
     kinds: List[str]
     experts: List[torch.nn.Module]
+    training: Dict[str, Any]
     manifest: dict = field(repr=False)
 
     @property
@@ -147,22 +154,22 @@ class ModelPool:
     @property
     def image_size(self) -> int:
         """The in-plane size the federation trained at (-1: each volume's own)."""
-        return int(self.overrides.get("image_size", -1))
+        return int(self.training["image_size"])
 
     @property
     def pixdim(self) -> float:
         """The in-plane spacing in mm the federation resampled to (0: each volume's own)."""
-        return float(self.overrides.get("pixdim", 0.0))
+        return float(self.training["pixdim"])
 
     @property
     def num_classes(self) -> int:
-        """The classes the experts output, background included (the bundle's default 2: one structure)."""
-        return int(self.overrides.get("num_classes", 2))
+        """The classes the experts output, background included."""
+        return int(self.training["num_classes"])
 
     @property
     def intensity(self) -> str:
         """How the federation scaled intensities (``zscore``, ``released`` or ``raw``; see fedharmony.bundle.intensity)."""
-        return str(self.overrides.get("intensity", "zscore"))
+        return str(self.training["intensity"])
 
 
 def read_manifest(pool_dir: str | Path) -> dict:
@@ -213,7 +220,7 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
             from its recorded digest, NaN/Inf weights, or experts whose keys/shapes differ from each
             other or from the bundle's network.
     """
-    from fedharmony.bundle.networks import build_network
+    from fedharmony.bundle.networks import build_network, bundle_parser
 
     manifest = validate_manifest(pool_dir, bundle_root)
     weights, _ = _load_weights(pool_dir, manifest, check_digests=True)
@@ -225,8 +232,14 @@ def load_pool(pool_dir: str | Path, bundle_root: str | Path, device: str | torch
         except RuntimeError as err:
             raise PoolError(f"expert {e['name']!r} does not fit the bundle's network_def: {err}") from None
         experts.append(net.to(device).eval())
+    parser = bundle_parser(str(bundle_root), manifest["config_files"], manifest["overrides"])
+    missing = [k for k in INFERENCE_SETTINGS if k not in parser]
+    if missing:
+        raise PoolError(f"bundle {bundle_root} does not define {missing} in {manifest['config_files']}: routed "
+                        f"inference cannot repeat the pool's training")
+    training = {k: parser.get_parsed_content(k) for k in INFERENCE_SETTINGS}
     return ModelPool([e["name"] for e in manifest["experts"]], [e["kind"] for e in manifest["experts"]], experts,
-                     manifest)
+                     training, manifest)
 
 
 def stamp_pool(pool_dir: str | Path, bundle_root: str | Path) -> Path:
