@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default shift-prostate-v1 shift-prostate-v2 shift-brain study-main-prostate study-main-dermoscopy study-main-prostate-v2 study-iopfl-v2-loso study-iopfl-brain-loso study-pixel-size study-pixel-size-brain study-pixel-size-v2 study-headroom-v2-augmented study-headroom-brain-augmented study-brain study-times method-guide scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
+.PHONY: setup orthanc demo test test-fast jobs study-smoke study-prostate study-dermoscopy study-spacing study-intensity study-plateau-prostate study-plateau-prostate-80 study-plateau-dermoscopy study-plateau-dermoscopy-80 study-headroom-prostate study-headroom-dermoscopy study-harmofl-window study-released-input study-released-protocol study-n4 study-prrfl-protocols study-prrfl-retrogress study-iopfl-unseen study-iopfl-loso study-routing-default shift-prostate-v1 shift-prostate-v2 shift-brain study-main-prostate study-main-dermoscopy study-main-prostate-v2 study-iopfl-v2-loso study-iopfl-brain-loso study-pixel-size study-pixel-size-brain study-pixel-size-v2 study-headroom-v2-augmented study-headroom-brain-augmented study-brain study-times study-queue method-guide scale bench bench-inference bench-classical bench-harmofl bench-harmonize bench-iopfl bench-dermoscopy bench-histology gpu-check gpu-carry poc-up poc-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ jobs: setup
 ## study-times: how long each stored study took on this machine (a table from the committed results; nothing runs)
 study-times: setup
 	$(BIN)/python tools/study_times.py docs/studies
+
+## study-queue: run the planned studies not yet finished, each on its plan's commit in a clone under QUEUE_DIR
+QUEUE_DIR ?= ../study_queue
+study-queue: setup
+	$(BIN)/python tools/study_queue.py run --workdir $(QUEUE_DIR)
 
 ## method-guide: rewrite the README's method guide from the planned studies' stored results (docs/method_guide.json)
 method-guide: setup
