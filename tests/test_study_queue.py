@@ -106,6 +106,7 @@ def test_a_clone_gets_the_runs_held_here_and_gives_back_new_ones_without_overwri
     assert len(warnings) == 1 and "seed0/result.json: differs from" in warnings[0]
 
 
+@pytest.mark.integration
 def test_the_queue_runs_a_planned_study_at_its_commit_and_resumes_from_the_runs_held_here(tmp_path):
     """A real (smoke-sized) planned study, twice: the second time with one run missing here, so the study tool
     reuses the three runs copied into the new clone and runs only the fourth."""
