@@ -21,7 +21,7 @@ ROW = {"situation": "Sites that differ", "task": "prostate", "method": "FedBN - 
 def _study(root, pending=()):
     """A finished toy study: FedBN beats FedAvg by 0.01, 0.02, 0.03 at every site on seeds 0, 1, 2."""
     folder = root / "toy"
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "plan.json").write_text(json.dumps(PLAN))
     runs = []
     for seed, gain in enumerate((0.01, 0.02, 0.03)):
@@ -64,6 +64,9 @@ def test_an_unfinished_study_is_pending_with_no_interim_number(tmp_path):
     assert "pending: the planned study has not finished | - | - | [plan](docs/studies/toy/plan.json)" in table
     assert "+0.0" not in table
     assert table.count("**Sites that differ**") == 1  # the situation once for its run of rows
+    _study(tmp_path)  # results with nothing pending, but the plan asks for more seeds than were run
+    (tmp_path / "toy" / "plan.json").write_text(json.dumps({**PLAN, "seeds": 4}))
+    assert study_verdicts(tmp_path / "toy") is None and "pending" in guide_table(rows, tmp_path)
     (tmp_path / "toy" / "results.json").unlink()  # a plan alone: queued
     assert "pending" in guide_table(rows, tmp_path)
 

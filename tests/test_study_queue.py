@@ -104,6 +104,12 @@ def test_a_clone_gets_the_runs_held_here_and_gives_back_new_ones_without_overwri
     assert got == {"copied": [here / "runs" / "pooled" / "seed1" / "result.json"], "finished": False}
     assert (here / "runs" / "pooled" / "seed0" / "result.json").read_text() == '{"wall_s": 1}'  # kept
     assert len(warnings) == 1 and "seed0/result.json: differs from" in warnings[0]
+    # a study whose clone cannot be made is named and not started; the queue does not stop
+    (tmp_path / "work2").mkdir()
+    (tmp_path / "work2" / "toy").write_text("a file where the clone would go")
+    lines = []
+    assert run_queue([item], repo, tmp_path / "work2", python=sys.executable, poll_s=0, log=lines.append) == {"toy": 1}
+    assert any("toy: cannot clone" in line and "not started" in line for line in lines)
 
 
 @pytest.mark.integration

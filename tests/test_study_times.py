@@ -54,6 +54,10 @@ def test_outside_studies_with_and_without_recorded_times_and_a_plan_not_yet_run(
     _write(folder / "runs" / "A" / "seed100" / "result.json", {"target": "A", "wall_s": 360.0})
     running = study_time(folder)
     assert (running["kind"], running["done"], running["planned"]) == ("outside", 1, 6 * 9)  # 6 scanners x 9 seeds
+    # an outside study writes results.json after every target: one target of 54 is not a finished study
+    _write(folder / "results.json", {"targets": {"A": {"100": {"mean": {}, "wall_s": 360.0}}}})
+    assert (study_time(folder)["done"], study_time(folder)["finished"]) == (1, False)
+    (folder / "results.json").unlink()
     _write(tmp_path / "queued" / "plan.json", _plan(["fedavg", "fedbn"], 2))
     queued = study_time(tmp_path / "queued")
     table = times_table([old, running, queued])

@@ -88,15 +88,19 @@ def load_guide(path, studies_dir) -> List[dict]:
 def study_verdicts(study_dir) -> Optional[List[dict]]:
     """A finished planned study's verdicts (:func:`fedharmony.study.analysis.planned_verdicts` over its stored
     results, as its report computes them) with ``metric_label`` added to each; None while the study has no
-    ``results.json``, still has pending runs, or was run without a plan."""
+    ``results.json``, has not finished (:func:`fedharmony.study.times.study_time`: pending runs, or fewer than
+    its plan asks for), or was run without a plan."""
     from fedharmony.study.report import _scores, _scores_at, load_results, read_results_file
+
+    from fedharmony.study.times import study_time
 
     study_dir = Path(study_dir)
     if not (study_dir / "results.json").is_file():
         return None
     _, raw = read_results_file(study_dir)
-    if not raw.get("plan"):
-        return None
+    state = study_time(study_dir)
+    if not raw.get("plan") or state is None or not state["finished"]:
+        return None  # unplanned, or still running (an outside study writes results.json after every target)
     if raw.get("study") == "outside":
         from fedharmony.study.outside import derive_safeguards, load_outside_results, method_runs
 
@@ -107,8 +111,6 @@ def study_verdicts(study_dir) -> Optional[List[dict]]:
         label = "Dice"
     else:
         results = load_results(study_dir)
-        if results.get("pending"):
-            return None
         rows = planned_verdicts(_scores(results), results["plan"]["content"], _scores_at(results))
         label = results.get("metric_label", results["metric"])
     return [{**r, "metric_label": label} for r in rows]

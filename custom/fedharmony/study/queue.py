@@ -103,14 +103,12 @@ def load_queue(path, repo) -> List[QueuedStudy]:
 
 
 def study_state(folder: Path) -> dict:
-    """``{"done", "planned", "finished"}`` of a study folder (:func:`fedharmony.study.times.study_time`; planned
-    None when the plan cannot say). Finished: its results were written with nothing pending and every planned run
-    is there."""
+    """``{"done", "planned", "finished"}`` of a study folder, as :func:`fedharmony.study.times.study_time` reads
+    it (planned None when the plan cannot say)."""
     from fedharmony.study.times import study_time
 
     row = study_time(folder) or {"done": 0, "planned": None, "finished": False}
-    finished = bool(row["finished"]) and (row["planned"] is None or row["done"] >= row["planned"])
-    return {"done": row["done"], "planned": row["planned"], "finished": finished}
+    return {k: row[k] for k in ("done", "planned", "finished")}
 
 
 def _copy_new(src: Path, dst: Path, warn: Callable[[str], None]) -> bool:
@@ -207,7 +205,12 @@ def run_queue(studies: List[QueuedStudy], repo, workdir, *, parallel: int = 2, p
     status: Dict[str, int] = {}
 
     def start(item: QueuedStudy) -> None:
-        clone = prepare_clone(item, repo, workdir, log)
+        try:
+            clone = prepare_clone(item, repo, workdir, log)
+        except QueueError as e:  # named; the other studies go on
+            status[item.study] = 1
+            log(f"[queue] {e}; not started")
+            return
         log_path = workdir / f"{item.study}.log"
         log_file = open(log_path, "a")
         interpreter = _setup(clone, python, log_file)

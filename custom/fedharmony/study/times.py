@@ -81,7 +81,8 @@ def study_time(folder: str | Path, warn: Optional[Callable[[str], None]] = None)
 
     Returns ``{"study", "kind": "runs" | "outside", "done", "planned" (None: not known), "timed" (runs that
     recorded a time), "run_hours" (sum of the timed runs' wall times; None when none recorded one), "finished"
-    (results.json written with nothing pending), "machine"}``. A corrupt ``results.json`` or ``result.json``
+    (results.json written with nothing pending and, where the plan says how many, every planned run in it),
+    "machine"}``. A corrupt ``results.json`` or ``result.json``
     is named through ``warn`` and left out (the folder's other files still count).
     """
     folder = Path(folder)
@@ -104,6 +105,8 @@ def study_time(folder: str | Path, warn: Optional[Callable[[str], None]] = None)
         done, finished = len(stored), False
     timed = [t for t in times if t is not None]
     planned = _planned_runs(folder, kind == "outside", warn)
+    # an outside study writes results.json after every target: finished once every planned run is in it
+    finished = finished and (planned is None or done >= planned)
     machine = results.get("machine") if results else None
     if machine is None and results and isinstance(results.get("invocations"), list) and results["invocations"]:
         machine = results["invocations"][-1].get("machine") if isinstance(results["invocations"][-1], dict) else None
