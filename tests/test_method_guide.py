@@ -75,10 +75,13 @@ def test_rows_that_the_studies_cannot_answer_are_refused_by_name(tmp_path):
     _study(tmp_path)
     with pytest.raises(GuideError, match=r"rows\[0\]: .*makes no comparison fedbn - fedavg on endpoint 'worst'"):
         load_guide(_guide(tmp_path / "g.json", [{**ROW, "endpoint": "worst"}]), tmp_path)
-    with pytest.raises(GuideError, match=r"rows\[1\]: study 'gone' has no readable plan"):
+    with pytest.raises(GuideError, match=r"rows\[1\]: study 'gone' has no plan"):
         load_guide(_guide(tmp_path / "g.json", [ROW, {**ROW, "study": "gone"}]), tmp_path)
     with pytest.raises(GuideError, match=r"rows\[0\] needs exactly"):
         load_guide(_guide(tmp_path / "g.json", [{**ROW, "note": "x"}]), tmp_path)
+    (tmp_path / "toy" / "plan.json").write_text(json.dumps({**PLAN, "arms": ["fedavg", "fedbn", "nosuch"]}))
+    with pytest.raises(GuideError, match=r"rows\[0\]: plan .*unknown method"):
+        load_guide(_guide(tmp_path / "g.json", [ROW]), tmp_path)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(GuideError, match="not valid JSON"):
         load_guide(tmp_path / "bad.json", tmp_path)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from fedharmony.study.analysis import fmt_p, planned_verdicts
+from fedharmony.study.plan import PlanError, load_plan
 
 __all__ = ["GUIDE_FORMAT", "START", "END", "GuideError", "load_guide", "study_verdicts", "guide_table",
            "replace_table"]
@@ -44,18 +45,14 @@ class GuideError(ValueError):
     """A guide file, or a study it names, that cannot give the table; the message names the row and the field."""
 
 
-def _plan_comparisons(plan: dict) -> Dict[tuple, str]:
-    """(arm, baseline, endpoint) -> test, for every comparison a plan file makes."""
-    return {(c["arm"], c["baseline"], e): c["test"] for c in plan.get("comparisons", []) for e in c["endpoints"]}
-
-
 def load_guide(path, studies_dir) -> List[dict]:
-    """The guide's rows, each checked against the study it names: the study folder has a committed plan
-    (``plan.json``) that makes the row's comparison on the row's endpoint.
+    """The guide's rows, each checked against the study it names: the study folder has a plan (``plan.json``,
+    read as the study tool reads it: :func:`fedharmony.study.plan.load_plan`) that makes the row's comparison on
+    the row's endpoint.
 
     Raises:
-        GuideError: not a guide file, a row with a missing or unknown field, a study without a plan, or a
-            comparison its plan does not make.
+        GuideError: not a guide file, a row with a missing or unknown field, a study without a plan (or with
+            one the study tool refuses), or a comparison its plan does not make.
     """
     path, studies_dir = Path(path), Path(studies_dir)
     try:
@@ -72,13 +69,15 @@ def load_guide(path, studies_dir) -> List[dict]:
         if not isinstance(row, dict) or set(row) != _ROW_KEYS or not all(isinstance(v, str) and v for v in row.values()):
             raise GuideError(f"{where} needs exactly these non-empty strings: {sorted(_ROW_KEYS)}")
         plan_file = studies_dir / row["study"] / "plan.json"
+        if not plan_file.is_file():
+            raise GuideError(f"{where}: study {row['study']!r} has no plan ({plan_file}); the guide quotes planned "
+                             f"studies only")
         try:
-            plan = json.loads(plan_file.read_text())
-        except (OSError, ValueError) as e:
-            raise GuideError(f"{where}: study {row['study']!r} has no readable plan ({plan_file}: {e}); the guide "
-                             f"quotes planned studies only") from None
-        key = (row["arm"], row["baseline"], row["endpoint"])
-        if key not in _plan_comparisons(plan):
+            plan = load_plan(plan_file)
+        except PlanError as e:
+            raise GuideError(f"{where}: {e}") from None
+        made = {(c.arm, c.baseline, e) for c in plan.comparisons for e in c.endpoints}
+        if (row["arm"], row["baseline"], row["endpoint"]) not in made:
             raise GuideError(f"{where}: {plan_file} makes no comparison {row['arm']} - {row['baseline']} on endpoint "
                              f"{row['endpoint']!r}")
         rows.append(dict(row))
