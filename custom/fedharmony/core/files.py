@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Sequence, Union
 
 __all__ = ["SITE_MAP_NAME", "DATALIST_NAME", "atomic_torch_save", "atomic_write_text", "write_site_map", "read_site_map",
-           "write_new_json", "read_json_files"]
+           "write_new_json", "read_json_files", "read_declaration"]
 
 SITE_MAP_NAME = "sites.json"
 DATALIST_NAME = "datalist.json"  # a site folder's split (fedharmony.data.datalist)
@@ -59,6 +59,33 @@ def read_json_files(paths: Sequence[PathLike], what: str) -> list:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not {what} ({type(e).__name__}: {e})") from None
     return out
+
+
+def read_declaration(path: PathLike, what: str, format_key: str, format_value: str, list_key: str,
+                     fields: Sequence[str]) -> list:
+    """The entries of a small declaration file the repository keeps (the method guide's rows, the study queue):
+    a JSON object whose ``format_key`` is ``format_value`` and whose ``list_key`` lists objects, each with exactly
+    ``fields``, every one a non-empty string. Other top-level keys (``_doc``) are free.
+
+    Raises:
+        ValueError: naming ``what``, the file and, for a bad entry, its index and the fields it needs.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot be read ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get(format_key) != format_value or not isinstance(raw.get(list_key), list):
+        raise ValueError(f"{what} {path}: not a {what} file (needs \"{format_key}\": {format_value!r} and a list of "
+                         f"{list_key})")
+    for i, entry in enumerate(raw[list_key]):
+        if not isinstance(entry, dict) or set(entry) != set(fields) \
+                or not all(isinstance(v, str) and v for v in entry.values()):
+            raise ValueError(f"{what} {path}: {list_key}[{i}] needs exactly these non-empty strings: "
+                             f"{', '.join(sorted(fields))}")
+    return [dict(entry) for entry in raw[list_key]]
 
 
 def write_site_map(out_dir: PathLike, folders: Sequence[str]) -> Path:

@@ -25,10 +25,10 @@ Example::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fedharmony.core.files import read_declaration
 from fedharmony.study.analysis import fmt_p, planned_verdicts
 from fedharmony.study.plan import PlanError, load_plan
 
@@ -56,18 +56,12 @@ def load_guide(path, studies_dir) -> List[dict]:
     """
     path, studies_dir = Path(path), Path(studies_dir)
     try:
-        guide = json.loads(path.read_text())
-    except OSError as e:
-        raise GuideError(f"guide {path}: cannot be read ({e})") from None
+        entries = read_declaration(path, "guide", "guide", GUIDE_FORMAT, "rows", _ROW_KEYS)
     except ValueError as e:
-        raise GuideError(f"guide {path}: not valid JSON ({e})") from None
-    if not isinstance(guide, dict) or guide.get("guide") != GUIDE_FORMAT or not isinstance(guide.get("rows"), list):
-        raise GuideError(f"guide {path}: not a method guide (needs \"guide\": {GUIDE_FORMAT!r} and a list of rows)")
+        raise GuideError(str(e)) from None
     rows = []
-    for i, row in enumerate(guide["rows"]):
+    for i, row in enumerate(entries):
         where = f"guide {path}: rows[{i}]"
-        if not isinstance(row, dict) or set(row) != _ROW_KEYS or not all(isinstance(v, str) and v for v in row.values()):
-            raise GuideError(f"{where} needs exactly these non-empty strings: {sorted(_ROW_KEYS)}")
         plan_file = studies_dir / row["study"] / "plan.json"
         if not plan_file.is_file():
             raise GuideError(f"{where}: study {row['study']!r} has no plan ({plan_file}); the guide quotes planned "

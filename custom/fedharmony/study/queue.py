@@ -21,7 +21,6 @@ Nothing here knows about NVFlare or MONAI: it clones, copies files and starts th
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -30,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from fedharmony.core.files import read_declaration
 
 __all__ = ["QUEUE_FORMAT", "QueueError", "QueuedStudy", "load_queue", "study_state", "collect", "prepare_clone",
            "run_queue"]
@@ -68,19 +69,12 @@ def load_queue(path, repo) -> List[QueuedStudy]:
     """
     path, repo = Path(path), Path(repo)
     try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise QueueError(f"queue {path}: cannot be read ({e})") from None
+        entries = read_declaration(path, "queue", "queue", QUEUE_FORMAT, "studies", ("study", "commit", "why"))
     except ValueError as e:
-        raise QueueError(f"queue {path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or raw.get("queue") != QUEUE_FORMAT or not isinstance(raw.get("studies"), list):
-        raise QueueError(f"queue {path}: not a study queue (needs \"queue\": {QUEUE_FORMAT!r} and a list of studies)")
+        raise QueueError(str(e)) from None
     studies, seen = [], set()
-    for i, entry in enumerate(raw["studies"]):
+    for i, entry in enumerate(entries):
         where = f"queue {path}: studies[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"study", "commit", "why"} \
-                or not all(isinstance(v, str) and v for v in entry.values()):
-            raise QueueError(f"{where} needs exactly these non-empty strings: commit, study, why")
         item = QueuedStudy(entry["study"], entry["commit"], entry["why"])
         if item.study in seen:
             raise QueueError(f"{where}: {item.study!r} is queued twice")
