@@ -18,11 +18,13 @@ ROW = {"situation": "Sites that differ", "task": "prostate", "method": "FedBN - 
        "arm": "fedbn", "baseline": "fedavg", "endpoint": "mean"}
 
 
-def _study(root, pending=()):
-    """A finished toy study: FedBN beats FedAvg by 0.01, 0.02, 0.03 at every site on seeds 0, 1, 2."""
-    folder = root / "toy"
+def _study(root, pending=(), name="toy", plan=True):
+    """A finished toy study: FedBN beats FedAvg by 0.01, 0.02, 0.03 at every site on seeds 0, 1, 2 (``plan``
+    False: an earlier study without a plan)."""
+    folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "plan.json").write_text(json.dumps(PLAN))
+    if plan:
+        (folder / "plan.json").write_text(json.dumps(PLAN))
     runs = []
     for seed, gain in enumerate((0.01, 0.02, 0.03)):
         base = {"A": 0.70 + 0.01 * seed, "B": 0.60}
@@ -30,7 +32,7 @@ def _study(root, pending=()):
         runs.append({"method": "fedbn", "seed": seed, "site_scores": {s: v + gain for s, v in base.items()}})
     (folder / "results.json").write_text(json.dumps({
         "task": "prostate", "metric": "val_mean_dice", "metric_label": "Dice", "runs": runs,
-        "pending": list(pending), "plan": {"name": "toy", "content": PLAN}}))
+        "pending": list(pending), **({"plan": {"name": "toy", "content": PLAN}} if plan else {})}))
     return folder
 
 
@@ -53,7 +55,22 @@ def test_a_row_quotes_its_studys_planned_verdict_computed_by_hand(tmp_path):
     assert verdict["p_holm"] == pytest.approx(0.0742, abs=1e-4)
     table = guide_table(rows, tmp_path)
     assert ("| **Sites that differ** | prostate | FedBN - FedAvg | mean over sites | +0.020 Dice [-0.005, +0.045] | "
-            "0.074 | no difference shown | [report](docs/studies/toy/report.md) |") in table
+            "0.074 | no difference shown | [report](docs/studies/toy/report.md) | - |") in table
+
+
+def test_a_row_shows_what_an_earlier_unplanned_study_said_re_read_with_holm(tmp_path):
+    _study(tmp_path)
+    _study(tmp_path, name="old", plan=False)
+    # the old report shows fedbn - fedavg on mean and worst (both the same differences here): two p of 0.0742,
+    # Holm's adjusted p 2 x 0.0742 = 0.148 for the smaller; the old rule's bootstrap and t CIs: the t CI spans 0
+    rows = load_guide(_guide(tmp_path / "guide.json", [{**ROW, "before": "old"}]), tmp_path)
+    table = guide_table(rows, tmp_path)
+    assert ("| +0.020 [-0.005, +0.045], Holm p 0.148: no difference shown under either rule "
+            "([old](docs/studies/old/report.md)) |") in table
+    with pytest.raises(GuideError, match=r"rows\[0\]: before 'toy': toy has a plan"):
+        load_guide(_guide(tmp_path / "g.json", [{**ROW, "before": "toy"}]), tmp_path)
+    with pytest.raises(GuideError, match=r"before 'old:fedprox': old's report compares no fedprox - fedavg"):
+        load_guide(_guide(tmp_path / "g.json", [{**ROW, "before": "old:fedprox"}]), tmp_path)
 
 
 def test_an_unfinished_study_is_pending_with_no_interim_number(tmp_path):

@@ -62,10 +62,10 @@ def read_json_files(paths: Sequence[PathLike], what: str) -> list:
 
 
 def read_declaration(path: PathLike, what: str, format_key: str, format_value: str, list_key: str,
-                     fields: Sequence[str]) -> list:
+                     fields: Sequence[str], optional: Sequence[str] = ()) -> list:
     """The entries of a small declaration file the repository keeps (the method guide's rows, the study queue):
     a JSON object whose ``format_key`` is ``format_value`` and whose ``list_key`` lists objects, each with exactly
-    ``fields``, every one a non-empty string. Other top-level keys (``_doc``) are free.
+    ``fields`` (and any of ``optional``), every one a non-empty string. Other top-level keys (``_doc``) are free.
 
     Raises:
         ValueError: naming ``what``, the file and, for a bad entry, its index and the fields it needs.
@@ -81,10 +81,11 @@ def read_declaration(path: PathLike, what: str, format_key: str, format_value: s
         raise ValueError(f"{what} {path}: not a {what} file (needs \"{format_key}\": {format_value!r} and a list of "
                          f"{list_key})")
     for i, entry in enumerate(raw[list_key]):
-        if not isinstance(entry, dict) or set(entry) != set(fields) \
+        if not isinstance(entry, dict) or not set(fields) <= set(entry) <= set(fields) | set(optional) \
                 or not all(isinstance(v, str) and v for v in entry.values()):
+            also = f" (and optionally {', '.join(sorted(optional))})" if optional else ""
             raise ValueError(f"{what} {path}: {list_key}[{i}] needs exactly these non-empty strings: "
-                             f"{', '.join(sorted(fields))}")
+                             f"{', '.join(sorted(fields))}{also}")
     return [dict(entry) for entry in raw[list_key]]
 
 

@@ -8,6 +8,12 @@ comparison of one study (the headroom of each task first, then the methods)::
                "study": "prostate_headroom", "arm": "fedavg_iid", "baseline": "fedavg", "endpoint": "mean",
                "method": "heterogeneity penalty: FedAvg IID - FedAvg"}, ...]}
 
+A row may also name what an earlier study without a plan said of the same comparison: ``"before": "STUDY"`` (or
+``"STUDY:ARM"`` where that study named the arm otherwise; the baseline and endpoint are the row's). Its column
+gives that study's difference and t CI, the Holm-adjusted p over every comparison that study's report shows
+(:func:`fedharmony.study.analysis.posthoc_rule`, computed after the fact), the verdict its own uncorrected rule
+gave and the verdict under the plan protocol's rule: which of the earlier verdicts survive.
+
 A row's effect, CI, Holm-adjusted p and verdict are its study's own planned verdict
 (:func:`fedharmony.study.analysis.planned_verdicts` over the study's ``results.json``), so the table says exactly
 what the study's report says and changes only when a study's stored results do. A study not yet finished shows
@@ -29,7 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from fedharmony.core.files import read_declaration
-from fedharmony.study.analysis import fmt_p, planned_verdicts
+from fedharmony.study.analysis import fmt_p, planned_verdicts, posthoc_rule
 from fedharmony.study.plan import PlanError, load_plan
 
 __all__ = ["GUIDE_FORMAT", "START", "END", "GuideError", "load_guide", "study_verdicts", "guide_table",
@@ -56,7 +62,7 @@ def load_guide(path, studies_dir) -> List[dict]:
     """
     path, studies_dir = Path(path), Path(studies_dir)
     try:
-        entries = read_declaration(path, "guide", "guide", GUIDE_FORMAT, "rows", _ROW_KEYS)
+        entries = read_declaration(path, "guide", "guide", GUIDE_FORMAT, "rows", _ROW_KEYS, optional=("before",))
     except ValueError as e:
         raise GuideError(str(e)) from None
     rows = []
@@ -74,8 +80,54 @@ def load_guide(path, studies_dir) -> List[dict]:
         if (row["arm"], row["baseline"], row["endpoint"]) not in made:
             raise GuideError(f"{where}: {plan_file} makes no comparison {row['arm']} - {row['baseline']} on endpoint "
                              f"{row['endpoint']!r}")
+        if "before" in row:
+            try:
+                _before(studies_dir, row)
+            except (GuideError, OSError, ValueError) as e:
+                raise GuideError(f"{where}: before {row['before']!r}: {e}") from None
         rows.append(dict(row))
     return rows
+
+
+_POSTHOC: Dict[tuple, List[dict]] = {}  # (study folder, results.json's mtime) -> post hoc rows: computed once
+
+
+def _before(studies_dir: Path, row: dict) -> dict:
+    """The post hoc row (:func:`fedharmony.study.analysis.posthoc_rule`) of the earlier, unplanned study a guide
+    row names in ``before``, for the row's baseline and endpoint.
+
+    Raises:
+        GuideError: the study has a plan (the guide's own columns quote planned studies), or its report makes no
+            such comparison.
+    """
+    from fedharmony.study.report import _comparisons, load_results
+
+    study, _, arm = row["before"].partition(":")
+    folder = (studies_dir / study).resolve()
+    stored = folder / "results.json"
+    cache_key = (folder, stored.stat().st_mtime_ns if stored.is_file() else None)
+    if cache_key not in _POSTHOC:
+        results = load_results(folder)
+        if results.get("plan"):
+            raise GuideError(f"{study} has a plan: quote it as a row of its own")
+        _POSTHOC[cache_key] = posthoc_rule(_comparisons(results))
+    key = (arm or row["arm"], row["baseline"], row["endpoint"])
+    found = [r for r in _POSTHOC[cache_key] if (r["arm"], r["baseline"], r["endpoint"]) == key]
+    if not found:
+        raise GuideError(f"{study}'s report compares no {key[0]} - {key[1]} on endpoint {key[2]!r}")
+    return found[0]
+
+
+def _before_cell(studies_dir: Path, row: dict) -> str:
+    if "before" not in row:
+        return "-"
+    r = _before(studies_dir, row)
+    lo, hi = r["t_ci"]
+    study = row["before"].partition(":")[0]
+    said = (f"{r['verdict']} under either rule" if r["verdict"] == r["old_verdict"]
+            else f"{r['old_verdict']} uncorrected, {r['verdict']} with Holm")
+    return (f"{_signed(r['diff'])} [{_signed(lo)}, {_signed(hi)}], Holm p {fmt_p(r['p_holm'])}: {said} "
+            f"([{study}](docs/studies/{study}/report.md))")
 
 
 def study_verdicts(study_dir) -> Optional[List[dict]]:
@@ -128,12 +180,13 @@ _ENDPOINT_WORDS = {"mean": "mean over sites", "worst": "worst site", "sites": "e
 
 def guide_table(rows: List[dict], studies_dir) -> str:
     """The markdown table of the guide's rows: situation (once for each run of rows that share it), task, method,
-    endpoint, effect with its 95% t CI, Holm-adjusted p (within the row's study), the verdict and the study's report;
-    pending rows say so and link the plan."""
+    endpoint, effect with its 95% t CI, Holm-adjusted p (within the row's study), the verdict and the study's report
+    (pending rows say so and link the plan), and what an earlier unplanned study said (``before``)."""
     studies_dir = Path(studies_dir)
     verdicts: Dict[str, Optional[List[dict]]] = {}
-    lines = ["| situation | task | method | endpoint | effect [95% CI] | Holm p | verdict (method vs baseline) | study |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| situation | task | method | endpoint | effect [95% CI] | Holm p | verdict (method vs baseline) | study | "
+             "before the plan (unplanned study; Holm post hoc) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     previous = None
     for row in rows:
         study = row["study"]
@@ -153,6 +206,7 @@ def guide_table(rows: List[dict], studies_dir) -> str:
                      f"[plan](docs/studies/{study}/plan.json)"]
         situation = "" if row["situation"] == previous else f"**{row['situation']}**"  # once per run of rows
         previous = row["situation"]
+        cells.append(_before_cell(studies_dir, row))
         lines.append("| " + " | ".join([situation, row["task"], row["method"], words] + cells) + " |")
     return "\n".join(lines) + "\n"
 
