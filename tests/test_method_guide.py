@@ -90,6 +90,13 @@ def test_an_unfinished_study_is_pending_with_no_interim_number(tmp_path):
 
 def test_rows_that_the_studies_cannot_answer_are_refused_by_name(tmp_path):
     _study(tmp_path)
+    # a plan file changed after the study ran: its stored verdicts lack the row the new plan allows
+    (tmp_path / "toy" / "plan.json").write_text(json.dumps({**PLAN, "comparisons": [
+        {**PLAN["comparisons"][0], "endpoints": ["mean", "worst"]}]}))
+    worst = load_guide(_guide(tmp_path / "g.json", [{**ROW, "endpoint": "worst"}]), tmp_path)
+    with pytest.raises(GuideError, match="the plan file differs from the one the study ran"):
+        guide_table(worst, tmp_path)
+    (tmp_path / "toy" / "plan.json").write_text(json.dumps(PLAN))
     with pytest.raises(GuideError, match=r"rows\[0\]: .*makes no comparison fedbn - fedavg on endpoint 'worst'"):
         load_guide(_guide(tmp_path / "g.json", [{**ROW, "endpoint": "worst"}]), tmp_path)
     with pytest.raises(GuideError, match=r"rows\[1\]: study 'gone' has no plan"):

@@ -136,7 +136,6 @@ def study_verdicts(study_dir) -> Optional[List[dict]]:
     ``results.json``, has not finished (:func:`fedharmony.study.times.study_time`: pending runs, or fewer than
     its plan asks for), or was run without a plan."""
     from fedharmony.study.report import _scores, _scores_at, load_results, read_results_file
-
     from fedharmony.study.times import study_time
 
     study_dir = Path(study_dir)
@@ -198,6 +197,10 @@ def guide_table(rows: List[dict], studies_dir) -> str:
             words += f", test scans at {endpoint.partition('@')[2]}x the pixel size"
         found = [v for v in verdicts[study] or [] if (v["arm"], v["baseline"], v["endpoint"]) ==
                  (row["arm"], row["baseline"], endpoint)]
+        if verdicts[study] is not None and not found:
+            raise GuideError(f"{study}'s stored results make no verdict {row['arm']} - {row['baseline']} on "
+                             f"{endpoint!r}, though its plan.json does: the plan file differs from the one the "
+                             f"study ran")
         if found:
             v = found[0]
             cells = [_effect(v), fmt_p(v["p_holm"]), v["verdict"], f"[report](docs/studies/{study}/report.md)"]
