@@ -138,3 +138,13 @@ def test_the_queue_runs_a_planned_study_at_its_commit_and_resumes_from_the_runs_
     assert run_queue([item], repo, tmp_path / "work", parallel=1, python=sys.executable, poll_s=1,
                      log=lines.append) == {}
     assert any("toy: finished here (4 runs); skipped" in line for line in lines)
+
+
+def test_an_interpreter_that_would_run_another_checkouts_package_is_named(tmp_path):
+    from fedharmony.study.queue import _package_location
+
+    clone = tmp_path / "clone"  # holds no custom/fedharmony: the interpreter finds this checkout's package instead
+    clone.mkdir()
+    where = _package_location(sys.executable, {"PATH": "/usr/bin:/bin"}, clone)
+    assert where is not None and str(REPO / "custom") in where
+    assert _package_location(sys.executable, {"PYTHONPATH": str(REPO / "custom")}, REPO) is None

@@ -37,6 +37,8 @@ from typing import Dict, List, Optional
 from fedharmony.core.files import read_declaration
 from fedharmony.study.analysis import fmt_p, planned_verdicts, posthoc_rule
 from fedharmony.study.plan import PlanError, load_plan
+from fedharmony.study.report import _comparisons, _scores, _scores_at, _signed, load_results, read_results_file
+from fedharmony.study.times import study_time
 
 __all__ = ["GUIDE_FORMAT", "START", "END", "GuideError", "load_guide", "study_verdicts", "guide_table",
            "replace_table"]
@@ -100,8 +102,6 @@ def _before(studies_dir: Path, row: dict) -> dict:
         GuideError: the study has a plan (the guide's own columns quote planned studies), or its report makes no
             such comparison.
     """
-    from fedharmony.study.report import _comparisons, load_results
-
     study, _, arm = row["before"].partition(":")
     folder = (studies_dir / study).resolve()
     stored = folder / "results.json"
@@ -135,9 +135,6 @@ def study_verdicts(study_dir) -> Optional[List[dict]]:
     results, as its report computes them) with ``metric_label`` added to each; None while the study has no
     ``results.json``, has not finished (:func:`fedharmony.study.times.study_time`: pending runs, or fewer than
     its plan asks for), or was run without a plan."""
-    from fedharmony.study.report import _scores, _scores_at, load_results, read_results_file
-    from fedharmony.study.times import study_time
-
     study_dir = Path(study_dir)
     if not (study_dir / "results.json").is_file():
         return None
@@ -158,10 +155,6 @@ def study_verdicts(study_dir) -> Optional[List[dict]]:
         rows = planned_verdicts(_scores(results), results["plan"]["content"], _scores_at(results))
         label = results.get("metric_label", results["metric"])
     return [{**r, "metric_label": label} for r in rows]
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.3f}"
 
 
 def _effect(v: dict) -> str:

@@ -177,6 +177,17 @@ def _setup(clone: Path, python: Optional[str], log_file) -> Optional[str]:
     return str(clone / ".venv" / "bin" / "python") if res.returncode == 0 else None
 
 
+def _package_location(interpreter: str, env: dict, clone: Path) -> Optional[str]:
+    """None when ``interpreter`` with ``env`` imports the clone's own ``fedharmony``; else where it imports it from
+    (or why it cannot)."""
+    res = subprocess.run([interpreter, "-c", "import fedharmony, sys; sys.stdout.write(fedharmony.__file__)"],
+                         cwd=clone, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"nowhere ({res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'exit ' + str(res.returncode)})"
+    where = Path(res.stdout.strip()).resolve()
+    return None if (clone / "custom").resolve() in where.parents else str(where)
+
+
 def run_queue(studies: List[QueuedStudy], repo, workdir, *, parallel: int = 2, python: Optional[str] = None,
               poll_s: float = 10.0, log: Callable[[str], None] = print) -> Dict[str, int]:
     """Run the unfinished ``studies`` in order, ``parallel`` at a time, each in its clone (:func:`prepare_clone`),
@@ -215,6 +226,13 @@ def run_queue(studies: List[QueuedStudy], repo, workdir, *, parallel: int = 2, p
             return
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(clone / "custom")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+        imported = _package_location(interpreter, env, clone)
+        if imported is not None:  # another checkout's package would run: the study would not be its commit's
+            log_file.close()
+            status[item.study] = 1
+            log(f"[queue] {item.study}: {interpreter} imports fedharmony from {imported}, not from {clone}; "
+                f"not started")
+            return
         cmd = [interpreter, "tools/study.py", "--plan", f"docs/studies/{item.study}/plan.json"]
         proc = subprocess.Popen(cmd, cwd=clone, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
